@@ -1,0 +1,1 @@
+"""Shared physics: constants, optics, potentials, propagation, multislice, rotations."""
