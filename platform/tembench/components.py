@@ -9,7 +9,7 @@ kind               method                                                       
 sample             ``build(params, rng) -> Sample``
 forward_model      ``simulate(sample, params, xp) -> Measurement``              ``produces``
 noise_model        ``apply(measurement, params, rng) -> Measurement``           ``accepts``, ``produces``
-reconstructor      ``reconstruct(measurement, params, xp) -> Reconstruction``   ``accepts``
+reconstructor      ``reconstruct(measurement, params, xp) -> Reconstruction``   ``accepts``, ``produces``
 quantifier         ``score(reconstruction, measurement, sample, params)``       ``accepts``
 =================  ===========================================================  ==============
 
@@ -84,6 +84,7 @@ class Reconstructor(Component):
     kind = "reconstructor"
     method = "reconstruct"
     accepts: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[str] = "image"   # reconstruction kind: "image" or "volume"
 
     def reconstruct(self, measurement: Measurement, params: BaseModel, xp) -> Reconstruction:  # pragma: no cover
         raise NotImplementedError

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from tembench import hookspecs
 from tembench.components import BASES, Component
 from tembench.errors import PluginError, ScenarioError
+from tembench.types import RECONSTRUCTION_KINDS
 
 PROJECT = "tembench"
 ENTRY_POINT_GROUP = "tembench"
@@ -153,8 +154,8 @@ def _validate_component(cls: Any, kind: str, plugin_name: str) -> None:
     label = f"{where}, {kind} {cls.__name__}"
     if not isinstance(cls.name, str) or not cls.name or not cls.name.replace("_", "").replace("-", "").isalnum():
         raise PluginError(f"{label}: `name` must be a non-empty identifier-like string, got {cls.name!r}")
-    params = cls.__dict__.get("Params")
-    if params is None or not (inspect.isclass(params) and issubclass(params, BaseModel)):
+    params = getattr(cls, "Params", None)  # inherited from a concrete component is fine; the bare base is not
+    if params is None or params is Component.Params or not (inspect.isclass(params) and issubclass(params, BaseModel)):
         raise PluginError(f"{label} ({cls.name!r}): missing a nested `Params` pydantic model (subclass tembench.Params)")
     method = getattr(cls, base.method, None)
     if method is None or method is getattr(base, base.method):
@@ -165,6 +166,8 @@ def _validate_component(cls: Any, kind: str, plugin_name: str) -> None:
         acc = cls.accepts
         if not acc or isinstance(acc, str) or not all(isinstance(a, str) and a for a in acc):
             raise PluginError(f"{label} ({cls.name!r}): must declare `accepts` as a tuple of kinds (or ('*',))")
+    if kind == "reconstructor" and cls.produces not in RECONSTRUCTION_KINDS:
+        raise PluginError(f"{label} ({cls.name!r}): `produces` must be one of {RECONSTRUCTION_KINDS}, got {cls.produces!r}")
     if not inspect.getdoc(cls):
         raise PluginError(f"{label} ({cls.name!r}): needs a docstring (it is what `tembench list` shows)")
 

@@ -1,0 +1,102 @@
+"""Generic quantifiers that compare a reconstruction with the sample's ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from tembench import Params, Quantifier, hookimpl
+from tembench.errors import TembenchError
+from tembench.physics import constants
+
+
+def normalized_cross_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Friedrich 2023 eq 4.14: Pearson correlation of two arrays of equal shape (1 = identical up to affine)."""
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    x = x - x.mean()
+    y = y - y.mean()
+    denom = np.sqrt((x * x).sum()) * np.sqrt((y * y).sum())
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def ground_truth_like(reconstruction, sample, energy_keV: float | None, parametrization: str = "lobato") -> np.ndarray:
+    """The sample's ground truth on the reconstruction's grid, in the reconstruction's quantity."""
+    q = reconstruction.quantity
+    if reconstruction.kind == "image":
+        ny, nx = reconstruction.data.shape
+        gt = sample.projected_potential(reconstruction.sampling_A, gpts=None, parametrization=parametrization)
+        if q == "phase_rad":
+            if energy_keV is None:
+                raise TembenchError("ground truth phase needs the beam energy (geometry.energy_keV)")
+            gt = gt * constants.interaction_constant(energy_keV)
+        elif q not in ("projected_potential_VA",):
+            raise TembenchError(f"no ground truth for an image of quantity {q!r}")
+    else:
+        gt = sample.potential_volume(reconstruction.sampling_A[0], parametrization=parametrization)
+        if q not in ("potential_V", "potential_au"):
+            raise TembenchError(f"no ground truth for a volume of quantity {q!r}")
+    return gt
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, origin_px) -> tuple[np.ndarray, np.ndarray]:
+    """Crop the ground truth ``b`` at the reconstruction's origin to their common shape."""
+    sl_a, sl_b = [], []
+    for n_a, n_b, o in zip(a.shape, b.shape, origin_px):
+        o = int(round(o))
+        start_b = max(o, 0)
+        start_a = start_b - o
+        n = min(n_a - start_a, n_b - start_b)
+        if n <= 0:
+            raise TembenchError("reconstruction and ground truth do not overlap")
+        sl_a.append(slice(start_a, start_a + n))
+        sl_b.append(slice(start_b, start_b + n))
+    return a[tuple(sl_a)], b[tuple(sl_b)]
+
+
+class CrossCorrelation(Quantifier):
+    """Normalised cross-correlation (Friedrich eq 4.14) and RMSE of a reconstruction vs the ground-truth potential/phase.
+
+    The ground truth is the sample's projected potential (images; times σ for phase images) or its
+    potential (volumes) on the reconstruction's grid, optionally low-pass filtered to the
+    information limit. RMSE is computed after removing the mean (a constant phase is not
+    measurable) and after a least-squares scale fit (``rmse_scaled``) as well.
+    """
+
+    name = "cross_correlation"
+    accepts = ("image", "volume")
+    version = "1"
+
+    class Params(Params):
+        lowpass_A: float | None = Field(None, gt=0, description="low-pass the ground truth to this resolution (Å), Gaussian")
+        border_px: int = Field(0, ge=0, description="pixels to ignore at every edge")
+        parametrization: str = "lobato"
+
+    def score(self, reconstruction, measurement, sample, params):
+        rec = np.asarray(reconstruction.data, np.float64)
+        gt = np.asarray(ground_truth_like(reconstruction, sample, measurement.geometry.energy_keV,
+                                          params.parametrization), np.float64)
+        if params.lowpass_A:
+            from scipy.ndimage import gaussian_filter
+
+            sigma_px = [params.lowpass_A / (2.355 * s) for s in reconstruction.sampling_A]
+            gt = gaussian_filter(gt, sigma_px, mode="wrap")
+        origin_px = [o / s for o, s in zip(reconstruction.origin_A, reconstruction.sampling_A)]
+        rec, gt = _overlap(rec, gt, origin_px)
+        if params.border_px:
+            b = params.border_px
+            sl = tuple(slice(b, -b) for _ in rec.shape)
+            rec, gt = rec[sl], gt[sl]
+        r0, g0 = rec - rec.mean(), gt - gt.mean()
+        scale = float((r0 * g0).sum() / max((r0 * r0).sum(), 1e-300))
+        return {
+            "ncc": normalized_cross_correlation(rec, gt),
+            "rmse": float(np.sqrt(np.mean((r0 - g0) ** 2))),
+            "rmse_scaled": float(np.sqrt(np.mean((scale * r0 - g0) ** 2))),
+            "gt_std": float(g0.std()),
+        }
+
+
+@hookimpl
+def tembench_register_quantifiers():
+    return [CrossCorrelation]

@@ -1,0 +1,144 @@
+"""``tembench`` command line: run, validate, list, report, compare.
+
+Every :class:`~tembench.errors.TembenchError` is printed as one paragraph on stderr with exit
+status 2; nothing is written before a scenario has been validated in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from tembench.errors import TembenchError
+
+
+def _cmd_run(args) -> int:
+    from tembench.registry import get_registry
+    from tembench.runner import run_scenario
+    from tembench.scenario import load_scenario
+
+    registry = get_registry()
+    scenario = load_scenario(args.scenario, registry)
+    print(scenario.summary(), file=sys.stderr)
+    result = run_scenario(scenario, out=args.out, run_id=args.run_id, executor=args.executor, workers=args.workers,
+                          use_cache=not args.no_cache, progress=not args.quiet, report=not args.no_report,
+                          track_memory=not args.no_memory, registry=registry)
+    print(f"run folder: {result.run_dir}")
+    print(f"units: {result.n_units} total, {result.n_computed} computed now, {result.n_units - result.n_computed} "
+          f"already done; failed units: {result.n_errors}")
+    for name in ("results.parquet", "results.csv", "report.html", "report.md"):
+        if (result.run_dir / name).exists():
+            print(f"  {result.run_dir / name}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from tembench.registry import get_registry
+    from tembench.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario, get_registry())
+    print(f"{args.scenario}: valid")
+    print(scenario.summary())
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from tembench.registry import HOOK_OF_KIND, get_registry
+
+    registry = get_registry()
+    kinds = [args.kind] if args.kind else list(HOOK_OF_KIND)
+    for kind in kinds:
+        comps = registry.components(kind)
+        print(f"{kind.replace('_', ' ')}s ({len(comps)}):")
+        for name, cls in sorted(comps.items()):
+            io = ""
+            if kind == "forward_model":
+                io = f" → {cls.produces}"
+            elif kind in ("noise_model", "reconstructor", "quantifier"):
+                io = f" [{', '.join(cls.accepts)}" + (f" → {cls.produces}" if getattr(cls, "produces", None) else "") + "]"
+            print(f"  {name}{io}  (plugin {registry.origin(kind, name)}, v{cls.version})")
+            print(textwrap.indent(textwrap.fill(cls.describe(), 96), "      "))
+            if args.verbose:
+                for pname, field in cls.Params.model_fields.items():
+                    default = "required" if field.is_required() else f"default {field.default!r}"
+                    desc = f" — {field.description}" if field.description else ""
+                    print(f"        {pname}: {getattr(field.annotation, '__name__', field.annotation)}, {default}{desc}")
+        print()
+    for name, msg in registry.load_errors.items():
+        print(f"warning: {msg}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from tembench.report import render_report
+
+    md, html = render_report(Path(args.run))
+    print(md)
+    print(html)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import pandas as pd
+
+    from tembench.report import compare
+
+    table = compare(args.run_a, args.run_b)
+    with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200):
+        print(f"A = {args.run_a}\nB = {args.run_b}")
+        print(table.to_string(float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tembench", description="TEM phase-contrast & 3D reconstruction benchmarks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) a scenario")
+    r.add_argument("scenario", help="scenario YAML file")
+    r.add_argument("--out", help="output folder (default: the scenario's `output`, else reports/<name>)")
+    r.add_argument("--run-id", help="run folder name (default: derived from the scenario's content)")
+    r.add_argument("--executor", choices=["serial", "processes", "dask"], help="override the scenario's executor")
+    r.add_argument("--workers", type=int, help="worker processes for the processes executor")
+    r.add_argument("--no-cache", action="store_true", help="recompute every stage (rows already written are kept)")
+    r.add_argument("--no-report", action="store_true", help="skip rendering report.html/report.md")
+    r.add_argument("--no-memory", action="store_true", help="skip tracemalloc peak-memory tracking")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser("validate", help="validate a scenario and print what would run")
+    v.add_argument("scenario")
+    v.set_defaults(func=_cmd_validate)
+
+    ls = sub.add_parser("list", help="list every registered component")
+    ls.add_argument("--kind", choices=["sample", "forward_model", "noise_model", "reconstructor", "quantifier"])
+    ls.add_argument("-v", "--verbose", action="store_true", help="show every parameter")
+    ls.set_defaults(func=_cmd_list)
+
+    rep = sub.add_parser("report", help="render report.md / report.html for a run folder")
+    rep.add_argument("run")
+    rep.set_defaults(func=_cmd_report)
+
+    c = sub.add_parser("compare", help="put two runs side by side")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.set_defaults(func=_cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TembenchError as exc:
+        print(f"tembench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tembench: interrupted; finished rows are kept — run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

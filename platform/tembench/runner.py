@@ -1,0 +1,478 @@
+"""The scenario runner.
+
+For each point of a sweep the runner builds the sample, simulates the noise-free measurement,
+applies the noise chain per repeat, runs every reconstructor and every applicable quantifier,
+and writes one row per (point, repeat, reconstructor).
+
+* Work is done in two phases: first every distinct noise-free measurement (sample + forward
+  model) is simulated once, in parallel across distinct ones; then the (point, repeat) units
+  run, each reusing the cached measurement.
+* Every stage result is cached on disk under a content hash of everything that produced it
+  (component name, version and source fingerprint, parameters, seeds, upstream keys), so a
+  re-run skips finished work and an interrupted sweep resumes.
+* Each finished row is written at once, atomically, keyed by (point, repeat, reconstructor):
+  a kill loses at most the units in flight and a re-run never duplicates a row.
+* A failing stage is recorded in its rows (error + traceback) and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import os
+import platform as _platform
+import re
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import tembench
+from tembench.backend import asnumpy, get_array_module
+from tembench.components import accepts_kind
+from tembench.errors import RunDirectoryError
+from tembench.executors import make_executor
+from tembench.registry import Registry, get_registry
+from tembench.scenario import Scenario, ScenarioSpec, stable_hash
+from tembench.store import RunStore, StageCache, check_output_root, dumps
+
+PREVIEW_MAX_PIXELS = 384
+
+
+# --- identities -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def component_fingerprint(cls: type) -> str:
+    """Version + hash of the source file defining the class: editing a component invalidates its cache."""
+    try:
+        src = Path(inspect.getsourcefile(cls)).read_bytes()
+    except (TypeError, OSError):
+        src = repr(cls).encode()
+    return f"{getattr(cls, 'version', '1')}:{hashlib.sha256(src).hexdigest()[:16]}"
+
+
+def _component_id(registry: Registry, kind: str, comp) -> dict[str, Any]:
+    cls = registry.get(kind, comp.name)
+    params = cls.parse_params(comp.params).model_dump(mode="json")
+    return {"name": comp.name, "fp": component_fingerprint(cls), "params": params}
+
+
+@dataclass
+class StageKeys:
+    sample: str
+    forward: str
+    noise: str
+    recon: dict[str, str]
+
+
+def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int) -> StageKeys:
+    sample = stable_hash({"stage": "sample", "c": _component_id(registry, "sample", spec.sample), "seed": spec.seed})
+    forward = stable_hash({"stage": "forward", "up": sample, "c": _component_id(registry, "forward_model", spec.forward)})
+    noise = stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat,
+                         "c": [_component_id(registry, "noise_model", n) for n in spec.noise]})
+    recon = {r.key: stable_hash({"stage": "recon", "up": noise, "c": _component_id(registry, "reconstructor", r)})
+             for r in spec.reconstructors}
+    return StageKeys(sample, forward, noise, recon)
+
+
+def rng_for(key: str, seed: int) -> np.random.Generator:
+    """Deterministic generator from the scenario seed and a stage key."""
+    return np.random.default_rng(np.random.SeedSequence([seed, int(key[:16], 16)]))
+
+
+def row_key(point_index: int, point_id: str, repeat: int, label: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+    return f"p{point_index:05d}-{point_id}-r{repeat:03d}-{safe}"
+
+
+# --- stage execution ---------------------------------------------------------------------------
+def _measure(fn, track_memory: bool):
+    """Run fn(); return (value, seconds, peak MB of traced allocations or nan)."""
+    started_tracing = False
+    if track_memory and not tracemalloc.is_tracing():
+        tracemalloc.start()
+        started_tracing = True
+    if track_memory:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+    finally:
+        dt = time.perf_counter() - t0
+        peak = float("nan")
+        if track_memory:
+            peak = (tracemalloc.get_traced_memory()[1] - base) / 2**20
+            if started_tracing:
+                tracemalloc.stop()
+    return value, dt, peak
+
+
+def _cached_stage(cache: StageCache, stage: str, key: str, fn, track_memory: bool):
+    hit = cache.get(stage, key)
+    if hit is not None:
+        return hit["value"], hit["time_s"], hit["peak_MB"], True
+    value, dt, peak = _measure(fn, track_memory)
+    cache.put(stage, key, {"value": value, "time_s": dt, "peak_MB": peak})
+    return value, dt, peak, False
+
+
+def _simulate(spec: ScenarioSpec, registry: Registry, cache: StageCache, keys: StageKeys, track_memory: bool):
+    s_cls = registry.get("sample", spec.sample.name)
+    f_cls = registry.get("forward_model", spec.forward.name)
+    xp = get_array_module(spec.device)
+    sample, t_sample, _, _ = _cached_stage(
+        cache, "sample", keys.sample,
+        lambda: s_cls().build(s_cls.parse_params(spec.sample.params), rng_for(keys.sample, spec.seed)), False)
+    measurement, t_sim, peak_sim, _ = _cached_stage(
+        cache, "forward", keys.forward,
+        lambda: _stamp(f_cls().simulate(sample, f_cls.parse_params(spec.forward.params), xp), f_cls, spec.forward.params),
+        track_memory)
+    return sample, measurement, t_sample, t_sim, peak_sim
+
+
+def _stamp(measurement, cls, params: dict[str, Any]):
+    measurement.provenance = list(measurement.provenance) + [
+        {"kind": cls.kind, "name": cls.name, "version": cls.version, "params": params}]
+    return measurement
+
+
+def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, key: str):
+    rng = rng_for(key, spec.seed)
+    for n in spec.noise:
+        cls = registry.get("noise_model", n.name)
+        if not accepts_kind(cls.accepts, measurement.kind):
+            raise TypeError(f"noise model {n.name!r} does not accept measurement kind {measurement.kind!r}")
+        measurement = _stamp(cls().apply(measurement, cls.parse_params(n.params), rng), cls, n.params)
+    return measurement
+
+
+def _preview(recon) -> dict[str, np.ndarray]:
+    data = np.asarray(asnumpy(recon.data), dtype=np.float32)
+    if recon.kind == "volume":
+        nz, ny, nx = data.shape
+        out = {"preview": data.sum(axis=0), "slice_xy": data[nz // 2], "slice_xz": data[:, ny // 2, :],
+               "slice_yz": data[:, :, nx // 2]}
+    else:
+        out = {"preview": data}
+    for k, v in out.items():
+        step = int(np.ceil(max(v.shape) / PREVIEW_MAX_PIXELS))
+        if step > 1:
+            out[k] = v[::step, ::step]
+    return out
+
+
+# --- units of work --------------------------------------------------------------------------
+@dataclass
+class ForwardTask:
+    spec: dict[str, Any]
+    cache_root: str
+    use_cache: bool
+    track_memory: bool
+
+
+@dataclass
+class UnitTask:
+    point_index: int
+    point_id: str
+    values: dict[str, Any]
+    spec: dict[str, Any]
+    repeat: int
+    cache_root: str
+    run_dir: str
+    run_id: str
+    use_cache: bool
+    track_memory: bool
+    forward_error: str | None = None
+
+
+@dataclass
+class UnitResult:
+    point_index: int
+    repeat: int
+    values: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+def run_forward_task(task: ForwardTask) -> tuple[str, str | None]:
+    """Simulate (and cache) one noise-free measurement; return (forward key, error or None)."""
+    registry = get_registry()
+    spec = ScenarioSpec.model_validate(task.spec)
+    keys = stage_keys(spec, registry, 0)
+    cache = StageCache(Path(task.cache_root), task.use_cache)
+    try:
+        _simulate(spec, registry, cache, keys, task.track_memory)
+        return keys.forward, None
+    except Exception as exc:  # noqa: BLE001 - recorded in the rows
+        return keys.forward, _format_error(exc)
+
+
+def _format_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc))
+
+
+# memo of the last noise-free measurement per process, so a serial sweep over dose does not
+# unpickle the same measurement for every unit
+_last_forward: dict[str, Any] = {}
+
+
+def run_unit(task: UnitTask) -> UnitResult:
+    """Noise chain → every reconstructor → every quantifier for one (point, repeat)."""
+    registry = get_registry()
+    spec = ScenarioSpec.model_validate(task.spec)
+    keys = stage_keys(spec, registry, task.repeat)
+    cache = StageCache(Path(task.cache_root), task.use_cache)
+    store = RunStore(Path(task.run_dir))
+    result = UnitResult(task.point_index, task.repeat, task.values)
+    base = {
+        "run_id": task.run_id, "scenario": spec.name, "point_index": task.point_index, "point_id": task.point_id,
+        "repeat": task.repeat, **{k: _scalar(v) for k, v in task.values.items()},
+        "sample": spec.sample.name, "forward_model": spec.forward.name,
+        "noise_chain": "+".join(n.name for n in spec.noise),
+        "sample_version": registry.get("sample", spec.sample.name).version,
+        "forward_version": registry.get("forward_model", spec.forward.name).version,
+        "tembench_version": tembench.__version__, "device": spec.device,
+    }
+
+    def error_rows(stage: str, message: str) -> UnitResult:
+        result.error = message
+        for r in spec.reconstructors:
+            rk = row_key(task.point_index, task.point_id, task.repeat, r.key)
+            row = {**base, "reconstructor": r.key, "reconstructor_name": r.name,
+                   "status": "error", "error_stage": stage, "error": message.splitlines()[0], "traceback": message}
+            store.write_row(rk, row)
+            result.rows.append(row)
+        return result
+
+    if task.forward_error:
+        return error_rows("forward", task.forward_error)
+    t_unit = time.perf_counter()
+    try:
+        if keys.forward in _last_forward:
+            sample, measurement, t_sample, t_sim, peak_sim = _last_forward[keys.forward]
+        else:
+            sample, measurement, t_sample, t_sim, peak_sim = _simulate(spec, registry, cache, keys, task.track_memory)
+            _last_forward.clear()
+            _last_forward[keys.forward] = (sample, measurement, t_sample, t_sim, peak_sim)
+    except Exception as exc:  # noqa: BLE001
+        return error_rows("forward", _format_error(exc))
+    try:
+        noisy, t_noise, _, _ = _cached_stage(cache, "noise", keys.noise,
+                                             lambda: _apply_noise(spec, registry, measurement, keys.noise), False)
+    except Exception as exc:  # noqa: BLE001
+        return error_rows("noise", _format_error(exc))
+
+    xp = get_array_module(spec.device)
+    for r in spec.reconstructors:
+        rk = row_key(task.point_index, task.point_id, task.repeat, r.key)
+        if store.has_row(rk):
+            continue
+        r_cls = registry.get("reconstructor", r.name)
+        row = {**base, "reconstructor": r.key, "reconstructor_name": r.name, "reconstructor_version": r_cls.version,
+               "time_sample_s": t_sample, "time_simulate_s": t_sim, "peak_memory_simulate_MB": peak_sim,
+               "time_noise_s": t_noise}
+        try:
+            recon, t_rec, peak_rec, hit = _cached_stage(
+                cache, "recon", keys.recon[r.key],
+                lambda: r_cls().reconstruct(noisy, r_cls.parse_params(r.params), xp), task.track_memory)
+            row.update(time_reconstruct_s=t_rec, peak_memory_reconstruct_MB=peak_rec, recon_cache_hit=hit)
+            for hk, hv in recon.history.items():
+                if len(hv):
+                    row[f"final_{hk}"] = float(hv[-1])
+                    row[f"n_{hk}"] = len(hv)
+            arrays = {f"recon_{k}": v for k, v in _preview(recon).items()}
+            arrays.update({f"history_{k}": np.asarray(v, dtype=np.float64) for k, v in recon.history.items()})
+            t0 = time.perf_counter()
+            for q in spec.quantifiers:
+                q_cls = registry.get("quantifier", q.name)
+                if not accepts_kind(q_cls.accepts, recon.kind):
+                    continue
+                metrics = q_cls().score(recon, noisy, sample, q_cls.parse_params(q.params))
+                for mk, mv in metrics.items():
+                    col = mk if mk not in row else f"{q.key}.{mk}"
+                    if isinstance(mv, (np.ndarray, list, tuple)):
+                        arrays[f"{q.key}.{mk}"] = np.asarray(mv)
+                    else:
+                        row[col] = _scalar(mv)
+            row["time_score_s"] = time.perf_counter() - t0
+            row["artifacts"] = store.write_artifacts(rk, arrays)
+            row["status"] = "ok"
+            row["error"] = ""
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on
+            msg = _format_error(exc)
+            row.update(status="error", error_stage="reconstruct/score", error=msg.splitlines()[0], traceback=msg)
+            result.error = result.error or msg
+        row["wall_time_s"] = time.perf_counter() - t_unit
+        store.write_row(rk, row)
+        result.rows.append(row)
+    return result
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, (list, tuple, dict)):
+        return dumps(v).replace("\n", "")
+    return v
+
+
+# --- the run -----------------------------------------------------------------------------------
+def run_id_for(scenario: Scenario, registry: Registry) -> str:
+    spec = scenario.spec
+    fps = {f"{kind}:{c.name}": component_fingerprint(registry.get(kind, c.name))
+           for kind, c in [("sample", spec.sample), ("forward_model", spec.forward)]
+           + [("noise_model", n) for n in spec.noise] + [("reconstructor", r) for r in spec.reconstructors]
+           + [("quantifier", q) for q in spec.quantifiers]}
+    ident = spec.model_dump(mode="json", exclude={"executor", "output", "description"})
+    return "run-" + stable_hash({"spec": ident, "fp": fps, "v": tembench.__version__})[:12]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(tembench.__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _machine() -> dict[str, Any]:
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"hostname": socket.gethostname(), "platform": _platform.platform(), "python": sys.version.split()[0],
+            "cpus": os.cpu_count(), "memory_GiB": mem, "numpy": np.__version__}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    table: Any
+    n_units: int
+    n_computed: int
+    n_errors: int
+
+
+def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: str | None = None,
+                 executor: str | None = None, workers: int | None = None, use_cache: bool = True,
+                 track_memory: bool = True, progress: bool = True, report: bool = True,
+                 registry: Registry | None = None) -> RunResult:
+    """Run (or resume) a validated scenario; return the run folder and its results table."""
+    registry = registry or get_registry()
+    _last_forward.clear()
+    spec = scenario.spec
+    root = Path(out) if out is not None else scenario.output_root
+    rid = run_id or run_id_for(scenario, registry)
+    run_dir = root / rid
+    scenario_hash = stable_hash(spec.model_dump(mode="json", exclude={"executor", "output"}))
+    store = RunStore(run_dir)
+    existing = store.read_manifest()
+    if existing is not None and existing.get("scenario_hash") != scenario_hash:
+        raise RunDirectoryError(
+            f"run folder {str(run_dir)!r} holds a run of a different scenario "
+            f"({existing.get('scenario')!r}, hash {str(existing.get('scenario_hash'))[:12]}). Nothing was changed. "
+            f"Choose another --run-id or output folder.")
+    root.mkdir(parents=True, exist_ok=True)
+    check_output_root(root, spec.name)
+    cache_root = root / ".cache"
+
+    manifest = existing or {
+        "scenario": spec.name, "scenario_hash": scenario_hash, "run_id": rid,
+        "scenario_file": str(scenario.path) if scenario.path else None, "scenario_text": scenario.source,
+        "swept": scenario.swept, "repeats": spec.repeats, "n_points": len(scenario.points),
+        "reconstructors": [r.key for r in spec.reconstructors],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"tembench": tembench.__version__,
+                     "components": {f"{k}:{c.name}": component_fingerprint(registry.get(k, c.name))
+                                    for k, c in [("sample", spec.sample), ("forward_model", spec.forward)]
+                                    + [("noise_model", n) for n in spec.noise]
+                                    + [("reconstructor", r) for r in spec.reconstructors]
+                                    + [("quantifier", q) for q in spec.quantifiers]}},
+        "git_commit": _git_commit(), "machine": _machine(),
+    }
+    manifest["status"] = "running"
+    manifest.setdefault("sessions", []).append(
+        {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+         "executor": executor or spec.executor.kind})
+    store.write_manifest(manifest)
+
+    units: list[UnitTask] = []
+    for point in scenario.points:
+        spec_dict = point.spec.model_dump(mode="python")
+        for repeat in range(spec.repeats):
+            keys = [row_key(point.index, point.point_id, repeat, r.key) for r in spec.reconstructors]
+            if all(store.has_row(k) for k in keys):
+                continue
+            units.append(UnitTask(point.index, point.point_id, point.values, spec_dict, repeat, str(cache_root),
+                                  str(run_dir), rid, use_cache, track_memory))
+    n_done = scenario.n_units - len(units)
+
+    kind = executor or spec.executor.kind
+    n_workers = workers or spec.executor.workers
+    n_errors = 0
+    hook = registry.hook()
+    with make_executor(kind, n_workers, spec.executor.address) as ex:
+        # phase 1: each distinct noise-free measurement once
+        fwd_tasks: dict[str, ForwardTask] = {}
+        for u in units:
+            s = ScenarioSpec.model_validate(u.spec)
+            fk = stage_keys(s, registry, 0).forward
+            if fk not in fwd_tasks and not StageCache(cache_root, use_cache).has("forward", fk):
+                fwd_tasks[fk] = ForwardTask(u.spec, str(cache_root), use_cache, track_memory)
+        fwd_errors: dict[str, str] = {}
+        if fwd_tasks and kind != "serial":  # serially, phase 2 simulates on first use
+            bar = _bar(len(fwd_tasks), 0, f"{spec.name}: simulate", progress)
+            for fk, err in ex.map_unordered(run_forward_task, list(fwd_tasks.values())):
+                if err:
+                    fwd_errors[fk] = err
+                bar.update(1)
+            bar.close()
+        for u in units:
+            fk = stage_keys(ScenarioSpec.model_validate(u.spec), registry, 0).forward
+            u.forward_error = fwd_errors.get(fk)
+
+        # phase 2: noise → reconstruct → score, one (point, repeat) at a time
+        bar = _bar(scenario.n_units, n_done, f"{spec.name}: points", progress)
+        last_table = time.monotonic()
+        for res in ex.map_unordered(run_unit, units):
+            if res.error:
+                n_errors += 1
+                bar.write(f"[tembench] point {res.point_index} repeat {res.repeat} failed: "
+                          f"{res.error.splitlines()[0]}")
+            hook.tembench_point_finished(point={**res.values, "point_index": res.point_index, "repeat": res.repeat},
+                                         rows=res.rows, error=res.error)
+            bar.update(1)
+            if time.monotonic() - last_table > 5.0:
+                store.write_tables()
+                last_table = time.monotonic()
+        bar.close()
+
+    table = store.write_tables()
+    manifest["status"] = "complete"
+    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["n_rows"] = int(len(table))
+    manifest["n_error_rows"] = int((table["status"] == "error").sum()) if "status" in table else 0
+    store.write_manifest(manifest)
+    if report:
+        from tembench.report import render_report
+
+        render_report(run_dir, registry=registry)
+    return RunResult(run_dir, table, scenario.n_units, len(units), n_errors)
+
+
+def _bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="pt", disable=not enabled, mininterval=0.5,
+                dynamic_ncols=True, file=sys.stderr)
