@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dummy_plugin
+from tembench.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_validate_prints_plan(registry, scenario_file, capsys):
+    code, out, _ = _run(["validate", str(scenario_file())], capsys)
+    assert code == 0
+    assert "3 × repeats 2 = 6 units, 12 result rows" in out
+    assert "noise-free simulations: 1" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nsample: [oops\n", "malformed YAML at line"),
+    (dummy_plugin.SCENARIO.replace("dummy_mean", "dummy_maen"), "Did you mean 'dummy_mean'"),
+    (dummy_plugin.SCENARIO.replace("[0.0, 0.1, 0.2]", "[0.0, -3]"), "greater than or equal to 0"),
+    (dummy_plugin.SCENARIO.replace("forward: {name: dummy_image, params: {n: 16}}", "forward: phase_object"),
+     "accepts measurement kinds"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+])
+def test_bad_input_exit_2_one_paragraph(registry, scenario_file, capsys, text, message, tmp_path):
+    path = scenario_file(text)
+    code, out, err = _run(["run", str(path), "--out", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("tembench: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written before validation passed
+
+
+def test_missing_file(registry, capsys):
+    code, _, err = _run(["validate", "no/such/file.yaml"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_run_report_compare(registry, scenario_file, tmp_path, capsys):
+    path = scenario_file()
+    code, out, _ = _run(["run", str(path), "--out", str(tmp_path / "a"), "-q"], capsys)
+    assert code == 0 and "12 computed now" not in out and "6 computed now" in out
+    run_a = next((tmp_path / "a").glob("run-*"))
+    path_b = scenario_file(dummy_plugin.SCENARIO.replace("seed: 7", "seed: 8"), name="b.yaml")
+    assert _run(["run", str(path_b), "--out", str(tmp_path / "b"), "-q", "--no-report"], capsys)[0] == 0
+    run_b = next((tmp_path / "b").glob("run-*"))
+    code, out, _ = _run(["report", str(run_b)], capsys)
+    assert code == 0 and (run_b / "report.html").exists()
+    code, out, _ = _run(["compare", str(run_a), str(run_b)], capsys)
+    assert code == 0 and "B−A" in out and "mean" in out
+    # resuming a finished run computes nothing
+    code, out, _ = _run(["run", str(path), "--out", str(tmp_path / "a"), "-q"], capsys)
+    assert "0 computed now, 6 already done" in out
+
+
+def test_list_shows_builtins_with_params(registry, capsys):
+    code, out, _ = _run(["list", "-v"], capsys)
+    assert code == 0
+    for name in ("crystal", "phase_object", "poisson_dose", "weak_phase_wiener", "cross_correlation", "dummy_identity"):
+        assert name in out
+    assert "dose_e_per_A2" in out
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "tembench.cli", "list", "--kind", "sample"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0 and "crystal" in out.stdout
