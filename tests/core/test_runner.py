@@ -186,3 +186,25 @@ def test_processes_executor_matches_serial(tmp_path):
         set_registry(None)
     assert (b["status"] == "ok").all()
     np.testing.assert_allclose(a["ncc"], b["ncc"], rtol=1e-6)
+
+
+def test_lifecycle_hooks_point_finished_and_report_sections(registry, tmp_path):
+    from tembench import hookimpl
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def tembench_point_finished(self, point, rows, error):
+            seen.append((point["point_index"], point["repeat"], len(rows), error))
+
+        @hookimpl
+        def tembench_report_sections(self, table, scenario, run_dir):
+            return [{"title": "Observer section", "markdown": f"{len(table)} rows seen",
+                     "html": f"<p>{len(table)} rows seen</p>"}]
+
+    registry.register(Observer(), name="observer")
+    res = run_scenario(parse_scenario(dummy_plugin.SCENARIO), out=tmp_path, progress=False)
+    assert sorted(seen) == [(p, r, 2, None) for p in range(3) for r in range(2)]
+    assert "## Observer section" in (res.run_dir / "report.md").read_text()
+    assert "<p>12 rows seen</p>" in (res.run_dir / "report.html").read_text()
