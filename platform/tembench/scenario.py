@@ -153,13 +153,8 @@ class Scenario:
 
     @property
     def output_root(self) -> Path:
-        if self.spec.output:
-            out = Path(self.spec.output)
-            if not out.is_absolute() and self.path is not None and not out.exists():
-                # relative output paths are relative to the working directory, as the CLI's
-                return out
-            return out
-        return Path("reports") / self.spec.name
+        """``output`` from the scenario (relative to the working directory), else reports/<name>."""
+        return Path(self.spec.output) if self.spec.output else Path("reports") / self.spec.name
 
     def summary(self, registry: Registry | None = None) -> str:
         s = self.spec
