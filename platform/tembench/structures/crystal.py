@@ -94,8 +94,8 @@ def _shortest_perpendicular(cell: np.ndarray, normals: list[np.ndarray], prefer:
     return cand[order[0]]
 
 
-def zone_axis_frame(cell, zone_axis, x_axis=None, max_index: int = 6) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rotation R putting lattice direction ``zone_axis`` along +z and ``x_axis`` along +x.
+def zone_axis_frame(cell, zone_axis, x_axis=None, max_index: int = 6, y_axis=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rotation R putting lattice direction ``zone_axis`` along +z and ``x_axis`` (or ``y_axis``) along +x (+y).
 
     Returns ``(R, P)`` where P is the integer matrix whose rows are lattice vectors along the
     new x, y, z (an orthogonal supercell) or None when the lattice has no such vectors with
@@ -104,6 +104,23 @@ def zone_axis_frame(cell, zone_axis, x_axis=None, max_index: int = 6) -> tuple[n
     cell = np.asarray(cell, dtype=np.float64)
     z_int = _int_vector(zone_axis)
     z_cart = z_int @ cell
+    if y_axis is not None and x_axis is not None:
+        raise TembenchError("give x_axis or y_axis, not both (the other follows from the zone axis)")
+    if y_axis is not None:
+        y_int = _int_vector(y_axis)
+        y_cart = y_int @ cell
+        if abs(y_cart @ z_cart) > 1e-6 * np.linalg.norm(y_cart) * np.linalg.norm(z_cart):
+            raise TembenchError(f"y_axis {y_int.tolist()} is not perpendicular to zone_axis {z_int.tolist()} "
+                                "in this lattice; choose a direction with zero dot product (Cartesian).")
+        x_cart = np.cross(y_cart, z_cart)
+        cand = _lattice_candidates(max_index)
+        cc = cand @ cell
+        par = np.linalg.norm(np.cross(cc, x_cart), axis=1) < 1e-6 * np.linalg.norm(cc, axis=1) * np.linalg.norm(x_cart)
+        par &= cc @ x_cart > 0
+        x_axis = cand[par][np.argmin(np.linalg.norm(cc[par], axis=1))] if par.any() else None
+        if x_axis is None:
+            ez, ey = z_cart / np.linalg.norm(z_cart), y_cart / np.linalg.norm(y_cart)
+            return np.stack([np.cross(ey, ez), ey, ez]), None
     if x_axis is not None:
         x_int = _int_vector(x_axis)
         x_cart = x_int @ cell
