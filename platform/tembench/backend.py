@@ -90,3 +90,81 @@ def ifftn(x, axes=None):
     if _cp is not None and isinstance(x, _cp.ndarray):
         return _cp.fft.ifftn(x, axes=axes)
     return scipy.fft.ifftn(x, axes=axes, workers=fft_workers())
+
+
+# --- planned in-place FFTs (optional pyFFTW on the CPU) --------------------------------------
+try:  # pyFFTW is optional; measured 1.5-1.8x faster than scipy.fft for 96²-512² complex64
+    import pyfftw as _pyfftw  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - depends on the environment
+    _pyfftw = None
+
+_PLANS: dict = {}
+
+
+def pyfftw_available() -> bool:
+    return _pyfftw is not None
+
+
+def fft_library() -> str:
+    """CPU FFT library for planned transforms: TEMBENCH_FFT ('pyfftw' | 'scipy'), else pyfftw if present."""
+    want = os.environ.get("TEMBENCH_FFT", "auto").lower()
+    if want == "scipy" or _pyfftw is None:
+        return "scipy"
+    return "pyfftw"
+
+
+class FFT2Plan:
+    """In-place 2D FFT over the last two axes of a fixed-shape complex buffer.
+
+    Fill ``plan.buffer``, call :meth:`forward` / :meth:`inverse` (the inverse is normalised by
+    1/(ny·nx) like numpy), and read ``plan.buffer`` again: with the scipy/cupy fallback the
+    attribute is rebound to the result instead of being written in place, so always re-read it.
+    """
+
+    def __init__(self, shape, xp=np, dtype=np.complex64, threads: int | None = None):
+        self.shape = tuple(int(s) for s in shape)
+        self.xp = xp
+        self.dtype = np.dtype(dtype)
+        self.threads = threads if threads is not None else fft_workers()
+        self.library = "cupy" if (xp is not np) else fft_library()
+        axes = (len(self.shape) - 2, len(self.shape) - 1)
+        if self.library == "pyfftw":
+            self.buffer = _pyfftw.empty_aligned(self.shape, dtype=self.dtype)
+            flags = (os.environ.get("TEMBENCH_FFTW_EFFORT", "FFTW_MEASURE"), "FFTW_DESTROY_INPUT")
+            self._fwd = _pyfftw.FFTW(self.buffer, self.buffer, axes=axes, direction="FFTW_FORWARD",
+                                     flags=flags, threads=self.threads)
+            self._bwd = _pyfftw.FFTW(self.buffer, self.buffer, axes=axes, direction="FFTW_BACKWARD",
+                                     flags=flags, threads=self.threads, normalise_idft=True)
+            self.buffer[...] = 0
+        else:
+            self.buffer = xp.zeros(self.shape, dtype=self.dtype)
+
+    def forward(self):
+        if self.library == "pyfftw":
+            self._fwd()
+        else:
+            self.buffer = fft2(self.buffer, overwrite_x=True)
+        return self.buffer
+
+    def inverse(self):
+        if self.library == "pyfftw":
+            self._bwd()
+        else:
+            self.buffer = ifft2(self.buffer, overwrite_x=True)
+        return self.buffer
+
+
+def plan_fft2(shape, xp=np, dtype=np.complex64, threads: int | None = None) -> FFT2Plan:
+    """A cached :class:`FFT2Plan` for ``shape`` (one per shape, dtype, threads and library)."""
+    import threading
+
+    threads = threads if threads is not None else fft_workers()
+    # one plan (and buffer) per thread: plans are reused across calls, buffers must not be shared
+    key = (tuple(int(s) for s in shape), np.dtype(dtype).str, threads, xp.__name__, fft_library(),
+           threading.get_ident())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        plan = _PLANS[key] = FFT2Plan(shape, xp=xp, dtype=dtype, threads=threads)
+    return plan
