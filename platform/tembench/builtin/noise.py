@@ -103,47 +103,59 @@ class PoissonDose(NoiseModel):
         if m.counted:
             raise TembenchError(f"poisson_dose: measurement {m.kind!r} is already counted (provenance: "
                                 f"{[p.get('component') for p in m.provenance]}); apply dose noise only once.")
-        n_exp = max(n_exposures(m), 1)
-        probe = is_probe_measurement(m)
-        geo_changes: dict = {}
-        extra = dict(m.geometry.extra)
-        if params.electrons_per_pattern is not None:
-            if not probe:
-                raise TembenchError(f"poisson_dose: electrons_per_pattern applies to scanned (4D-STEM/ADF) data, "
-                                    f"not to {m.kind!r}; give dose_e_per_A2 instead.")
-            if params.dose_mode != "per_image":
-                raise TembenchError("poisson_dose: electrons_per_pattern is a per-pattern value; use "
-                                    "dose_mode: per_image with it, or give a total dose_e_per_A2.")
-            n_e = float(params.electrons_per_pattern)
-            try:
-                geo_changes["dose_e_per_A2"] = n_e / probe_area_A2(m)
-            except TembenchError:
-                geo_changes["dose_e_per_A2"] = None
-            geo_changes["electrons_per_pattern"] = n_e
-        else:
-            dose = float(params.dose_e_per_A2)
-            per_exposure = dose / n_exp if params.dose_mode == "total_budget" else dose
-            extra["dose_total_e_per_A2"] = per_exposure * n_exp
-            geo_changes["dose_e_per_A2"] = per_exposure
-            if probe:
-                n_e = per_exposure * probe_area_A2(m) if math.isfinite(per_exposure) else math.inf
-                geo_changes["electrons_per_pattern"] = n_e
-            else:
-                s = m.geometry.sampling_A
-                if s is None:
-                    raise TembenchError(f"poisson_dose: measurement {m.kind!r} has no Geometry.sampling_A, so "
-                                        "the electrons per pixel (dose × pixel area) are unknown.")
-                sy, sx = (float(s), float(s)) if np.ndim(s) == 0 else (float(s[0]), float(s[1]))
-                n_e = per_exposure * sy * sx
-        extra["n_exposures"] = n_exp
-        extra["electrons_per_unit_intensity"] = n_e
-        record = {"component": self.name, "params": params.model_dump(), "n_exposures": n_exp,
-                  "electrons_per_unit_intensity": n_e}
-        geometry = m.geometry.replace(extra=extra, **geo_changes)
+        n_e, geometry = dose_bookkeeping(m, params.dose_e_per_A2, params.dose_mode, params.electrons_per_pattern,
+                                         who=self.name)
+        record = {"component": self.name, "params": params.model_dump(),
+                  "n_exposures": geometry.extra["n_exposures"], "electrons_per_unit_intensity": n_e}
         if math.isinf(n_e):  # noise-free: keep intensities as they are
             return m.replace(geometry=geometry, provenance=[*m.provenance, record])
         counts = poisson_counts(m.data, n_e, rng)
         return m.replace(data=counts, counted=True, geometry=geometry, provenance=[*m.provenance, record])
+
+
+def dose_bookkeeping(m: Measurement, dose_e_per_A2: float, dose_mode: str, electrons_per_pattern: float | None,
+                     who: str = "poisson_dose"):
+    """Electrons per unit intensity for ``m`` and its updated Geometry (dose per exposure recorded).
+
+    Returns ``(n_e, geometry)``: n_e multiplies intensities to give expected electron counts
+    (inf for an infinite dose); geometry.extra gains ``n_exposures``, ``dose_total_e_per_A2``
+    and ``electrons_per_unit_intensity``.
+    """
+    n_exp = max(n_exposures(m), 1)
+    probe = is_probe_measurement(m)
+    geo_changes: dict = {}
+    extra = dict(m.geometry.extra)
+    if electrons_per_pattern is not None:
+        if not probe:
+            raise TembenchError(f"{who}: electrons_per_pattern applies to scanned (4D-STEM/ADF) data, "
+                                f"not to {m.kind!r}; give dose_e_per_A2 instead.")
+        if dose_mode != "per_image":
+            raise TembenchError(f"{who}: electrons_per_pattern is a per-pattern value; use "
+                                "dose_mode: per_image with it, or give a total dose_e_per_A2.")
+        n_e = float(electrons_per_pattern)
+        try:
+            geo_changes["dose_e_per_A2"] = n_e / probe_area_A2(m)
+        except TembenchError:
+            geo_changes["dose_e_per_A2"] = None
+        geo_changes["electrons_per_pattern"] = n_e
+    else:
+        dose = float(dose_e_per_A2)
+        per_exposure = dose / n_exp if dose_mode == "total_budget" else dose
+        extra["dose_total_e_per_A2"] = per_exposure * n_exp
+        geo_changes["dose_e_per_A2"] = per_exposure
+        if probe:
+            n_e = per_exposure * probe_area_A2(m) if math.isfinite(per_exposure) else math.inf
+            geo_changes["electrons_per_pattern"] = n_e
+        else:
+            s = m.geometry.sampling_A
+            if s is None:
+                raise TembenchError(f"{who}: measurement {m.kind!r} has no Geometry.sampling_A, so "
+                                    "the electrons per pixel (dose × pixel area) are unknown.")
+            sy, sx = (float(s), float(s)) if np.ndim(s) == 0 else (float(s[0]), float(s[1]))
+            n_e = per_exposure * sy * sx
+    extra["n_exposures"] = n_exp
+    extra["electrons_per_unit_intensity"] = n_e
+    return n_e, m.geometry.replace(extra=extra, **geo_changes)
 
 
 @hookimpl
