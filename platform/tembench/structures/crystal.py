@@ -20,6 +20,30 @@ from tembench.errors import TembenchError
 SHAPES = ("box", "sphere", "cube", "needle")
 
 
+def _perovskite(a_A: float | None, c_A: float | None, symbols=("Sr", "Ti", "O"), a0=3.905):
+    from ase.spacegroup import crystal
+
+    a = a_A or a0
+    return crystal(list(symbols), basis=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)], spacegroup=221,
+                   cellpar=[a, a, a, 90, 90, 90])
+
+
+def _corundum(a_A: float | None, c_A: float | None):
+    from ase.spacegroup import crystal
+
+    # α-Al2O3 (R-3c, hexagonal setting): Al 12c z = 0.35216, O 18e x = 0.30624 (Lewis et al. 1982)
+    return crystal(["Al", "O"], basis=[(0, 0, 0.35216), (0.30624, 0, 0.25)], spacegroup=167,
+                   cellpar=[a_A or 4.7602, a_A or 4.7602, c_A or 12.9933, 90, 90, 120])
+
+
+# Structures ase.build.bulk has no reference for, by name (a_A / c_A override the lattice constants).
+KNOWN_STRUCTURES = {
+    "SrTiO3": _perovskite,
+    "BaTiO3": lambda a, c: _perovskite(a, c, ("Ba", "Ti", "O"), 4.00),
+    "Al2O3": _corundum,
+}
+
+
 def bulk_atoms(material: str | None = None, crystalstructure: str | None = None, a_A: float | None = None,
                c_A: float | None = None, cubic: bool = True, file: str | None = None):
     """An ``ase.Atoms`` unit cell from an ASE bulk name (e.g. "Si", "Pt", "MgO") or a structure file."""
@@ -41,6 +65,10 @@ def bulk_atoms(material: str | None = None, crystalstructure: str | None = None,
     if not material:
         raise TembenchError("crystal: give either `material` (an ASE bulk name such as 'Si', 'Pt', 'MgO') "
                             "or `file` (a CIF/XYZ path).")
+    if material in KNOWN_STRUCTURES and not crystalstructure:
+        return KNOWN_STRUCTURES[material](a_A, c_A)
+    if material == "MgO" and not crystalstructure:
+        crystalstructure, a_A = "rocksalt", a_A or 4.212
     kwargs = {}
     if crystalstructure:
         kwargs["crystalstructure"] = crystalstructure
