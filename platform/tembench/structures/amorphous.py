@@ -218,9 +218,12 @@ def relax(x: np.ndarray, numbers: np.ndarray, springs: list[tuple[np.ndarray, fl
           min_dist: dict[tuple[int, int], float], box: np.ndarray | None, exclude_pairs: np.ndarray,
           obstacles: np.ndarray | None = None, obstacle_min_A: float = 2.0, n_iter: int = 200,
           step: float = 0.05, momentum: float = 0.8, max_move_A: float = 0.1, k_rep: float = 2.0,
-          neighbour_every: int = 10, region: Region | None = None) -> np.ndarray:
+          neighbour_every: int = 10, region: Region | None = None, clip_to_box: bool = False) -> np.ndarray:
     """Momentum gradient descent of E = Σ k (r − r0)² over springs plus k_rep (r − d_min)² for every
-    other pair (and every obstacle contact) closer than its minimum distance; returns positions."""
+    other pair (and every obstacle contact) closer than its minimum distance; returns positions.
+
+    ``clip_to_box`` keeps atoms inside the (non-periodic) region's bounding box: a hard wall.
+    """
     x = x.copy()
     n = len(x)
     v = np.zeros_like(x)
@@ -271,6 +274,8 @@ def relax(x: np.ndarray, numbers: np.ndarray, springs: list[tuple[np.ndarray, fl
         move = np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
         v = np.where(move > max_move_A, v * (max_move_A / np.maximum(move, 1e-12)), v)
         x += v
+        if clip_to_box and region is not None and box is None:
+            x = np.clip(x, region.lo, np.nextafter(region.hi, region.lo))
     return x
 
 
@@ -355,3 +360,32 @@ def amorphous_sio2(region: Region, rng: np.random.Generator, density_g_cm3: floa
     stats = {"n_si": n_si, "n_bonds": len(bonds), "n_nonbridging_O": n_ot,
              "si_network_degree_mean": float(degree.mean()) if n_si else 0.0}
     return x, numbers, stats
+
+
+def amorphous_dense(region: Region, rng: np.random.Generator, composition: dict[int, int], molar_mass_g: float,
+                    density_g_cm3: float, min_dist_A: dict[tuple[int, int], float], obstacles: np.ndarray | None = None,
+                    obstacle_min_A: float = 2.0, n_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Random dense packing with minimum pair distances (no chemical order) at a target mass density.
+
+    ``composition`` maps Z to atoms per formula unit (Al2O3: {13: 2, 8: 3}); species are shuffled
+    over uniformly random sites which are then pushed apart by the soft repulsion of
+    :func:`relax` until pairs respect ``min_dist_A`` (approximately: the tail of a few % may stay
+    up to ~10 % closer).
+    """
+    vol = float(np.prod(region.box))
+    if not region.periodic and region.contains is not None:
+        probe = region.lo + rng.random((200_000, 3)) * region.box
+        vol *= region.mask(probe).mean()
+    n_fu = int(round(number_density_per_A3(density_g_cm3, molar_mass_g) * vol))
+    species = np.concatenate([np.full(n * n_fu, z) for z, n in composition.items()]).astype(np.int64)
+    rng.shuffle(species)
+    pts = np.zeros((0, 3))
+    while len(pts) < len(species):
+        cand = region.lo + rng.random((2 * (len(species) - len(pts)) + 16, 3)) * region.box
+        pts = np.concatenate([pts, cand[region.mask(cand)]])
+    x = relax(pts[:len(species)], species, [], min_dist_A, region.box if region.periodic else None,
+              np.zeros((0, 2), np.int64), obstacles, obstacle_min_A, n_iter=n_iter, step=0.1, region=region,
+              clip_to_box=not region.periodic)
+    if region.periodic:
+        x = region.lo + np.mod(x - region.lo, region.box)
+    return x, species
