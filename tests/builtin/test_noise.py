@@ -88,3 +88,10 @@ def test_errors():
         apply(m4, dose_e_per_A2=5.0)
     with pytest.raises(Exception, match="dose_e_per_A2"):
         PoissonDose.Params(dose_e_per_A2=-1)
+
+
+def test_noise_free_virtual_images_are_dropped_when_counting():
+    m = Measurement("4dstem", np.full((2, 2, 4, 4), 1 / 16, np.float32), ("scan_y", "scan_x", "k_y", "k_x"),
+                    Geometry(scan_step_A=(0.5, 0.5)), extras={"virtual_images": {"adf": np.ones((2, 2))}})
+    out = apply(m, dose_e_per_A2=100.0)
+    assert "virtual_images" not in out.extras and out.provenance[-1]["dropped_extras"] == ["virtual_images"]

@@ -119,3 +119,16 @@ def test_source_size_fwhm_and_conservation():
     m4 = Measurement("4dstem", d4, ("scan_y", "scan_x", "k_y", "k_x"), Geometry(scan_step_A=(0.1, 0.1)))
     o4 = SourceSizeBroadening().apply(m4, SourceSizeBroadening.Params(fwhm_A=0.7), np.random.default_rng(0)).data
     assert np.allclose(o4[:, :, 1, 0], out, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [ScanJitter, FastScanSmear, SourceSizeBroadening])
+def test_virtual_images_move_with_the_4d_data(cls):
+    rng = np.random.default_rng(4)
+    data = rng.random((2, 9, 11, 3, 3)).astype(np.float32)
+    vimg = data.sum(axis=(3, 4))
+    m = Measurement("4dstem_tilt_series", data, ("tilt", "scan_y", "scan_x", "k_y", "k_x"),
+                    Geometry(scan_step_A=(0.3, 0.3)), extras={"virtual_images": {"sum": vimg}})
+    out = cls().apply(m, cls.Params(), np.random.default_rng(5))
+    # every distortion is linear along the scan grid, so it commutes with summing over the detector
+    assert np.allclose(out.extras["virtual_images"]["sum"], out.data.sum(axis=(3, 4)), atol=1e-4)
+    assert not np.allclose(out.data, data)

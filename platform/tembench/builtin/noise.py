@@ -5,6 +5,11 @@ of area sy·sx Å² at dose D e/Å² receives D·sy·sx electrons times its inte
 pattern is the fraction of the probe's electrons per detector pixel and an ADF/BF image value
 the fraction of the probe's electrons hitting the detector, so each probe position receives
 N_e = D·step_y·step_x electrons (or ``electrons_per_pattern``) times that fraction.
+
+Partial coherence (focal spread, source size in HRTEM) cannot be added to an already simulated
+coherent measurement: it is a parameter of the forward models (focal spread / source size of
+the physics engine). For STEM images, the source-size *convolution* of Friedrich Table 2.1 is
+the ``source_size`` model in :mod:`tembench.builtin.scan_distortions`.
 """
 
 from __future__ import annotations
@@ -110,7 +115,14 @@ class PoissonDose(NoiseModel):
         if math.isinf(n_e):  # noise-free: keep intensities as they are
             return m.replace(geometry=geometry, provenance=[*m.provenance, record])
         counts = poisson_counts(m.data, n_e, rng)
-        return m.replace(data=counts, counted=True, geometry=geometry, provenance=[*m.provenance, record])
+        extras = dict(m.extras)
+        if "virtual_images" in extras:
+            # noise-free detector images simulated alongside the 4D data would hand reconstructors
+            # noise-free data; virtual detectors must be formed from the counted patterns instead
+            extras.pop("virtual_images")
+            record["dropped_extras"] = ["virtual_images"]
+        return m.replace(data=counts, counted=True, geometry=geometry, extras=extras,
+                         provenance=[*m.provenance, record])
 
 
 def dose_bookkeeping(m: Measurement, dose_e_per_A2: float, dose_mode: str, electrons_per_pattern: float | None,

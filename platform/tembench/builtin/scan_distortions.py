@@ -35,23 +35,50 @@ def scan_axes(m: Measurement, who: str) -> tuple[int, int]:
                         "images have no scan to distort.")
 
 
-def _frames(m: Measurement, ay: int, ax: int):
-    """Yield (index tuple, view with scan axes first) for every independent acquisition in ``m``."""
-    data = m.data
-    other = [i for i, a in enumerate(m.axes) if i not in (ay, ax) and not a.startswith("k_")]
-    for idx in itertools.product(*(range(data.shape[i]) for i in other)):
-        sl = [slice(None)] * data.ndim
+def _frames(shape: tuple[int, ...], axes: tuple[str, ...], ay: int, ax: int):
+    """Yield (index tuple into the array, frame key) for every independent acquisition (non-scan, non-k index)."""
+    other = [i for i, a in enumerate(axes) if i not in (ay, ax) and not a.startswith("k_")]
+    for idx in itertools.product(*(range(shape[i]) for i in other)):
+        sl = [slice(None)] * len(shape)
         for i, v in zip(other, idx):
             sl[i] = v
-        yield tuple(sl), other
+        yield tuple(sl), other, idx
 
 
 def _scan_first(sub: np.ndarray, axes_left: list[int], ay: int, ax: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Move the scan axes of a frame to the front; returns the view and their positions in ``sub``."""
-    # positions of ay, ax among the axes that remain after integer-indexing the `other` axes
     pos_y = ay - sum(1 for i in axes_left if i < ay)
     pos_x = ax - sum(1 for i in axes_left if i < ax)
     return np.moveaxis(sub, (pos_y, pos_x), (0, 1)), (pos_y, pos_x)
+
+
+def companion_images(m: Measurement) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Scan images recorded together with ``m`` (extras['virtual_images'] of a 4D-STEM scan) with their axes.
+
+    They share the scan grid, so scan distortions must move them exactly as they move the data.
+    """
+    out = {}
+    vi = m.extras.get("virtual_images")
+    if isinstance(vi, dict):
+        axes = tuple(a for a in m.axes if not a.startswith("k_"))
+        shape = tuple(n for a, n in zip(m.axes, np.shape(m.data)) if not a.startswith("k_"))
+        for name, arr in vi.items():
+            if isinstance(arr, np.ndarray) and arr.shape == shape:
+                out[name] = (arr, axes)
+    return out
+
+
+def _with_companions(m: Measurement, fn) -> tuple[np.ndarray, dict]:
+    """Apply ``fn(array, axes)`` to the data and to every companion image; returns (data, new extras)."""
+    data = fn(m.data, m.axes)
+    extras = dict(m.extras)
+    comp = companion_images(m)
+    if comp:
+        vi = dict(extras["virtual_images"])
+        for name, (arr, axes) in comp.items():
+            vi[name] = fn(arr, axes).astype(arr.dtype)
+        extras["virtual_images"] = vi
+    return data, extras
 
 
 def ar1_series(n: int, phi: float, sigma: float, rng: np.random.Generator, stationary_start: bool) -> np.ndarray:
@@ -120,21 +147,29 @@ class ScanJitter(NoiseModel):
     def apply(self, measurement: Measurement, params: Params, rng: np.random.Generator) -> Measurement:
         m = measurement
         ay, ax = scan_axes(m, self.name)
-        out = np.empty(m.data.shape, dtype=np.result_type(m.data.dtype, np.float32))
-        shifts = []
-        for sl, other in _frames(m, ay, ax):
-            sub, (py, px) = _scan_first(m.data[sl], other, ay, ax)
-            ny = sub.shape[0]
+        ny = m.data.shape[ay]
+        shifts = {}
+        for _, _, key in _frames(m.data.shape, m.axes, ay, ax):  # one AR(1) pair per acquisition
             dx = ar1_series(ny, params.phi_x, params.sigma_x_px, rng, stationary_start=False)
             dy = ar1_series(ny, params.phi_y, params.sigma_y_px, rng, stationary_start=True)
-            res = resample_scan_lines(sub, np.arange(ny) + dy, dx, params.boundary)
-            out[sl] = np.moveaxis(res, (0, 1), (py, px))
-            shifts.append(np.stack([dy, dx], axis=1))
-        extras = dict(m.extras)
+            shifts[key] = (dy, dx)
+
+        def jitter(arr, axes):
+            by, bx = axes.index(m.axes[ay]), axes.index(m.axes[ax])
+            out = np.empty(arr.shape, dtype=np.result_type(arr.dtype, np.float32))
+            for sl, other, key in _frames(arr.shape, axes, by, bx):
+                sub, (py, px) = _scan_first(arr[sl], other, by, bx)
+                dy, dx = shifts[key]
+                res = resample_scan_lines(sub, np.arange(ny) + dy, dx, params.boundary)
+                out[sl] = np.moveaxis(res, (0, 1), (py, px))
+            return out
+
+        data, extras = _with_companions(m, jitter)
         if params.record_shifts:
-            extras["truth_scan_jitter_px"] = np.asarray(shifts)  # (n_frames, ny, 2): (Δy, Δx) per line
+            # (n_frames, ny, 2): (Δy, Δx) per line, in frame order
+            extras["truth_scan_jitter_px"] = np.asarray([np.stack(v, axis=1) for v in shifts.values()])
         record = {"component": self.name, "params": params.model_dump()}
-        return m.replace(data=out, extras=extras, provenance=[*m.provenance, record])
+        return m.replace(data=data, extras=extras, provenance=[*m.provenance, record])
 
 
 def fast_scan_kernel(n: int, dwell_time_us: float, response_time_us: float, model: str) -> np.ndarray:
@@ -183,24 +218,29 @@ class FastScanSmear(NoiseModel):
         ay, ax = scan_axes(m, self.name)
         nx = m.data.shape[ax]
         w = fast_scan_kernel(nx, params.dwell_time_us, params.response_time_us, params.model)
-        data = np.asarray(m.data, dtype=np.float64)
-        if params.model == "exponential":
-            # exact IIR form of the exponential kernel: y_n = (1−r) x_n + r y_{n−1}
-            from scipy.signal import lfilter
+        fast_name = m.axes[ax]
 
-            r = np.exp(-params.dwell_time_us / params.response_time_us)
-            out = lfilter([1.0 - r], [1.0, -r], data, axis=ax)
-            out *= 1.0 / (1.0 - r**nx)  # same normalisation as the truncated kernel
-        else:
+        def smear(arr, axes):
+            a = axes.index(fast_name)
+            data = np.asarray(arr, dtype=np.float64)
+            if params.model == "exponential":
+                # exact IIR form of the exponential kernel: y_n = (1−r) x_n + r y_{n−1}
+                from scipy.signal import lfilter
+
+                r = np.exp(-params.dwell_time_us / params.response_time_us)
+                out = lfilter([1.0 - r], [1.0, -r], data, axis=a)
+                return (out / (1.0 - r**nx)).astype(np.float32)  # same normalisation as the truncated kernel
             from scipy.signal import fftconvolve
 
             shape = [1] * data.ndim
-            shape[ax] = nx
-            out = fftconvolve(data, w.reshape(shape), mode="full", axes=ax)
-            out = np.take(out, np.arange(nx), axis=ax)
+            shape[a] = nx
+            out = fftconvolve(data, w.reshape(shape), mode="full", axes=a)
+            return np.take(out, np.arange(nx), axis=a).astype(np.float32)
+
+        data, extras = _with_companions(m, smear)
         record = {"component": self.name, "params": params.model_dump(),
                   "kernel_fraction_first_pixel": float(w[0])}
-        return m.replace(data=out.astype(np.float32), provenance=[*m.provenance, record])
+        return m.replace(data=data, extras=extras, provenance=[*m.provenance, record])
 
 
 class SourceSizeBroadening(NoiseModel):
@@ -229,13 +269,20 @@ class SourceSizeBroadening(NoiseModel):
             raise TembenchError("source_size: the measurement has no Geometry.scan_step_A (or sampling_A), so "
                                 "fwhm_A cannot be converted to scan pixels.")
         sy, sx = (float(step), float(step)) if np.ndim(step) == 0 else (float(step[0]), float(step[1]))
-        sigma = [0.0] * m.data.ndim
-        sigma[ay] = params.fwhm_A * FWHM_TO_SIGMA / sy
-        sigma[ax] = params.fwhm_A * FWHM_TO_SIGMA / sx
-        data = np.asarray(m.data, dtype=np.float64)
-        out = ndimage.gaussian_filter(data, sigma=sigma, mode=params.boundary, truncate=5.0) if params.fwhm_A > 0 else data
-        record = {"component": self.name, "params": params.model_dump(), "sigma_px": [sigma[ay], sigma[ax]]}
-        return m.replace(data=out.astype(np.float32), provenance=[*m.provenance, record])
+        sig_y, sig_x = params.fwhm_A * FWHM_TO_SIGMA / sy, params.fwhm_A * FWHM_TO_SIGMA / sx
+        names = (m.axes[ay], m.axes[ax])
+
+        def blur(arr, axes):
+            sigma = [0.0] * arr.ndim
+            sigma[axes.index(names[0])], sigma[axes.index(names[1])] = sig_y, sig_x
+            data = np.asarray(arr, dtype=np.float64)
+            if params.fwhm_A > 0:
+                data = ndimage.gaussian_filter(data, sigma=sigma, mode=params.boundary, truncate=5.0)
+            return data.astype(np.float32)
+
+        data, extras = _with_companions(m, blur)
+        record = {"component": self.name, "params": params.model_dump(), "sigma_px": [sig_y, sig_x]}
+        return m.replace(data=data, extras=extras, provenance=[*m.provenance, record])
 
 
 @hookimpl
