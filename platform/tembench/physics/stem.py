@@ -1,0 +1,418 @@
+"""Scanned-probe multislice: 4D-STEM with batch cropping and mixed-state probes (You 2025 eqs 7–10),
+virtual detectors, streaming output, and the amplitude-loss gradient w.r.t. the potential and probe.
+
+Geometry
+--------
+* The object is a slice stack (n, NY, NX) over a periodic field of view with pixel (sy, sx) Å.
+* Each probe position ρ = (y, x) Å gets a window of ``window_gpts`` (wy, wx) pixels cropped from
+  every slice (You eq 8; periodic wrap). The window's pixel (wy//2, wx//2) sits on the whole pixel
+  nearest ρ; the sub-pixel rest is a Fourier phase ramp on the probe.
+* A diffraction pattern is |F{ψ_exit}|²/(wy·wx) summed over probe modes (eq 10): the fraction of
+  the probe's electrons per pixel (Σ = 1 when nothing is lost). Patterns are fftshifted (the
+  unscattered beam at pixel (k_y//2, k_x//2)), optionally binned b×b and cropped. Detector pixel:
+  λ/(w·s) rad per native pixel.
+* Probe modes: complex (M, wy, wx) in real space centred on pixel (wy//2, wx//2); Σ_i ‖ψ_i‖² = 1
+  for a normalised probe (the modes carry their own power).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tembench.backend import asnumpy, fft2, get_array_module, ifft2, plan_fft2
+from tembench.errors import TembenchError
+from tembench.physics.constants import interaction_constant, wavelength_A
+from tembench.physics.grid import check_gpts, check_sampling, spatial_frequencies
+from tembench.physics.multislice import (
+    _thicknesses,
+    intensity_amplitude_loss,
+    propagator_cache,
+    transmission_functions,
+    transmission_gradient,
+)
+from tembench.physics.optics import fourier_shift_phase, probe_fourier
+from tembench.physics.propagation import DEFAULT_BAND_LIMIT
+
+# Default per-batch working memory (waves and FFT buffers), bytes.
+BATCH_BYTES = 32 * 2**20
+
+STANDARD_DETECTORS_MRAD = {"bf": (0.0, None), "abf": (None, None), "adf": (None, 200.0), "haadf": (60.0, 200.0)}
+
+
+def scan_positions(start_A, end_A, step_A, endpoint: bool = False) -> np.ndarray:
+    """Raster of probe positions (n_y, n_x, 2) as (y, x) Å from ``start_A`` to ``end_A`` with ``step_A``."""
+    sy0, sx0 = (float(v) for v in np.broadcast_to(np.asarray(start_A, float), (2,)))
+    ey, ex = (float(v) for v in np.broadcast_to(np.asarray(end_A, float), (2,)))
+    dy, dx = (float(v) for v in np.broadcast_to(np.asarray(step_A, float), (2,)))
+    if dy <= 0 or dx <= 0:
+        raise TembenchError(f"scan_step_A must be > 0 Å; got {step_A}")
+    if endpoint:
+        ny = int(math.floor((ey - sy0) / dy + 1e-9)) + 1
+        nx = int(math.floor((ex - sx0) / dx + 1e-9)) + 1
+    else:  # positions start + i·step < end
+        ny = int(math.ceil((ey - sy0) / dy - 1e-9))
+        nx = int(math.ceil((ex - sx0) / dx - 1e-9))
+    ny, nx = max(ny, 1), max(nx, 1)
+    y = sy0 + dy * np.arange(ny)
+    x = sx0 + dx * np.arange(nx)
+    return np.stack(np.meshgrid(y, x, indexing="ij"), axis=-1)
+
+
+def max_scattering_angle_mrad(sampling_A, energy_keV: float, band_limit: float = DEFAULT_BAND_LIMIT) -> float:
+    """Largest angle kept by the band limit on a grid of pixel ``sampling_A``, mrad."""
+    sy, sx = check_sampling(sampling_A)
+    return band_limit / (2 * max(sy, sx)) * wavelength_A(energy_keV) * 1e3
+
+
+def check_sampling_for_aperture(sampling_A, energy_keV: float, semiangle_mrad: float | None,
+                                band_limit: float = DEFAULT_BAND_LIMIT) -> None:
+    """Raise if the probe aperture extends beyond the band limit (the probe would alias)."""
+    if semiangle_mrad is None:
+        return
+    amax = max_scattering_angle_mrad(sampling_A, energy_keV, band_limit)
+    if semiangle_mrad > amax:
+        lam = wavelength_A(energy_keV)
+        need = band_limit * lam * 1e3 / (2 * semiangle_mrad)
+        raise TembenchError(
+            f"sampling_A {sampling_A} Å is too coarse for a {semiangle_mrad} mrad probe at {energy_keV} keV: "
+            f"the band limit keeps angles up to {amax:.1f} mrad. Use sampling_A <= {need:.4f} Å "
+            "(ideally half that, so scattering outside the bright field is kept)."
+        )
+
+
+def window_gpts_for(detector_sampling_mrad, sampling_A, energy_keV: float) -> tuple[int, int]:
+    """Window size whose native Fourier pixel is ``detector_sampling_mrad`` (y, x): w = λ/(s·Δα)."""
+    from tembench.physics.grid import fft_friendly
+
+    dy, dx = (float(v) for v in np.broadcast_to(np.asarray(detector_sampling_mrad, float), (2,)))
+    sy, sx = check_sampling(sampling_A)
+    lam = wavelength_A(energy_keV)
+    return fft_friendly(int(round(lam / (sy * dy * 1e-3)))), fft_friendly(int(round(lam / (sx * dx * 1e-3))))
+
+
+def make_probe_modes(window_gpts, sampling_A, energy_keV: float, semiangle_mrad: float | None,
+                     aberrations: dict | None = None, n_modes: int = 1, defocus_spread_A: float = 0.0,
+                     source_size_A: float = 0.0, xp=np):
+    """Probe modes (M, wy, wx) centred on the window: M = 1 is the coherent probe.
+
+    With ``defocus_spread_A`` > 0 and M > 1 the modes are the coherent probes at Gauss–Hermite
+    defocus offsets (rms ``defocus_spread_A``), each scaled by √weight, so Σ|F ψ_i|² is the
+    partially coherent intensity (You 2025 eq 10). ``source_size_A`` > 0 instead uses laterally
+    shifted copies (Gaussian source of that rms) — a simple incoherent source model.
+    """
+    wy, wx = check_gpts(window_gpts)
+    centre = ((wy // 2) * check_sampling(sampling_A)[0], (wx // 2) * check_sampling(sampling_A)[1])
+    ky, kx = spatial_frequencies((wy, wx), sampling_A, xp=xp, dtype=np.float64)
+    ramp = fourier_shift_phase(ky, kx, centre)
+    base = dict(aberrations or {})
+    if n_modes <= 1 or (defocus_spread_A <= 0 and source_size_A <= 0):
+        pk = probe_fourier((wy, wx), sampling_A, energy_keV, semiangle_mrad, base, xp=xp)
+        return ifft2(pk * ramp)[None].astype(xp.complex64)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(int(n_modes))
+    weights = weights / weights.sum()
+    modes = []
+    for node, w in zip(nodes, weights):
+        ab = dict(base)
+        if defocus_spread_A > 0:
+            from tembench.physics.optics import normalize_aberrations
+
+            ab = normalize_aberrations(ab)
+            ab["C10"] = ab.get("C10", 0.0) - node * defocus_spread_A
+            shift = centre
+        else:
+            shift = (centre[0], centre[1] + node * source_size_A)
+        pk = probe_fourier((wy, wx), sampling_A, energy_keV, semiangle_mrad, ab, xp=xp)
+        modes.append(ifft2(pk * fourier_shift_phase(ky, kx, shift)) * math.sqrt(w))
+    return xp.stack(modes).astype(xp.complex64)
+
+
+def detector_masks(window_gpts, sampling_A, energy_keV: float, detectors: dict) -> tuple[list[str], np.ndarray]:
+    """Annular virtual detectors (n_det, wy, wx) float32 in FFT order from {name: (inner, outer) mrad}.
+
+    ``outer`` None means everything the grid holds.
+    """
+    names = list(detectors)
+    lam = wavelength_A(energy_keV)
+    ky, kx = spatial_frequencies(window_gpts, sampling_A, xp=np, dtype=np.float64)
+    alpha = np.sqrt(ky**2 + kx**2) * lam * 1e3
+    masks = np.zeros((len(names),) + alpha.shape, np.float32)
+    for i, name in enumerate(names):
+        inner, outer = detectors[name]
+        inner = 0.0 if inner is None else float(inner)
+        outer = np.inf if outer is None else float(outer)
+        if outer <= inner:
+            raise TembenchError(f"detector {name!r}: outer angle {outer} mrad must exceed inner {inner} mrad")
+        masks[i] = (alpha >= inner) & (alpha < outer)
+    return names, masks
+
+
+def _bin_crop_indices(w: int, binning: int, n_out: int | None) -> tuple[np.ndarray, int]:
+    """Indices (fftshifted window) of the n_out·binning pixels kept, zero frequency in bin n_out//2."""
+    n_out = w // binning if n_out is None else int(n_out)
+    if n_out < 1 or n_out * binning > w:
+        raise TembenchError(
+            f"detector of {n_out} pixels x binning {binning} does not fit the {w}-pixel window; "
+            "reduce detector_gpts/binning or enlarge the window"
+        )
+    start = w // 2 - (n_out // 2) * binning - binning // 2
+    return (start + np.arange(n_out * binning)) % w, n_out
+
+
+@dataclass
+class StemResult:
+    """Output of :func:`stem_scan`."""
+
+    patterns: np.ndarray | None
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    detector_sampling_mrad: tuple[float, float] = (0.0, 0.0)
+    window_gpts: tuple[int, int] = (0, 0)
+
+
+def _window_indices(positions_A, sampling_A, window_gpts, field_gpts):
+    """Integer window origins and sub-pixel shifts for probe positions (N, 2) (y, x) Å."""
+    sy, sx = sampling_A
+    wy, wx = window_gpts
+    p = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2) / np.array([sy, sx])
+    whole = np.round(p).astype(np.int64)
+    frac = (p - whole) * np.array([sy, sx])  # Å
+    oy = whole[:, 0] - wy // 2
+    ox = whole[:, 1] - wx // 2
+    iy = (oy[:, None] + np.arange(wy)[None, :]) % field_gpts[0]
+    ix = (ox[:, None] + np.arange(wx)[None, :]) % field_gpts[1]
+    return iy, ix, frac
+
+
+def _check_probe_in_window(modes, what="probe"):
+    xp = get_array_module(modes)
+    inten = xp.sum(xp.abs(modes) ** 2, axis=0)
+    total = float(xp.sum(inten))
+    wy, wx = inten.shape
+    by, bx = max(1, wy // 16), max(1, wx // 16)
+    border = total - float(xp.sum(inten[by:-by, bx:-bx]))
+    # an in-focus probe's Airy tails put ~0.3 % there on small windows; defocused probes far more
+    if total > 0 and border / total > 1e-2:
+        raise TembenchError(
+            f"the {what} is larger than its window: {100 * border / total:.2f} % of its intensity lies in the "
+            f"outer 1/16 of the {wy}x{wx}-pixel window (it would wrap around). Enlarge window_gpts, reduce "
+            "the defocus, or refine detector_sampling_mrad (a finer detector sampling means a larger window)."
+        )
+
+
+class _Scanner:
+    """Shared set-up of a scan: transmissions, probe spectrum, propagators, FFT plans."""
+
+    def __init__(self, potentials, slice_thickness_A, energy_keV, sampling_A, probe, window_gpts, propagator,
+                 band_limit, bandlimit_transmission, xp, transmissions=None):
+        self.xp = xp
+        self.sampling = check_sampling(sampling_A)
+        self.energy = float(energy_keV)
+        stack = potentials if transmissions is None else transmissions
+        self.n_slices = stack.shape[0]
+        self.field_gpts = tuple(stack.shape[-2:])
+        self.dz = _thicknesses(slice_thickness_A, self.n_slices)
+        self.sigma = interaction_constant(energy_keV)
+        self.potentials = potentials
+        if transmissions is None:
+            transmissions = transmission_functions(xp.asarray(potentials), energy_keV=energy_keV,
+                                                   sampling_A=self.sampling,
+                                                   bandlimit_transmission=bandlimit_transmission,
+                                                   band_limit=band_limit, xp=xp)
+        self.t = transmissions
+        modes = xp.asarray(probe, dtype=xp.complex64)
+        if modes.ndim == 2:
+            modes = modes[None]
+        self.window = tuple(modes.shape[-2:])
+        if window_gpts is not None and tuple(check_gpts(window_gpts)) != self.window:
+            raise TembenchError(f"probe shape {self.window} differs from window_gpts {tuple(window_gpts)}")
+        if self.window[0] > self.field_gpts[0] or self.window[1] > self.field_gpts[1]:
+            raise TembenchError(
+                f"probe window {self.window} is larger than the field of view {self.field_gpts} pixels; "
+                "enlarge the sample cell/field of view or use a smaller window"
+            )
+        self.n_modes = modes.shape[0]
+        self.modes_k = fft2(modes)  # spectra; shifting = multiplying by a ramp
+        ky, kx = spatial_frequencies(self.window, self.sampling, xp=xp, dtype=np.float64)
+        self.ky, self.kx = ky, kx
+        self.props = propagator_cache(self.window, self.sampling, energy_keV, propagator, band_limit, (0.0, 0.0), xp)
+
+    def batch_size(self, keep_waves: bool) -> int:
+        per = self.n_modes * self.window[0] * self.window[1] * 8 * (self.n_slices + 3 if keep_waves else 4)
+        return max(1, int(BATCH_BYTES // per))
+
+    def incident(self, frac):
+        xp = self.xp
+        ramp = fourier_shift_phase(self.ky, self.kx, xp.asarray(frac))  # (B, wy, wx)
+        return ifft2(ramp[:, None] * self.modes_k[None]).astype(xp.complex64), ramp  # (B, M, wy, wx)
+
+    def gather(self, m, iy, ix):
+        return self.t[m][iy[:, :, None], ix[:, None, :]][:, None]  # (B, 1, wy, wx)
+
+    def forward(self, psi, iy, ix, keep_waves=False):
+        xp = self.xp
+        plan = plan_fft2(psi.shape, xp=xp)
+        plan.buffer[...] = psi
+        waves = xp.empty((self.n_slices,) + psi.shape, xp.complex64) if keep_waves else None
+        for m in range(self.n_slices):
+            if keep_waves:
+                waves[m] = plan.buffer
+            buf = plan.buffer
+            xp.multiply(buf, self.gather(m, iy, ix), out=buf)
+            buf = plan.forward()
+            xp.multiply(buf, self.props(self.dz[m]), out=buf)
+            plan.inverse()
+        buf = plan.forward()  # far field of the exit wave
+        return buf, waves
+
+    def backward(self, g_farfield, waves, iy, ix, grad_field, complex_potential=False):
+        """Back-propagate 2∂L/∂Ψ* (B, M, wy, wx) of the far field; accumulate ∂L/∂v into grad_field."""
+        xp = self.xp
+        plan = plan_fft2(g_farfield.shape, xp=xp)
+        plan.buffer[...] = g_farfield
+        flat = (iy[:, :, None] * self.field_gpts[1] + ix[:, None, :]).ravel()
+        size = self.field_gpts[0] * self.field_gpts[1]
+        # adjoint of the unnormalised forward FFT is N·ifft
+        n_pix = self.window[0] * self.window[1]
+        buf = plan.inverse()
+        buf *= n_pix
+        for m in range(self.n_slices - 1, -1, -1):
+            buf = plan.forward()
+            xp.multiply(buf, self.props(self.dz[m]).conj(), out=buf)
+            g_tpsi = plan.inverse()
+            t = self.gather(m, iy, ix)
+            g_t = (waves[m].conj() * g_tpsi).sum(axis=1)  # the modes share the object
+            g_v = transmission_gradient(g_t, t[:, 0], self.sigma, complex_potential)
+            if complex_potential:
+                acc = (xp.bincount(xp.asarray(flat), weights=g_v.real.ravel(), minlength=size)
+                       + 1j * xp.bincount(xp.asarray(flat), weights=g_v.imag.ravel(), minlength=size))
+            else:
+                acc = xp.bincount(xp.asarray(flat), weights=g_v.ravel(), minlength=size)
+            grad_field[m] += acc.reshape(self.field_gpts).astype(grad_field.dtype)
+            xp.multiply(g_tpsi, t.conj(), out=plan.buffer)
+        return plan.buffer  # 2∂L/∂ψ_incident* (B, M, wy, wx)
+
+
+def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, positions_A, probe=None,
+              semiangle_mrad: float | None = None, aberrations: dict | None = None, window_gpts=None,
+              detectors: dict | None = None, return_patterns: bool = True, out=None, detector_binning: int = 1,
+              detector_gpts=None, batch_size: int | None = None, propagator: str = "fresnel",
+              band_limit: float | None = DEFAULT_BAND_LIMIT, bandlimit_transmission: bool = True,
+              transmissions=None, out_weight: float | None = None, progress=None, xp=None) -> StemResult:
+    """4D-STEM multislice scan with batch cropping (You 2025 eqs 8–10).
+
+    Parameters
+    ----------
+    potentials : (n, NY, NX) V·Å slice stack over a periodic field (or ``transmissions``).
+    positions_A : (..., 2) probe positions (y, x) in Å, flattened in C order.
+    probe : (wy, wx) or (M, wy, wx) real-space probe modes centred on the window; default: a
+        coherent probe from ``semiangle_mrad`` and ``aberrations`` on ``window_gpts``.
+    detectors : {name: (inner_mrad, outer_mrad)} virtual annular detectors → ``images[name]``
+        (fraction of the probe's electrons on the detector), integrated without storing patterns.
+    return_patterns / out : keep the (N, k_y, k_x) float32 patterns in memory, or stream each batch
+        into ``out`` (anything that supports ``out[i:j] = batch``: numpy memmap, h5py dataset);
+        with ``out_weight`` the batch is added, ``out[i:j] += w·batch`` (frozen-phonon averaging).
+    detector_binning, detector_gpts : b×b binning then crop (after binning) of each pattern.
+    """
+    xp = xp or get_array_module(potentials if potentials is not None else transmissions)
+    sampling = check_sampling(sampling_A)
+    if probe is None:
+        if window_gpts is None:
+            raise TembenchError("stem_scan: give a probe or window_gpts (and semiangle_mrad) to build one")
+        check_sampling_for_aperture(sampling, energy_keV, semiangle_mrad, band_limit or 1.0)
+        probe = make_probe_modes(window_gpts, sampling, energy_keV, semiangle_mrad, aberrations, xp=xp)
+    probe = xp.asarray(probe)
+    _check_probe_in_window(probe if probe.ndim == 3 else probe[None])
+    sc = _Scanner(potentials, slice_thickness_A, energy_keV, sampling, probe, window_gpts, propagator, band_limit,
+                  bandlimit_transmission, xp, transmissions)
+    wy, wx = sc.window
+    pos = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
+    n_pos = len(pos)
+    names, masks = detector_masks(sc.window, sampling, energy_keV, detectors or {})
+    masks_x = xp.asarray(masks.reshape(len(names), wy * wx))
+    lam = wavelength_A(energy_keV)
+    iy_k, ny_out = _bin_crop_indices(wy, detector_binning, None if detector_gpts is None else check_gpts(detector_gpts)[0])
+    ix_k, nx_out = _bin_crop_indices(wx, detector_binning, None if detector_gpts is None else check_gpts(detector_gpts)[1])
+    keep = return_patterns or out is not None
+    patterns = np.zeros((n_pos, ny_out, nx_out), np.float32) if (return_patterns and out is None) else None
+    if out is not None and tuple(out.shape) != (n_pos, ny_out, nx_out):
+        raise TembenchError(f"out has shape {tuple(out.shape)}, expected {(n_pos, ny_out, nx_out)}")
+    images = {name: np.zeros(n_pos, np.float32) for name in names}
+    bs = batch_size or sc.batch_size(False)
+    bs = min(bs, n_pos)
+    norm = 1.0 / (wy * wx)
+    for start in range(0, n_pos, bs):
+        stop = min(start + bs, n_pos)
+        chunk = pos[start:stop]
+        if len(chunk) < bs:  # pad so every batch reuses one FFT plan
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), axis=0)])
+        iy, ix, frac = _window_indices(chunk, sampling, sc.window, sc.field_gpts)
+        psi, _ = sc.incident(frac)
+        far, _ = sc.forward(psi, xp.asarray(iy), xp.asarray(ix))
+        inten = (far.real**2 + far.imag**2).sum(axis=1) * norm  # (B, wy, wx), FFT order
+        nb = stop - start
+        if names:
+            vals = asnumpy(inten.reshape(bs, -1) @ masks_x.T)[:nb]
+            for i, name in enumerate(names):
+                images[name][start:stop] = vals[:, i]
+        if keep:
+            shifted = xp.fft.fftshift(inten, axes=(-2, -1))
+            sel = shifted[:, xp.asarray(iy_k)][:, :, xp.asarray(ix_k)]
+            b = detector_binning
+            binned = sel.reshape(bs, ny_out, b, nx_out, b).sum(axis=(2, 4)) if b > 1 else sel
+            host = asnumpy(binned[:nb]).astype(np.float32)
+            if out is not None and out_weight is not None:
+                out[start:stop] += np.float32(out_weight) * host
+            elif out is not None:
+                out[start:stop] = host
+            else:
+                patterns[start:stop] = host
+        if progress is not None:
+            progress(stop, n_pos)
+    det = (lam / (wy * sampling[0]) * 1e3 * detector_binning, lam / (wx * sampling[1]) * 1e3 * detector_binning)
+    return StemResult(patterns=patterns, images=images, detector_sampling_mrad=det, window_gpts=(wy, wx))
+
+
+def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, energy_keV: float, sampling_A,
+                           positions_A, probe, propagator: str = "fresnel",
+                           band_limit: float | None = DEFAULT_BAND_LIMIT, bandlimit_transmission: bool = False,
+                           complex_potential: bool = False, batch_size: int | None = None, xp=None):
+    """Amplitude loss Σ(√Î − √I)² of 4D-STEM patterns and its gradients (You 2025 Alg. 1).
+
+    ``measured_patterns`` (N, wy, wx) fftshifted at the window's native sampling (no binning);
+    ``probe`` (M, wy, wx) modes. Returns ``(loss, grad_potentials (n, NY, NX), grad_probe (M, wy, wx))``
+    with grad_probe = 2∂L/∂ψ* of the window-centred real-space modes. The transmission is not
+    band-limited by default here, so the gradient is exact for t = exp(iσv).
+    """
+    xp = xp or get_array_module(potentials)
+    potentials = xp.asarray(potentials)
+    modes = xp.asarray(probe, dtype=xp.complex64)
+    modes = modes[None] if modes.ndim == 2 else modes
+    sc = _Scanner(potentials, slice_thickness_A, energy_keV, sampling_A, modes, None, propagator, band_limit,
+                  bandlimit_transmission, xp)
+    if bandlimit_transmission:
+        raise TembenchError("stem_loss_and_gradient: bandlimit_transmission=True is not supported for gradients")
+    pos = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
+    meas = xp.asarray(measured_patterns, dtype=xp.float32).reshape(len(pos), *sc.window)
+    meas = xp.fft.ifftshift(meas, axes=(-2, -1))
+    wy, wx = sc.window
+    norm = 1.0 / (wy * wx)
+    grad_field = xp.zeros(potentials.shape, dtype=xp.complex64 if complex_potential else xp.float32)
+    grad_k = xp.zeros(modes.shape, dtype=xp.complex64)
+    loss = 0.0
+    bs = min(batch_size or sc.batch_size(True), len(pos))
+    for start in range(0, len(pos), bs):
+        chunk = pos[start:start + bs]
+        iy, ix, frac = _window_indices(chunk, sc.sampling, sc.window, sc.field_gpts)
+        psi, ramp = sc.incident(frac)
+        far, waves = sc.forward(psi, xp.asarray(iy), xp.asarray(ix), keep_waves=True)
+        far = far.copy()
+        inten = (far.real**2 + far.imag**2).sum(axis=1) * norm
+        lb, dl_di = intensity_amplitude_loss(inten, meas[start:start + len(chunk)])
+        loss += lb
+        g_far = (2.0 * norm) * dl_di[:, None] * far  # 2∂L/∂Ψ* for I = Σ|Ψ|²/N
+        g_in = sc.backward(g_far, waves, xp.asarray(iy), xp.asarray(ix), grad_field, complex_potential)
+        # ψ_b = ifft(fft(p)·r_b) is a unitary circulant of the centred modes p: adjoint ifft(conj(r_b)·fft(g_b))
+        grad_k += (ramp.conj()[:, None] * fft2(g_in)).sum(axis=0)
+    return loss, grad_field, ifft2(grad_k).astype(xp.complex64)
