@@ -46,8 +46,10 @@ class PtBulk(SampleModel):
 class PtNanoparticle(SampleModel):
     """Spherical Pt nanoparticle, diameter in unit cells (11, Friedrich Fig. 2.9) in [100], in vacuum.
 
-    The sphere is centred on an atom (``centre: atom``) or on the centre of a unit cell's face
-    (``face``); atom columns along the beam are listed in metadata (the thesis reports 333).
+    The sphere is centred on an atom (``centre: atom``) or on an octahedral interstice
+    (``octahedral``, ½ 0 0); the number of atom columns along the beam is in metadata (the
+    thesis reports 333; an atom-centred 11-cell sphere has 373, an octahedral-centred 10.3-cell
+    one exactly 333).
     """
 
     name = "pt_nanoparticle"
@@ -56,12 +58,12 @@ class PtNanoparticle(SampleModel):
         diameter_cells: float = Field(11.0, gt=0, description="particle diameter in unit cells of a_A")
         a_A: float = Field(A_PT, gt=0, description="Pt lattice constant in Å")
         zone_axis: Vec3i = Field((1, 0, 0), description="direction along the beam")
-        centre: Literal["atom", "face"] = Field("atom", description="lattice point at the sphere centre")
+        centre: Literal["atom", "octahedral"] = Field("atom", description="site at the sphere centre")
         padding_A: float = Field(5.0, ge=0, description="vacuum around the particle in Å")
         rms_displacement_A: float | None = Field(RMS_PT_A, ge=0, description="rms thermal displacement per axis (Å)")
 
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
-        shift = (0.0, 0.0, 0.0) if params.centre == "atom" else (0.25, 0.25, 0.0)
+        shift = (0.0, 0.0, 0.0) if params.centre == "atom" else (0.5, 0.0, 0.0)
         p = Crystal.Params(material="Pt", crystalstructure="fcc", a_A=params.a_A, zone_axis=params.zone_axis,
                            shape="sphere", radius_A=params.diameter_cells * params.a_A / 2,
                            origin_shift_frac=shift, padding_A=params.padding_A,
