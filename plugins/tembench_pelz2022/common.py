@@ -1,0 +1,98 @@
+"""Reading 4D-STEM / EER measurements: data, detector grid, probe optics and scan grid."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tembench.eer import ElectronEvents, events_of
+from tembench.errors import TembenchError
+from tembench.physics import constants, optics
+from tembench.types import Measurement, Reconstruction
+from tembench_pelz2022.eer_ops import DetectorGrid
+
+ACCEPTS = ("4dstem", "eer")
+
+
+def load_4d(measurement: Measurement, method: str):
+    """(dense array or ElectronEvents, DetectorGrid) of a ``4dstem`` or ``eer`` measurement."""
+    if measurement.kind == "eer":
+        x: np.ndarray | ElectronEvents = events_of(measurement)
+        det_shape = x.detector_shape
+    elif measurement.kind == "4dstem":
+        x = np.asarray(measurement.data)
+        if x.ndim != 4:
+            raise TembenchError(f"{method}: 4D-STEM data must be (scan_y, scan_x, k_y, k_x), got shape {x.shape}")
+        det_shape = x.shape[2:]
+    else:
+        raise TembenchError(f"{method}: accepts measurement kinds {ACCEPTS}, got {measurement.kind!r}")
+    return x, DetectorGrid.from_geometry(measurement.geometry, det_shape)
+
+
+def scan_shape_of(x) -> tuple[int, int]:
+    return x.scan_shape if isinstance(x, ElectronEvents) else tuple(np.shape(x)[:2])
+
+
+@dataclass(frozen=True)
+class ProbeOptics:
+    energy_keV: float
+    wavelength_A: float
+    semiangle_mrad: float
+    aberrations: dict  # canonical C_nm (Å) / phi_nm (rad), C10 = −defocus
+
+    @property
+    def k0_A_inv(self) -> float:
+        """Bright-field disc radius α/λ (1/Å)."""
+        return self.semiangle_mrad * 1e-3 / self.wavelength_A
+
+
+def probe_optics(geometry, method: str, aberrations: dict | None = None, defocus_A: float | None = None) -> ProbeOptics:
+    """Probe optics from the geometry; ``aberrations`` / ``defocus_A`` override what it records.
+
+    The geometry's ``aberrations_A`` are used as they are (C10 = −Δf); if they hold no C10 the
+    first of ``defocus_A`` gives it.
+    """
+    if geometry.energy_keV is None or geometry.semiangle_mrad is None:
+        raise TembenchError(f"{method} needs Geometry.energy_keV and Geometry.semiangle_mrad (probe convergence "
+                            "semiangle, mrad) from the 4D-STEM forward model")
+    ab = optics.normalize_aberrations(geometry.aberrations_A if aberrations is None else aberrations)
+    if "C10" not in ab and aberrations is None and geometry.defocus_A:
+        ab["C10"] = optics.defocus_to_C10(geometry.defocus_A[0])
+    if defocus_A is not None:
+        ab["C10"] = optics.defocus_to_C10(defocus_A)
+    return ProbeOptics(float(geometry.energy_keV), constants.wavelength_A(geometry.energy_keV),
+                       float(geometry.semiangle_mrad), ab)
+
+
+def scan_step(geometry, method: str) -> tuple[float, float]:
+    s = geometry.scan_step_A
+    if s is None:
+        raise TembenchError(f"{method} needs Geometry.scan_step_A (probe step, Å)")
+    sy, sx = (float(s), float(s)) if np.ndim(s) == 0 else (float(s[0]), float(s[1]))
+    if not (sy > 0 and sx > 0):
+        raise TembenchError(f"{method}: scan_step_A must be positive, got {s}")
+    return sy, sx
+
+
+def scan_origin(geometry) -> tuple[float, float]:
+    p = geometry.scan_positions_A
+    if p is None or len(p) == 0:
+        return (0.0, 0.0)
+    p = np.asarray(p, dtype=float).reshape(-1, 2)
+    return float(p[0, 0]), float(p[0, 1])
+
+
+def rotation_matrix(angle_deg: float) -> np.ndarray:
+    """R(θ) acting on (y, x) vectors: a counter-clockwise rotation by θ in the (x, y) plane."""
+    t = math.radians(angle_deg)
+    c, s = math.cos(t), math.sin(t)
+    # in (x, y): [[c, −s], [s, c]]; reordered to (y, x)
+    return np.array([[c, s], [-s, c]], dtype=np.float64)
+
+
+def phase_image(phase: np.ndarray, geometry, method: str, **extras) -> Reconstruction:
+    """A phase reconstruction on the scan grid: sampling = scan step, origin = first probe position."""
+    return Reconstruction(kind="image", data=np.asarray(phase, dtype=np.float32), sampling_A=scan_step(geometry, method),
+                          quantity="phase_rad", origin_A=scan_origin(geometry), extras=extras)
