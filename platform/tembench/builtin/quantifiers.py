@@ -30,7 +30,9 @@ def ground_truth_like(reconstruction, sample, energy_keV: float | None, parametr
             if energy_keV is None:
                 raise TembenchError("ground truth phase needs the beam energy (geometry.energy_keV)")
             gt = gt * constants.interaction_constant(energy_keV)
-        elif q not in ("projected_potential_VA",):
+        elif q not in ("projected_potential_VA", "intensity"):
+            # "intensity" (ADF/BF images) is compared with V_proj as a structural proxy: NCC is
+            # affine-invariant and incoherent Z-contrast rises monotonically with projected potential
             raise TembenchError(f"no ground truth for an image of quantity {q!r}")
     else:
         gt = sample.potential_volume(reconstruction.sampling_A[0], parametrization=parametrization)

@@ -55,6 +55,48 @@ class WeakPhaseWiener(Reconstructor):
         return Reconstruction(kind="image", data=asnumpy(phase), sampling_A=g.sampling_A, quantity="phase_rad")
 
 
+class DirectImage(Reconstructor):
+    """The recorded image itself (ADF/BF/HRTEM), optionally normalised: the baseline of incoherent imaging.
+
+    For scanned images the sampling is the scan step and the origin the first probe position, so
+    quantifiers compare it with the ground truth on the same grid. In Friedrich 2023 Table 5.1 the
+    ADF image is compared with the phase methods in exactly this way.
+    """
+
+    name = "direct_image"
+    accepts = ("adf_image", "hrtem_image")
+    produces = "image"
+    version = "1"
+
+    class Params(Params):
+        normalize: bool = Field(True, description="divide by the mean so images at different doses compare")
+
+    def reconstruct(self, measurement, params, xp) -> Reconstruction:
+        g = measurement.geometry
+        data = np.asarray(measurement.data, dtype=np.float32)
+        if data.ndim != 2:
+            raise TembenchError(f"direct_image needs a single 2D image, got data of shape {data.shape} "
+                                f"(axes {measurement.axes}); use one tilt")
+        extras = {}
+        if params.normalize:
+            mean = float(data.mean())
+            if mean > 0:
+                data = data / mean
+            else:  # an empty image is valid data at very low dose: keep the raw values
+                extras["normalized"] = False
+        if measurement.kind == "adf_image":
+            if g.scan_step_A is None:
+                raise TembenchError("direct_image: an adf_image needs geometry.scan_step_A")
+            sampling = tuple(g.scan_step_A)
+            origin = (0.0, 0.0)
+            if g.scan_positions_A is not None and len(g.scan_positions_A):
+                origin = tuple(float(v) for v in np.asarray(g.scan_positions_A)[0])
+        else:
+            sampling, origin = tuple(g.sampling_A), (0.0, 0.0)
+        return Reconstruction(kind="image", data=data, sampling_A=sampling, origin_A=origin, quantity="intensity",
+                              extras=extras)
+
+
 @hookimpl
 def tembench_register_reconstructors():
-    return [WeakPhaseWiener]
+    return [WeakPhaseWiener, DirectImage]
