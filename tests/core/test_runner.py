@@ -127,8 +127,9 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_after_kill(tmp_path):
-    """SIGKILL a sweep mid-run, re-run it: no finished unit is recomputed and no row is duplicated."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_resume_after_kill(tmp_path, sig):
+    """Kill a sweep mid-run, re-run it: no finished unit is recomputed and no row is duplicated."""
     text = dummy_plugin.SCENARIO.replace("{name: dummy_identity, label: a}",
                                          "{name: dummy_identity, label: a, params: {sleep_s: 0.25}}")
     out = tmp_path / "out"
@@ -144,8 +145,8 @@ def test_resume_after_kill(tmp_path):
             rows_dir = dirs[0]
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
     assert rows_dir is not None, "the run never wrote rows"
     done_before = {p.name for p in rows_dir.glob("*.json")}
     assert 4 <= len(done_before) < 12
