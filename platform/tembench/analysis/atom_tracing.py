@@ -25,6 +25,7 @@ its centre at ``origin_A + i·sampling_A``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -389,14 +390,17 @@ def trace_atoms(volume, sampling_A=1.0, *, dog_sigmas_vox=(0.5, 1.0), intensity_
     ids = np.zeros(0, np.int64)
     next_id = 0
     rejected = np.zeros((0, 3))              # lost sites: not re-added, or noise peaks flicker forever
+    born = np.zeros((0, 3))                  # voxel where each site id was first detected
     model = np.zeros(size)                   # Σ Gaussians of the sites in `snap`, updated incrementally
     snap = (ids, anchor, c, A, s)
     win_model: _Window | None = None
     hist: dict[str, list[float]] = {k: [] for k in ("n_sites", "n_candidates", "n_added", "n_removed",
-                                                     "n_merged", "n_changed", "n_refined", "rms_shift_vox")}
+                                                     "n_merged", "n_changed", "n_refined", "rms_shift_vox",
+                                                     "time_s")}
     converged = False
     rnd = 0
     for rnd in range(1, max_rounds + 1):
+        t_round = time.perf_counter()
         # --- model of all current sites: incremental (changed sites only) unless most changed
         need_R = max(win_fit.radius_A, 3.0 * float(s.max()) + half_diag) if len(A) else win_fit.radius_A
         full = win_model is None or need_R > win_model.radius_A
@@ -449,6 +453,7 @@ def trace_atoms(volume, sampling_A=1.0, *, dog_sigmas_vox=(0.5, 1.0), intensity_
         is_new = np.r_[np.zeros(len(A) - n_new, bool), np.ones(n_new, bool)]
         active = np.r_[active, np.ones(n_new, bool)]
         ids_start, c_start = ids.copy(), c.copy()
+        born = np.concatenate([born, idx])
 
         # --- neighbour-subtracted refinement of the sites whose surroundings changed
         sel = np.flatnonzero(active)
@@ -473,9 +478,11 @@ def trace_atoms(volume, sampling_A=1.0, *, dog_sigmas_vox=(0.5, 1.0), intensity_
         n_removed_old = int((~good & ~is_new).sum())
         anchor, c, A, s, ids = anchor[good], c[good], A[good], s[good], ids[good]
         anchor, c, A, s, ids, n_merged = _merge(anchor, c, A, s, ids, d, merge_A)
-        # lost sites (removed or merged away) are not re-detected where they started: otherwise
-        # a residual peak that always fits onto a neighbour is re-added and re-merged each round
-        rejected = np.concatenate([rejected, c_start[~np.isin(ids_start, ids, assume_unique=True)]])
+        # lost sites (removed or merged away) are not re-detected where they were nor where they
+        # were first found: otherwise a residual peak that fits onto a neighbour, or fails only
+        # once its neighbours see it, is re-added and lost again every other round
+        lost = ~np.isin(ids_start, ids, assume_unique=True)
+        rejected = np.concatenate([rejected, c_start[lost], born[ids_start[lost]]])
 
         common, i_after, i_before = np.intersect1d(ids, ids_before, assume_unique=True, return_indices=True)
         n_changed = (len(ids) - len(common)) + (len(ids_before) - len(common))
@@ -486,7 +493,7 @@ def trace_atoms(volume, sampling_A=1.0, *, dog_sigmas_vox=(0.5, 1.0), intensity_
             rms = float("inf")
         for k, v in (("n_sites", len(A)), ("n_candidates", n_cand), ("n_added", len(ids) - len(common)),
                      ("n_removed", n_removed_old), ("n_merged", n_merged), ("n_changed", n_changed),
-                     ("n_refined", len(sel)), ("rms_shift_vox", rms)):
+                     ("n_refined", len(sel)), ("rms_shift_vox", rms), ("time_s", time.perf_counter() - t_round)):
             hist[k].append(float(v))
         if rnd > 1 and n_changed < tol_sites and rms < tol_rms_vox:
             converged = True
