@@ -183,6 +183,16 @@ def test_roi_label_and_box_margin(clean_case):
     assert m["n_true"] == inner.sum() and m["n_matched"] == inner.sum()
 
 
+def test_offset_volume_with_median_background_and_single_element(clean_case):
+    vol, pos, Z, _ = clean_case
+    m = _score(vol + 0.3, pos, Z, background="median")           # e.g. a reconstruction without positivity
+    assert m["pct_atoms_found"] == 100.0 and m["pct_false_positives"] == 0.0
+    assert m["position_error_mean_pm"] < 0.5 and m["pct_correct_species"] >= 99.0
+    # one element in the sample: one class, no thresholds, species trivially right
+    m = _score(vol, pos, np.full(len(Z), 14))
+    assert m["n_species"] == 1 and len(m["species_thresholds"]) == 0 and m["pct_correct_species"] == 100.0
+
+
 def test_match_sites_is_one_to_one_and_optimal():
     true = np.array([[0.0, 0, 0], [1.6, 0, 0], [10, 0, 0]])
     traced = np.array([[0.8, 0, 0], [1.7, 0, 0], [10.99, 0, 0], [30, 0, 0]])

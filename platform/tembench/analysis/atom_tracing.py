@@ -18,6 +18,26 @@ The algorithm, for any volume (nz, ny, nx) with voxel size ``sampling_A`` = (dz,
 5. 1–4 repeat until fewer than ``tol_sites`` sites change (net additions + removals + merges)
    and the RMS position change is below ``tol_rms_vox``, or for ``max_rounds`` rounds.
 
+Choices beyond the paper's text (each measured on synthetic volumes, see the tests):
+
+- the fit window is a sphere of ``fit_radius_vox`` = 2.2 voxels (33 voxels) around the site's
+  anchor voxel; Ren's code used 1.8 voxels around the sub-voxel centre, which on an anchored
+  grid is the 3×3×3 cube — there σ and A of an off-centre atom are nearly degenerate and noise
+  drives σ down until the size criterion removes a real atom;
+- anchors move only when a site drifts > 0.75 voxel, so a site near a voxel boundary does not
+  flip between two windows with different optima every round;
+- a lost site's first-detection voxel and last position are remembered and not re-detected:
+  without it noise peaks near the threshold are added and removed every other round and the
+  "fewer than 2 changes" criterion is never met;
+- rounds after the first refit only sites within reach of a site that changed, and update the
+  model volume incrementally: the result is the same (negligible updates < 10⁻⁴ voxel are
+  dropped), the later rounds are much cheaper;
+- ``min_integrated_frac`` (default off) adds a removal criterion on the integrated intensity
+  relative to the median site, which rejects narrow single-voxel noise peaks whose extrapolated
+  peak passes the amplitude threshold;
+- Ren's code also removed sites by a neighbour-count density and a local intensity ratio; the
+  paper does not describe these and they are not implemented.
+
 "A voxel" as a length is the geometric-mean voxel size (dz·dy·dx)^(1/3); for cubic voxels this is
 the paper's voxel. Positions are returned in voxel coordinates (z, y, x): voxel (iz, iy, ix) has
 its centre at ``origin_A + i·sampling_A``.
