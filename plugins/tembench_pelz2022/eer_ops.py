@@ -41,8 +41,16 @@ class DetectorGrid:
                                 "detector pixel, mrad); the 4D-STEM forward model must record it")
         sy, sx = (float(s), float(s)) if np.ndim(s) == 0 else (float(s[0]), float(s[1]))
         ny, nx = int(shape[0]), int(shape[1])
-        c = geometry.extra.get("detector_centre_px") if geometry.extra else None
-        centre = (float(c[0]), float(c[1])) if c is not None else (float(ny // 2), float(nx // 2))
+        extra = geometry.extra or {}
+        c = extra.get("detector_centre_px")
+        if c is not None:
+            centre = (float(c[0]), float(c[1]))
+        else:
+            # stem4d bins b×b native pixels with the zero frequency in bin n//2; for even b it sits
+            # half a native pixel (0.5/b binned pixels) after that bin's centre
+            b = int(extra.get("detector_binning", 1) or 1)
+            off = 0.5 / b if b % 2 == 0 else 0.0
+            centre = (float(ny // 2) + off, float(nx // 2) + off)
         return cls((ny, nx), centre, (sy, sx))
 
     @property
