@@ -1,0 +1,64 @@
+"""EER vs dense for the Table I operations (Pelz 2022 §III), ratios measured in one run.
+
+Run: ``python -m pytest benchmarks/test_pelz2022_eer.py -s``. A 64×64 scan on a 64×64 (and
+128×128) detector at 0.01, 0.03 and 0.1 electrons per pixel (Poisson counts of a bright disc on
+a weak halo). For each operation the dense version is the best we have on dense float32 data
+(one BLAS matrix product for COM / virtual detectors, reshape-sum for binning, a sum for the
+frame sum). ``extra_info`` holds the speed-up and the target 0.5 × pixels/counts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tembench.eer import ElectronEvents
+from tembench_pelz2022 import eer_ops
+from tembench_pelz2022.eer_ops import DetectorGrid
+
+
+def _best(fn, n=7):
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def _data(det: int, e_per_px: float, scan: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:det, :det]
+    r = np.hypot(yy - det // 2, xx - det // 2)
+    p = (r < det / 4) + 0.05 * (r >= det / 4)
+    lam = p / p.sum() * e_per_px * det * det
+    counts = rng.poisson(np.broadcast_to(lam, (scan, scan, det, det))).astype(np.float32)
+    return counts, ElectronEvents.from_dense(counts), DetectorGrid((det, det), (det // 2, det // 2), (1.0, 1.0))
+
+
+@pytest.mark.parametrize("det", [64, 128])
+@pytest.mark.parametrize("e_per_px", [0.01, 0.03, 0.1])
+def test_eer_vs_dense(benchmark, det, e_per_px):
+    dense, ev, grid = _data(det, e_per_px)
+    adf = eer_ops.annular_mask(grid, det / 4, det)
+    ops = {
+        "center_of_mass": (lambda: eer_ops.center_of_mass(ev, grid), lambda: eer_ops.center_of_mass(dense, grid)),
+        "virtual_adf": (lambda: eer_ops.detector_response(ev, adf), lambda: eer_ops.detector_response(dense, adf.astype(np.float32))),
+        "bin4": (lambda: eer_ops.bin_detector(ev, grid, 4), lambda: eer_ops.bin_detector(dense, grid, 4)),
+        "frame_sum": (lambda: eer_ops.frame_sum(ev), lambda: eer_ops.frame_sum(dense)),
+    }
+    info = {"pixels_per_count": det * det / (ev.n_events / ev.n_frames), "electrons_per_pixel": ev.electrons_per_pixel,
+            "compression_vs_float32": ev.dense_nbytes() / ev.nbytes}
+    info["target_speedup"] = 0.5 * info["pixels_per_count"]
+    for name, (f_ev, f_dense) in ops.items():
+        t_ev, t_d = _best(f_ev), _best(f_dense)
+        info[f"{name}_eer_ms"] = 1e3 * t_ev
+        info[f"{name}_dense_ms"] = 1e3 * t_d
+        info[f"{name}_speedup"] = t_d / t_ev
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: eer_ops.center_of_mass(ev, grid), rounds=3, iterations=1)
+    print(f"\ndet {det}² at {e_per_px} e/px: pixels/counts {info['pixels_per_count']:.0f}, target ≥ "
+          f"{info['target_speedup']:.0f}x; " + ", ".join(f"{k} {info[k + '_speedup']:.1f}x" for k in ops))
