@@ -95,7 +95,8 @@ class TraceResult:
 def _sampling3(sampling_A) -> np.ndarray:
     d = np.broadcast_to(np.asarray(sampling_A, np.float64), (3,)).copy()
     if not np.all(np.isfinite(d)) or np.any(d <= 0):
-        raise TembenchError(f"atom tracing: sampling_A must be three positive voxel sizes (dz, dy, dx) in Å, got {sampling_A}")
+        raise TembenchError("atom tracing: sampling_A must be three positive voxel sizes (dz, dy, dx) in Å, "
+                            f"got {sampling_A}")
     return d
 
 
@@ -380,7 +381,8 @@ def trace_atoms(volume, sampling_A=1.0, *, dog_sigmas_vox=(0.5, 1.0), intensity_
     elif background != "zero":
         raise TembenchError(f"atom tracing: background must be 'zero' or 'median', got {background!r}")
     if len(dog_sigmas_vox) != 2 or not 0 < dog_sigmas_vox[0] < dog_sigmas_vox[1]:
-        raise TembenchError(f"atom tracing: dog_sigmas_vox must be two widths 0 < σ1 < σ2 (voxels), got {dog_sigmas_vox}")
+        raise TembenchError("atom tracing: dog_sigmas_vox must be two widths 0 < σ1 < σ2 (voxels), "
+                            f"got {dog_sigmas_vox}")
     lo_vox, hi_vox = sigma_range_vox
     if not 0 < lo_vox <= sigma_init_vox <= hi_vox:
         raise TembenchError(f"atom tracing: need 0 < sigma_range_vox[0] ≤ sigma_init_vox ≤ sigma_range_vox[1], "
@@ -403,7 +405,7 @@ def trace_atoms(volume, sampling_A=1.0, *, dog_sigmas_vox=(0.5, 1.0), intensity_
     upper = np.asarray(shape) - 0.5
     size = vol.size
 
-    anchor = np.zeros((0, 3), np.int64)      # fit/render window centres; move only when a site leaves its voxel by > 0.75
+    anchor = np.zeros((0, 3), np.int64)      # window centres; moved only when a site drifts > 0.75 voxel
     c = np.zeros((0, 3))
     A = np.zeros(0)
     s = np.zeros(0)
