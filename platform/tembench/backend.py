@@ -126,8 +126,11 @@ class FFT2Plan:
         self.xp = xp
         self.dtype = np.dtype(dtype)
         n_planes = int(np.prod(self.shape[:-2])) if len(self.shape) > 2 else 1
-        # measured: one thread is fastest for single planes up to 512² (threads only pay off on batches)
-        self.threads = threads if threads is not None else (fft_workers() if n_planes > 1 else 1)
+        # One thread unless TEMBENCH_FFT_WORKERS says otherwise: measured on 2 cores, threaded FFTW
+        # was no faster for single planes up to 512² and 2-4x slower for batches once the machine is
+        # busy (callers parallelise over probes/tilts/points instead).
+        env = os.environ.get("TEMBENCH_FFT_WORKERS")
+        self.threads = threads if threads is not None else (max(1, int(env)) if env else 1)
         self.library = "cupy" if (xp is not np) else fft_library()
         if self.library == "pyfftw" and self.shape[-1] * self.shape[-2] * n_planes < 4096:
             self.library = "scipy"  # planning (FFTW_MEASURE) costs more than such small transforms
@@ -146,6 +149,8 @@ class FFT2Plan:
     def forward(self):
         if self.library == "pyfftw":
             self._fwd()
+        elif self.library == "scipy":
+            self.buffer = scipy.fft.fft2(self.buffer, overwrite_x=True, workers=self.threads)
         else:
             self.buffer = fft2(self.buffer, overwrite_x=True)
         return self.buffer
@@ -153,18 +158,23 @@ class FFT2Plan:
     def inverse(self):
         if self.library == "pyfftw":
             self._bwd()
+        elif self.library == "scipy":
+            self.buffer = scipy.fft.ifft2(self.buffer, overwrite_x=True, workers=self.threads)
         else:
             self.buffer = ifft2(self.buffer, overwrite_x=True)
         return self.buffer
 
 
-def plan_fft2(shape, xp=np, dtype=np.complex64, threads: int | None = None) -> FFT2Plan:
-    """A cached :class:`FFT2Plan` for ``shape`` (one per shape, dtype, threads and library)."""
+def plan_fft2(shape, xp=np, dtype=np.complex64, threads: int | None = None, tag: str = "") -> FFT2Plan:
+    """A cached :class:`FFT2Plan` for ``shape`` (one per shape, dtype, threads, library and ``tag``).
+
+    Use distinct tags for buffers that must coexist (e.g. the wave and a transmission function).
+    """
     import threading
 
     # one plan (and buffer) per thread: plans are reused across calls, buffers must not be shared
     key = (tuple(int(s) for s in shape), np.dtype(dtype).str, threads, xp.__name__, fft_library(),
-           threading.get_ident())
+           threading.get_ident(), tag)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 64:

@@ -21,9 +21,14 @@ def _abtem():
 
 
 def _fourier_crop(a, n):
+    """Band-limit a fine-grid array to an n-point grid; the (ambiguous) Nyquist terms are left out,
+    as tembench does."""
     N = a.shape[-1]
-    idx = np.r_[0:(n + 1) // 2, N - n // 2:N]
-    f = np.fft.fft2(a)[..., idx[:, None], idx[None, :]]
+    h = (n - 1) // 2
+    idx = np.r_[0:h + 1, N - h:N]
+    out_idx = np.r_[0:h + 1, n - h:n]
+    f = np.zeros(a.shape[:-2] + (n, n), np.complex128)
+    f[..., out_idx[:, None], out_idx[None, :]] = np.fft.fft2(a)[..., idx[:, None], idx[None, :]]
     return (np.fft.ifft2(f) * (n * n) / (N * N)).real
 
 

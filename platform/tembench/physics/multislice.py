@@ -62,6 +62,19 @@ def bandlimit(array, mask):
     return ifft2(fft2(array) * mask)
 
 
+def _slice_transmission(v, sigma, t_plan, mask, xp):
+    """t = exp(iσv) of one slice in ``t_plan.buffer``, band-limited by ``mask`` if given (planned FFTs)."""
+    if xp.iscomplexobj(v):
+        t_plan.buffer[...] = transmission_function(v, sigma, xp)
+    else:
+        transmission_function(v, sigma, xp, out=t_plan.buffer)
+    if mask is not None:
+        buf = t_plan.forward()
+        buf *= mask
+        t_plan.inverse()
+    return t_plan.buffer
+
+
 def transmission_functions(potentials, *, energy_keV: float, sampling_A, bandlimit_transmission: bool = True,
                            band_limit: float | None = DEFAULT_BAND_LIMIT, xp=None):
     """Precomputed t_m = exp(iσv_m) for a slice stack (n, …, ny, nx) complex64, band-limited by default.
@@ -137,17 +150,14 @@ def multislice(wave, slice_thickness_A, *, energy_keV: float, sampling_A, potent
     plan = plan_fft2(np.broadcast_shapes(wave.shape, stack.shape[1:]), xp=xp)
     plan.buffer[...] = wave
     waves = xp.empty((n,) + plan.shape, dtype=xp.complex64) if keep_waves else None
-    t_buf = None
+    t_plan = plan_fft2(stack.shape[1:], xp=xp, tag="transmission") if transmissions is None else None
     for m in range(n):
         if keep_waves:
             waves[m] = plan.buffer
         if transmissions is not None:
             t = transmissions[m]
         else:
-            t_buf = transmission_function(potentials[m], sigma, xp, out=t_buf)
-            t = t_buf
-            if bandlimit_transmission:
-                t = bandlimit(t, props.mask())
+            t = _slice_transmission(potentials[m], sigma, t_plan, props.mask() if bandlimit_transmission else None, xp)
         buf = plan.buffer
         xp.multiply(buf, t, out=buf)
         buf = plan.forward()
@@ -176,6 +186,7 @@ def multislice_backward(grad_exit, waves, slice_thickness_A, *, energy_keV: floa
     props = propagator_cache(gpts, sampling_A, energy_keV, propagator, band_limit, tilt_mrad, xp)
     plan = plan_fft2(waves.shape[1:], xp=xp)
     plan.buffer[...] = grad_exit
+    t_plan = plan_fft2(stack.shape[1:], xp=xp, tag="transmission") if transmissions is None else None
     grads = xp.empty(waves.shape, dtype=xp.complex64 if complex_potential else xp.float32)
     for m in range(n - 1, -1, -1):
         buf = plan.forward()
@@ -184,9 +195,8 @@ def multislice_backward(grad_exit, waves, slice_thickness_A, *, energy_keV: floa
         if transmissions is not None:
             t = transmissions[m]
         else:
-            t = transmission_function(potentials[m], sigma, xp)
-            if bandlimit_transmission:
-                t = bandlimit(t, props.mask())
+            t = _slice_transmission(potentials[m], sigma, t_plan, props.mask() if bandlimit_transmission else None,
+                                    xp)
         g_t = waves[m].conj() * g_tpsi
         if bandlimit_transmission and transmissions is None:
             g_t = bandlimit(g_t, props.mask())  # the mask is real and symmetric: self-adjoint

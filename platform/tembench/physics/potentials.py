@@ -19,7 +19,8 @@ whose centre lies in the slice (the "infinite projection", as abTEM's default). 
 factor is separable, Σ_j e_y(j, q_y) e_x(j, q_x), and is evaluated as one complex matrix
 product per (slice, element) — exact sub-pixel placement, no cut-off radius (the grid is
 periodic in x and y, so tails wrap), and fast (BLAS) for 10⁵ atoms. The output is the
-band-limited (trigonometric-interpolant) sampling of v: pixel (iy, ix) sits at (iy·sy, ix·sx).
+band-limited (trigonometric-interpolant) sampling of v: pixel (iy, ix) sits at (iy·sy, ix·sx);
+on even grids the Nyquist frequencies are left out (they are ambiguous for a real function).
 The volume (:func:`potential_volume`) is built the same way in 3D.
 """
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tembench.backend import ifft2, ifftn
+from tembench.backend import ifftn, plan_fft2
 from tembench.errors import ResourceError, TembenchError
 from tembench.physics.constants import SCATTERING_FACTOR_TO_POTENTIAL_V_A2 as _K
 from tembench.physics.grid import check_gpts, check_sampling
@@ -185,8 +186,12 @@ def _phase_factors(coord: np.ndarray, freq: np.ndarray, xp):
     """exp(−2πi q·c) as (n_atoms, n_freq) complex64; the phase is reduced mod 1 in float64."""
     cycles = np.multiply.outer(coord, freq)
     cycles -= np.round(cycles)
-    c = xp.asarray(cycles.astype(np.float32))
-    return xp.exp((-2j * np.pi) * c).astype(xp.complex64)
+    phase = xp.asarray((cycles * (-2.0 * np.pi)).astype(np.float32))
+    out = xp.empty(phase.shape, dtype=xp.complex64)
+    parts = out.view(xp.float32).reshape(phase.shape + (2,))
+    xp.cos(phase, out=parts[..., 0])  # float32 cos/sin are SIMD; complex exp is ~20x slower
+    xp.sin(phase, out=parts[..., 1])
+    return out
 
 
 def _structure_factor_2d(yx: np.ndarray, ky: np.ndarray, kx: np.ndarray, xp):
@@ -257,28 +262,66 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
     if not len(pos):
         return out
     slice_idx = _assign_slices(pos[:, 2], edges)
+    # v is real, so its spectrum is Hermitian: build only kx >= 0 (half the matrix products) and
+    # invert with a real FFT
     ky = np.fft.fftfreq(ny, d=sy)
-    kx = np.fft.fftfreq(nx, d=sx)
-    kernels = {z: projected_scattering_kernel(z, (ny, nx), (sy, sx), parametrization, xp) for z in zs}
+    kx = np.fft.rfftfreq(nx, d=sx)
+    kernels = {z: _half_kernel(z, ky, kx, sy * sx, parametrization, xp) for z in zs}
     yx = pos[:, [1, 0]]
     order = np.lexsort((numbers, slice_idx))
     s_sorted, z_sorted = slice_idx[order], numbers[order]
     bounds = np.flatnonzero(np.diff(s_sorted) | np.diff(z_sorted)) + 1
     starts = np.concatenate([[0], bounds])
     stops = np.concatenate([bounds, [len(order)]])
-    spec = None
-    current = -1
-    for a, b in zip(starts, stops):
-        s = int(s_sorted[a])
-        if s != current:
-            if spec is not None:
-                out[current] = ifft2(spec, overwrite_x=True).real
-            spec = xp.zeros((ny, nx), dtype=xp.complex64)
-            current = s
-        idx = order[a:b]
-        spec += kernels[int(z_sorted[a])] * _structure_factor_2d(yx[idx], ky, kx, xp)
-    out[current] = ifft2(spec, overwrite_x=True).real
+    spec = xp.zeros((ny, kx.size), dtype=xp.complex64)
+    # Small products run single-threaded: BLAS/FFT threads only add synchronisation there, and on a
+    # busy 2-core machine that costs 10-100x (measured); large ones keep the BLAS threads.
+    with _blas_threads(1 if len(pos) * ny * nx < 2**29 else None):
+        current = -1
+        for a, b in zip(starts, stops):
+            s = int(s_sorted[a])
+            if s != current:
+                if current >= 0:
+                    out[current] = _irfft2(spec, (ny, nx), xp)
+                spec[...] = 0
+                current = s
+            idx = order[a:b]
+            spec += kernels[int(z_sorted[a])] * _structure_factor_2d(yx[idx], ky, kx, xp)
+        out[current] = _irfft2(spec, (ny, nx), xp)
     return out
+
+
+def _half_kernel(Z, ky, kx, pixel_area, parametrization, xp):
+    f = scattering_factor(Z, np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2), parametrization)
+    return xp.asarray((_K * f / pixel_area).astype(np.float32))
+
+
+def _irfft2(spec, shape, xp):
+    # The Nyquist row/column of an even grid has no ±k partner, so a real band-limited potential
+    # cannot hold it unambiguously (complex-ifft-then-real and irfft disagree there); it is dropped.
+    # Multislice removes it anyway (2/3 band limit).
+    if shape[0] % 2 == 0:
+        spec[shape[0] // 2] = 0
+    if shape[1] % 2 == 0:
+        spec[:, -1] = 0
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft.irfft2(spec, s=shape, workers=1)
+    return xp.fft.irfft2(spec, s=shape)  # pragma: no cover - GPU
+
+
+def _blas_threads(n):
+    """Context limiting BLAS threads to ``n`` (no-op for None or without threadpoolctl)."""
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(n, user_api="blas")
 
 
 def potential_volume(sample, sampling_A: float, parametrization: str = "lobato", xp=np,
@@ -316,6 +359,11 @@ def potential_volume(sample, sampling_A: float, parametrization: str = "lobato",
         sel = numbers == z
         kern = xp.asarray((_K * scattering_factor(z, q, parametrization) / s**3).astype(np.float32))
         spec += kern * _structure_factor_3d(pos[sel] + np.array([0.0, 0.0, pad * s]), kz, ky, kx, xp)
+    for axis, n in enumerate((nzp, ny, nx)):  # drop Nyquist planes, as in projected_potential
+        if n % 2 == 0:
+            index = [slice(None)] * 3
+            index[axis] = n // 2
+            spec[tuple(index)] = 0
     vol = ifftn(spec).real[pad:pad + nz]
     return xp.ascontiguousarray(vol.astype(xp.float32))
 

@@ -36,8 +36,10 @@ from tembench.physics.multislice import (
 from tembench.physics.optics import fourier_shift_phase, probe_fourier
 from tembench.physics.propagation import DEFAULT_BAND_LIMIT
 
-# Default per-batch working memory (waves and FFT buffers), bytes.
-BATCH_BYTES = 32 * 2**20
+# Per-batch working memory: small for scans (the FFT buffer stays in cache; measured 0.22 ms per
+# 216² FFT pair alone vs 0.32 ms in batches of 16), larger when waves are kept for gradients.
+BATCH_BYTES = 2 * 2**20
+GRADIENT_BATCH_BYTES = 32 * 2**20
 
 STANDARD_DETECTORS_MRAD = {"bf": (0.0, None), "abf": (None, None), "adf": (None, 200.0), "haadf": (60.0, 200.0)}
 
@@ -239,8 +241,10 @@ class _Scanner:
         self.props = propagator_cache(self.window, self.sampling, energy_keV, propagator, band_limit, (0.0, 0.0), xp)
 
     def batch_size(self, keep_waves: bool) -> int:
-        per = self.n_modes * self.window[0] * self.window[1] * 8 * (self.n_slices + 3 if keep_waves else 4)
-        return max(1, int(BATCH_BYTES // per))
+        if keep_waves:
+            per = self.n_modes * self.window[0] * self.window[1] * 8 * (self.n_slices + 3)
+            return max(1, int(GRADIENT_BATCH_BYTES // per))
+        return max(1, int(BATCH_BYTES // (self.n_modes * self.window[0] * self.window[1] * 8)))
 
     def incident(self, frac):
         xp = self.xp
