@@ -68,7 +68,7 @@ def test_hrtem_tilt_about_y_matches_rotated_sample():
     assert not np.allclose(m.data[0], m.data[1], atol=1e-3)
     # a 180° tilt about y mirrors x and z: its projection is the x-mirror of the untilted one
     p2 = HRTEMTiltSeries.Params(sampling_A=0.45, tilt_angles_deg=[0.0, 180.0], defocus_values_A=[0.0],
-                                slice_thickness_A=50.0)
+                                slice_thickness_A=6.0)
     m2 = HRTEMTiltSeries().simulate(Sample(positions_A=[[3.1, 4.0, 2.0]], numbers=[79], cell_A=[9.0, 9.0, 6.0]),
                                     p2, np)
     a, b = m2.data[0, 0], m2.data[1, 0]
@@ -81,6 +81,13 @@ def test_hrtem_memory_guard():
     p = HRTEMTiltSeries.Params(sampling_A=0.1, tilt_range_deg=(-70, 70), n_tilts=500, max_memory_GB=0.01)
     with pytest.raises(ResourceError, match="hrtem_tilt_series"):
         HRTEMTiltSeries().simulate(_vacuum((60.0, 60.0, 60.0)), p, np)
+
+
+def test_slices_thicker_than_sample_and_coarse_sampling():
+    with pytest.raises(TembenchError, match="thicker than the sample"):
+        HRTEMTiltSeries().simulate(_vacuum((10.0, 10.0, 3.0)), HRTEMTiltSeries.Params(slice_thickness_A=5.0), np)
+    with pytest.raises(TembenchError, match="objective aperture"):
+        HRTEMTiltSeries().simulate(_vacuum(), HRTEMTiltSeries.Params(sampling_A=0.5, semiangle_mrad=40.0), np)
 
 
 def test_hrtem_bad_params():

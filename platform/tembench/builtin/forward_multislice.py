@@ -64,6 +64,14 @@ def _tilted_stack(sample, angles, axis, dz, margin_A=2.0):
     return rotated, z0, n_slices
 
 
+def _check_common(sample, p, who):
+    if p.slice_thickness_A > sample.cell_A[2]:
+        raise TembenchError(
+            f"{who}: slice_thickness_A {p.slice_thickness_A} Å is thicker than the sample (cell z = "
+            f"{sample.cell_A[2]:.2f} Å); use slice_thickness_A <= {sample.cell_A[2]:.2f} Å (typically 1-2 Å)"
+        )
+
+
 def _rms(sample, params):
     if params.rms_displacement_A is not None:
         return params.rms_displacement_A
@@ -128,8 +136,16 @@ class HRTEMTiltSeries(ForwardModel):
 
     def simulate(self, sample, params, xp) -> Measurement:
         p = params
+        _check_common(sample, p, self.name)
         angles = _tilt_angles(p)
         (ny, nx), det_sampling = _field(sample, p.sampling_A)
+        if p.semiangle_mrad is not None:
+            amax = max_scattering_angle_mrad(det_sampling, p.energy_keV, p.band_limit) * p.simulation_factor
+            if p.semiangle_mrad > amax:
+                raise TembenchError(
+                    f"hrtem_tilt_series: the {p.semiangle_mrad} mrad objective aperture lies beyond the "
+                    f"{amax:.1f} mrad the grid keeps at sampling_A {p.sampling_A} Å x simulation_factor "
+                    f"{p.simulation_factor}; use a finer sampling_A or a larger simulation_factor")
         gpts, sim_sampling = _field(sample, p.sampling_A, p.simulation_factor)
         rotated, z0, n_slices = _tilted_stack(sample, angles, p.tilt_axis, p.slice_thickness_A)
         limit = None if p.max_memory_GB is None else int(p.max_memory_GB * 2**30)
@@ -249,6 +265,7 @@ class STEM4D(ForwardModel):
 
     def simulate(self, sample, params, xp) -> Measurement:
         p = params
+        _check_common(sample, p, self.name)
         angles = _tilt_angles(p)
         kind = self.output_kind(p)
         gpts, sampling = _field(sample, p.sampling_A)

@@ -173,18 +173,25 @@ class StemResult:
     window_gpts: tuple[int, int] = (0, 0)
 
 
-def _window_indices(positions_A, sampling_A, window_gpts, field_gpts):
-    """Integer window origins and sub-pixel shifts for probe positions (N, 2) (y, x) Å."""
+def _window_origins(positions_A, sampling_A, window_gpts, field_gpts):
+    """Window origins (N, 2) (pixel, wrapped into the field) and the remaining shifts (N, 2) Å.
+
+    The probe modes are centred on window pixel (wy//2, wx//2); the origin puts that pixel on the
+    whole pixel nearest each position and the rest is a sub-pixel Fourier shift. When the window
+    is the whole field, cropping is a circular roll that no intensity sees, so the origin is 0 and
+    the whole shift goes into the phase ramp.
+    """
     sy, sx = sampling_A
     wy, wx = window_gpts
-    p = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2) / np.array([sy, sx])
-    whole = np.round(p).astype(np.int64)
-    frac = (p - whole) * np.array([sy, sx])  # Å
-    oy = whole[:, 0] - wy // 2
-    ox = whole[:, 1] - wx // 2
-    iy = (oy[:, None] + np.arange(wy)[None, :]) % field_gpts[0]
-    ix = (ox[:, None] + np.arange(wx)[None, :]) % field_gpts[1]
-    return iy, ix, frac
+    p = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
+    centre = np.array([(wy // 2) * sy, (wx // 2) * sx])
+    if tuple(window_gpts) == tuple(field_gpts):
+        return np.zeros((len(p), 2), np.int64), p - centre
+    px = p / np.array([sy, sx])
+    whole = np.round(px).astype(np.int64)
+    frac = (px - whole) * np.array([sy, sx])
+    origins = np.stack([(whole[:, 0] - wy // 2) % field_gpts[0], (whole[:, 1] - wx // 2) % field_gpts[1]], axis=1)
+    return origins, frac
 
 
 def _check_probe_in_window(modes, what="probe"):
@@ -239,6 +246,12 @@ class _Scanner:
         ky, kx = spatial_frequencies(self.window, self.sampling, xp=xp, dtype=np.float64)
         self.ky, self.kx = ky, kx
         self.props = propagator_cache(self.window, self.sampling, energy_keV, propagator, band_limit, (0.0, 0.0), xp)
+        self.full = self.window == self.field_gpts
+        if not self.full:
+            # wrap-pad once so that every window is a plain (zero-copy) slice, also across the edges
+            wy, wx = self.window
+            self.t = xp.concatenate([self.t, self.t[:, :wy]], axis=1)
+            self.t = xp.concatenate([self.t, self.t[:, :, :wx]], axis=2)
 
     def batch_size(self, keep_waves: bool) -> int:
         if keep_waves:
@@ -251,10 +264,19 @@ class _Scanner:
         ramp = fourier_shift_phase(self.ky, self.kx, xp.asarray(frac))  # (B, wy, wx)
         return ifft2(ramp[:, None] * self.modes_k[None]).astype(xp.complex64), ramp  # (B, M, wy, wx)
 
-    def gather(self, m, iy, ix):
-        return self.t[m][iy[:, :, None], ix[:, None, :]][:, None]  # (B, 1, wy, wx)
+    def _transmit(self, buf, m, origins, conj=False):
+        """buf (B, M, wy, wx) *= the window of slice m at each origin."""
+        xp = self.xp
+        if self.full:
+            t = self.t[m].conj() if conj else self.t[m]
+            xp.multiply(buf, t, out=buf)
+            return
+        wy, wx = self.window
+        for b, (oy, ox) in enumerate(origins):
+            t = self.t[m, oy:oy + wy, ox:ox + wx]
+            xp.multiply(buf[b], t.conj() if conj else t, out=buf[b])
 
-    def forward(self, psi, iy, ix, keep_waves=False):
+    def forward(self, psi, origins, keep_waves=False):
         xp = self.xp
         plan = plan_fft2(psi.shape, xp=xp)
         plan.buffer[...] = psi
@@ -262,40 +284,53 @@ class _Scanner:
         for m in range(self.n_slices):
             if keep_waves:
                 waves[m] = plan.buffer
-            buf = plan.buffer
-            xp.multiply(buf, self.gather(m, iy, ix), out=buf)
+            self._transmit(plan.buffer, m, origins)
             buf = plan.forward()
             xp.multiply(buf, self.props(self.dz[m]), out=buf)
             plan.inverse()
         buf = plan.forward()  # far field of the exit wave
         return buf, waves
 
-    def backward(self, g_farfield, waves, iy, ix, grad_field, complex_potential=False):
-        """Back-propagate 2∂L/∂Ψ* (B, M, wy, wx) of the far field; accumulate ∂L/∂v into grad_field."""
+    def backward(self, g_farfield, waves, origins, grad_pad, complex_potential=False):
+        """Back-propagate 2∂L/∂Ψ* (B, M, wy, wx) of the far field; accumulate ∂L/∂v into ``grad_pad``
+        (the wrap-padded field, folded by :meth:`fold`)."""
         xp = self.xp
         plan = plan_fft2(g_farfield.shape, xp=xp)
         plan.buffer[...] = g_farfield
-        flat = (iy[:, :, None] * self.field_gpts[1] + ix[:, None, :]).ravel()
-        size = self.field_gpts[0] * self.field_gpts[1]
+        wy, wx = self.window
         # adjoint of the unnormalised forward FFT is N·ifft
-        n_pix = self.window[0] * self.window[1]
         buf = plan.inverse()
-        buf *= n_pix
+        buf *= wy * wx
         for m in range(self.n_slices - 1, -1, -1):
             buf = plan.forward()
             xp.multiply(buf, self.props(self.dz[m]).conj(), out=buf)
             g_tpsi = plan.inverse()
-            t = self.gather(m, iy, ix)
-            g_t = (waves[m].conj() * g_tpsi).sum(axis=1)  # the modes share the object
-            g_v = transmission_gradient(g_t, t[:, 0], self.sigma, complex_potential)
-            if complex_potential:
-                acc = (xp.bincount(xp.asarray(flat), weights=g_v.real.ravel(), minlength=size)
-                       + 1j * xp.bincount(xp.asarray(flat), weights=g_v.imag.ravel(), minlength=size))
+            g_t = (waves[m].conj() * g_tpsi).sum(axis=1)  # (B, wy, wx): the modes share the object
+            if self.full:
+                grad_pad[m] += transmission_gradient(g_t, self.t[m][None], self.sigma, complex_potential).sum(axis=0)
             else:
-                acc = xp.bincount(xp.asarray(flat), weights=g_v.ravel(), minlength=size)
-            grad_field[m] += acc.reshape(self.field_gpts).astype(grad_field.dtype)
-            xp.multiply(g_tpsi, t.conj(), out=plan.buffer)
+                for b, (oy, ox) in enumerate(origins):
+                    t = self.t[m, oy:oy + wy, ox:ox + wx]
+                    grad_pad[m, oy:oy + wy, ox:ox + wx] += transmission_gradient(g_t[b], t, self.sigma,
+                                                                                  complex_potential)
+            self._transmit(g_tpsi, m, origins, conj=True)
         return plan.buffer  # 2∂L/∂ψ_incident* (B, M, wy, wx)
+
+    def gradient_buffer(self, complex_potential):
+        shape = self.t.shape
+        return self.xp.zeros(shape, dtype=self.xp.complex64 if complex_potential else self.xp.float32)
+
+    def fold(self, grad_pad):
+        """Fold the wrap-padded gradient back onto the periodic field (adjoint of the padding)."""
+        if self.full:
+            return grad_pad
+        ny, nx = self.field_gpts
+        wy, wx = self.window
+        g = grad_pad[:, :ny].copy()
+        g[:, :wy] += grad_pad[:, ny:ny + wy]
+        out = g[:, :, :nx].copy()
+        out[:, :, :wx] += g[:, :, nx:nx + wx]
+        return out
 
 
 def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, positions_A, probe=None,
@@ -351,9 +386,9 @@ def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, p
         chunk = pos[start:stop]
         if len(chunk) < bs:  # pad so every batch reuses one FFT plan
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), axis=0)])
-        iy, ix, frac = _window_indices(chunk, sampling, sc.window, sc.field_gpts)
+        origins, frac = _window_origins(chunk, sampling, sc.window, sc.field_gpts)
         psi, _ = sc.incident(frac)
-        far, _ = sc.forward(psi, xp.asarray(iy), xp.asarray(ix))
+        far, _ = sc.forward(psi, origins)
         inten = (far.real**2 + far.imag**2).sum(axis=1) * norm  # (B, wy, wx), FFT order
         nb = stop - start
         if names:
@@ -402,21 +437,21 @@ def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, 
     meas = xp.fft.ifftshift(meas, axes=(-2, -1))
     wy, wx = sc.window
     norm = 1.0 / (wy * wx)
-    grad_field = xp.zeros(potentials.shape, dtype=xp.complex64 if complex_potential else xp.float32)
+    grad_pad = sc.gradient_buffer(complex_potential)
     grad_k = xp.zeros(modes.shape, dtype=xp.complex64)
     loss = 0.0
     bs = min(batch_size or sc.batch_size(True), len(pos))
     for start in range(0, len(pos), bs):
         chunk = pos[start:start + bs]
-        iy, ix, frac = _window_indices(chunk, sc.sampling, sc.window, sc.field_gpts)
+        origins, frac = _window_origins(chunk, sc.sampling, sc.window, sc.field_gpts)
         psi, ramp = sc.incident(frac)
-        far, waves = sc.forward(psi, xp.asarray(iy), xp.asarray(ix), keep_waves=True)
+        far, waves = sc.forward(psi, origins, keep_waves=True)
         far = far.copy()
         inten = (far.real**2 + far.imag**2).sum(axis=1) * norm
         lb, dl_di = intensity_amplitude_loss(inten, meas[start:start + len(chunk)])
         loss += lb
         g_far = (2.0 * norm) * dl_di[:, None] * far  # 2∂L/∂Ψ* for I = Σ|Ψ|²/N
-        g_in = sc.backward(g_far, waves, xp.asarray(iy), xp.asarray(ix), grad_field, complex_potential)
+        g_in = sc.backward(g_far, waves, origins, grad_pad, complex_potential)
         # ψ_b = ifft(fft(p)·r_b) is a unitary circulant of the centred modes p: adjoint ifft(conj(r_b)·fft(g_b))
         grad_k += (ramp.conj()[:, None] * fft2(g_in)).sum(axis=0)
-    return loss, grad_field, ifft2(grad_k).astype(xp.complex64)
+    return loss, sc.fold(grad_pad), ifft2(grad_k).astype(xp.complex64)
