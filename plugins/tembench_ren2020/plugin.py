@@ -1,0 +1,11 @@
+"""Hook implementations of the Ren 2020 plugin (entry point ``ren2020``)."""
+
+from __future__ import annotations
+
+from tembench import hookimpl
+from tembench_ren2020.reconstructor import MultisliceAET
+
+
+@hookimpl
+def tembench_register_reconstructors():
+    return [MultisliceAET]

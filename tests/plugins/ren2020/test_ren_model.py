@@ -1,0 +1,118 @@
+"""The reconstruction's forward model: geometry, gradients vs finite differences, storage order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import simulate
+from tembench.errors import TembenchError
+from tembench_ren2020.model import (
+    build_problem,
+    detector_offset_A,
+    fft_count_per_tilt,
+    tilt_loss_and_gradient,
+    tilt_series_loss_and_gradient,
+    to_storage,
+    zyx_view,
+)
+
+
+def _fd_check(measurement, problem, amplitude_V, seed=0):
+    """Relative error of ⟨∇L, d⟩ against a central difference of the full tilt-series loss."""
+    rng = np.random.default_rng(seed)
+    v = (np.abs(rng.normal(size=problem.shape)) * amplitude_V).astype(np.float32)
+    loss, grad = tilt_series_loss_and_gradient(v, measurement, problem)
+    d = rng.normal(size=problem.shape).astype(np.float32)
+    eps = 1.0
+    lp, _ = tilt_series_loss_and_gradient(v + eps * d, measurement, problem)
+    lm, _ = tilt_series_loss_and_gradient(v - eps * d, measurement, problem)
+    fd = (lp - lm) / (2 * eps)
+    an = float(np.sum(grad.astype(np.float64) * d))
+    return loss, abs(fd - an) / abs(an)
+
+
+@pytest.mark.parametrize("binning,propagator", [(1, "exact"), (4, "exact"), (3, "fresnel")])
+def test_full_tilt_series_gradient_matches_finite_differences(toy_series, binning, propagator):
+    problem = build_problem(toy_series, slice_binning=binning, propagator=propagator)
+    loss, err = _fd_check(toy_series, problem, 20.0)
+    assert loss > 0
+    assert err < 2e-3, err
+
+
+def test_gradient_in_the_strong_scattering_regime_and_about_x(toy_sample):
+    """Heavier potentials (phases ≈ 1 rad per slab) and a tilt series about x."""
+    m = simulate(toy_sample, tilt_range_deg=(-60.0, 60.0), n_tilts=5, tilt_axis="x", defocus_values_A=[300.0])
+    problem = build_problem(m, slice_binning=6)
+    assert problem.tilt_axis == "x" and problem.voxel_A[0] == pytest.approx(m.geometry.sampling_A[0])
+    _, err = _fd_check(m, problem, 150.0, seed=2)
+    assert err < 2e-3, err
+
+
+def test_storage_order_view_gives_the_same_loss_and_gradient(toy_series):
+    problem = build_problem(toy_series, slice_binning=4)
+    rng = np.random.default_rng(4)
+    v = (rng.random(problem.shape) * 30).astype(np.float32)
+    img = np.asarray(toy_series.data[3], np.float32)
+    l1, g1 = tilt_loss_and_gradient(v, img, 3, problem)
+    stored = to_storage(v, "y")
+    assert stored.flags.c_contiguous and stored.shape == (v.shape[0], v.shape[2], v.shape[1])
+    l2, g2 = tilt_loss_and_gradient(zyx_view(stored, "y"), img, 3, problem)
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
+    assert g2.flags.c_contiguous
+
+
+def test_problem_geometry_follows_the_forward_model(toy_series):
+    g = toy_series.geometry
+    p = build_problem(toy_series, slice_binning=10)
+    nz, ny, nx = p.shape
+    assert (ny, nx) == toy_series.data.shape[-2:]
+    # the rotation centre (box centre in voxel units) is the tilt series' rotation centre
+    cx, cy, cz = g.extra["rotation_centre_A"]
+    assert p.origin_A[0] + nz / 2 * p.voxel_A[0] == pytest.approx(cz)
+    assert p.origin_A[2] + nx / 2 * p.voxel_A[2] == pytest.approx(cx)
+    # slabs: 24 voxels in bins of 10 → 10, 10, 4; screens at slab centres, exit at the bottom face
+    assert p.n_slabs == 3
+    np.testing.assert_allclose(p.slab_distances_A, [5.0, 3.5, 1.0])
+    assert p.extra["exit_plane_z_A"] == pytest.approx(p.origin_A[0] + (nz - 0.5) * p.voxel_A[0])
+    assert fft_count_per_tilt(p) == 4 * 3 + 2 * 3
+    # the forward model bins a 2× finer grid: detector pixel centres sit (f − 1)/2 fine pixels further on
+    assert detector_offset_A(g) == pytest.approx((0.125, 0.125))
+    assert p.extra["pixel_offset_A"] == pytest.approx((0.125, 0.125))
+    assert p.lipschitz_per_tilt() == pytest.approx(2 * 2 * (p.sigma * 0.5) ** 2 * 10)
+
+
+def test_model_reproduces_the_forward_model_on_the_true_potential(toy_sample, toy_series):
+    """The ground-truth potential volume through the reconstruction's model fits the data well."""
+    problem = build_problem(toy_series, slice_binning=2)
+    truth = toy_sample.potential_volume(0.5).astype(np.float32)
+    assert truth.shape == problem.shape
+    loss_true, _ = tilt_series_loss_and_gradient(truth, toy_series, problem)
+    loss_zero, _ = tilt_series_loss_and_gradient(np.zeros_like(truth), toy_series, problem)
+    assert loss_true < 0.05 * loss_zero
+    # a misplaced rotation centre or pixel offset would cost far more than the model error
+    shifted = np.roll(truth, 2, axis=2)
+    loss_shift, _ = tilt_series_loss_and_gradient(shifted, toy_series, problem)
+    assert loss_shift > 5 * loss_true
+    # ignoring the detector-pixel offset of the binned simulation quadruples the misfit
+    no_offset = build_problem(toy_series, slice_binning=2, pixel_offset_A=(0.0, 0.0))
+    loss_no_offset, _ = tilt_series_loss_and_gradient(truth, toy_series, no_offset)
+    assert loss_no_offset > 2 * loss_true
+
+
+def test_bad_geometry_is_rejected(toy_series):
+    bad = toy_series.replace(data=toy_series.data[0], axes=("defocus", "y", "x"))
+    with pytest.raises(TembenchError, match="n_tilt, n_defocus"):
+        build_problem(bad)
+    g = toy_series.geometry.replace(tilt_angles_deg=[0.0, 1.0])
+    with pytest.raises(TembenchError, match="tilt angles"):
+        build_problem(toy_series.replace(geometry=g))
+    g = toy_series.geometry.replace(tilt_axis="z")
+    with pytest.raises(TembenchError, match="tilt_axis"):
+        build_problem(toy_series.replace(geometry=g))
+    extra = dict(toy_series.geometry.extra, rotation_centre_A=[3.0, 6.0, 6.0])
+    with pytest.raises(TembenchError, match="turns about"):
+        build_problem(toy_series.replace(geometry=toy_series.geometry.replace(extra=extra)))
+    with pytest.raises(TembenchError, match="slice_binning"):
+        build_problem(toy_series, slice_binning=0)
