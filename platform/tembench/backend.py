@@ -181,3 +181,42 @@ def plan_fft2(shape, xp=np, dtype=np.complex64, threads: int | None = None, tag:
             _PLANS.clear()
         plan = _PLANS[key] = FFT2Plan(shape, xp=xp, dtype=dtype, threads=threads)
     return plan
+
+
+class IRFFT2Plan:
+    """Planned inverse real 2D FFT over the last two axes: Hermitian half spectrum → real (normalised)."""
+
+    def __init__(self, shape, threads: int | None = None):
+        self.shape = tuple(int(s) for s in shape)  # real output shape (..., ny, nx)
+        half = self.shape[:-1] + (self.shape[-1] // 2 + 1,)
+        env = os.environ.get("TEMBENCH_FFT_WORKERS")
+        self.threads = threads if threads is not None else (max(1, int(env)) if env else 1)
+        self.library = fft_library() if int(np.prod(self.shape)) >= 4096 else "scipy"
+        if self.library == "pyfftw":
+            self.spectrum = _pyfftw.empty_aligned(half, dtype=np.complex64)
+            self.output = _pyfftw.empty_aligned(self.shape, dtype=np.float32)
+            flags = (os.environ.get("TEMBENCH_FFTW_EFFORT", "FFTW_MEASURE"), "FFTW_DESTROY_INPUT")
+            self._plan = _pyfftw.FFTW(self.spectrum, self.output, axes=(-2, -1), direction="FFTW_BACKWARD",
+                                      flags=flags, threads=self.threads, normalise_idft=True)
+        else:
+            self.spectrum = np.zeros(half, dtype=np.complex64)
+
+    def __call__(self):
+        """Transform ``self.spectrum`` (destroyed) and return the real result (a reused buffer)."""
+        if self.library == "pyfftw":
+            self._plan()
+            return self.output
+        return scipy.fft.irfft2(self.spectrum, s=self.shape[-2:], axes=(-2, -1), workers=self.threads)
+
+
+def plan_irfft2(shape, threads: int | None = None, tag: str = "") -> IRFFT2Plan:
+    """A cached :class:`IRFFT2Plan` (CPU) for real output ``shape``, one per thread and ``tag``."""
+    import threading
+
+    key = ("irfft2", tuple(int(s) for s in shape), threads, fft_library(), threading.get_ident(), tag)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        plan = _PLANS[key] = IRFFT2Plan(shape, threads=threads)
+    return plan

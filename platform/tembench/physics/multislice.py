@@ -76,20 +76,40 @@ def _slice_transmission(v, sigma, t_plan, mask, xp):
 
 
 def transmission_functions(potentials, *, energy_keV: float, sampling_A, bandlimit_transmission: bool = True,
-                           band_limit: float | None = DEFAULT_BAND_LIMIT, xp=None):
-    """Precomputed t_m = exp(iσv_m) for a slice stack (n, …, ny, nx) complex64, band-limited by default.
+                           band_limit: float | None = DEFAULT_BAND_LIMIT, xp=None, out=None):
+    """Precomputed t_m = exp(iσv_m) for a slice stack (n, ny, nx) complex64, band-limited by default.
 
     Reuse them when the same potential is propagated many times (4D-STEM probes, several tilts of
-    the beam); pass to :func:`multislice` as ``transmissions``.
+    the beam); pass to :func:`multislice` as ``transmissions``. The band limit runs as batched,
+    planned FFTs over chunks of slices.
     """
     xp = xp or get_array_module(potentials)
     sigma = interaction_constant(energy_keV)
-    t = transmission_function(potentials, sigma, xp)
-    if bandlimit_transmission:
-        props = propagator_cache(potentials.shape[-2:], sampling_A, energy_keV, "fresnel", band_limit, (0.0, 0.0), xp)
-        for m in range(t.shape[0]):
-            t[m] = bandlimit(t[m], props.mask())
+    n = potentials.shape[0]
+    t = out if out is not None else xp.empty(potentials.shape, dtype=xp.complex64)
+    if not bandlimit_transmission:
+        return transmission_function(potentials, sigma, xp, out=t)
+    plane = int(np.prod(potentials.shape[1:]))
+    chunk = max(1, min(64, TRANSMISSION_CHUNK_BYTES // (8 * plane)))  # fixed: one FFT plan per grid
+    props = propagator_cache(potentials.shape[-2:], sampling_A, energy_keV, "fresnel", band_limit, (0.0, 0.0), xp)
+    mask = props.mask()
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        plan = plan_fft2((chunk,) + tuple(potentials.shape[1:]), xp=xp, tag="transmission-stack")
+        if c1 - c0 < chunk:
+            plan.buffer[c1 - c0:] = 0
+        if xp.iscomplexobj(potentials):
+            plan.buffer[: c1 - c0] = transmission_function(potentials[c0:c1], sigma, xp)
+        else:
+            transmission_function(potentials[c0:c1], sigma, xp, out=plan.buffer[: c1 - c0])
+        buf = plan.forward()
+        buf *= mask
+        t[c0:c1] = plan.inverse()[: c1 - c0]
     return t
+
+
+# Slices band-limited together in :func:`transmission_functions` (bytes of complex64 per chunk).
+TRANSMISSION_CHUNK_BYTES = 2 * 2**20
 
 
 # --- propagator caches ----------------------------------------------------------------------
@@ -150,14 +170,23 @@ def multislice(wave, slice_thickness_A, *, energy_keV: float, sampling_A, potent
     plan = plan_fft2(np.broadcast_shapes(wave.shape, stack.shape[1:]), xp=xp)
     plan.buffer[...] = wave
     waves = xp.empty((n,) + plan.shape, dtype=xp.complex64) if keep_waves else None
-    t_plan = plan_fft2(stack.shape[1:], xp=xp, tag="transmission") if transmissions is None else None
+    # transmissions are made a chunk of slices at a time (batched FFTs, little per-slice overhead)
+    plane = int(np.prod(stack.shape[1:]))
+    chunk = max(1, min(64, TRANSMISSION_CHUNK_BYTES // (8 * plane)))
+    t_chunk = None
     for m in range(n):
         if keep_waves:
             waves[m] = plan.buffer
         if transmissions is not None:
             t = transmissions[m]
         else:
-            t = _slice_transmission(potentials[m], sigma, t_plan, props.mask() if bandlimit_transmission else None, xp)
+            if m % chunk == 0:
+                c1 = min(n, m + chunk)
+                t_chunk = transmission_functions(potentials[m:c1], energy_keV=energy_keV, sampling_A=sampling_A,
+                                                 bandlimit_transmission=bandlimit_transmission,
+                                                 band_limit=band_limit, xp=xp,
+                                                 out=None if t_chunk is None or c1 - m != chunk else t_chunk)
+            t = t_chunk[m % chunk]
         buf = plan.buffer
         xp.multiply(buf, t, out=buf)
         buf = plan.forward()
