@@ -22,7 +22,6 @@ import pytest
 import scipy.fft
 
 from tembench.backend import fft_workers
-from tembench.types import Geometry
 from tembench_pelz2022 import ssb, synthetic
 from tembench_pelz2022.common import ProbeOptics, load_4d, probe_optics, scan_step
 from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin

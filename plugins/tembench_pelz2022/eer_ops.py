@@ -141,9 +141,13 @@ def bin_detector(x, grid: DetectorGrid, factor: int | tuple[int, int]):
         lut = (iy[:, None] * bx + ix[None, :])
         lut = np.where((iy[:, None] < by) & (ix[None, :] < bx), lut, -1).ravel()
         return remap(x, lut, new_grid.shape), new_grid
-    d = _dense4(x)[:, :, :by * fy, :bx * fx]
-    s0, s1 = d.shape[:2]
-    return d.reshape(s0, s1, by, fy, bx, fx).sum(axis=(3, 5), dtype=d.dtype), new_grid
+    d = _dense4(x)
+    # f² strided adds stream the data once; a reshape-sum over axes (3, 5) is several times slower
+    out = np.zeros((*d.shape[:2], by, bx), dtype=d.dtype)
+    for i in range(fy):
+        for j in range(fx):
+            out += d[:, :, i:by * fy:fy, j:bx * fx:fx]
+    return out, new_grid
 
 
 # --- reductions ----------------------------------------------------------------------------------

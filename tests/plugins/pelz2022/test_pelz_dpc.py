@@ -12,7 +12,8 @@ from tembench.physics import constants
 from tembench_pelz2022 import dpc, synthetic
 from tembench_pelz2022.common import load_4d
 
-from conftest import ENERGY_KEV, SAMPLING_A, SEMIANGLE_MRAD
+# the synthetic data of conftest.py (not imported: another conftest module may own that name)
+ENERGY_KEV, SAMPLING_A, SEMIANGLE_MRAD = 200.0, 0.25, 25.0
 
 LAM = constants.wavelength_A(ENERGY_KEV)
 

@@ -13,7 +13,8 @@ from tembench_pelz2022 import _kernels, ssb
 from tembench_pelz2022.common import load_4d, probe_optics, scan_step
 from tembench_pelz2022.interactive import InteractiveSSB
 
-from conftest import ENERGY_KEV
+# the synthetic data of conftest.py (not imported: another conftest module may own that name)
+ENERGY_KEV, SAMPLING_A, SEMIANGLE_MRAD = 200.0, 0.25, 25.0
 
 
 def _prepare(measurement, **kw):

@@ -12,7 +12,8 @@ from tembench.registry import Registry
 from tembench_pelz2022 import plugin
 from tembench_pelz2022.virtual import VirtualDetector
 
-from conftest import SEMIANGLE_MRAD
+# the synthetic data of conftest.py (not imported: another conftest module may own that name)
+ENERGY_KEV, SAMPLING_A, SEMIANGLE_MRAD = 200.0, 0.25, 25.0
 
 
 def test_virtual_detectors_partition_the_electrons(focused):
