@@ -205,13 +205,29 @@ def tetrahedral_network(pos: np.ndarray, box: np.ndarray | None, rounds: int = 2
     return pos, bonds
 
 
+def _pair_incidence_T(pairs: np.ndarray, n: int):
+    """Sparse (n, m) matrix S with S @ g = gradient (n, 3) of pair terms whose gradient w.r.t. x_b is g
+    (and −g for x_a). Built once per neighbour-list update, applied every iteration."""
+    from scipy.sparse import csr_matrix
+
+    m = len(pairs)
+    rows = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    cols = np.concatenate([np.arange(m), np.arange(m)])
+    vals = np.concatenate([np.ones(m), -np.ones(m)])
+    return csr_matrix((vals, (rows, cols)), shape=(n, m))
+
+
 def _scatter_pair_forces(pairs: np.ndarray, g: np.ndarray, n: int) -> np.ndarray:
     """Gradient contribution (n, 3) of pair terms whose gradient w.r.t. x_b is ``g`` (and −g for x_a)."""
-    cols = np.arange(3)
-    ib = (pairs[:, 1, None] * 3 + cols).ravel()
-    ia = (pairs[:, 0, None] * 3 + cols).ravel()
-    gr = g.ravel()
-    return (np.bincount(ib, gr, minlength=3 * n) - np.bincount(ia, gr, minlength=3 * n)).reshape(n, 3)
+    return np.asarray(_pair_incidence_T(pairs, n) @ g)
+
+
+def _in_sorted(keys: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """``np.isin(keys, sorted_unique)`` for an already sorted, unique reference (no re-sorting)."""
+    if len(sorted_unique) == 0:
+        return np.zeros(len(keys), bool)
+    idx = np.minimum(np.searchsorted(sorted_unique, keys), len(sorted_unique) - 1)
+    return sorted_unique[idx] == keys
 
 
 def relax(x: np.ndarray, numbers: np.ndarray, springs: list[tuple[np.ndarray, float | np.ndarray, float]],
@@ -244,13 +260,14 @@ def relax(x: np.ndarray, numbers: np.ndarray, springs: list[tuple[np.ndarray, fl
         if it % neighbour_every == 0:
             q = np.mod(x - origin, box) if box is not None else x
             rp = np.sort(cKDTree(q, boxsize=box).query_pairs(dmax + 0.5, output_type="ndarray"), axis=1)
-            rp = rp[~np.isin(rp[:, 0] * n + rp[:, 1], bonded_keys)]
+            rp = rp[~_in_sorted(rp[:, 0] * n + rp[:, 1], bonded_keys)]
             rd0 = tab[numbers[rp[:, 0]], numbers[rp[:, 1]]]
             keep = rd0 > 0
             pairs = np.concatenate([sp_pairs, rp[keep]])
             r0 = np.concatenate([sp_r0, rd0[keep]])
             k = np.concatenate([sp_k, np.full(int(keep.sum()), k_rep)])
             is_rep = np.concatenate([np.zeros(len(sp_pairs), bool), np.ones(int(keep.sum()), bool)])
+            scatter = _pair_incidence_T(pairs, n)
             if obst_tree is not None:
                 hits = obst_tree.query_ball_point(x, obstacle_min_A + 0.5)
                 lens = np.fromiter((len(h) for h in hits), np.int64, len(hits))
@@ -261,7 +278,7 @@ def relax(x: np.ndarray, numbers: np.ndarray, springs: list[tuple[np.ndarray, fl
         d = _minimum_image(x[pairs[:, 1]] - x[pairs[:, 0]], box)
         r = np.maximum(np.sqrt(np.einsum("ij,ij->i", d, d)), 1e-6)
         kk = np.where(is_rep & (r >= r0), 0.0, k)
-        grad = _scatter_pair_forces(pairs, (2 * kk * (r - r0) / r)[:, None] * d, n)
+        grad = np.asarray(scatter @ ((2 * kk * (r - r0) / r)[:, None] * d))
         if len(obst_idx):
             do = x[obst_idx] - obst_pos
             ro = np.maximum(np.sqrt(np.einsum("ij,ij->i", do, do)), 1e-6)
