@@ -71,16 +71,21 @@ class StageKeys:
     forward: str
     noise: str
     recon: dict[str, str]
+    noise_steps: list[str] = field(default_factory=list)
 
 
 def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int) -> StageKeys:
     sample = stable_hash({"stage": "sample", "c": _component_id(registry, "sample", spec.sample), "seed": spec.seed})
     forward = stable_hash({"stage": "forward", "up": sample, "c": _component_id(registry, "forward_model", spec.forward)})
-    noise = stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat,
-                         "c": [_component_id(registry, "noise_model", n) for n in spec.noise]})
+    chain = [_component_id(registry, "noise_model", n) for n in spec.noise]
+    noise = stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat, "c": chain})
+    # each step is seeded by the chain up to and including it, so appending a step (e.g. a
+    # conversion to electron events) leaves the realisations of the steps before it unchanged
+    steps = [stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat, "c": chain[: i + 1]})
+             for i in range(len(chain))]
     recon = {r.key: stable_hash({"stage": "recon", "up": noise, "c": _component_id(registry, "reconstructor", r)})
              for r in spec.reconstructors}
-    return StageKeys(sample, forward, noise, recon)
+    return StageKeys(sample, forward, noise, recon, steps)
 
 
 def rng_for(key: str, seed: int) -> np.random.Generator:
@@ -145,9 +150,9 @@ def _stamp(measurement, cls, params: dict[str, Any]):
     return measurement
 
 
-def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, key: str):
-    rng = rng_for(key, spec.seed)
-    for n in spec.noise:
+def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, step_keys: list[str]):
+    for n, key in zip(spec.noise, step_keys):
+        rng = rng_for(key, spec.seed)
         cls = registry.get("noise_model", n.name)
         if not accepts_kind(cls.accepts, measurement.kind):
             raise TypeError(f"noise model {n.name!r} does not accept measurement kind {measurement.kind!r}")
@@ -267,7 +272,7 @@ def run_unit(task: UnitTask) -> UnitResult:
         return error_rows("forward", _format_error(exc))
     try:
         noisy, t_noise, _, _ = _cached_stage(cache, "noise", keys.noise,
-                                             lambda: _apply_noise(spec, registry, measurement, keys.noise), False)
+                                             lambda: _apply_noise(spec, registry, measurement, keys.noise_steps), False)
     except Exception as exc:  # noqa: BLE001
         return error_rows("noise", _format_error(exc))
 

@@ -212,8 +212,9 @@ class Measurement:
     def nbytes(self) -> int:
         n = 0 if self.data is None else int(np.asarray(self.data).nbytes)
         for v in self.extras.values():
-            if isinstance(v, np.ndarray):
-                n += v.nbytes
+            nb = getattr(v, "nbytes", None)  # arrays and array-backed objects such as ElectronEvents
+            if isinstance(nb, (int, np.integer)):
+                n += int(nb)
         return n
 
 

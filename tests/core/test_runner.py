@@ -209,3 +209,14 @@ def test_lifecycle_hooks_point_finished_and_report_sections(registry, tmp_path):
     assert sorted(seen) == [(p, r, 2, None) for p in range(3) for r in range(2)]
     assert "## Observer section" in (res.run_dir / "report.md").read_text()
     assert "<p>12 rows seen</p>" in (res.run_dir / "report.html").read_text()
+
+
+def test_appending_a_noise_step_keeps_earlier_realisations(registry, tmp_path):
+    """Each noise step is seeded by the chain up to it: adding a step after keeps the earlier noise."""
+    one = parse_scenario(dummy_plugin.SCENARIO)
+    two = parse_scenario(dummy_plugin.SCENARIO.replace(
+        "noise: [{name: dummy_noise, params: {sigma: 0.1}}]",
+        "noise: [{name: dummy_noise, params: {sigma: 0.1}}, {name: dummy_noise, label: extra, params: {sigma: 0.0}}]"))
+    a = run_scenario(one, out=tmp_path / "a", progress=False, report=False).table
+    b = run_scenario(two, out=tmp_path / "b", progress=False, report=False).table
+    np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-6)
