@@ -38,7 +38,7 @@ def test_outputs_are_in_the_sample_frame(toy_series):
     ex = rec.extras
     assert ex["tau_V"] == 1.0 and ex["slab_thickness_A"] == 5.0
     assert ex["tau_eq6_per_V"] == pytest.approx(1.0 / ex["step_size_alpha_V2"])
-    assert ex["step_size_alpha_V2"] == pytest.approx(0.05 / ex["lipschitz_per_tilt_per_V2"])
+    assert ex["step_size_alpha_V2"] == pytest.approx(0.03 / ex["lipschitz_per_tilt_per_V2"])
 
 
 def test_regularisers_differ_as_expected(toy_series):
