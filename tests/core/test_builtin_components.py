@@ -54,3 +54,12 @@ def test_direct_image_frames():
     with pytest.raises(Exception, match="single 2D image"):
         DirectImage().reconstruct(m.replace(data=np.zeros((2, 4, 5), np.float32), axes=("t", "y", "x")),
                                   DirectImage.Params(), np)
+
+
+def test_image_statistics():
+    from tembench.builtin.quantifiers import ImageStatistics
+    from tembench.types import Reconstruction
+
+    rec = Reconstruction(kind="image", data=np.array([[1.0, 3.0], [1.0, 3.0]]), sampling_A=1, quantity="intensity")
+    out = ImageStatistics().score(rec, None, None, ImageStatistics.Params())
+    assert out == {"mean_value": 2.0, "std_value": 1.0, "contrast": 0.5}

@@ -99,6 +99,29 @@ class CrossCorrelation(Quantifier):
         }
 
 
+class ImageStatistics(Quantifier):
+    """Mean, standard deviation and contrast (std/mean) of a reconstruction, ignoring ground truth.
+
+    For ADF images (``direct_image`` with ``normalize: false``) the mean is the fraction of the
+    probe's electrons scattered onto the detector — the quantity atom counting is built on.
+    """
+
+    name = "image_statistics"
+    accepts = ("image", "volume")
+    version = "1"
+
+    class Params(Params):
+        border_px: int = Field(0, ge=0, description="pixels to ignore at every edge")
+
+    def score(self, reconstruction, measurement, sample, params):
+        d = np.asarray(reconstruction.data, np.float64)
+        if params.border_px:
+            b = params.border_px
+            d = d[tuple(slice(b, -b) for _ in d.shape)]
+        mean, std = float(d.mean()), float(d.std())
+        return {"mean_value": mean, "std_value": std, "contrast": std / mean if mean else float("nan")}
+
+
 @hookimpl
 def tembench_register_quantifiers():
-    return [CrossCorrelation]
+    return [CrossCorrelation, ImageStatistics]
