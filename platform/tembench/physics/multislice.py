@@ -91,6 +91,8 @@ def transmission_functions(potentials, *, energy_keV: float, sampling_A, bandlim
         return transmission_function(potentials, sigma, xp, out=t)
     plane = int(np.prod(potentials.shape[1:]))
     chunk = max(1, min(64, TRANSMISSION_CHUNK_BYTES // (8 * plane)))  # fixed: one FFT plan per grid
+    if n < chunk:  # short stacks (e.g. the distinct slices of a crystal): a power-of-two batch, few plans
+        chunk = 1 << (n - 1).bit_length()
     props = propagator_cache(potentials.shape[-2:], sampling_A, energy_keV, "fresnel", band_limit, (0.0, 0.0), xp)
     mask = props.mask()
     for c0 in range(0, n, chunk):
@@ -110,6 +112,38 @@ def transmission_functions(potentials, *, energy_keV: float, sampling_A, bandlim
 
 # Slices band-limited together in :func:`transmission_functions` (bytes of complex64 per chunk).
 TRANSMISSION_CHUNK_BYTES = 2 * 2**20
+# Transmissions of repeated slices are computed once and kept while they fit in this many bytes.
+DEDUP_CACHE_BYTES = 256 * 2**20
+
+
+def duplicate_slices(stack):
+    """For each slice m of ``stack`` (n, …), the first index whose slice is bitwise identical.
+
+    Crystals without frozen phonons repeat a few distinct slices many times; their transmission
+    functions (exp, two FFTs) are then computed once. Slices are grouped by a sample of their
+    values and every match is confirmed by an exact comparison of the whole slice, so only truly
+    identical slices share work (a result is identical to computing them one by one).
+    """
+    xp = get_array_module(stack)
+    n = stack.shape[0]
+    rep = np.arange(n)
+    if n < 2:
+        return rep
+    flat = stack.reshape(n, -1)
+    step = max(1, flat.shape[1] // 256)
+    sample = xp.ascontiguousarray(flat[:, ::step])
+    if xp is not np:  # pragma: no cover - GPU
+        sample = sample.get()
+    groups: dict[bytes, list[int]] = {}
+    for m in range(n):
+        cands = groups.setdefault(sample[m].tobytes(), [])
+        for r in cands:
+            if bool(xp.array_equal(flat[r], flat[m])):
+                rep[m] = r
+                break
+        else:
+            cands.append(m)
+    return rep
 
 
 # --- propagator caches ----------------------------------------------------------------------
@@ -174,11 +208,23 @@ def multislice(wave, slice_thickness_A, *, energy_keV: float, sampling_A, potent
     plane = int(np.prod(stack.shape[1:]))
     chunk = max(1, min(64, TRANSMISSION_CHUNK_BYTES // (8 * plane)))
     t_chunk = None
+    t_unique, slot = None, None
+    if transmissions is None and n > 1:
+        rep = duplicate_slices(potentials)
+        unique = np.flatnonzero(rep == np.arange(n))
+        if unique.size < n and unique.size * plane * 8 <= DEDUP_CACHE_BYTES:
+            # repeated slices (crystals): each distinct transmission is computed once
+            t_unique = transmission_functions(potentials[unique], energy_keV=energy_keV, sampling_A=sampling_A,
+                                              bandlimit_transmission=bandlimit_transmission,
+                                              band_limit=band_limit, xp=xp)
+            slot = np.searchsorted(unique, rep)
     for m in range(n):
         if keep_waves:
             waves[m] = plan.buffer
         if transmissions is not None:
             t = transmissions[m]
+        elif t_unique is not None:
+            t = t_unique[slot[m]]
         else:
             if m % chunk == 0:
                 c1 = min(n, m + chunk)

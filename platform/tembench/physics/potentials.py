@@ -264,6 +264,18 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
     if not len(pos):
         return out
     slice_idx = _assign_slices(pos[:, 2], edges)
+    # Slices holding bitwise-identical atoms (x, y, Z) — a crystal without frozen phonons — have
+    # identical potentials: compute each distinct slice once and copy it to its repeats.
+    rep = _repeated_slices(pos, numbers, slice_idx, n_slices)
+    unique = np.flatnonzero(rep == np.arange(n_slices))
+    if unique.size < n_slices:
+        keep = rep[slice_idx] == slice_idx
+        pos, numbers = pos[keep], numbers[keep]
+        slice_idx = np.searchsorted(unique, slice_idx[keep])
+        target = unique
+    else:
+        target = None
+    n_compute = unique.size
     # v is real, so its spectrum is Hermitian: build only kx >= 0 (half the matrix products) and
     # invert with a real FFT
     ky = np.fft.fftfreq(ny, d=sy)
@@ -275,28 +287,54 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
         mask = band_limit_mask((ny, nx), (sy, sx), band_limit, xp=xp)[:, : kx.size]
         kernels = {z: k * mask for z, k in kernels.items()}
     yx = pos[:, [1, 0]]
+    nh = ny // 2 + 1
+    ky_half = np.abs(ky[:nh])
+    kernels_half = {z: xp.concatenate([k[:nh], k[:nh]], axis=0) for z, k in kernels.items()}
     # Small products run single-threaded: BLAS/FFT threads only add synchronisation there, and on a
     # busy 2-core machine that costs 10-100x (measured); large ones keep the BLAS threads.
     with _blas_threads(1 if len(pos) * ny * nx < 2**29 else None):
         # a fixed number of slices per batched inverse FFT (≈2 MB), so one FFT plan serves every call
         chunk = max(1, min(64, (2 * 2**20) // (8 * ny * kx.size)))
-        for c0 in range(0, n_slices, chunk):
-            c1 = min(n_slices, c0 + chunk)
+        for c0 in range(0, n_compute, chunk):
+            c1 = min(n_compute, c0 + chunk)
             plan = plan_irfft2((chunk, ny, nx), tag="potential") if xp is np else None
             spec = plan.spectrum if plan is not None else xp.zeros((chunk, ny, kx.size), dtype=xp.complex64)
             spec[...] = 0
             for z in zs:
                 sel = np.flatnonzero((numbers == z) & (slice_idx >= c0) & (slice_idx < c1))
                 if sel.size:
-                    sf = _structure_factors_by_slice(yx[sel], slice_idx[sel] - c0, c1 - c0, ky, kx, xp)
-                    sf *= kernels[z]
-                    spec[: c1 - c0] += sf
+                    rows = _half_ky_rows(yx[sel], slice_idx[sel] - c0, c1 - c0, ky_half, kx, xp)
+                    rows *= kernels_half[z]  # |k|-dependent kernel: the same for +ky and −ky
+                    _add_unfolded(rows, spec[: c1 - c0], ny)
             _drop_nyquist(spec, (ny, nx))
+            dest = slice(c0, c1) if target is None else target[c0:c1]
             if plan is not None:
-                out[c0:c1] = plan()[: c1 - c0]
+                out[dest] = plan()[: c1 - c0]
             else:  # pragma: no cover - GPU
-                out[c0:c1] = xp.fft.irfft2(spec, s=(ny, nx), axes=(-2, -1))[: c1 - c0]
+                out[dest] = xp.fft.irfft2(spec, s=(ny, nx), axes=(-2, -1))[: c1 - c0]
+    if target is not None:
+        for m in np.flatnonzero(rep != np.arange(n_slices)):
+            out[m] = out[rep[m]]
     return out
+
+
+def _repeated_slices(pos, numbers, slice_idx, n_slices):
+    """For each slice, the first slice whose atoms have bitwise-identical (x, y, Z) (itself if none)."""
+    rep = np.arange(n_slices)
+    counts = np.bincount(slice_idx, minlength=n_slices)
+    if n_slices < 2 or len(np.unique(counts)) == n_slices:
+        return rep
+    order = np.lexsort((pos[:, 0], pos[:, 1], numbers, slice_idx))
+    rows = np.empty((len(pos), 3), dtype=np.float64)
+    rows[:, 0] = pos[order, 0]
+    rows[:, 1] = pos[order, 1]
+    rows[:, 2] = numbers[order]
+    ends = np.cumsum(counts)
+    first: dict[bytes, int] = {}
+    for m in range(n_slices):
+        key = rows[ends[m] - counts[m]:ends[m]].tobytes()
+        rep[m] = first.setdefault(key, m)
+    return rep
 
 
 def _drop_nyquist(spec, shape):
@@ -309,27 +347,75 @@ def _drop_nyquist(spec, shape):
         spec[..., -1] = 0
 
 
-def _structure_factors_by_slice(yx, slice_of_atom, n_slices, ky, kx, xp):
-    """Per-slice structure factors (n_slices, ny, nkx) as one batched matrix product.
+def _cos_sin(coord: np.ndarray, freq: np.ndarray):
+    """cos and sin of 2π·coord·freq, (n_atoms, n_freq) float32; the phase is reduced mod 1 in float64."""
+    cycles = np.multiply.outer(coord, freq)
+    cycles -= np.round(cycles)
+    phase = (cycles * (2.0 * np.pi)).astype(np.float32)
+    return np.cos(phase), np.sin(phase)
 
+
+def _half_ky_rows(yx, slice_of_atom, n_slices, ky_half, kx, xp):
+    """Σ_j [cos; sin](2π ky y_j) e_x(j, kx) per slice for ky >= 0: (n_slices, 2·nh, nkx) complex64.
+
+    The structure factor is S(±ky, kx) = A ∓ iB with A (first nh rows) and B (last nh rows), so
+    only half the ky rows are needed, and the product is real × complex, i.e. one real matrix
+    product of half the size of the complex one (see :func:`_add_unfolded`).
     Atoms are packed into a (n_slices, C) table (C = most atoms in any slice, padding rows are
-    zero phase factors); if the padding would exceed 4× the atoms, slices are done one by one.
+    zero); if the padding would exceed 4× the atoms, slices are done one by one.
     """
+    nh, nkx = ky_half.size, kx.size
     counts = np.bincount(slice_of_atom, minlength=n_slices)
     c_max = int(counts.max())
-    out = xp.zeros((n_slices, ky.size, kx.size), dtype=xp.complex64)
-    if n_slices * c_max > 4 * len(yx) + 64 or n_slices * c_max * (ky.size + kx.size) * 8 > _CHUNK_BYTES:
+    if n_slices * c_max > 4 * len(yx) + 64 or n_slices * c_max * (nh + nkx) * 8 > _CHUNK_BYTES:
+        out = xp.zeros((n_slices, 2 * nh, nkx), dtype=xp.complex64)
+        chunk = max(1, _CHUNK_BYTES // (8 * (nh + nkx)))
         for s in np.flatnonzero(counts):
-            out[s] = _structure_factor_2d(yx[slice_of_atom == s], ky, kx, xp)
+            part_s = yx[slice_of_atom == s]
+            for a in range(0, len(part_s), chunk):
+                part = part_s[a:a + chunk]
+                cy, sy = _cos_sin(part[:, 0], ky_half)
+                y = xp.asarray(np.concatenate([cy, sy], axis=1))  # (c, 2nh)
+                ex = _phase_factors(part[:, 1], kx, xp)
+                out[s] += (y.T @ ex.view(xp.float32)).view(xp.complex64)
         return out
     order = np.argsort(slice_of_atom, kind="stable")
     rank = np.arange(len(yx)) - np.repeat(np.cumsum(counts) - counts, counts)
-    ey = xp.zeros((n_slices, c_max, ky.size), dtype=xp.complex64)
-    ex = xp.zeros((n_slices, c_max, kx.size), dtype=xp.complex64)
     s_sorted = slice_of_atom[order]
-    ey[s_sorted, rank] = _phase_factors(yx[order, 0], ky, xp)
+    y = np.zeros((n_slices, c_max, 2 * nh), dtype=np.float32)
+    cy, sy = _cos_sin(yx[order, 0], ky_half)
+    y[s_sorted, rank, :nh] = cy
+    y[s_sorted, rank, nh:] = sy
+    ex = xp.zeros((n_slices, c_max, nkx), dtype=xp.complex64)
     ex[s_sorted, rank] = _phase_factors(yx[order, 1], kx, xp)
-    return xp.matmul(ey.transpose(0, 2, 1), ex, out=out)
+    r = xp.matmul(xp.asarray(y).transpose(0, 2, 1), ex.view(xp.float32))
+    return r.view(xp.complex64)
+
+
+def _add_unfolded(rows, spec, ny):
+    """spec (n, ny, nkx) += the structure factor S(ky, kx) from :func:`_half_ky_rows` output."""
+    nh = ny // 2 + 1
+    npos = (ny + 1) // 2  # rows 0 … npos−1 hold ky >= 0; row ny − j holds −ky_j (the Nyquist row is negative)
+    nneg = ny - npos
+    r = rows.view(np.float32) if rows.dtype == np.complex64 else rows
+    a_re, a_im = r[:, :nh, 0::2], r[:, :nh, 1::2]
+    b_re, b_im = r[:, nh:, 0::2], r[:, nh:, 1::2]
+    sf = spec.view(np.float32)
+    sf[:, :npos, 0::2] += a_re[:, :npos] + b_im[:, :npos]  # S(+ky) = A − iB
+    sf[:, :npos, 1::2] += a_im[:, :npos] - b_re[:, :npos]
+    if nneg:
+        rev = slice(nneg, 0, -1)  # j = nneg … 1
+        sf[:, npos:, 0::2] += a_re[:, rev] - b_im[:, rev]  # S(−ky) = A + iB
+        sf[:, npos:, 1::2] += a_im[:, rev] + b_re[:, rev]
+
+
+def _structure_factors_by_slice(yx, slice_of_atom, n_slices, ky, kx, xp):
+    """Per-slice structure factors (n_slices, ny, nkx) complex64 (``ky`` in FFT order)."""
+    ny = ky.size
+    rows = _half_ky_rows(yx, slice_of_atom, n_slices, np.abs(ky[: ny // 2 + 1]), kx, xp)
+    out = xp.zeros((n_slices, ny, kx.size), dtype=xp.complex64)
+    _add_unfolded(rows, out, ny)
+    return out
 
 
 def _half_kernel(Z, ky, kx, pixel_area, parametrization, xp):
