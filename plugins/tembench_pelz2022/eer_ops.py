@@ -14,6 +14,7 @@ gives the same result; the tests check they agree exactly. The detector geometry
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,19 +81,12 @@ def _dense4(x) -> np.ndarray:
 
 
 # --- index remapping: crop, bin, centre --------------------------------------------------------
-def remap(events: ElectronEvents, lut: np.ndarray, new_shape: tuple[int, int]) -> ElectronEvents:
+def remap(events: ElectronEvents, lut: np.ndarray, new_shape: tuple[int, int],
+          numba: bool | None = None) -> ElectronEvents:
     """Map every event's pixel p to ``lut[p]`` (−1 drops it): O(C) plus O(F) new offsets."""
-    new = lut[events.indices]
-    keep = new >= 0
     n_pix = new_shape[0] * new_shape[1]
-    if keep.all():
-        idx = new.astype(index_dtype_for(n_pix))
-        offsets = events.offsets.copy()
-    else:
-        idx = new[keep].astype(index_dtype_for(n_pix))
-        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
-        np.cumsum(keep, out=kept_before[1:])
-        offsets = kept_before[events.offsets.astype(np.int64)].astype(offset_dtype_for(len(idx)))
+    offsets, idx = _kernels.remap_indices(events.offsets, events.indices, lut, index_dtype_for(n_pix),
+                                          offset_dtype_for, numba=numba)
     monotone = bool(np.all(np.diff(lut[lut >= 0]) > 0)) if lut.size else True
     return ElectronEvents(offsets, idx, events.scan_shape, new_shape,
                           sorted_within_frames=events.sorted_within_frames and monotone)
@@ -184,26 +178,61 @@ def annular_mask(grid: DetectorGrid, inner_mrad: float, outer_mrad: float) -> np
     return (r >= inner_mrad) & (r < outer_mrad)
 
 
+_PACK_LIMIT = 1 << 32  # Σ ix must stay below this for the packed table
+
+
+@functools.lru_cache(maxsize=16)
+def _packed_yx_table(ny: int, nx: int) -> np.ndarray:
+    """(ny·nx,) int64 table (iy << 32) | ix: one gather and one add per event give Σy and Σx at once."""
+    t = (np.arange(ny, dtype=np.int64)[:, None] << 32) | np.arange(nx, dtype=np.int64)[None, :]
+    t = t.ravel()
+    t.flags.writeable = False
+    return t
+
+
+def _event_yx_sums(ev: ElectronEvents, numba: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Σ iy, Σ ix, counts) per frame as float64 (exact integers), O(C)."""
+    ny, nx = ev.detector_shape
+    counts = ev.counts_per_frame
+    n_max = int(counts.max()) if len(counts) else 0
+    if n_max * max(nx - 1, 1) < _PACK_LIMIT and 2 * n_max * max(ny - 1, 1) < _PACK_LIMIT:
+        s = _kernels.csr_table_sums(ev.offsets, ev.indices, _packed_yx_table(ny, nx), numba=numba)[:, 0]
+        sy = (s >> 32).astype(np.float64)
+        sx = (s & 0xFFFFFFFF).astype(np.float64)
+    else:  # a frame so full that Σ ix could carry into Σ iy: two columns
+        table = np.empty((ny, nx, 2), dtype=np.int64)
+        table[..., 0] = np.arange(ny)[:, None]
+        table[..., 1] = np.arange(nx)[None, :]
+        s = _kernels.csr_table_sums(ev.offsets, ev.indices, table.reshape(-1, 2), numba=numba)
+        sy, sx = s[:, 0].astype(np.float64), s[:, 1].astype(np.float64)
+    shape = ev.scan_shape
+    return sy.reshape(shape), sx.reshape(shape), counts.astype(np.float64).reshape(shape)
+
+
 def center_of_mass(x, grid: DetectorGrid, normalize: str = "frame", numba: bool | None = None):
     """Centre of mass of every pattern relative to the grid centre, in mrad: (com_y, com_x, counts).
 
     ``normalize="frame"`` divides by each pattern's own total (frames with no counts give 0);
     ``"mean"`` divides by the mean total over the scan (linear in the data; better at < 1
     electron per pattern). Sums are exact integers for counted data on either representation.
+    Events: Σ iy and Σ ix come from one packed int64 table gathered per event, the counts from
+    the CSR offsets.
     """
     ny, nx = grid.shape
-    table = np.empty((ny, nx, 3), dtype=np.int64 if _is_events(x) else np.float64)
-    table[..., 0] = np.arange(ny)[:, None]
-    table[..., 1] = np.arange(nx)[None, :]
-    table[..., 2] = 1
     if _is_events(x):
-        sums = detector_response(x, table, numba=numba).astype(np.float64)
+        if x.detector_shape != (ny, nx):
+            raise TembenchError(f"detector grid {grid.shape} does not match the events' detector {x.detector_shape}")
+        sum_y, sum_x, counts = _event_yx_sums(x, numba)
     else:
         d = _dense4(x)
+        table = np.empty((ny, nx, 3), dtype=np.float64)
+        table[..., 0] = np.arange(ny)[:, None]
+        table[..., 1] = np.arange(nx)[None, :]
+        table[..., 2] = 1
         # float32 data: exact integer sums while they stay < 2²⁴; use float64 otherwise
         dt = np.float32 if (d.dtype == np.float32 and d.shape[2] * d.shape[3] * max(ny, nx) < (1 << 24)) else np.float64
         sums = detector_response(d, table.astype(dt), numba=numba).astype(np.float64)
-    counts = sums[..., 2]
+        sum_y, sum_x, counts = sums[..., 0], sums[..., 1], sums[..., 2]
     if normalize == "frame":
         denom = np.where(counts > 0, counts, np.inf)
     elif normalize == "mean":
@@ -211,15 +240,15 @@ def center_of_mass(x, grid: DetectorGrid, normalize: str = "frame", numba: bool 
     else:
         raise TembenchError(f"center_of_mass: normalize must be 'frame' or 'mean', got {normalize!r}")
     frac = counts / denom  # 1 (or 0 for empty frames) with "frame", N/⟨N⟩ with "mean"
-    com_y = sums[..., 0] / denom - frac * grid.centre_px[0]
-    com_x = sums[..., 1] / denom - frac * grid.centre_px[1]
+    com_y = sum_y / denom - frac * grid.centre_px[0]
+    com_x = sum_x / denom - frac * grid.centre_px[1]
     return com_y * grid.sampling_mrad[0], com_x * grid.sampling_mrad[1], counts
 
 
 def frame_sum(x) -> np.ndarray:
     """Sum of all frames (PACBED), (ny, nx); int64 counts for events."""
     if _is_events(x):
-        return np.bincount(x.indices, minlength=x.n_pixels).reshape(x.detector_shape)
+        return _kernels.histogram(x.indices, x.n_pixels).reshape(x.detector_shape)
     d = _dense4(x)
     return d.reshape(-1, d.shape[2] * d.shape[3]).sum(axis=0, dtype=np.float64).reshape(d.shape[2:])
 

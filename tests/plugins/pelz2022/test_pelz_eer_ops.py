@@ -120,3 +120,33 @@ def test_bright_field_crop_bin_limits_size_and_keeps_centre(sparse):
     assert np.array_equal(small.to_dense(), small_d)
     ay, ax = g.axes_mrad()
     assert np.isclose(ay[g.shape[0] // 2], 0) and np.isclose(ax[g.shape[1] // 2], 0)
+
+
+@pytest.mark.parametrize("numba", [False, True])
+def test_remap_histogram_and_one_column_sums_match_numpy_reference(sparse, numba):
+    if numba and not _kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    c, ev, _ = sparse
+    rng = np.random.default_rng(5)
+    lut = rng.integers(-1, 50, ev.n_pixels)  # drops about 2 % of the pixels
+    off, idx = _kernels.remap_indices(ev.offsets, ev.indices, lut, np.uint16, lambda n: np.uint32, numba=numba)
+    new = lut[ev.indices]
+    keep = new >= 0
+    assert np.array_equal(idx, new[keep].astype(np.uint16))
+    assert np.array_equal(np.diff(off.astype(np.int64)), np.bincount(ev.frame_ids()[keep], minlength=ev.n_frames))
+    assert np.array_equal(_kernels.histogram(ev.indices, ev.n_pixels, numba=numba),
+                          np.bincount(ev.indices, minlength=ev.n_pixels))
+    for table in (rng.integers(0, 7, ev.n_pixels), rng.random(ev.n_pixels) > 0.5):
+        s = _kernels.csr_table_sums(ev.offsets, ev.indices, table, numba=numba)[:, 0]
+        ref = np.bincount(ev.frame_ids(), weights=table[ev.indices].astype(float), minlength=ev.n_frames)
+        assert s.dtype == np.int64 and np.array_equal(s, ref.astype(np.int64))
+
+
+def test_center_of_mass_two_column_fallback_equals_packed(sparse, monkeypatch):
+    c, ev, grid = sparse
+    packed = eer_ops.center_of_mass(ev, grid)
+    monkeypatch.setattr(eer_ops, "_PACK_LIMIT", 0)  # as if a frame were so full that Σ ix could carry into Σ iy
+    two = eer_ops.center_of_mass(ev, grid)
+    dense = eer_ops.center_of_mass(c, grid)
+    for a, b, d in zip(packed, two, dense):
+        assert np.array_equal(a, b) and np.array_equal(a, d)
