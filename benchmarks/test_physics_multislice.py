@@ -57,10 +57,10 @@ def _fft_floor(gpts, n_slices, batch=()):
     plan = plan_fft2(tuple(batch) + tuple(gpts), tag="floor")
     plan.buffer[...] = 1.0
 
-    def floor():
+    def floor():  # raw planned transforms (the 1/N of the inverse is left out, as our loops fold it in)
         for _ in range(n_slices):
             plan.forward()
-            plan.inverse()
+            plan.inverse_unnormalized()
 
     return floor
 

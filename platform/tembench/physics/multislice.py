@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from tembench.backend import fft2, get_array_module, ifft2, plan_fft2
+from tembench.backend import fft2, get_array_module, ifft2, plan_fft2, plan_pruned_fft2
 from tembench.errors import TembenchError
 from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.grid import check_gpts, check_sampling, spatial_frequencies
@@ -201,8 +201,10 @@ def multislice(wave, slice_thickness_A, *, energy_keV: float, sampling_A, potent
         raise TembenchError(f"multislice: wave grid {gpts} differs from slice grid {tuple(stack.shape[-2:])}")
     sigma = interaction_constant(energy_keV)
     props = propagator_cache(gpts, sampling_A, energy_keV, propagator, band_limit, tilt_mrad, xp)
-    plan = plan_fft2(np.broadcast_shapes(wave.shape, stack.shape[1:]), xp=xp)
+    # column FFTs only where the band-limited propagator is non-zero (see PrunedFFT2Plan)
+    plan = plan_pruned_fft2(np.broadcast_shapes(wave.shape, stack.shape[1:]), props.kept_columns(), xp=xp)
     plan.buffer[...] = wave
+    inv_n = 1.0 / (gpts[0] * gpts[1])
     waves = xp.empty((n,) + plan.shape, dtype=xp.complex64) if keep_waves else None
     # transmissions are made a chunk of slices at a time (batched FFTs, little per-slice overhead)
     plane = int(np.prod(stack.shape[1:]))
@@ -235,9 +237,9 @@ def multislice(wave, slice_thickness_A, *, energy_keV: float, sampling_A, potent
             t = t_chunk[m % chunk]
         buf = plan.buffer
         xp.multiply(buf, t, out=buf)
-        buf = plan.forward()
-        xp.multiply(buf, props(dz[m]), out=buf)
-        plan.inverse()
+        buf = plan.forward_pruned()
+        xp.multiply(buf, props.scaled(dz[m], inv_n), out=buf)  # the inverse FFT's 1/N folded in
+        plan.inverse_pruned()
     return MultisliceResult(exit_wave=plan.buffer.copy(), waves=waves)
 
 

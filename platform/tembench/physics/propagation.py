@@ -105,6 +105,30 @@ class PropagatorCache:
             self._cache[key] = p
         return p
 
+    def scaled(self, dz_A: float, factor: float):
+        """``factor`` × the propagator of ``dz_A`` (e.g. an inverse FFT's 1/N folded in), cached."""
+        key = (round(float(dz_A), 6), float(factor))
+        p = self._cache.get(key)
+        if p is None:
+            p = self(dz_A) * self.xp.complex64(factor)
+            self._cache[key] = p
+        return p
+
+    def kept_columns(self):
+        """(left, right): the band limit is zero in every kx column outside the first ``left`` and the
+        last ``right`` columns (FFT order), for :class:`tembench.backend.PrunedFFT2Plan`."""
+        m = self._cache.get("cols")
+        if m is None:
+            nz = np.flatnonzero(np.any(np.asarray(self.mask() if self.xp is np else self.mask().get()) != 0, axis=0))
+            nx = self.gpts[1]
+            left = int(np.sum(nz < (nx + 1) // 2))
+            right = int(nz.size - left)
+            # the kept set must be exactly [0, left) ∪ [nx − right, nx)
+            if not np.array_equal(nz, np.r_[np.arange(left), np.arange(nx - right, nx)]):
+                left, right = nx, 0
+            m = self._cache["cols"] = (left, right)
+        return m
+
     def mask(self):
         key = "mask"
         m = self._cache.get(key)

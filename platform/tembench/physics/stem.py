@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tembench.backend import asnumpy, fft2, get_array_module, ifft2, plan_fft2
+from tembench.backend import plan_pruned_fft2, asnumpy, fft2, get_array_module, ifft2, plan_fft2
 from tembench.errors import TembenchError
 from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.grid import check_gpts, check_sampling, spatial_frequencies
@@ -259,10 +259,18 @@ class _Scanner:
             return max(1, int(GRADIENT_BATCH_BYTES // per))
         return max(1, int(BATCH_BYTES // (self.n_modes * self.window[0] * self.window[1] * 8)))
 
+    def plan(self, shape):
+        """The planned FFT of the forward pass: (B, M, wy, wx), pruned to the band limit's columns."""
+        return plan_pruned_fft2(shape, self.props.kept_columns(), xp=self.xp)
+
     def incident(self, frac):
+        """Shifted probe modes (B, M, wy, wx) and the phase ramps; the waves are in a planned FFT buffer
+        (the one :meth:`forward` uses), so they are valid until the next forward call."""
         xp = self.xp
         ramp = fourier_shift_phase(self.ky, self.kx, xp.asarray(frac))  # (B, wy, wx)
-        return ifft2(ramp[:, None] * self.modes_k[None]).astype(xp.complex64), ramp  # (B, M, wy, wx)
+        plan = self.plan((len(frac), self.n_modes) + self.window)
+        xp.multiply(ramp[:, None], self.modes_k[None], out=plan.buffer)
+        return plan.inverse(), ramp
 
     def _transmit(self, buf, m, origins, conj=False):
         """buf (B, M, wy, wx) *= the window of slice m at each origin."""
@@ -278,18 +286,24 @@ class _Scanner:
 
     def forward(self, psi, origins, keep_waves=False):
         xp = self.xp
-        plan = plan_fft2(psi.shape, xp=xp)
-        plan.buffer[...] = psi
+        plan = self.plan(psi.shape)
+        if psi is not plan.buffer:  # :meth:`incident` leaves the waves in this buffer already
+            plan.buffer[...] = psi
         waves = xp.empty((self.n_slices,) + psi.shape, xp.complex64) if keep_waves else None
+        inv_n = 1.0 / (self.window[0] * self.window[1])
+        last = self.n_slices - 1
         for m in range(self.n_slices):
             if keep_waves:
                 waves[m] = plan.buffer
             self._transmit(plan.buffer, m, origins)
-            buf = plan.forward()
-            xp.multiply(buf, self.props(self.dz[m]), out=buf)
-            plan.inverse()
-        buf = plan.forward()  # far field of the exit wave
-        return buf, waves
+            buf = plan.forward_pruned()  # column FFTs only where the band-limited propagator is non-zero
+            if m == last:
+                # far field of the exit wave = FFT(IFFT(P·X)) = P·X: the last inverse/forward pair cancels
+                xp.multiply(buf, self.props(self.dz[m]), out=buf)
+                return buf, waves
+            xp.multiply(buf, self.props.scaled(self.dz[m], inv_n), out=buf)  # inverse FFT's 1/N folded in
+            plan.inverse_pruned()
+        return plan.forward(), waves  # no slices: the far field of the incident wave
 
     def backward(self, g_farfield, waves, origins, grad_pad, complex_potential=False):
         """Back-propagate 2∂L/∂Ψ* (B, M, wy, wx) of the far field; accumulate ∂L/∂v into ``grad_pad``
@@ -380,6 +394,8 @@ def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, p
     images = {name: np.zeros(n_pos, np.float32) for name in names}
     bs = batch_size or sc.batch_size(False)
     bs = min(bs, n_pos)
+    if batch_size is None and bs > 1:  # the batch size in [bs/2, bs] that pads the last batch least
+        bs = min(range(max(1, bs // 2), bs + 1), key=lambda b: (-(-n_pos // b) * b - n_pos, -b))
     norm = 1.0 / (wy * wx)
     for start in range(0, n_pos, bs):
         stop = min(start + bs, n_pos)
