@@ -94,19 +94,20 @@ def transmission_functions(potentials, *, energy_keV: float, sampling_A, bandlim
     if n < chunk:  # short stacks (e.g. the distinct slices of a crystal): a power-of-two batch, few plans
         chunk = 1 << (n - 1).bit_length()
     props = propagator_cache(potentials.shape[-2:], sampling_A, energy_keV, "fresnel", band_limit, (0.0, 0.0), xp)
-    mask = props.mask()
+    mask = props.mask() * np.float32(1.0 / plane)  # the inverse FFT's 1/N folded in
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
-        plan = plan_fft2((chunk,) + tuple(potentials.shape[1:]), xp=xp, tag="transmission-stack")
+        plan = plan_pruned_fft2((chunk,) + tuple(potentials.shape[1:]), props.kept_columns(), xp=xp,
+                                tag="transmission-stack")
         if c1 - c0 < chunk:
             plan.buffer[c1 - c0:] = 0
         if xp.iscomplexobj(potentials):
             plan.buffer[: c1 - c0] = transmission_function(potentials[c0:c1], sigma, xp)
         else:
             transmission_function(potentials[c0:c1], sigma, xp, out=plan.buffer[: c1 - c0])
-        buf = plan.forward()
+        buf = plan.forward_pruned()
         buf *= mask
-        t[c0:c1] = plan.inverse()[: c1 - c0]
+        t[c0:c1] = plan.inverse_pruned()[: c1 - c0]
     return t
 
 
