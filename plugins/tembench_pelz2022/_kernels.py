@@ -30,23 +30,25 @@ def _acc_dtype(table) -> type:
     return np.int64 if (np.issubdtype(table.dtype, np.integer) or table.dtype == bool) else np.float64
 
 
-def csr_table_sums_numpy(offsets, indices, table):
-    """Per-frame sums of ``table`` rows gathered at the event indices: one gather, then
-    ``np.add.reduceat`` over the CSR offsets of the non-empty frames (O(C·d), no frame-id array)."""
-    table = np.asarray(table)
-    if table.ndim == 1:
-        table = table[:, None]
-    acc = _acc_dtype(table)
-    n_frames = len(offsets) - 1
-    out = np.zeros((n_frames, table.shape[1]), dtype=acc)
-    if len(indices) == 0:
+def segment_sums_numpy(offsets, vals):
+    """(F, d) sums of ``vals`` (C, d) over the CSR frames: ``np.add.reduceat`` at the starts of the
+    non-empty frames (between two of them only empty frames lie, so each segment is one frame)."""
+    out = np.zeros((len(offsets) - 1, vals.shape[1]), dtype=vals.dtype)
+    if len(vals) == 0:
         return out
     starts = np.asarray(offsets[:-1])
     nonempty = np.asarray(offsets[1:]) > starts
-    # between two non-empty frames only empty ones lie, so each segment is exactly one frame
-    vals = table.astype(acc, copy=False)[indices]
     out[nonempty] = np.add.reduceat(vals, starts[nonempty].astype(np.intp), axis=0)
     return out
+
+
+def csr_table_sums_numpy(offsets, indices, table):
+    """Per-frame sums of ``table`` rows gathered at the event indices: one gather, then
+    :func:`segment_sums_numpy` over the CSR offsets (O(C·d), no frame-id array)."""
+    table = np.asarray(table)
+    if table.ndim == 1:
+        table = table[:, None]
+    return segment_sums_numpy(offsets, table.astype(_acc_dtype(table), copy=False)[indices])
 
 
 if HAVE_NUMBA:
@@ -155,6 +157,119 @@ def remap_indices(offsets, indices, lut, index_dtype, offset_dtype_of, numba: bo
     kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(keep, out=kept_before[1:])
     return kept_before[offsets.astype(np.int64)].astype(offset_dtype_of(len(idx))), idx
+
+
+# --- centre-of-mass sums without a table: Σp and Σ⌊p/nx⌋ by multiply-shift (vectorisable) ------------
+def row_divisor(nx: int) -> tuple[int, int]:
+    """(m, k) with ⌊p/nx⌋ = (p·m) >> k exactly for every 0 ≤ p < 2¹⁶ (16-bit indices, nx ≤ 2¹⁶)."""
+    k = 32
+    return -(-(1 << k) // int(nx)), k
+
+
+if HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True)
+    def _csr_index_sums_nb(offsets, indices, m, k, nx, out):  # pragma: no cover - compiled
+        for f in range(out.shape[0]):
+            sp = 0
+            sy = 0
+            a = offsets[f]
+            b = offsets[f + 1]
+            for e in range(a, b):
+                p = np.int64(indices[e])
+                sp += p
+                sy += (p * m) >> k
+            out[f, 0] = sy
+            out[f, 1] = sp - sy * nx
+            out[f, 2] = b - a
+
+    @_nb.njit(cache=True, nogil=True, fastmath=True)
+    def _dense_moments_nb(d3, ys, xs, out):  # pragma: no cover - compiled
+        n_frames, ny, nx = d3.shape
+        zero = ys[0] - ys[0]
+        for f in range(n_frames):
+            s = zero
+            sy = zero
+            sx = zero
+            for iy in range(ny):
+                row = zero
+                rx = zero
+                for ix in range(nx):
+                    v = d3[f, iy, ix]
+                    row += v
+                    rx += v * xs[ix]
+                s += row
+                sy += row * ys[iy]
+                sx += rx
+            out[f, 0] = sy
+            out[f, 1] = sx
+            out[f, 2] = s
+
+
+if HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True)
+    def _com_finish_nb(sums, per_frame, mean_denom, cy, cx, sy, sx, com_y, com_x, counts):  # pragma: no cover
+        for f in range(sums.shape[0]):
+            n = sums[f, 2]
+            if per_frame:
+                denom = n if n > 0 else np.inf
+            else:
+                denom = mean_denom
+            frac = n / denom
+            com_y[f] = (sums[f, 0] / denom - frac * cy) * sy
+            com_x[f] = (sums[f, 1] / denom - frac * cx) * sx
+            counts[f] = n
+
+
+def com_finish(sums, normalize: str, centre, sampling, numba: bool | None = None):
+    """(com_y, com_x, counts) float64 (F,) from (F, 3) float64 sums (Σ iy, Σ ix, n): per frame
+    (Σ/d − (n/d)·c)·s with d = n (``"frame"``, empty frames give 0) or the mean n (``"mean"``)."""
+    counts = sums[:, 2]
+    mean_denom = max(float(counts.mean()), 1e-300) if normalize == "mean" else 1.0
+    if use_numba(numba):
+        out = np.empty((3, len(sums)), np.float64)
+        _com_finish_nb(sums, normalize == "frame", mean_denom, float(centre[0]), float(centre[1]),
+                       float(sampling[0]), float(sampling[1]), out[0], out[1], out[2])
+        return out[0], out[1], out[2]
+    denom = np.where(counts > 0, counts, np.inf) if normalize == "frame" else np.full_like(counts, mean_denom)
+    frac = counts / denom
+    com_y = (sums[:, 0] / denom - frac * centre[0]) * sampling[0]
+    com_x = (sums[:, 1] / denom - frac * centre[1]) * sampling[1]
+    return com_y, com_x, counts.copy()
+
+
+def csr_index_sums(offsets, indices, nx: int, numba: bool | None = None) -> np.ndarray:
+    """(F, 3) float64 per frame (Σ iy, Σ ix, counts) of 16-bit linear indices p = iy·nx + ix, from Σp
+    and Σ⌊p/nx⌋: integer reductions over the index stream, no table lookup (O(C); exact)."""
+    if indices.dtype.itemsize > 2:
+        raise ValueError("csr_index_sums needs 16-bit indices")
+    m, k = row_divisor(nx)
+    n_frames = len(offsets) - 1
+    if use_numba(numba):
+        out = np.empty((n_frames, 3), np.float64)
+        _csr_index_sums_nb(offsets, indices, m, k, int(nx), out)
+        return out
+    p = indices.astype(np.int64)
+    sums = segment_sums_numpy(offsets, np.stack([(p * m) >> k, p], axis=1))
+    sums[:, 1] -= sums[:, 0] * nx
+    out = np.empty((n_frames, 3), np.float64)
+    out[:, :2] = sums
+    out[:, 2] = np.diff(offsets.astype(np.int64))
+    return out
+
+
+def dense_moments(d, numba: bool | None = None):
+    """(F, 3) Σ I·iy, Σ I·ix, Σ I per pattern of dense (F, ny, nx) float data, in the data's dtype
+    (one pass over the data; numpy twin: one matrix product)."""
+    n_frames, ny, nx = d.shape
+    if use_numba(numba) and d.dtype in (np.float32, np.float64) and d.flags.c_contiguous:
+        out = np.empty((n_frames, 3), dtype=d.dtype)
+        _dense_moments_nb(d, np.arange(ny, dtype=d.dtype), np.arange(nx, dtype=d.dtype), out)
+        return out
+    table = np.empty((ny, nx, 3), dtype=d.dtype if d.dtype in (np.float32, np.float64) else np.float64)
+    table[..., 0] = np.arange(ny)[:, None]
+    table[..., 1] = np.arange(nx)[None, :]
+    table[..., 2] = 1
+    return d.reshape(n_frames, ny * nx) @ table.reshape(ny * nx, 3)
 
 
 def histogram(indices, n_bins: int, numba: bool | None = None) -> np.ndarray:

@@ -142,11 +142,16 @@ def test_remap_histogram_and_one_column_sums_match_numpy_reference(sparse, numba
         assert s.dtype == np.int64 and np.array_equal(s, ref.astype(np.int64))
 
 
-def test_center_of_mass_two_column_fallback_equals_packed(sparse, monkeypatch):
+def test_center_of_mass_table_paths_equal_the_index_arithmetic(sparse, monkeypatch):
     c, ev, grid = sparse
-    packed = eer_ops.center_of_mass(ev, grid)
+    arith = eer_ops.center_of_mass(ev, grid)  # 16-bit indices: Σp and Σ⌊p/nx⌋ by multiply-shift
+    wide = ElectronEvents(ev.offsets, ev.indices.astype(np.uint32), ev.scan_shape, ev.detector_shape)
+    packed = eer_ops.center_of_mass(wide, grid)  # 32-bit indices: packed (iy << 32 | ix) table
     monkeypatch.setattr(eer_ops, "_PACK_LIMIT", 0)  # as if a frame were so full that Σ ix could carry into Σ iy
-    two = eer_ops.center_of_mass(ev, grid)
+    two = eer_ops.center_of_mass(wide, grid)
     dense = eer_ops.center_of_mass(c, grid)
-    for a, b, d in zip(packed, two, dense):
-        assert np.array_equal(a, b) and np.array_equal(a, d)
+    for a, b, t, d in zip(arith, packed, two, dense):
+        assert np.array_equal(a, b) and np.array_equal(a, t) and np.array_equal(a, d)
+    m, k = _kernels.row_divisor(24)
+    p = np.arange(1 << 16, dtype=np.int64)
+    assert np.array_equal((p * m) >> k, p // 24)
