@@ -130,5 +130,8 @@ def test_stem4d_bad_input():
         STEM4D().simulate(sample, STEM4D.Params(sampling_A=0.4, semiangle_mrad=30), np)
     with pytest.raises(TembenchError, match="keeps angles"):
         STEM4D().simulate(sample, STEM4D.Params(sampling_A=0.1, detectors={"haadf": (90.0, 200.0)}), np)
+    # an annulus reaching past the simulated angles would be silently truncated: refuse it
+    with pytest.raises(TembenchError, match="reaches 200.0 mrad.*up to 6[0-9].[0-9] mrad"):
+        STEM4D().simulate(sample, STEM4D.Params(sampling_A=0.1, detectors={"haadf": (50.0, 200.0)}), np)
     with pytest.raises(TembenchError, match="larger than"):
         STEM4D().simulate(sample, STEM4D.Params(sampling_A=0.1, window_gpts=128), np)

@@ -247,7 +247,7 @@ class STEM4D(ForwardModel):
         output: Literal["patterns", "image"] = Field("patterns", description="patterns: 4D data; image: only "
                                                      "virtual-detector images (no 4D array is held)")
         detectors: dict[str, tuple[float, float | None]] = Field(
-            default_factory=lambda: {"haadf": (60.0, 200.0)},
+            default_factory=lambda: {"haadf": (60.0, None)},
             description="virtual detectors {name: (inner, outer) mrad}; the first is the image for output=image")
         n_probe_modes: int = Field(1, ge=1, le=32, description="incoherent probe modes (You eq 10)")
         focal_spread_A: float = Field(0.0, ge=0, description="rms defocus spread (Å) represented by the probe modes")
@@ -274,11 +274,18 @@ class STEM4D(ForwardModel):
             ab["C10"] = -float(p.defocus_A)
         check_sampling_for_aperture(sampling, p.energy_keV, p.semiangle_mrad, p.band_limit)
         amax = max_scattering_angle_mrad(sampling, p.energy_keV, p.band_limit)
-        for name, (inner, _outer) in p.detectors.items():
+        for name, (inner, outer) in p.detectors.items():
             if inner is not None and inner >= amax:
                 raise TembenchError(
                     f"stem4d: detector {name!r} starts at {inner} mrad but sampling_A {p.sampling_A} Å keeps angles "
                     f"only up to {amax:.1f} mrad; use sampling_A <= {p.sampling_A * amax / inner / 1.05:.4f} Å"
+                )
+            if outer is not None and outer > amax * 1.01:
+                # a silently truncated annulus would under-count high-angle scattering (HAADF vs thickness)
+                raise TembenchError(
+                    f"stem4d: detector {name!r} reaches {outer} mrad but sampling_A {p.sampling_A} Å keeps angles "
+                    f"only up to {amax:.1f} mrad (2/3 band limit); use sampling_A <= "
+                    f"{p.sampling_A * amax / outer:.4f} Å, or outer angle null (= up to {amax:.0f} mrad)"
                 )
         if p.window_gpts is not None:
             window = (p.window_gpts, p.window_gpts) if isinstance(p.window_gpts, int) else tuple(p.window_gpts)
