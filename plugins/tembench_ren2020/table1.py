@@ -64,7 +64,7 @@ def settings_of(spec, reconstructor_key: str) -> dict:
     variant = ""
     if sp.get("vacancies"):
         variant = "5 % vacancies"
-    elif sp.get("substitute_si_with"):
+    elif sp.get("substitute_si_with") and float(sp.get("substitution_fraction", 1.0)) > 0:
         variant = f"Si → {sp['substitute_si_with']}"
     elif float(fwd.get("focal_spread_A", 0) or 0) > 0 or float(fwd.get("illumination_rms_mrad", 0) or 0) > 0:
         variant = "partial coherence"
