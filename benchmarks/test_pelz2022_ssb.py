@@ -110,6 +110,8 @@ def test_peers_py4dstem(benchmark):
     flat = {}
     for method in ("ssb", "dpc"):
         r = res[method]
+        flat.update({f"{method}_ours_cold_peak_MB": r["ours"]["cold_peak_MB"],
+                     f"{method}_py4dstem_children_MB": r["py4dstem"]["children_pss_MB"]})
         flat.update({f"{method}_speedup_warm": r["speedup_warm"], f"{method}_speedup_cold": r["speedup_cold"],
                      f"{method}_memory_ratio": r["memory_ratio"],
                      f"{method}_ours_s": r["ours"]["warm_s"], f"{method}_py4dstem_s": r["py4dstem"]["warm_s"],

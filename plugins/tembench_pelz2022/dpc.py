@@ -98,11 +98,13 @@ def _padded(shape, factor):
 
 
 def _half_plane_norm2(a) -> float:
-    """Σ|x|² of the real field whose rfft2 (last axis halved) is ``a``, up to the constant 1/N (Parseval)."""
-    n = a.shape[-1]
-    inner = a[..., 1:n - 1] if n > 1 else a[..., :0]
-    return 2.0 * float(np.vdot(a, a).real) - float(np.vdot(a[..., :1], a[..., :1]).real) - (
-        float(np.vdot(a[..., -1:], a[..., -1:]).real) if n > 1 else 0.0) + 0.0 * inner.size
+    """Σ|X|² over the full spectrum of a real field whose ``rfft2`` is ``a`` (even last size: the
+    first and last columns are their own mirror images, every other column counts twice)."""
+    full = 2.0 * float(np.vdot(a, a).real)
+    full -= float(np.vdot(a[..., 0], a[..., 0]).real)
+    if a.shape[-1] > 1:
+        full -= float(np.vdot(a[..., -1], a[..., -1]).real)
+    return full
 
 
 def iterative_dpc(gy, gx, step_A, step_size: float = 0.5, n_iter: int = 64, lambda1_per_A2: float = 0.0,
@@ -128,21 +130,26 @@ def iterative_dpc(gy, gx, step_A, step_size: float = 0.5, n_iter: int = 64, lamb
     z = np.empty((2, ny, nx), np.float32)
     z[0], z[1] = gy, gx
     phi_k = np.zeros((py, px // 2 + 1), np.complex64)
-    grad_k = np.empty((2, py, px // 2 + 1), np.complex64)
+    spec = np.empty((2, py, px // 2 + 1), np.complex64)  # i q φ̂, then F{residual}
+    rp = np.zeros((2, py, px), np.float32)  # the residual, zero outside the measured region
     upd = np.empty_like(phi_k)
     workers = fft_workers() if py * px >= 256 * 256 else 1
     norm_g = math.sqrt(float(np.vdot(z, z).real)) or 1.0
     history = []
     for _ in range(int(n_iter)):
-        np.multiply(phi_k, iqy, out=grad_k[0])
-        np.multiply(phi_k, iqx, out=grad_k[1])
-        r = scipy.fft.irfft2(grad_k, s=(py, px), workers=workers)[:, :ny, :nx]
-        r = np.subtract(z, r)  # the residual on the measured region (M ⊙ (g − ∇φ))
+        np.multiply(phi_k, iqy, out=spec[0])
+        np.multiply(phi_k, iqx, out=spec[1])
+        r = rp[:, :ny, :nx]
+        for c in range(2):  # one component at a time: half the transient real-space memory
+            grad = scipy.fft.irfft2(spec[c], s=(py, px), workers=workers, overwrite_x=True)
+            np.subtract(z[c], grad[:ny, :nx], out=r[c])  # M ⊙ (g − ∇φ)
+            del grad
+        del spec  # rfft2 below allocates the next one
         history.append(math.sqrt(float(np.vdot(r, r).real)) / norm_g)
-        R = scipy.fft.rfft2(r, s=(py, px), workers=workers, overwrite_x=True)
-        np.multiply(R[0], qy, out=upd)
-        R[1] *= qx
-        upd += R[1]
+        spec = scipy.fft.rfft2(rp, workers=workers)
+        np.multiply(spec[0], qy, out=upd)
+        spec[1] *= qx
+        upd += spec[1]
         upd *= mu_inv
         upd *= np.complex64(-1j)
         phi_k += upd
