@@ -57,11 +57,21 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _with_null_labels(table: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Swept columns holding None/NaN (YAML ``null``) get the label "null" so they group and plot."""
+    out = table.copy()
+    for c in cols:
+        if c in out and out[c].isna().any():
+            out[c] = out[c].astype(object).where(out[c].notna(), "null")
+    return out
+
+
 def pivot(table: pd.DataFrame, metric: str, swept: list[str]) -> pd.DataFrame:
     """Metric mean ± std over repeats: rows = swept values, columns = reconstructors."""
     ok = table[table.get("status", "ok") == "ok"] if "status" in table else table
     index = [s for s in swept if s in ok.columns] or ["point_index"]
-    g = ok.groupby(index + ["reconstructor"], dropna=False)[metric]
+    ok = _with_null_labels(ok, index)
+    g = ok.groupby(index + ["reconstructor"], dropna=False, sort=False)[metric]
     mean, std, n = g.mean(), g.std(), g.count()
     cells = pd.Series({k: _fmt(mean[k]) + (f" ± {_fmt(std[k])}" if n[k] > 1 and not math.isnan(std[k]) else "")
                        for k in mean.index}, dtype=object)
@@ -103,10 +113,11 @@ def plot_metric(table: pd.DataFrame, metric: str, swept: list[str], path: Path) 
     ok = ok[pd.to_numeric(ok[metric], errors="coerce").notna()]
     if ok.empty:
         return None
+    ok = _with_null_labels(ok, swept)
     x_col = swept[0] if swept else None
     others = [s for s in swept[1:] if s in ok.columns]
     fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=110)
-    groups = ok.groupby(["reconstructor"] + others, dropna=False)
+    groups = ok.groupby(["reconstructor"] + others, dropna=False, sort=False)
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         label = str(key[0]) + "".join(f", {_short(o)}={_fmt(k) if isinstance(k, float) else k}"
@@ -114,7 +125,7 @@ def plot_metric(table: pd.DataFrame, metric: str, swept: list[str], path: Path) 
         if x_col is None:
             ax.bar(label, g[metric].mean(), yerr=g[metric].std() if len(g) > 1 else None)
             continue
-        stats = g.groupby(x_col, dropna=False)[metric].agg(["mean", "std", "count"]).reset_index()
+        stats = g.groupby(x_col, dropna=False, sort=False)[metric].agg(["mean", "std", "count"]).reset_index()
         xs, cats, log = _x_positions(stats[x_col])
         order = np.argsort(xs)
         yerr = stats["std"].to_numpy()[order] if (stats["count"] > 1).any() else None

@@ -45,11 +45,12 @@ class GaussianImage(ForwardModel):
     class Params(Params):
         n: int = Field(16, ge=2, le=4096)
         width_px: float = Field(2.0, gt=0)
+        offset: float | None = Field(None, description="added to the image; None = nothing")
 
     def simulate(self, sample, params, xp):
         _count("simulate")
         y, x = np.mgrid[: params.n, : params.n] - params.n / 2
-        img = 1.0 + np.exp(-(x**2 + y**2) / (2 * params.width_px**2))
+        img = 1.0 + np.exp(-(x**2 + y**2) / (2 * params.width_px**2)) + (params.offset or 0.0)
         return Measurement(kind="dummy_image", data=img.astype(np.float32), axes=("y", "x"),
                            geometry=Geometry(sampling_A=(1.0, 1.0)))
 

@@ -223,3 +223,12 @@ def test_appending_a_noise_step_keeps_earlier_realisations(registry, tmp_path):
     a = run_scenario(one, out=tmp_path / "a", progress=False, report=False).table
     b = run_scenario(two, out=tmp_path / "b", progress=False, report=False).table
     np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-6)
+
+
+def test_report_handles_null_and_mixed_sweep_values(registry, tmp_path):
+    text = dummy_plugin.SCENARIO.replace("    noise.0.sigma: [0.0, 0.1, 0.2]", "    forward.offset: [null, 0.5, 1.0]")
+    res = run_scenario(parse_scenario(text), out=tmp_path, progress=False)
+    assert (res.table["status"] == "ok").all()
+    md = (res.run_dir / "report.md").read_text()
+    assert "null" in md and "## mean" in md
+    assert (res.run_dir / "figures" / "metric_mean.png").exists()
