@@ -29,7 +29,6 @@ scheduler slice (≈ 8 ms) whenever the other core is busy.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -38,16 +37,7 @@ from threadpoolctl import threadpool_limits
 from tembench.eer import ElectronEvents
 from tembench_pelz2022 import eer_ops
 from tembench_pelz2022.eer_ops import DetectorGrid
-
-
-def _median(fn, n=15):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+from _timing import median_of
 
 
 def _data(det: int, e_per_px: float, scan: int = 64, seed: int = 0):
@@ -75,10 +65,10 @@ def test_eer_vs_dense(benchmark, det, e_per_px):
             "compression_vs_float32": ev.dense_nbytes() / ev.nbytes}
     info["target_speedup"] = 0.5 * info["pixels_per_count"]
     for name, (f_ev, f_dense) in ops.items():
-        t_ev = _median(f_ev)
+        t_ev = median_of(f_ev)
         with threadpool_limits(1):
-            t_d1 = _median(f_dense)
-        t_d = _median(f_dense)
+            t_d1 = median_of(f_dense)
+        t_d = median_of(f_dense)
         info[f"{name}_eer_ms"] = 1e3 * t_ev
         info[f"{name}_dense_1thread_ms"] = 1e3 * t_d1
         info[f"{name}_dense_ms"] = 1e3 * t_d

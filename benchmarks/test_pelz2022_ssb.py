@@ -26,18 +26,9 @@ from tembench_pelz2022 import ssb, synthetic
 from tembench_pelz2022.common import ProbeOptics, load_4d, probe_optics, scan_step
 from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin
 from tembench_pelz2022.interactive import InteractiveSSB
+from _timing import best_of
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
-
-
-def _best(fn, n=5):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 def _optics():
@@ -56,9 +47,9 @@ def test_ssb_vs_fft_floor_64(benchmark):
     small, g, _ = bright_field_crop_bin(x, grid, opt.semiangle_mrad, 32)
     small = np.ascontiguousarray(small, dtype=np.float32)
     flat = small.reshape(64, 64, -1)
-    t_fft = _best(lambda: scipy.fft.rfft2(flat, axes=(0, 1), workers=fft_workers()))
-    t_core = _best(lambda: ssb.SSBData(small, g, opt, step).phase())
-    t_full = _best(lambda: ssb.SSB().reconstruct(m, ssb.SSB.Params(), np))
+    t_fft = best_of(lambda: scipy.fft.rfft2(flat, axes=(0, 1), workers=fft_workers()))
+    t_core = best_of(lambda: ssb.SSBData(small, g, opt, step).phase())
+    t_full = best_of(lambda: ssb.SSB().reconstruct(m, ssb.SSB.Params(), np))
     benchmark.extra_info.update(detector_used=list(g.shape), fft_floor_ms=1e3 * t_fft, ssb_core_ms=1e3 * t_core,
                                 ssb_full_ms=1e3 * t_full, ssb_over_fft_floor=t_core / t_fft,
                                 full_over_fft_floor=t_full / t_fft)
@@ -74,8 +65,8 @@ def test_refocus_256_scan_24_detector(benchmark):
     d = ssb.SSBData(data, grid, _optics(), (0.2, 0.2))
     view = InteractiveSSB(d)
     focus = iter(np.linspace(-200, 200, 1000))
-    t_refocus = _best(lambda: view.phase(defocus_A=float(next(focus))), n=5)
-    t_fft = _best(lambda: scipy.fft.rfft2(data.reshape(256, 256, -1), axes=(0, 1), workers=fft_workers()), n=3)
+    t_refocus = best_of(lambda: view.phase(defocus_A=float(next(focus))), n=5)
+    t_fft = best_of(lambda: scipy.fft.rfft2(data.reshape(256, 256, -1), axes=(0, 1), workers=fft_workers()), n=3)
     benchmark.extra_info.update(refocus_s=t_refocus, G_MB=view.nbytes / 2**20, fft_floor_s=t_fft)
     benchmark.pedantic(lambda: view.phase(defocus_A=float(next(focus))), rounds=3, iterations=1)
     print(f"\nrefocus 256² scan × 24² detector: {1e3 * t_refocus:.0f} ms per new defocus (G {view.nbytes / 2**20:.0f} MB)")

@@ -9,7 +9,6 @@ its FFTW backend, one FFTW thread.
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import numpy as np
@@ -19,38 +18,7 @@ from tembench.backend import plan_fft2
 from tembench.physics import multislice as M
 from tembench.physics import potentials as P
 from tembench.physics import stem as S
-
-
-def _interleaved_min(fns: dict, rounds: int = 7) -> dict:
-    """Best-of-``rounds`` wall time of each function, the functions run in turn each round."""
-    for f in fns.values():
-        f()  # warm-up: plans, caches
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
-
-
-def _block_min(fns: dict, rounds: int = 3) -> dict:
-    """Best-of-``rounds`` per function, each function timed in its own block after a pause.
-
-    Used against abTEM: its dask/numba worker threads keep spinning for a while after a call and
-    slow whatever runs next on a 2-core machine, so interleaving would penalise the code timed after it.
-    """
-    best = {}
-    for k, f in fns.items():
-        time.sleep(0.5)
-        f()
-        ts = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        best[k] = min(ts)
-    return best
+from _timing import interleaved_min, block_min
 
 
 def _fft_floor(gpts, n_slices, batch=()):
@@ -90,7 +58,7 @@ def test_plane_wave_multislice_vs_fft_floor(benchmark, n):
     def ours():  # the propagation loop, transmissions precomputed (the 2-FFT-per-slice part)
         return M.multislice(wave, 1.0, transmissions=t, **kw)
 
-    times = _interleaved_min({
+    times = interleaved_min({
         "floor": _fft_floor((n, n), n_slices),
         "ours": ours,
         "ours_bandlimited_t": lambda: M.multislice(wave, 1.0, potentials=v, **kw),
@@ -134,7 +102,7 @@ def test_plane_wave_end_to_end_vs_abtem(benchmark, n, phonons):
         return abtem.PlaneWave(energy=300e3).multislice(pot).compute().array
 
     assert M.hrtem_exit_wave.__name__  # same physics, checked in tests/physics/test_abtem_crosscheck.py
-    times = _block_min({"floor": _fft_floor((n, n), n_slices), "ours": ours, "abtem": theirs}, rounds=3)
+    times = block_min({"floor": _fft_floor((n, n), n_slices), "ours": ours, "abtem": theirs}, rounds=3)
     benchmark.pedantic(ours, rounds=3, iterations=1)
     info = {"abtem_over_ours": times["abtem"] / times["ours"], "ours_over_floor": times["ours"] / times["floor"],
             "abtem_over_floor": times["abtem"] / times["floor"], "n_atoms": len(atoms)}
@@ -171,7 +139,7 @@ def test_stem_probes_per_second_vs_abtem(benchmark):
         for _ in range(len(pos) // 4):
             floor_plan()
 
-    times = _block_min({"floor": floor, "ours": ours, "abtem": theirs}, rounds=2)
+    times = block_min({"floor": floor, "ours": ours, "abtem": theirs}, rounds=2)
     benchmark.pedantic(ours, rounds=2, iterations=1)
     info = {"probes_per_s_ours": len(pos) / times["ours"], "probes_per_s_abtem": len(pos) / times["abtem"],
             "ours_speedup_vs_abtem": times["abtem"] / times["ours"], "ours_over_floor": times["ours"] / times["floor"],
@@ -189,7 +157,7 @@ def test_stem_batch_cropping_speedup(benchmark):
     pos = S.scan_positions((10, 10), (14, 14), 0.5).reshape(-1, 2)
     kw = dict(energy_keV=300, sampling_A=0.1, positions_A=pos, semiangle_mrad=20, detectors={"adf": (40, None)},
               return_patterns=False)
-    times = _interleaved_min({"cropped": lambda: S.stem_scan(v, 2.0, window_gpts=(w, w), **kw),
+    times = interleaved_min({"cropped": lambda: S.stem_scan(v, 2.0, window_gpts=(w, w), **kw),
                               "full": lambda: S.stem_scan(v, 2.0, window_gpts=(n, n), **kw)}, rounds=2)
     benchmark.pedantic(lambda: S.stem_scan(v, 2.0, window_gpts=(w, w), **kw), rounds=2, iterations=1)
     benchmark.extra_info["full_over_cropped"] = times["full"] / times["cropped"]
