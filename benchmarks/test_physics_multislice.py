@@ -150,7 +150,7 @@ def test_stem_probes_per_second_vs_abtem(benchmark):
 
 def test_stem_batch_cropping_speedup(benchmark):
     """Batch cropping (You eq 8): a 96² window on a 384² field vs the probe on the whole field."""
-    n, w, n_slices = 384, 96, 10
+    n, w = 384, 96
     rng = np.random.default_rng(1)
     v = P.projected_potential(rng.uniform(0, 38.4, (2000, 3)), [14] * 2000, gpts=(n, n), sampling_A=0.1,
                               slice_thickness_A=2.0, z_range_A=(0, 20))

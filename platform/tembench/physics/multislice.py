@@ -200,7 +200,6 @@ def multislice(wave, slice_thickness_A, *, energy_keV: float, sampling_A, potent
     gpts = tuple(wave.shape[-2:])
     if tuple(stack.shape[-2:]) != gpts:
         raise TembenchError(f"multislice: wave grid {gpts} differs from slice grid {tuple(stack.shape[-2:])}")
-    sigma = interaction_constant(energy_keV)
     props = propagator_cache(gpts, sampling_A, energy_keV, propagator, band_limit, tilt_mrad, xp)
     # column FFTs only where the band-limited propagator is non-zero (see PrunedFFT2Plan)
     plan = plan_pruned_fft2(np.broadcast_shapes(wave.shape, stack.shape[1:]), props.kept_columns(), xp=xp)
