@@ -186,7 +186,8 @@ def build_problem(measurement, *, slice_binning: int = 10, thickness_A: float | 
         shape=(nz, ny, nx), voxel_A=(sz, sy, sx), origin_A=(z0, 0.0, 0.0), energy_keV=float(g.energy_keV),
         tilt_angles_deg=angles, tilt_axis=axis, defocus_A=defocus, slice_binning=n_bin, slab_distances_A=dist,
         ctfs=ctfs, propagator=propagator, band_limit=band_limit,
-        extra={"defocus_reference_z_A": z_ref, "pixel_offset_A": offset, "exit_plane_z_A": float(bottom), "wavelength_A": wavelength_A(g.energy_keV)})
+        extra={"defocus_reference_z_A": z_ref, "pixel_offset_A": offset, "exit_plane_z_A": float(bottom),
+               "wavelength_A": wavelength_A(g.energy_keV)})
 
 
 def measured_intensities(measurement, k: int, xp=np):

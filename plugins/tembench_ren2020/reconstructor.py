@@ -56,7 +56,7 @@ class MultisliceAET(Reconstructor):
                                                         "angular spectrum)")
         band_limit: float | None = Field(
             None, gt=0, description="propagator band limit as a fraction of Nyquist; None keeps every frequency "
-                                    "(Ren: no anti-aliasing mask; 2/3 would cap the resolution at 1.5 Å for 0.5 Å voxels)")
+                                    "(Ren: no anti-aliasing mask; 2/3 would cap 0.5 Å voxels at 1.5 Å)")
         random_order: bool = Field(True, description="visit the tilts in a new random order each sweep (Ren's code)")
         seed: int = Field(0, ge=0, description="seed of the tilt order")
         momentum_restart: bool = Field(True, description="if a sweep's cost rises, restart the momentum from the "
@@ -118,7 +118,7 @@ class MultisliceAET(Reconstructor):
             beta_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * beta * beta))
             gamma = np.float32((beta - 1.0) / beta_next)
             u = v - v_prev                                  # Nesterov: U = V + γ(V − V_prev)
-            trace["update_rms_V"].append(float(xp.sqrt(xp.mean(u.astype(xp.float64) ** 2))))
+            trace["update_rms_V"].append(float(xp.sqrt(xp.mean(xp.square(u), dtype=xp.float64))))
             u *= gamma
             u += v
             v_prev = v
@@ -126,8 +126,8 @@ class MultisliceAET(Reconstructor):
             trace["time_s"].append(time.perf_counter() - t0)
         del u
         return Reconstruction(
-            kind="volume", data=np.ascontiguousarray(asnumpy(zyx_view(v_prev, axis)), dtype=np.float32), sampling_A=problem.voxel_A, quantity="potential_V",
-            origin_A=problem.origin_A, history=hist,
+            kind="volume", data=np.ascontiguousarray(asnumpy(zyx_view(v_prev, axis)), dtype=np.float32),
+            sampling_A=problem.voxel_A, quantity="potential_V", origin_A=problem.origin_A, history=hist,
             extras={"step_size_alpha_V2": alpha, "lipschitz_per_tilt_per_V2": lip, "tau_V": tau_V,
                     "tau_eq6_per_V": tau_V / alpha if alpha > 0 else math.nan, "n_slabs": problem.n_slabs,
                     "slab_thickness_A": problem.slice_binning * problem.voxel_A[0],
