@@ -14,11 +14,11 @@ benchmark's ``extra_info`` and printed with ``-s``.
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import numpy as np
 import pytest
+from _timing import interleaved_min
 
 from tembench.backend import plan_fft2
 from tembench.builtin.forward_multislice import HRTEMTiltSeries
@@ -37,18 +37,6 @@ def table1_series():
     p = HRTEMTiltSeries.Params(energy_keV=300, sampling_A=0.5, slice_thickness_A=2.0, tilt_range_deg=(-90, 87),
                                n_tilts=60, defocus_values_A=[200, 450, 1000])
     return HRTEMTiltSeries().simulate(sample, p, np)
-
-
-def _interleaved_min(fns: dict, rounds: int = 3) -> dict:
-    for f in fns.values():
-        f()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
 
 
 def _floor(problem):
@@ -100,7 +88,7 @@ def test_iteration_vs_fft_floor(benchmark, table1_series, binning):
             M.multislice_backward(M.image_waves_adjoint(g, problem.ctfs), res.waves, problem.slab_distances_A,
                                   potentials=slabs, **kw)
 
-    times = _interleaved_min({"floor": _floor(problem), "iteration": iteration, "rotations": rotations,
+    times = interleaved_min({"floor": _floor(problem), "iteration": iteration, "rotations": rotations,
                               "multislice": multislice_parts, "tv_prox": lambda: prox_tv(vol, 1.0, 15)},
                              rounds=2)
     times["iteration"] = iteration.seconds
