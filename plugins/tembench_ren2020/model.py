@@ -104,9 +104,13 @@ def detector_offset_A(geometry) -> tuple[float, float]:
     Workaround: ``hrtem_tilt_series`` with ``simulation_factor`` f averages f×f blocks of a grid
     whose point j is at j·s/f (``physics.coherence.bin_image``), so detector pixel i integrates
     [i·s, (i+1)·s) and its centre is at i·s + (f − 1)·s/(2f), not at i·s as the Geometry implies.
-    Uncorrected, every traced atom is off by −12.5 pm in x and y at f = 2, s = 0.5 Å.
+    Uncorrected, every traced atom is off by −12.5 pm in x and y at f = 2, s = 0.5 Å. A forward
+    model that records ``extra["detector_pixel_offset_A"]`` (y, x) is taken at its word.
     """
     extra = geometry.extra or {}
+    if extra.get("detector_pixel_offset_A") is not None:
+        oy, ox = extra["detector_pixel_offset_A"]
+        return float(oy), float(ox)
     f = int(extra.get("simulation_factor", 1) or 1)
     fine = extra.get("simulation_sampling_A")
     if f <= 1 or fine is None:

@@ -80,6 +80,8 @@ def test_problem_geometry_follows_the_forward_model(toy_series):
     # the forward model bins a 2× finer grid: detector pixel centres sit (f − 1)/2 fine pixels further on
     assert detector_offset_A(g) == pytest.approx((0.125, 0.125))
     assert p.extra["pixel_offset_A"] == pytest.approx((0.125, 0.125))
+    recorded = g.replace(extra=dict(g.extra, detector_pixel_offset_A=(0.0, 0.05)))
+    assert detector_offset_A(recorded) == (0.0, 0.05)
     assert p.lipschitz_per_tilt() == pytest.approx(2 * 2 * (p.sigma * 0.5) ** 2 * 10)
 
 
