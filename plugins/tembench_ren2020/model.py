@@ -99,24 +99,14 @@ class TiltSeriesProblem:
 
 
 def detector_offset_A(geometry) -> tuple[float, float]:
-    """Where detector pixel i sits, minus i·s (y, x) Å, for data binned from a finer simulation grid.
+    """Where detector pixel i sits, minus i·s (y, x) Å, as the forward model recorded it.
 
-    Workaround: ``hrtem_tilt_series`` with ``simulation_factor`` f averages f×f blocks of a grid
-    whose point j is at j·s/f (``physics.coherence.bin_image``), so detector pixel i integrates
-    [i·s, (i+1)·s) and its centre is at i·s + (f − 1)·s/(2f), not at i·s as the Geometry implies.
-    Uncorrected, every traced atom is off by −12.5 pm in x and y at f = 2, s = 0.5 Å. A forward
-    model that records ``extra["detector_pixel_offset_A"]`` (y, x) is taken at its word.
+    ``hrtem_tilt_series`` centres its binned pixels at i·s also when it simulates on a finer grid
+    and records ``extra["detector_pixel_offset_A"] = (0, 0)``; data from a detector whose pixels
+    sit elsewhere say so in the same field. Absent, pixels are taken to sit at i·s.
     """
-    extra = geometry.extra or {}
-    if extra.get("detector_pixel_offset_A") is not None:
-        oy, ox = extra["detector_pixel_offset_A"]
-        return float(oy), float(ox)
-    f = int(extra.get("simulation_factor", 1) or 1)
-    fine = extra.get("simulation_sampling_A")
-    if f <= 1 or fine is None:
-        return 0.0, 0.0
-    fy, fx = (float(fine), float(fine)) if np.ndim(fine) == 0 else (float(fine[0]), float(fine[1]))
-    return 0.5 * (f - 1) * fy, 0.5 * (f - 1) * fx
+    oy, ox = (geometry.extra or {}).get("detector_pixel_offset_A") or (0.0, 0.0)
+    return float(oy), float(ox)
 
 
 def build_problem(measurement, *, slice_binning: int = 10, thickness_A: float | None = None,

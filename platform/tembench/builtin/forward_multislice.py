@@ -165,7 +165,12 @@ class HRTEMTiltSeries(ForwardModel):
         kw = dict(energy_keV=p.energy_keV, sampling_A=sim_sampling, defocus_values_A=p.defocus_values_A,
                   aberrations=ab, semiangle_mrad=p.semiangle_mrad, propagator=p.propagator,
                   band_limit=p.band_limit, bandlimit_transmission=p.bandlimit_transmission)
+        # binned detector pixel i averages fine points i·f … i·f + f − 1; shifting the atoms by half that
+        # span puts its centre at i·s, where the Geometry (and every reconstructor) places it
+        pixel_shift = np.array([0.5 * (p.simulation_factor - 1) * sim_sampling[1],
+                                0.5 * (p.simulation_factor - 1) * sim_sampling[0], 0.0])
         for i, pos in enumerate(rotated):
+            pos = pos + pixel_shift
             acc = None
             for c in range(n_conf):
                 rng = np.random.default_rng([p.phonon_seed, i, c]) if (p.frozen_phonons and rms is not None) else None
@@ -190,7 +195,7 @@ class HRTEMTiltSeries(ForwardModel):
                    "field_of_view_A": (ny * det_sampling[0], nx * det_sampling[1]),
                    "focal_spread_A": p.focal_spread_A, "illumination_rms_mrad": p.illumination_rms_mrad,
                    "simulation_factor": p.simulation_factor, "simulation_sampling_A": sim_sampling,
-                   "n_slices_simulated": n_slices, "propagator": p.propagator, "band_limit": p.band_limit,
+                   "detector_pixel_offset_A": (0.0, 0.0), "n_slices_simulated": n_slices, "propagator": p.propagator, "band_limit": p.band_limit,
                    "parametrization": p.parametrization, "frozen_phonons": n_conf if rms is not None else 0})
         return Measurement(kind="hrtem_tilt_series", data=data, axes=("tilt", "defocus", "y", "x"), geometry=geometry)
 
