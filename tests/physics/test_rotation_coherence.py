@@ -125,3 +125,34 @@ def test_tilted_propagator_shifts_the_wave():
     x = np.arange(n) * s
     shift = (out.mean(0) * x).sum() / out.mean(0).sum() - 40 * s
     assert shift == pytest.approx(dz * math.tan(t * 1e-3), rel=1e-3)
+
+
+@pytest.mark.parametrize("axis,n_bin,angle", [("y", 4, 23.0), ("x", 3, -71.0), ("y", 1, 90.0), ("y", 5, 0.0)])
+def test_fused_rotate_and_bin_matches_and_is_adjoint(axis, n_bin, angle):
+    rng = np.random.default_rng(7)
+    x = rng.random((11, 9, 10)).astype(np.float32)
+    w = R.rotate_and_bin(x, angle, axis, n_bin)
+    ref = R.bin_slices(R.rotate(x, angle, axis), n_bin)
+    assert w.shape == ref.shape == (-(-11 // n_bin), 9, 10)
+    np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-5)
+    y = rng.random(w.shape).astype(np.float32)
+    back = R.rotate_and_bin_adjoint(y, angle, axis, n_bin, nz=11)
+    assert back.shape == x.shape
+    np.testing.assert_allclose(back, R.rotate_adjoint(R.bin_slices_adjoint(y, n_bin, 11), angle, axis),
+                               rtol=1e-5, atol=1e-5)
+    lhs = np.vdot(w.astype(np.float64), y)
+    rhs = np.vdot(x.astype(np.float64), back.astype(np.float64))
+    assert lhs == pytest.approx(rhs, rel=1e-6)
+    m = R.rotate_bin_operator(x.shape, angle, axis, n_bin)
+    assert m.dtype == np.float32 and m.shape[1] == 11 * (10 if axis == "y" else 9)
+
+
+def test_rotation_keeps_dtype_and_plane_cache_holds_a_tilt_series():
+    x = np.random.default_rng(1).random((6, 5, 4)).astype(np.float32)
+    R._plane_operator.cache_clear()
+    for a in np.linspace(-60, 60, 61):
+        assert R.rotate(x, a, "y").dtype == np.float32
+    for a in np.linspace(-60, 60, 61):
+        R.rotate_adjoint(x, a, "y")
+    info = R._plane_operator.cache_info()
+    assert info.misses <= 61 and info.hits >= 60
