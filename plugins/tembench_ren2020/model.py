@@ -36,6 +36,7 @@ from tembench.physics.multislice import (
     multislice,
     multislice_backward,
     plane_wave,
+    transmission_function,
 )
 from tembench.physics.grid import spatial_frequencies
 from tembench.physics.optics import fourier_shift_phase, normalize_aberrations
@@ -247,17 +248,20 @@ def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProbl
     w = xp.ascontiguousarray(w_s.transpose(perm))
     del w_s
     w *= sz                                                                 # V → V·Å per slab
+    # t_m = exp(iσ W_m) once per tilt, shared by the forward pass and its adjoint (no band limit on t)
+    t = transmission_function(w, p.sigma, xp)
+    del w
     kw = dict(energy_keV=p.energy_keV, sampling_A=p.sampling_yx, propagator=p.propagator,
               band_limit=p.band_limit, bandlimit_transmission=False, xp=xp)
-    res = multislice(plane_wave(volume.shape[1:], xp), p.slab_distances_A, potentials=w,
+    res = multislice(plane_wave(volume.shape[1:], xp), p.slab_distances_A, transmissions=t,
                      keep_waves=want_gradient, **kw)
     psi = image_waves(res.exit_wave, p.ctfs)
     loss, g_psi = amplitude_loss(psi, intensities)
     if not want_gradient:
         return loss, None
     g_exit = image_waves_adjoint(g_psi, p.ctfs)
-    g_w, _ = multislice_backward(g_exit, res.waves, p.slab_distances_A, potentials=w, **kw)
-    del res
+    g_w, _ = multislice_backward(g_exit, res.waves, p.slab_distances_A, transmissions=t, **kw)
+    del res, t
     g_w = xp.ascontiguousarray(g_w.transpose(perm), dtype=xp.float32)
     g_w *= sz
     grad = (m.T @ g_w.reshape(n_out * nb, nt)).reshape(nz, nb, nt)       # R_θ† B_N† (exact transpose)

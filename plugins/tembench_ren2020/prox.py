@@ -19,6 +19,7 @@ always real (float32), so Ren's "real" constraint holds by construction.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -26,6 +27,15 @@ from tembench.backend import get_array_module
 from tembench.errors import TembenchError
 
 REGULARIZERS = ("none", "lasso", "tv")
+
+try:  # optional: a fused CPU kernel for the TV prox (two volume passes per FGP iteration instead of ≈ 45)
+    if os.environ.get("TEMBENCH_NO_NUMBA", "") not in ("", "0"):
+        raise ImportError("disabled by TEMBENCH_NO_NUMBA")
+    import numba as _nb  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - depends on the environment
+    _nb = None
+
+HAVE_NUMBA = _nb is not None
 
 
 def prox_positivity(x, out=None):
@@ -76,11 +86,67 @@ def _primal(b, q, positivity, out, tmp):
     return out
 
 
-def prox_tv(x, lam: float, n_iter: int = 15, positivity: bool = True):
+if HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True, parallel=True)
+    def _primal_nb(x, q, positivity, out):  # pragma: no cover - compiled
+        nz, ny, nx = x.shape
+        zero = np.float32(0.0)
+        for i in _nb.prange(nz):
+            for j in range(ny):
+                for k in range(nx):
+                    s = x[i, j, k] + q[0, i, j, k] + q[1, i, j, k] + q[2, i, j, k]
+                    if i > 0:
+                        s -= q[0, i - 1, j, k]
+                    if j > 0:
+                        s -= q[1, i, j - 1, k]
+                    if k > 0:
+                        s -= q[2, i, j, k - 1]
+                    if positivity and s < zero:
+                        s = zero
+                    out[i, j, k] = s
+
+    @_nb.njit(cache=True, nogil=True, parallel=True)
+    def _dual_nb(v, q, p, step, inv_lam, gamma):  # pragma: no cover - compiled
+        nz, ny, nx = v.shape
+        one = np.float32(1.0)
+        for i in _nb.prange(nz):
+            for j in range(ny):
+                for k in range(nx):
+                    c = v[i, j, k]
+                    a0 = q[0, i, j, k]
+                    a1 = q[1, i, j, k]
+                    a2 = q[2, i, j, k]
+                    if i < nz - 1:
+                        a0 += (v[i + 1, j, k] - c) * step
+                    if j < ny - 1:
+                        a1 += (v[i, j + 1, k] - c) * step
+                    if k < nx - 1:
+                        a2 += (v[i, j, k + 1] - c) * step
+                    nrm = np.float32(math.sqrt(a0 * a0 + a1 * a1 + a2 * a2)) * inv_lam
+                    if nrm > one:
+                        a0 /= nrm
+                        a1 /= nrm
+                        a2 /= nrm
+                    q[0, i, j, k] = a0 + gamma * (a0 - p[0, i, j, k])
+                    q[1, i, j, k] = a1 + gamma * (a1 - p[1, i, j, k])
+                    q[2, i, j, k] = a2 + gamma * (a2 - p[2, i, j, k])
+                    p[0, i, j, k] = a0
+                    p[1, i, j, k] = a1
+                    p[2, i, j, k] = a2
+
+
+def _use_kernel(x, xp, use_numba):
+    ok = HAVE_NUMBA and xp is np and x.ndim == 3
+    return ok if use_numba is None else (bool(use_numba) and ok)
+
+
+def prox_tv(x, lam: float, n_iter: int = 15, positivity: bool = True, use_numba: bool | None = None):
     """prox of lam·TV(v) (+ v ≥ 0) by FGP on the dual (Beck & Teboulle 2009), ``n_iter`` iterations.
 
     Dual variables are stored scaled by lam (|q| ≤ lam) so that v = P_C(x − ∇ᵀq). Work memory:
-    two 3-component duals, the primal and one scratch volume (8 float32 volumes).
+    two 3-component duals, the primal and one scratch volume (8 float32 volumes). A 3D numpy volume
+    uses fused numba kernels when numba is installed (``use_numba``: None = when available), the same
+    iteration in two passes per step (equal to the array version to float32 rounding).
     """
     xp = get_array_module(x)
     if lam < 0:
@@ -95,6 +161,17 @@ def prox_tv(x, lam: float, n_iter: int = 15, positivity: bool = True):
     lam32 = np.float32(lam)
     p = xp.zeros((nd,) + x.shape, dtype=xp.float32)   # p_k
     q = xp.zeros_like(p)                               # extrapolated r_k, then p_{k+1}
+    if _use_kernel(x, xp, use_numba):
+        x = xp.ascontiguousarray(x)
+        t = 1.0
+        inv_lam = np.float32(1.0) / lam32
+        for _ in range(int(n_iter)):
+            _primal_nb(x, q, bool(positivity), v)
+            t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+            _dual_nb(v, q, p, step, inv_lam, np.float32((t - 1.0) / t_next))
+            t = t_next
+        _primal_nb(x, p, bool(positivity), v)
+        return v
     tmp = xp.empty_like(x)
     t = 1.0
     for _ in range(int(n_iter)):

@@ -89,3 +89,14 @@ def test_bad_input_is_rejected():
         apply_prox(np.zeros((2, 2, 2), np.float32), "l2", 1.0)
     with pytest.raises(TembenchError, match="lam"):
         prox_tv(np.zeros((2, 2, 2), np.float32), -1.0)
+
+
+@pytest.mark.skipif(not __import__("tembench_ren2020.prox", fromlist=["HAVE_NUMBA"]).HAVE_NUMBA,
+                    reason="numba not installed")
+@pytest.mark.parametrize("positivity", [True, False])
+def test_tv_prox_numba_kernel_equals_array_version(positivity):
+    rng = np.random.default_rng(3)
+    x = (rng.random((9, 11, 13)) * 4 - 1).astype(np.float32)
+    a = prox_tv(x, 0.7, n_iter=25, positivity=positivity, use_numba=False)
+    b = prox_tv(x, 0.7, n_iter=25, positivity=positivity, use_numba=True)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
