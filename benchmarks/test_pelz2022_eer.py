@@ -79,4 +79,5 @@ def test_eer_vs_dense(benchmark, det, e_per_px):
     benchmark.pedantic(lambda: eer_ops.center_of_mass(ev, grid), rounds=3, iterations=1)
     print(f"\ndet {det}² at {e_per_px} e/px: pixels/counts {info['pixels_per_count']:.0f}, target ≥ "
           f"{info['target_speedup']:.0f}x (load {info['loadavg']}); " +
-          ", ".join(f"{k} {info[k + '_speedup']:.1f}x ({info[k + '_speedup_dense_all_threads']:.1f}x)" for k in ops))
+          ", ".join(f"{k} {info[k + '_speedup']:.1f}x ({info[k + '_speedup_dense_all_threads']:.1f}x; "
+                    f"{1e3 * info[k + '_eer_ms']:.0f} vs {1e3 * info[k + '_dense_1thread_ms']:.0f} µs)" for k in ops))

@@ -222,9 +222,16 @@ def center_of_mass(x, grid: DetectorGrid, normalize: str = "frame", numba: bool 
     the counts from the CSR offsets. Dense: one pass over the data (numba) or one matrix product.
     """
     ny, nx = grid.shape
+    if normalize not in ("frame", "mean"):
+        raise TembenchError(f"center_of_mass: normalize must be 'frame' or 'mean', got {normalize!r}")
     if _is_events(x):
         if x.detector_shape != (ny, nx):
             raise TembenchError(f"detector grid {grid.shape} does not match the events' detector {x.detector_shape}")
+        if x.indices.dtype.itemsize <= 2 and x.n_frames:
+            # 16-bit indices: sums and normalisation in one fused pass (same arithmetic as below)
+            com_y, com_x, counts = _kernels.com_events(x.offsets, x.indices, nx, normalize, grid.centre_px,
+                                                       grid.sampling_mrad, numba=numba)
+            return com_y.reshape(x.scan_shape), com_x.reshape(x.scan_shape), counts.reshape(x.scan_shape)
         sums = _event_yx_sums(x, numba)
     else:
         d = _dense4(x)
@@ -235,8 +242,6 @@ def center_of_mass(x, grid: DetectorGrid, normalize: str = "frame", numba: bool 
             d3 = d3.astype(np.float64)
         # float32 data: exact integer sums while they stay < 2²⁴ (counted data)
         sums = _kernels.dense_moments(d3, numba=numba).astype(np.float64).reshape(*d.shape[:2], 3)
-    if normalize not in ("frame", "mean"):
-        raise TembenchError(f"center_of_mass: normalize must be 'frame' or 'mean', got {normalize!r}")
     shape = sums.shape[:2]
     com_y, com_x, counts = _kernels.com_finish(sums.reshape(-1, 3), normalize, grid.centre_px, grid.sampling_mrad,
                                                numba=numba)
