@@ -21,6 +21,7 @@ distance to C10. This removes the half-slab (2.5 Å at N_B = 10) depth bias of e
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -223,7 +224,7 @@ def measured_intensities(measurement, k: int, xp=np):
 
 
 def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProblem, xp=None,
-                           want_gradient: bool = True):
+                           want_gradient: bool = True, step: float | None = None):
     """Eq 5 for tilt k and its gradient w.r.t. the volume (Alg. 3 lines 4–10 without the update).
 
     ``volume`` is indexed (z, y, x) (any memory layout; a :func:`zyx_view` of storage-ordered
@@ -231,6 +232,10 @@ def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProbl
     grad (nz, ny, nx) float32 in 1/V, a :func:`zyx_view` of storage-ordered memory (None if not
     ``want_gradient``). Rotation and binning are one sparse product per tilt
     (:meth:`TiltSeriesProblem.rotate_bin_operator`) on the storage-ordered volume.
+
+    ``step`` = α (V²): instead of returning the gradient, take the gradient step V ← V − α·grad in
+    place (``volume`` must then be a :func:`zyx_view` of C-contiguous storage) and return
+    ``(loss, None)``: the adjoint product accumulates straight into the volume (Alg. 3 line 10).
     """
     xp = xp or get_array_module(volume)
     p = problem
@@ -261,9 +266,48 @@ def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProbl
     g_w, _ = multislice_backward(g_exit, res.waves, p.slab_distances_A, transmissions=t, **kw)
     del res, t
     g_w = xp.ascontiguousarray(g_w.transpose(perm), dtype=xp.float32)
+    if step is not None:
+        if _owner(stored) is not _owner(volume):
+            raise TembenchError("tilt_loss_and_gradient(step=...): the volume must be a zyx_view of storage-ordered "
+                                "C-contiguous memory")
+        g_w *= np.float32(-float(step) * float(sz))
+        _add_transpose_product(m, g_w.reshape(n_out * nb, nt), stored.reshape(nz * nb, nt), xp)
+        return loss, None
     g_w *= sz
     grad = (m.T @ g_w.reshape(n_out * nb, nt)).reshape(nz, nb, nt)       # R_θ† B_N† (exact transpose)
     return loss, zyx_view(grad, axis)
+
+
+def _owner(a):
+    return a if a.base is None else a.base
+
+
+def _add_transpose_product(m, g, out, xp):
+    """out += mᵀ g for a CSR m (rows, cols), g (rows, n) and out (cols, n), C-contiguous float32."""
+    if _HAVE_NUMBA and xp is np:
+        _csr_t_axpy_nb(m.indptr, m.indices, m.data, g, out)
+    else:
+        out += m.T @ g
+
+
+try:  # optional: the adjoint product accumulated into the volume (no gradient volume, no extra pass)
+    if os.environ.get("TEMBENCH_NO_NUMBA", "") not in ("", "0"):
+        raise ImportError("disabled by TEMBENCH_NO_NUMBA")
+    import numba as _nb  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - depends on the environment
+    _nb = None
+_HAVE_NUMBA = _nb is not None
+
+if _HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True)
+    def _csr_t_axpy_nb(indptr, indices, data, g, out):  # pragma: no cover - compiled
+        n = g.shape[1]
+        for r in range(indptr.size - 1):
+            for jj in range(indptr[r], indptr[r + 1]):
+                c = indices[jj]
+                a = data[jj]
+                for b in range(n):
+                    out[c, b] += a * g[r, b]
 
 
 def _image_waves(exit_wave, p: TiltSeriesProblem, xp):

@@ -175,7 +175,7 @@ def prox_tv(x, lam: float, n_iter: int = 15, positivity: bool = True, use_numba:
             t = t_next
         _primal_nb(x, p, bool(positivity), v)
         return v
-    tmp = xp.empty_like(x)
+    tmp = xp.empty_like(x)                             # scratch of the array version only
     t = 1.0
     for _ in range(int(n_iter)):
         _primal(x, q, positivity, v, tmp)

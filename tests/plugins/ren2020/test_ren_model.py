@@ -120,3 +120,24 @@ def test_bad_geometry_is_rejected(toy_series):
         build_problem(toy_series.replace(geometry=toy_series.geometry.replace(extra=extra)))
     with pytest.raises(TembenchError, match="slice_binning"):
         build_problem(toy_series, slice_binning=0)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_in_place_gradient_step_equals_the_returned_gradient(toy_series, monkeypatch, numba):
+    import tembench_ren2020.model as model
+
+    if numba and not model._HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(model, "_HAVE_NUMBA", numba)
+    problem = build_problem(toy_series, slice_binning=4)
+    v = (np.random.default_rng(5).random(problem.shape) * 30).astype(np.float32)
+    img = np.asarray(toy_series.data[2], np.float32)
+    loss, g = tilt_loss_and_gradient(v, img, 2, problem)
+    stored = to_storage(v, "y")
+    alpha = 0.37
+    loss2, none = tilt_loss_and_gradient(zyx_view(stored, "y"), img, 2, problem, step=alpha)
+    assert none is None and loss2 == pytest.approx(loss, rel=1e-6)
+    want = v - alpha * g
+    np.testing.assert_allclose(zyx_view(stored, "y"), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(TembenchError, match="storage-ordered"):    # a (z, y, x) C array would be copied
+        tilt_loss_and_gradient(v, img, 2, problem, step=alpha)
