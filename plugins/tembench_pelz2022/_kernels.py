@@ -116,6 +116,80 @@ def csr_table_sums(offsets, indices, table, numba: bool | None = None):
 
 if HAVE_NUMBA:
     @_nb.njit(cache=True, nogil=True)
+    def _csr_mask_words_nb(offsets, words, tail, table, out, bp):  # pragma: no cover - compiled
+        # Block prefix sums instead of per-frame loops: words holds the 16-bit indices four to a
+        # uint64 (one load per four events), bp[k] = Σ table over the first 8k events (int32; the
+        # caller checks C < 2³¹ and a 0/1 table). A frame's sum is P(end) − P(start) with P(x) =
+        # bp[x >> 3] + the first x & 7 lookups of block x >> 3 (masked, branch-free); tail holds
+        # the last C mod 8 indices zero-padded, as two words.
+        nb8 = words.shape[0] >> 1
+        lo = np.uint64(0xFFFF)
+        s16 = np.uint64(16)
+        s32 = np.uint64(32)
+        s48 = np.uint64(48)
+        acc = np.int32(0)
+        bp[0] = 0
+        for k in range(nb8):
+            a = words[2 * k]
+            b = words[2 * k + 1]
+            acc += ((np.int32(table[a & lo]) + np.int32(table[(a >> s16) & lo]))
+                    + (np.int32(table[(a >> s32) & lo]) + np.int32(table[a >> s48]))) + \
+                   ((np.int32(table[b & lo]) + np.int32(table[(b >> s16) & lo]))
+                    + (np.int32(table[(b >> s32) & lo]) + np.int32(table[b >> s48])))
+            bp[k + 1] = acc
+        prev = np.int64(0)
+        for f in range(out.shape[0]):
+            x = np.int64(offsets[f + 1])
+            k = x >> 3
+            r = x & 7
+            if k < nb8:
+                a = words[2 * k]
+                b = words[2 * k + 1]
+            else:
+                a = tail[0]
+                b = tail[1]
+            t = np.int64(bp[k]) + ((np.int32(table[a & lo]) * (r > 0) + np.int32(table[(a >> s16) & lo]) * (r > 1))
+                                   + (np.int32(table[(a >> s32) & lo]) * (r > 2) + np.int32(table[a >> s48]) * (r > 3))
+                                   + (np.int32(table[b & lo]) * (r > 4) + np.int32(table[(b >> s16) & lo]) * (r > 5))
+                                   + np.int32(table[(b >> s32) & lo]) * (r > 6))
+            out[f] = t - prev
+            prev = t
+
+
+_WORDS_MIN_EVENTS_PER_FRAME = 64  # below, the per-frame kernel is faster (measured 0.16 vs 0.19 ns/event at 41)
+
+
+def csr_mask_sums(offsets, indices, mask, numba: bool | None = None) -> np.ndarray:
+    """(F,) int64 number of events per frame on the pixels where ``mask`` (M,) bool / 0-1 uint8 is set.
+
+    numba: frames of ≥ 64 events on average with 16-bit indices use block prefix sums over the
+    flat index stream read four indices per load (:func:`_csr_mask_words_nb`, ≈ 0.15 ns/event),
+    shorter frames the 4-way unrolled per-frame kernel. numpy: :func:`csr_table_sums_numpy`.
+    """
+    mask = np.ascontiguousarray(mask).reshape(-1)
+    if mask.dtype == bool:
+        mask = mask.view(np.uint8)
+    n_frames = len(offsets) - 1
+    if not use_numba(numba):
+        return csr_table_sums_numpy(offsets, indices, mask)[:, 0]
+    n = len(indices)
+    if (indices.dtype == np.uint16 and n_frames > 0 and n >= _WORDS_MIN_EVENTS_PER_FRAME * n_frames
+            and n < (1 << 31) and mask.dtype == np.uint8 and int(mask.max(initial=0)) <= 1):
+        idx = np.ascontiguousarray(indices)
+        n8 = (n >> 3) << 3
+        tail = np.zeros(8, np.uint16)
+        tail[:n - n8] = idx[n8:]
+        out = np.empty(n_frames, np.int64)
+        _csr_mask_words_nb(offsets, idx[:n8].view(np.uint64), tail.view(np.uint64), mask, out,
+                           np.empty((n >> 3) + 1, np.int32))
+        return out
+    out = np.zeros(n_frames, np.int64)
+    _csr_sum1_nb(offsets, indices, mask, out)
+    return out
+
+
+if HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True)
     def _remap_nb(offsets, indices, lut, out_idx, out_offsets):  # pragma: no cover - compiled
         n = 0
         for f in range(offsets.shape[0] - 1):
@@ -240,8 +314,11 @@ def com_finish(sums, normalize: str, centre, sampling, numba: bool | None = None
 if HAVE_NUMBA:
     @_nb.njit(cache=True, nogil=True)
     def _com_events_nb(offsets, indices, m, nx, per_frame, mean_denom, cy, cx, sy, sx, out):  # pragma: no cover
-        # the sums of _csr_index_sums_nb and the finish of _com_finish_nb fused: one call, one pass
-        for f in range(out.shape[1]):
+        # the sums of _csr_index_sums_nb and the finish of _com_finish_nb in one call. Two loops: the
+        # per-frame sums (the inner loop vectorises) first, then the finish over all frames (its
+        # divisions vectorise across frames); fused in one loop it is 20 % slower at ~40 events/frame.
+        n_frames = out.shape[1]
+        for f in range(n_frames):
             sp = 0
             sr = 0
             a = offsets[f]
@@ -250,17 +327,18 @@ if HAVE_NUMBA:
                 p = np.int64(indices[e])
                 sp += p
                 sr += (p * m) >> 32
-            n = np.float64(b - a)
-            s_y = np.float64(sr)
-            s_x = np.float64(sp - sr * nx)
+            out[0, f] = sr
+            out[1, f] = sp - sr * nx
+            out[2, f] = b - a
+        for f in range(n_frames):
+            n = out[2, f]
             if per_frame:
                 denom = n if n > 0 else np.inf
             else:
                 denom = mean_denom
             frac = n / denom
-            out[0, f] = (s_y / denom - frac * cy) * sy
-            out[1, f] = (s_x / denom - frac * cx) * sx
-            out[2, f] = n
+            out[0, f] = (out[0, f] / denom - frac * cy) * sy
+            out[1, f] = (out[1, f] / denom - frac * cx) * sx
 
 
 def com_events(offsets, indices, nx: int, normalize: str, centre, sampling, numba: bool | None = None):

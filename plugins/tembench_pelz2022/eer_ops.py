@@ -156,6 +156,8 @@ def detector_response(x, weights, numba: bool | None = None) -> np.ndarray:
     if _is_events(x):
         if w.shape[:2] != x.detector_shape:
             raise TembenchError(f"detector weights of shape {w.shape[:2]} do not match the detector {x.detector_shape}")
+        if single and w.dtype == bool:  # a virtual detector mask: counts on it, int64
+            return _kernels.csr_mask_sums(x.offsets, x.indices, w, numba=numba).reshape(x.scan_shape)
         table = w.reshape(x.n_pixels, -1)
         out = _kernels.csr_table_sums(x.offsets, x.indices, table, numba=numba)
         shape = x.scan_shape

@@ -155,3 +155,34 @@ def test_center_of_mass_table_paths_equal_the_index_arithmetic(sparse, monkeypat
     m, k = _kernels.row_divisor(24)
     p = np.arange(1 << 16, dtype=np.int64)
     assert np.array_equal((p * m) >> k, p // 24)
+
+
+@pytest.mark.parametrize("numba", [False, True])
+@pytest.mark.parametrize("per_frame", [3, 90, 300])
+def test_mask_sums_short_and_long_frames(per_frame, numba):
+    """Virtual-detector counts: the per-frame kernel (short frames) and the block-prefix kernel over
+    four-index words (≥ 64 events per frame) equal a bincount, with empty first/last frames and
+    every event count mod 8."""
+    if numba and not _kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(per_frame)
+    n_pix = 20 * 20
+    mask = rng.random(n_pix) > 0.4
+    for extra in range(8):
+        counts = rng.poisson(per_frame, 37)
+        counts[0] = 0
+        counts[-1] = 0
+        counts[5] += extra
+        offsets = np.zeros(38, np.uint32)
+        np.cumsum(counts, out=offsets[1:])
+        idx = rng.integers(0, n_pix, int(offsets[-1])).astype(np.uint16)
+        ref = np.bincount(np.repeat(np.arange(37), counts), weights=mask[idx], minlength=37).astype(np.int64)
+        got = _kernels.csr_mask_sums(offsets, idx, mask, numba=numba)
+        assert got.dtype == np.int64 and np.array_equal(got, ref)
+        assert np.array_equal(_kernels.csr_mask_sums(offsets, idx, mask.astype(np.uint8), numba=numba), ref)
+    c = rng.poisson(0.4, (5, 4, 20, 20)).astype(np.float32)  # 160 events per frame: the word kernel
+    ev = ElectronEvents.from_dense(c)
+    grid = DetectorGrid((20, 20), (10.0, 10.0), (1.0, 1.0))
+    adf = eer_ops.annular_mask(grid, 4, 30)
+    r_ev = eer_ops.detector_response(ev, adf, numba=numba)
+    assert np.array_equal(r_ev, eer_ops.detector_response(c, adf.astype(np.float32)).astype(np.int64))
