@@ -158,10 +158,10 @@ def test_center_of_mass_table_paths_equal_the_index_arithmetic(sparse, monkeypat
 
 
 @pytest.mark.parametrize("numba", [False, True])
-@pytest.mark.parametrize("per_frame", [3, 90, 300])
+@pytest.mark.parametrize("per_frame", [3, 90, 300, 600])
 def test_mask_sums_short_and_long_frames(per_frame, numba):
     """Virtual-detector counts: the per-frame kernel (short frames) and the block-prefix kernel over
-    four-index words (≥ 64 events per frame) equal a bincount, with empty first/last frames and
+    four-index words (≥ 256 events per frame) equal a bincount, with empty first/last frames and
     every event count mod 8."""
     if numba and not _kernels.HAVE_NUMBA:
         pytest.skip("numba not installed")
@@ -180,7 +180,7 @@ def test_mask_sums_short_and_long_frames(per_frame, numba):
         got = _kernels.csr_mask_sums(offsets, idx, mask, numba=numba)
         assert got.dtype == np.int64 and np.array_equal(got, ref)
         assert np.array_equal(_kernels.csr_mask_sums(offsets, idx, mask.astype(np.uint8), numba=numba), ref)
-    c = rng.poisson(0.4, (5, 4, 20, 20)).astype(np.float32)  # 160 events per frame: the word kernel
+    c = rng.poisson(per_frame / 400, (5, 4, 20, 20)).astype(np.float32)
     ev = ElectronEvents.from_dense(c)
     grid = DetectorGrid((20, 20), (10.0, 10.0), (1.0, 1.0))
     adf = eer_ops.annular_mask(grid, 4, 30)
