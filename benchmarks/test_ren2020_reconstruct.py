@@ -25,8 +25,8 @@ from tembench.backend import plan_fft2
 from tembench.builtin.forward_multislice import HRTEMTiltSeries
 from tembench.builtin.samples_ren import SiSiO2Needle
 from tembench.physics import multislice as M
-from tembench_ren2020.model import _add_transpose_product, build_problem, fft_count_per_tilt, measured_intensities, \
-    to_storage
+from tembench_ren2020.model import build_problem, fft_count_per_tilt, measured_intensities, rotate_bin_adjoint_add, \
+    rotate_bin_apply, to_storage
 from tembench_ren2020.prox import prox_tv
 from tembench_ren2020.reconstructor import MultisliceAET
 
@@ -84,18 +84,15 @@ def test_iteration_vs_fft_floor(benchmark, table1_series, binning):
     vol = to_storage(np.random.default_rng(0).random(problem.shape, dtype=np.float32), axis)
     slabs = np.ones((problem.n_slabs,) + problem.shape[1:], np.float32)
 
-    nz, nb, nt = vol.shape
-    acc = np.zeros((nz * nb, nt), np.float32)
-    n_out = problem.n_slabs
+    acc = np.zeros_like(vol)
     for k in range(len(problem.tilt_angles_deg)):
         problem.rotate_bin_operator(k)          # built once per problem, as in the reconstruction
 
     def rotations():   # fused rotate-and-bin and its transpose on the storage-ordered volume, as model.py
         for k in range(len(problem.tilt_angles_deg)):
             op = problem.rotate_bin_operator(k)
-            w = np.ascontiguousarray((op @ vol.reshape(nz * nb, nt)).reshape(n_out, nb, nt).transpose(0, 2, 1))
-            g = np.ascontiguousarray(w.transpose(0, 2, 1))
-            _add_transpose_product(op, g.reshape(n_out * nb, nt), acc, np)
+            w = rotate_bin_apply(op, vol, axis, 1.0, np)
+            rotate_bin_adjoint_add(op, w, acc, axis, 1e-30, np)
 
     kw = dict(energy_keV=problem.energy_keV, sampling_A=problem.sampling_yx, propagator=problem.propagator,
               band_limit=problem.band_limit, bandlimit_transmission=False)

@@ -246,11 +246,7 @@ def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProbl
     _, nb, nt = stored.shape
     m = p.rotate_bin_operator(k, xp)
     sz = np.float32(p.voxel_A[0])
-    n_out = m.shape[0] // nb
-    w_s = (m @ stored.reshape(nz * nb, nt)).reshape(n_out, nb, nt)       # B_N R_θ V, storage order
-    w = xp.ascontiguousarray(w_s.transpose(perm))
-    del w_s
-    w *= sz                                                                 # V → V·Å per slab
+    w = rotate_bin_apply(m, stored, axis, sz, xp)                           # s_z B_N R_θ V (V·Å), (z, y, x)
     # t_m = exp(iσ W_m) once per tilt, shared by the forward pass and its adjoint (no band limit on t)
     t = transmission_function(w, p.sigma, xp)
     del w
@@ -265,16 +261,14 @@ def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProbl
     g_exit = _image_waves_adjoint(g_psi, p, xp)
     g_w, _ = multislice_backward(g_exit, res.waves, p.slab_distances_A, transmissions=t, **kw)
     del res, t
-    g_w = xp.ascontiguousarray(g_w.transpose(perm), dtype=xp.float32)
     if step is not None:
         if _owner(stored) is not _owner(volume):
             raise TembenchError("tilt_loss_and_gradient(step=...): the volume must be a zyx_view of storage-ordered "
                                 "C-contiguous memory")
-        g_w *= np.float32(-float(step) * float(sz))
-        _add_transpose_product(m, g_w.reshape(n_out * nb, nt), stored.reshape(nz * nb, nt), xp)
+        rotate_bin_adjoint_add(m, g_w, stored, axis, -float(step) * float(sz), xp)   # V −= α s_z R†B† g
         return loss, None
-    g_w *= sz
-    grad = (m.T @ g_w.reshape(n_out * nb, nt)).reshape(nz, nb, nt)       # R_θ† B_N† (exact transpose)
+    grad = xp.zeros_like(stored)
+    rotate_bin_adjoint_add(m, g_w, grad, axis, float(sz), xp)              # R_θ† B_N† (exact transpose)
     return loss, zyx_view(grad, axis)
 
 
@@ -282,15 +276,37 @@ def _owner(a):
     return a if a.base is None else a.base
 
 
-def _add_transpose_product(m, g, out, xp):
-    """out += mᵀ g for a CSR m (rows, cols), g (rows, n) and out (cols, n), C-contiguous float32."""
+def rotate_bin_apply(m, stored, axis: str, scale: float, xp):
+    """scale · (m applied to the storage-ordered volume) as C-contiguous (n_out, ny, nx) float32 slabs."""
+    nz, nb, nt = stored.shape
+    n_out = m.shape[0] // nb
+    transposed = STORAGE[axis] != (0, 1, 2)
     if _HAVE_NUMBA and xp is np:
-        _csr_t_axpy_nb(m.indptr, m.indices, m.data, g, out)
-    else:
-        out += m.T @ g
+        out = np.empty((n_out, nt, nb) if transposed else (n_out, nb, nt), np.float32)
+        _csr_apply_nb(m.indptr, m.indices, m.data, stored.reshape(nz * nb, nt), transposed, np.float32(scale), out)
+        return out
+    w = xp.ascontiguousarray((m @ stored.reshape(nz * nb, nt)).reshape(n_out, nb, nt).transpose(STORAGE[axis]),
+                             dtype=xp.float32)
+    w *= np.float32(scale)
+    return w
 
 
-try:  # optional: the adjoint product accumulated into the volume (no gradient volume, no extra pass)
+def rotate_bin_adjoint_add(m, g_zyx, stored, axis: str, scale: float, xp):
+    """stored += scale · mᵀ g for slabs g (n_out, ny, nx) (any float dtype) and a C-contiguous stored volume."""
+    nz, nb, nt = stored.shape
+    n_out = m.shape[0] // nb
+    transposed = STORAGE[axis] != (0, 1, 2)
+    if _HAVE_NUMBA and xp is np:
+        g = np.ascontiguousarray(g_zyx, dtype=np.float32)
+        _csr_t_apply_add_nb(m.indptr, m.indices, m.data, g, transposed, np.float32(scale),
+                            stored.reshape(nz * nb, nt))
+        return
+    g = (xp.ascontiguousarray(g_zyx.transpose(STORAGE[axis]), dtype=xp.float32) * np.float32(scale))  # a new array
+    g = g.reshape(n_out * nb, nt)
+    stored.reshape(nz * nb, nt)[...] += m.T @ g
+
+
+try:  # optional: rotate-and-bin kernels that write (z, y, x) slabs and accumulate the adjoint into the volume
     if os.environ.get("TEMBENCH_NO_NUMBA", "") not in ("", "0"):
         raise ImportError("disabled by TEMBENCH_NO_NUMBA")
     import numba as _nb  # type: ignore[import-not-found]
@@ -300,14 +316,47 @@ _HAVE_NUMBA = _nb is not None
 
 if _HAVE_NUMBA:
     @_nb.njit(cache=True, nogil=True)
-    def _csr_t_axpy_nb(indptr, indices, data, g, out):  # pragma: no cover - compiled
-        n = g.shape[1]
+    def _csr_apply_nb(indptr, indices, data, x, transposed, scale, out):  # pragma: no cover - compiled
+        # out[o, b, t] (or out[o, t, b] if transposed) = scale · Σ_j m[o·nb + b, j] x[j, t]
+        nt = x.shape[1]
+        nb = out.shape[1] if not transposed else out.shape[2]
+        acc = np.empty(nt, np.float32)
         for r in range(indptr.size - 1):
+            acc[:] = 0
             for jj in range(indptr[r], indptr[r + 1]):
                 c = indices[jj]
                 a = data[jj]
-                for b in range(n):
-                    out[c, b] += a * g[r, b]
+                for t in range(nt):
+                    acc[t] += a * x[c, t]
+            o = r // nb
+            b = r - o * nb
+            if transposed:
+                for t in range(nt):
+                    out[o, t, b] = acc[t] * scale
+            else:
+                for t in range(nt):
+                    out[o, b, t] = acc[t] * scale
+
+    @_nb.njit(cache=True, nogil=True)
+    def _csr_t_apply_add_nb(indptr, indices, data, g, transposed, scale, out):  # pragma: no cover - compiled
+        # out[j, t] += scale · Σ_r m[r, j] g[r], r = o·nb + b, g[o, t, b] (transposed) or g[o, b, t]
+        nt = out.shape[1]
+        nb = g.shape[1] if not transposed else g.shape[2]
+        row = np.empty(nt, np.float32)
+        for r in range(indptr.size - 1):
+            o = r // nb
+            b = r - o * nb
+            if transposed:
+                for t in range(nt):
+                    row[t] = g[o, t, b] * scale
+            else:
+                for t in range(nt):
+                    row[t] = g[o, b, t] * scale
+            for jj in range(indptr[r], indptr[r + 1]):
+                c = indices[jj]
+                a = data[jj]
+                for t in range(nt):
+                    out[c, t] += a * row[t]
 
 
 def _image_waves(exit_wave, p: TiltSeriesProblem, xp):
