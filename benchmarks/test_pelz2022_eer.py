@@ -9,22 +9,25 @@ reported twice: against the dense path limited to one thread (``*_speedup``, sam
 the target is judged on this) and against the dense path with all BLAS threads
 (``*_speedup_dense_all_threads``). ``extra_info`` also holds the target 0.5 × pixels/counts.
 
-Measured (2-core shared machine, load 2.1–2.4, numba; speed-up vs 1-thread dense, in () vs
-all-thread dense). Dense COM is a one-pass numba kernel (1.8 ms for 64⁴ float32, 4× faster than
-the earlier BLAS product it replaced), so the COM ratios are against a faster baseline than before:
+Measured (2-core shared machine, Zen 5, load 1.4–1.8 from another benchmark, numba, two runs;
+speed-up vs 1-thread dense, in () vs all-thread dense). Dense COM is a one-pass numba kernel:
 
-    det  e/px  target  COM          ADF           bin4    frame sum
-    64²  0.01   50×    43× (45×)    49× (248×)    594×    214×
-    64²  0.03   17×    32× (30×)    13× (72×)     293×     73×
-    64²  0.1     5×    21× (20×)    6.7× (28×)    108×     18×
-    128² 0.01   50×    124× (129×)  51× (62×)     413×    171×
-    128² 0.03   17×    61× (63×)    19× (24×)     162×     52×
-    128² 0.1     5×    22× (22×)    6.2× (7.7×)    20×     16×
+    det  e/px  target  COM          ADF            bin4    frame sum
+    64²  0.01   50×    61–65×       49.7–50.0×     575×    214–218×
+    64²  0.03   17×    41–42×       18.8–19.4×     297×     74×
+    64²  0.1     5×    19×          5.8–6.0×       106×     17–18×
+    128² 0.01   50×    158–162×     64–72×         440×    177–185×
+    128² 0.03   17×    71–74×       20.4–20.7×     175×     51–55×
+    128² 0.1     5×    23×          6.7–6.8×        41×     15–16×
 
-Event kernels: COM ≈ 0.1 ns/event (Σp and Σ⌊p/nx⌋ by multiply-shift, vectorised), virtual
-detectors ≈ 0.2 ns/event (4-way unrolled table gather), frame sum ≈ 0.25 ns/event (histogram).
-A 2-thread parallel kernel does not pay on this shared machine: a parallel region waits for a
-scheduler slice (≈ 8 ms) whenever the other core is busy.
+(before this round: COM 64² 0.01 42–43×; ADF 64² 0.01 44–46×, 128² 0.01 47–51×, 64² 0.03 13×.)
+Event kernels: COM ≈ 0.15 ns/event in one numba call (Σp and Σ⌊p/nx⌋ by multiply-shift, then the
+normalisation in a second loop over frames); virtual detector masks ≈ 0.14–0.16 ns/event (16-way
+unrolled uint8 table lookups into int32 partial sums, or block prefix sums over four-index words
+at ≥ 256 events per frame); frame sum ≈ 0.25 ns/event (histogram). The mask lookups sit at the
+core's load/uop throughput: vectorised variants (AVX-512 gathers, radius arithmetic on the index,
+SWAR byte sums) measured slower on this Zen 5. A 2-thread parallel kernel does not pay on this
+shared machine: a parallel region waits for a scheduler slice (≈ 8 ms) whenever the other core is busy.
 """
 
 from __future__ import annotations
