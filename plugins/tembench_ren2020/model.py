@@ -42,10 +42,10 @@ from tembench.physics.optics import fourier_shift_phase, normalize_aberrations
 from tembench.physics.rotation import rotate_bin_operator
 
 PARTNER = {"y": 2, "x": 1}    # volume axis whose pixel size the z voxel must match
-# Storage order of the volume: the tilt axis last. physics.rotation.rotate works plane by plane
-# with the tilt axis as the batch of a sparse product; handing it a (z, y, x) view of (z, x, y)
-# memory makes that batch contiguous and avoids two transposing copies per call (measured 4×
-# faster per tilt at 96³: 2.0 vs 8.0 ms for rotate + adjoint + binning).
+# Storage order of the volume: the tilt axis last. Rotation and binning act plane by plane with
+# the tilt axis as the batch of one sparse product per tilt (TiltSeriesProblem.rotate_bin_operator);
+# storing (z, x, y) for a tilt about y makes that batch contiguous, so no transposing copy of the
+# volume is made (rotate at 96³: 0.5 ms stored vs 2.5 ms from a (z, y, x) C array).
 STORAGE = {"y": (0, 2, 1), "x": (0, 1, 2)}
 
 
