@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import textwrap
 import json
 import math
 from pathlib import Path
@@ -167,6 +168,9 @@ def plot_previews(table: pd.DataFrame, run_dir: Path, swept: list[str], path: Pa
         return None
     methods = list(dict.fromkeys(ok["reconstructor"]))
     cols = ok.drop_duplicates("point_index").head(max_cols)["point_index"].tolist()
+    shown = ok[ok["point_index"].isin(cols)]
+    # titles name only what differs between the panels shown (a zip of many paths would overflow)
+    varying = [c for c in swept if c in shown and shown[c].astype(str).nunique() > 1][:3]
     fig, axes = plt.subplots(len(methods), len(cols), figsize=(2.2 * len(cols), 2.3 * len(methods)), dpi=100,
                              squeeze=False)
     for i, m in enumerate(methods):
@@ -185,8 +189,9 @@ def plot_previews(table: pd.DataFrame, run_dir: Path, swept: list[str], path: Pa
             lo, hi = np.percentile(img, [0.5, 99.5])
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
             if i == 0:
-                ax.set_title(", ".join(f"{_short(s)}={_fmt(sel.iloc[0][s]) if isinstance(sel.iloc[0][s], float) else sel.iloc[0][s]}"
-                                       for s in swept if s in sel) or f"point {p}", fontsize=7)
+                label = ", ".join(f"{_short(s)}={_fmt(sel.iloc[0][s]) if isinstance(sel.iloc[0][s], float) else sel.iloc[0][s]}"
+                                  for s in varying) or f"point {p}"
+                ax.set_title(textwrap.fill(label, 30), fontsize=6)
             if j == 0:
                 ax.set_ylabel(m, fontsize=8)
     fig.tight_layout()
