@@ -43,15 +43,10 @@ class DetectorGrid:
         sy, sx = (float(s), float(s)) if np.ndim(s) == 0 else (float(s[0]), float(s[1]))
         ny, nx = int(shape[0]), int(shape[1])
         extra = geometry.extra or {}
+        # the forward model records where the unscattered beam falls (stem4d does, also for even
+        # binnings, where it lies between pixels); otherwise the contract: pixel (n//2, n//2)
         c = extra.get("detector_centre_px")
-        if c is not None:
-            centre = (float(c[0]), float(c[1]))
-        else:
-            # stem4d bins b×b native pixels with the zero frequency in bin n//2; for even b it sits
-            # half a native pixel (0.5/b binned pixels) after that bin's centre
-            b = int(extra.get("detector_binning", 1) or 1)
-            off = 0.5 / b if b % 2 == 0 else 0.0
-            centre = (float(ny // 2) + off, float(nx // 2) + off)
+        centre = (float(c[0]), float(c[1])) if c is not None else (float(ny // 2), float(nx // 2))
         return cls((ny, nx), centre, (sy, sx))
 
     @property

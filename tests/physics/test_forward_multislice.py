@@ -161,3 +161,17 @@ def test_finer_simulation_grid_keeps_detector_pixel_centres():
     for f in (2, 3):
         shift_pm = phase_cross_correlation(ref, image(f), upsample_factor=1000)[0] * 50.0
         assert np.all(np.abs(shift_pm) < 3.0), (f, shift_pm)
+
+
+@pytest.mark.parametrize("binning", [1, 2, 3])
+def test_stem4d_records_where_the_unscattered_beam_falls(binning):
+    """In vacuum the pattern's centroid is the beam centre; stem4d records it (between pixels for even binning)."""
+    m = STEM4D().simulate(_vacuum((12.0, 12.0, 4.0)), STEM4D.Params(
+        energy_keV=200, sampling_A=0.1, semiangle_mrad=20, scan_step_A=6.0, slice_thickness_A=2.0,
+        window_gpts=72, detector_binning=binning), np)
+    pattern = m.data.reshape(-1, *m.data.shape[-2:])[0].astype(np.float64)
+    y, x = np.mgrid[: pattern.shape[0], : pattern.shape[1]]
+    centroid = ((pattern * y).sum() / pattern.sum(), (pattern * x).sum() / pattern.sum())
+    np.testing.assert_allclose(centroid, m.geometry.extra["detector_centre_px"], atol=0.02)
+    if binning % 2:
+        assert m.geometry.extra["detector_centre_px"] == (pattern.shape[0] // 2, pattern.shape[1] // 2)

@@ -356,6 +356,10 @@ class STEM4D(ForwardModel):
             scan_positions_A=grid.reshape(-1, 2), detector_sampling_mrad=det_sampling,
             slice_thickness_A=p.slice_thickness_A, tilt_angles_deg=angles, tilt_axis=p.tilt_axis,
             extra={"window_gpts": window, "detector_binning": p.detector_binning, "max_angle_mrad": amax,
+                   # zero frequency sits in binned pixel n//2; with an even binning b it lies half a native
+                   # pixel (0.5/b binned pixels) past that pixel's centre (physics.stem._bin_crop_indices)
+                   "detector_centre_px": (ky // 2 + (0.5 / p.detector_binning if p.detector_binning % 2 == 0 else 0.0),
+                                          kx // 2 + (0.5 / p.detector_binning if p.detector_binning % 2 == 0 else 0.0)),
                    "detectors_mrad": {k: list(v) for k, v in p.detectors.items()}, "n_probe_modes": modes.shape[0],
                    "focal_spread_A": p.focal_spread_A, "source_size_A": p.source_size_A,
                    "rotation_centre_A": (sample.cell_A / 2).tolist(), "n_slices_simulated": n_slices,
