@@ -20,10 +20,10 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from tembench import NoiseModel, Params, hookimpl
-from tembench.builtin.noise import dose_bookkeeping, parse_inf, poisson_counts
+from tembench import NoiseModel, hookimpl
+from tembench.builtin.noise import DoseParams, dose_bookkeeping, poisson_counts
 from tembench.errors import TembenchError
 from tembench.types import Measurement
 
@@ -51,12 +51,9 @@ class ScintillatorPMT(NoiseModel):
     name = "scintillator_pmt"
     accepts = ("*",)
 
-    class Params(Params):
+    class Params(DoseParams):
         dose_e_per_A2: float = Field(math.inf, gt=0, description="dose in e/Å² per image (ignored if the input "
                                      "is already counted); inf = no shot noise, detector noise only on α·x")
-        dose_mode: Literal["per_image", "total_budget"] = Field("per_image", description="as poisson_dose")
-        electrons_per_pattern: float | None = Field(None, gt=0, description="electrons per probe position "
-                                                    "(overrides dose_e_per_A2)")
         energy_keV: float | None = Field(None, gt=0, description="acceleration voltage in kV (None: from geometry, "
                                          "else 300)")
         photons_per_kV: float = Field(1.0, gt=0, description="photons reaching the photocathode per electron "
@@ -69,11 +66,6 @@ class ScintillatorPMT(NoiseModel):
         dark_noise_std_electrons: float = Field(0.0, ge=0, description="extra signal-independent Gaussian "
                                                 "readout noise, in electrons (not in the thesis; 0 = off)")
         output: Literal["electrons", "normalized", "anode"] = "electrons"
-
-        @field_validator("dose_e_per_A2", mode="before")
-        @classmethod
-        def _inf(cls, v):
-            return parse_inf(v)
 
     def apply(self, measurement: Measurement, params: Params, rng: np.random.Generator) -> Measurement:
         m = measurement

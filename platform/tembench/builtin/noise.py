@@ -73,6 +73,22 @@ def poisson_counts(intensity: np.ndarray, electrons_per_unit: float, rng: np.ran
     return out
 
 
+class DoseParams(Params):
+    """Dose parameters shared by every model that turns intensities into electron counts."""
+
+    dose_e_per_A2: float = Field(math.inf, gt=0, description="dose in e/Å² per image (per_image) or for the "
+                                 "whole series (total_budget); inf = noise-free")
+    dose_mode: Literal["per_image", "total_budget"] = Field(
+        "per_image", description="per_image: every image/scan gets dose_e_per_A2; total_budget: split evenly")
+    electrons_per_pattern: float | None = Field(
+        None, gt=0, description="scanned data only: electrons per probe position (overrides dose_e_per_A2)")
+
+    @field_validator("dose_e_per_A2", mode="before")
+    @classmethod
+    def _inf(cls, v):
+        return parse_inf(v)
+
+
 class PoissonDose(NoiseModel):
     """Electron shot noise at a given dose: counts = Poisson(intensity × electrons per pixel / probe position).
 
@@ -87,18 +103,8 @@ class PoissonDose(NoiseModel):
     name = "poisson_dose"
     accepts = ("*",)
 
-    class Params(Params):
-        dose_e_per_A2: float = Field(math.inf, gt=0, description="dose in e/Å² per image (per_image) or for the "
-                                     "whole series (total_budget); inf = noise-free")
-        dose_mode: Literal["per_image", "total_budget"] = Field(
-            "per_image", description="per_image: every image/scan gets dose_e_per_A2; total_budget: split evenly")
-        electrons_per_pattern: float | None = Field(
-            None, gt=0, description="scanned data only: electrons per probe position (overrides dose_e_per_A2)")
-
-        @field_validator("dose_e_per_A2", mode="before")
-        @classmethod
-        def _inf(cls, v):
-            return parse_inf(v)
+    class Params(DoseParams):
+        pass
 
     def apply(self, measurement: Measurement, params: Params, rng: np.random.Generator) -> Measurement:
         m = measurement
