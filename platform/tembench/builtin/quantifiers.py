@@ -35,7 +35,12 @@ def ground_truth_like(reconstruction, sample, energy_keV: float | None, parametr
             # affine-invariant and incoherent Z-contrast rises monotonically with projected potential
             raise TembenchError(f"no ground truth for an image of quantity {q!r}")
     else:
-        gt = sample.potential_volume(reconstruction.sampling_A[0], parametrization=parametrization)
+        s = reconstruction.sampling_A
+        if not np.allclose(s, s[0], rtol=1e-6, atol=0.0):
+            # the ground-truth volume is built on cubic voxels: another voxel shape would pair different points
+            raise TembenchError(f"cross_correlation: the ground-truth volume needs cubic voxels, got sampling_A {s} "
+                                "(z, y, x) Å; resample the reconstruction onto cubic voxels first")
+        gt = sample.potential_volume(s[0], parametrization=parametrization)
         if q not in ("potential_V", "potential_au"):
             raise TembenchError(f"no ground truth for a volume of quantity {q!r}")
     return gt
