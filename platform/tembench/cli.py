@@ -14,34 +14,62 @@ from pathlib import Path
 from tembench.errors import TembenchError
 
 
-def _cmd_run(args) -> int:
+#: exit status when the run finished but some units failed (bad input is 2, an interrupt 130)
+EXIT_UNITS_FAILED = 1
+
+
+def _check_out(out: str | None) -> None:
+    if out is not None:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise TembenchError(f"--out {out!r} is a file; give a folder (it is created if missing). Nothing was "
+                                "written.")
+
+
+def _load(args):
     from tembench.registry import get_registry
-    from tembench.runner import run_scenario
     from tembench.scenario import load_scenario
 
     registry = get_registry()
-    scenario = load_scenario(args.scenario, registry)
+    scenario = load_scenario(args.scenario, registry, max_points=args.max_points,
+                             check_resources=not getattr(args, "ignore_memory_estimate", False),
+                             executor=getattr(args, "executor", None), workers=getattr(args, "workers", None))
+    return registry, scenario
+
+
+def _cmd_run(args) -> int:
+    from tembench.runner import run_scenario
+
+    _check_out(args.out)
+    registry, scenario = _load(args)
     print(scenario.summary(), file=sys.stderr)
-    result = run_scenario(scenario, out=args.out, run_id=args.run_id, executor=args.executor, workers=args.workers,
-                          use_cache=not args.no_cache, progress=not args.quiet, report=not args.no_report,
-                          track_memory=not args.no_memory, registry=registry)
+    result = run_scenario(scenario, out=args.out, run_id=args.run_id, executor=scenario.executor,
+                          workers=scenario.workers, use_cache=not args.no_cache, progress=not args.quiet,
+                          report=not args.no_report, track_memory=not args.no_memory, registry=registry)
     print(f"run folder: {result.run_dir}")
-    print(f"units: {result.n_units} total, {result.n_computed} computed now, {result.n_units - result.n_computed} "
-          f"already done; failed units: {result.n_errors}")
     for name in ("results.parquet", "results.csv", "report.html", "report.md"):
         if (result.run_dir / name).exists():
             print(f"  {result.run_dir / name}")
-    return 0
+    print(f"units: {result.n_units} total, {result.n_computed} computed now, {result.n_units - result.n_computed} "
+          f"already done; failed units: {result.n_errors} of {result.n_units}")
+    return EXIT_UNITS_FAILED if result.n_errors else 0
 
 
 def _cmd_validate(args) -> int:
-    from tembench.registry import get_registry
-    from tembench.scenario import load_scenario
-
-    scenario = load_scenario(args.scenario, get_registry())
+    _, scenario = _load(args)
     print(f"{args.scenario}: valid")
     print(scenario.summary())
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
 
 
 def _cmd_list(args) -> int:
@@ -62,13 +90,36 @@ def _cmd_list(args) -> int:
             print(textwrap.indent(textwrap.fill(cls.describe(), 96), "      "))
             if args.verbose:
                 for pname, field in cls.Params.model_fields.items():
-                    default = "required" if field.is_required() else f"default {field.default!r}"
+                    if field.is_required():
+                        default = "required"
+                    elif field.default_factory is not None:
+                        default = f"default {field.default_factory()!r}"
+                    else:
+                        default = f"default {field.default!r}"
                     desc = f" — {field.description}" if field.description else ""
-                    print(f"        {pname}: {getattr(field.annotation, '__name__', field.annotation)}, {default}{desc}")
+                    print(f"        {pname}: {type_name(field.annotation)}, {default}{desc}")
         print()
-    for name, msg in registry.load_errors.items():
-        print(f"warning: {msg}", file=sys.stderr)
+    # a plugin that failed to load was reported once, by the registry, when it was loaded
     return 0
+
+
+def type_name(annotation) -> str:
+    """Readable parameter type: ``float | None``, ``one of 'fresnel' | 'exact'``, ``tuple[int, int, int]``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "one of " + " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None and args:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(type_name(a) for a in args if a is not Ellipsis)}{', ...' if Ellipsis in args else ''}]"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _cmd_report(args) -> int:
@@ -101,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: the scenario's `output`, else reports/<name>)")
     r.add_argument("--run-id", help="run folder name (default: derived from the scenario's content)")
     r.add_argument("--executor", choices=["serial", "processes", "dask"], help="override the scenario's executor")
-    r.add_argument("--workers", type=int, help="worker processes for the processes executor")
+    r.add_argument("--workers", type=_positive_int, help="worker processes for the processes executor (≥ 1)")
+    r.add_argument("--max-points", type=_positive_int, help="refuse sweeps larger than this (default 10 000)")
+    r.add_argument("--ignore-memory-estimate", action="store_true",
+                   help="run even where the pre-run memory estimate says a stage will not fit")
     r.add_argument("--no-cache", action="store_true", help="recompute every stage (rows already written are kept)")
     r.add_argument("--no-report", action="store_true", help="skip rendering report.html/report.md")
     r.add_argument("--no-memory", action="store_true", help="skip tracemalloc peak-memory tracking")
@@ -110,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="validate a scenario and print what would run")
     v.add_argument("scenario")
+    v.add_argument("--executor", choices=["serial", "processes", "dask"], help="the executor the run will use")
+    v.add_argument("--workers", type=_positive_int, help="worker processes for the processes executor (≥ 1)")
+    v.add_argument("--max-points", type=_positive_int, help="refuse sweeps larger than this (default 10 000)")
+    v.add_argument("--ignore-memory-estimate", action="store_true", help="skip the pre-run memory estimate")
     v.set_defaults(func=_cmd_validate)
 
     ls = sub.add_parser("list", help="list every registered component")

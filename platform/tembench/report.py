@@ -320,7 +320,18 @@ def compare(run_a: str | Path, run_b: str | Path) -> pd.DataFrame:
     """Side-by-side mean of every shared metric per (swept values, method) for two runs."""
     ta, tb = load_table(Path(run_a)), load_table(Path(run_b))
     ma, mb = _manifest(Path(run_a)), _manifest(Path(run_b))
-    swept = [s for s in dict.fromkeys(ma.get("swept", []) + mb.get("swept", [])) if s in ta and s in tb]
+    sa, sb = list(ma.get("swept", [])), list(mb.get("swept", []))
+    for path in [p for p in sa if p not in sb] + [p for p in sb if p not in sa]:
+        table, name, other = (ta, "A", "B") if path in sa else (tb, "B", "A")
+        values = table[path].dropna().unique() if path in table else []
+        if len(values) > 1:
+            from tembench.errors import RunDirectoryError
+
+            raise RunDirectoryError(
+                f"run {name} sweeps {path!r} over {len(values)} values but run {other} does not sweep it, so the "
+                f"comparison would average run {name}'s values together. Compare runs with the same sweep (A sweeps "
+                f"{sa or 'nothing'}, B sweeps {sb or 'nothing'}).")
+    swept = [s for s in dict.fromkeys(sa + sb) if s in ta and s in tb]
     metrics = [m for m in metric_columns(ta, swept) if m in metric_columns(tb, swept)]
     if not metrics:
         from tembench.errors import RunDirectoryError

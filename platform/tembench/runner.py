@@ -17,9 +17,6 @@ and writes one row per (point, repeat, reconstructor).
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import inspect
 import os
 import platform as _platform
 import re
@@ -37,26 +34,22 @@ from typing import Any
 import numpy as np
 
 import tembench
+from tembench import identity
 from tembench.backend import asnumpy, get_array_module
 from tembench.components import accepts_kind
 from tembench.errors import RunDirectoryError
 from tembench.executors import make_executor
 from tembench.registry import Registry, get_registry
-from tembench.scenario import Scenario, ScenarioSpec, stable_hash
+from tembench.scenario import Scenario, ScenarioSpec, check_executor, stable_hash
 from tembench.store import RunStore, StageCache, check_output_root, dumps
 
 PREVIEW_MAX_PIXELS = 384
 
 
 # --- identities -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def component_fingerprint(cls: type) -> str:
-    """Version + hash of the source file defining the class: editing a component invalidates its cache."""
-    try:
-        src = Path(inspect.getsourcefile(cls)).read_bytes()
-    except (TypeError, OSError):
-        src = repr(cls).encode()
-    return f"{getattr(cls, 'version', '1')}:{hashlib.sha256(src).hexdigest()[:16]}"
+# A stage key and the run id cover everything a number depends on (see tembench.identity): the
+# component's version and every file of its package and of the core, and the environment.
+component_fingerprint = identity.component_fingerprint
 
 
 def _component_id(registry: Registry, kind: str, comp) -> dict[str, Any]:
@@ -74,8 +67,11 @@ class StageKeys:
     noise_steps: list[str] = field(default_factory=list)
 
 
-def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int) -> StageKeys:
-    sample = stable_hash({"stage": "sample", "c": _component_id(registry, "sample", spec.sample), "seed": spec.seed})
+def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[str, Any] | None = None) -> StageKeys:
+    """Content keys of every stage of one (point, repeat); each key chains the one before it."""
+    env = identity.environment_identity() if env is None else env
+    sample = stable_hash({"stage": "sample", "c": _component_id(registry, "sample", spec.sample), "seed": spec.seed,
+                          "env": env})
     forward = stable_hash({"stage": "forward", "up": sample, "c": _component_id(registry, "forward_model", spec.forward)})
     chain = [_component_id(registry, "noise_model", n) for n in spec.noise]
     noise = stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat, "c": chain})
@@ -238,6 +234,7 @@ def run_unit(task: UnitTask) -> UnitResult:
     cache = StageCache(Path(task.cache_root), task.use_cache)
     store = RunStore(Path(task.run_dir))
     result = UnitResult(task.point_index, task.repeat, task.values)
+    _fft = identity.environment_identity()["fft"]
     base = {
         "run_id": task.run_id, "scenario": spec.name, "point_index": task.point_index, "point_id": task.point_id,
         "repeat": task.repeat, **{k: _scalar(v) for k, v in task.values.items()},
@@ -246,6 +243,7 @@ def run_unit(task: UnitTask) -> UnitResult:
         "sample_version": registry.get("sample", spec.sample.name).version,
         "forward_version": registry.get("forward_model", spec.forward.name).version,
         "tembench_version": tembench.__version__, "device": spec.device,
+        "fft_library": _fft["library"], "deterministic": _fft.get("deterministic", "true") == "true",
     }
 
     def error_rows(stage: str, message: str) -> UnitResult:
@@ -331,14 +329,27 @@ def _scalar(v: Any) -> Any:
 
 
 # --- the run -----------------------------------------------------------------------------------
-def run_id_for(scenario: Scenario, registry: Registry) -> str:
+def _components_of(spec: ScenarioSpec):
+    return ([("sample", spec.sample), ("forward_model", spec.forward)] + [("noise_model", n) for n in spec.noise]
+            + [("reconstructor", r) for r in spec.reconstructors] + [("quantifier", q) for q in spec.quantifiers])
+
+
+def run_identity(scenario: Scenario, registry: Registry) -> dict[str, Any]:
+    """Everything the run id hashes: the scenario, every component's code fingerprint, the environment."""
     spec = scenario.spec
-    fps = {f"{kind}:{c.name}": component_fingerprint(registry.get(kind, c.name))
-           for kind, c in [("sample", spec.sample), ("forward_model", spec.forward)]
-           + [("noise_model", n) for n in spec.noise] + [("reconstructor", r) for r in spec.reconstructors]
-           + [("quantifier", q) for q in spec.quantifiers]}
-    ident = spec.model_dump(mode="json", exclude={"executor", "output", "description"})
-    return "run-" + stable_hash({"spec": ident, "fp": fps, "v": tembench.__version__})[:12]
+    return {
+        "spec": spec.model_dump(mode="json", exclude={"executor", "output", "description"}),
+        "components": {f"{kind}:{c.name}": component_fingerprint(registry.get(kind, c.name))
+                       for kind, c in _components_of(spec)},
+        "packages": {mod: identity.package_fingerprint(mod) for mod in sorted(
+            {"tembench"} | {registry.get(kind, c.name).__module__.split(".")[0] for kind, c in _components_of(spec)})},
+        "environment": identity.environment_identity(),
+        "tembench": tembench.__version__,
+    }
+
+
+def run_id_for(scenario: Scenario, registry: Registry) -> str:
+    return "run-" + stable_hash(run_identity(scenario, registry))[:12]
 
 
 def _git_commit() -> str | None:
@@ -377,8 +388,14 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     registry = registry or get_registry()
     _last_forward.clear()
     spec = scenario.spec
+    kind = executor or scenario.executor or spec.executor.kind
+    n_workers = workers or scenario.workers or spec.executor.workers
+    check_executor(kind, n_workers)  # before anything is written
     root = Path(out) if out is not None else scenario.output_root
-    rid = run_id or run_id_for(scenario, registry)
+    if root.exists() and not root.is_dir():
+        raise RunDirectoryError(f"output folder {str(root)!r} is a file; choose a folder. Nothing was written.")
+    ident = run_identity(scenario, registry)
+    rid = run_id or "run-" + stable_hash(ident)[:12]
     run_dir = root / rid
     scenario_hash = stable_hash(spec.model_dump(mode="json", exclude={"executor", "output"}))
     store = RunStore(run_dir)
@@ -398,18 +415,13 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
         "swept": scenario.swept, "repeats": spec.repeats, "n_points": len(scenario.points),
         "reconstructors": [r.key for r in spec.reconstructors],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"tembench": tembench.__version__,
-                     "components": {f"{k}:{c.name}": component_fingerprint(registry.get(k, c.name))
-                                    for k, c in [("sample", spec.sample), ("forward_model", spec.forward)]
-                                    + [("noise_model", n) for n in spec.noise]
-                                    + [("reconstructor", r) for r in spec.reconstructors]
-                                    + [("quantifier", q) for q in spec.quantifiers]}},
+        "identity": ident,
         "git_commit": _git_commit(), "machine": _machine(),
     }
     manifest["status"] = "running"
     manifest.setdefault("sessions", []).append(
         {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "executor": executor or spec.executor.kind})
+         "executor": kind, "workers": n_workers if kind != "serial" else 1})
     store.write_manifest(manifest)
 
     units: list[UnitTask] = []
@@ -423,8 +435,6 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
                                   str(run_dir), rid, use_cache, track_memory))
     n_done = scenario.n_units - len(units)
 
-    kind = executor or spec.executor.kind
-    n_workers = workers or spec.executor.workers
     n_errors = 0
     hook = registry.hook()
     with make_executor(kind, n_workers, spec.executor.address) as ex:

@@ -138,6 +138,9 @@ class Scenario:
     source: str                     # the YAML text
     path: Path | None
     points: list[Point] = field(default_factory=list)
+    estimates: list[dict[str, Any]] = field(default_factory=list)  # preflight memory estimates per setting
+    executor: str | None = None     # the executor the run will use (command-line override applied)
+    workers: int | None = None
 
     @property
     def name(self) -> str:
@@ -156,8 +159,11 @@ class Scenario:
         """``output`` from the scenario (relative to the working directory), else reports/<name>."""
         return Path(self.spec.output) if self.spec.output else Path("reports") / self.spec.name
 
-    def summary(self, registry: Registry | None = None) -> str:
+    def summary(self, registry: Registry | None = None, executor: str | None = None,
+                workers: int | None = None) -> str:
         s = self.spec
+        kind = executor or self.executor or s.executor.kind
+        workers = workers or self.workers or s.executor.workers
         lines = [
             f"scenario {s.name!r}" + (f" — {s.description.strip()}" if s.description else ""),
             f"  sample:         {s.sample.name}",
@@ -169,9 +175,14 @@ class Scenario:
             f"  points: {len(self.points)} × repeats {s.repeats} = {self.n_units} units, "
             f"{self.n_units * len(s.reconstructors)} result rows",
             f"  noise-free simulations: {len({forward_identity(p.spec) for p in self.points})}",
-            f"  executor: {s.executor.kind}" + (f" ({s.executor.workers} workers)" if s.executor.kind != "serial" else "")
-            + f", device: {s.device}",
+            f"  executor: {kind}" + (f" ({workers} workers)" if kind != "serial" else "") + f", device: {s.device}",
         ]
+        sized = [e for e in self.estimates if e.get("sample_bytes") or e.get("forward_bytes")]
+        if sized:
+            peak = max((e.get("forward_bytes") or 0) for e in sized)
+            atoms = max((e.get("sample_atoms") or 0) for e in sized)
+            lines.append(f"  estimated peak memory of a simulation: {peak / 2**20:,.0f} MiB"
+                         + (f" (largest sample ≈ {atoms:,} atoms)" if atoms else ""))
         return "\n".join(lines)
 
 
@@ -224,15 +235,28 @@ def _pydantic_message(exc: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
-def load_scenario(path: str | Path, registry: Registry | None = None) -> Scenario:
+def load_scenario(path: str | Path, registry: Registry | None = None, **checks: Any) -> Scenario:
+    """Read and fully validate a scenario file; ``checks`` are passed on to :func:`parse_scenario`."""
     path = Path(path)
     if not path.exists():
         raise ScenarioError(f"scenario file {str(path)!r} does not exist")
-    return parse_scenario(path.read_text(), path=path, registry=registry)
+    if not path.is_file():
+        raise ScenarioError(f"scenario {str(path)!r} is not a file; give the path of a scenario YAML file")
+    return parse_scenario(path.read_text(), path=path, registry=registry, **checks)
 
 
-def parse_scenario(text: str, path: Path | None = None, registry: Registry | None = None) -> Scenario:
-    """Parse and fully validate a scenario; raises :class:`ScenarioError` naming file and key path."""
+def parse_scenario(text: str, path: Path | None = None, registry: Registry | None = None, *,
+                   max_points: int | None = None, check_resources: bool = True, executor: str | None = None,
+                   workers: int | None = None) -> Scenario:
+    """Parse and fully validate a scenario; raises :class:`ScenarioError` naming file and key path.
+
+    Beyond the schema and every point's parameters, validation refuses what cannot run: more sweep
+    points than ``max_points`` (default :data:`tembench.preflight.MAX_POINTS`, counted before
+    expanding), an executor that does not exist here, and — unless ``check_resources`` is false —
+    input files that are missing or do not parse and stages whose estimated memory exceeds the
+    limit (:mod:`tembench.preflight`). ``executor`` / ``workers`` are the command line's overrides.
+    """
+    from tembench import preflight
     registry = registry or get_registry()
     where = str(path) if path else "<scenario>"
     try:
@@ -252,10 +276,18 @@ def parse_scenario(text: str, path: Path | None = None, registry: Registry | Non
 
     _check_components(spec, registry, where)
     _check_labels(spec, where)
+    kind = executor or spec.executor.kind
+    n_workers = workers if workers is not None else spec.executor.workers
+    check_executor(kind, n_workers, where)
+    preflight.check_point_count(spec, where, max_points)
     points = expand_points(spec, where)
     for point in points:
         _validate_params(point, registry, where)
     _check_kinds(points[0].spec, registry, where)
+    estimates = []
+    if check_resources:
+        estimates = preflight.check_resources(points, registry, where,
+                                              concurrent=n_workers if kind == "processes" else 1)
     if spec.device == "gpu":
         from tembench.backend import get_array_module
 
@@ -263,7 +295,19 @@ def parse_scenario(text: str, path: Path | None = None, registry: Registry | Non
             get_array_module("gpu")
         except Exception as exc:
             raise ScenarioError(f"{where}: device: {exc}") from None
-    return Scenario(spec=spec, source=text, path=path, points=points)
+    return Scenario(spec=spec, source=text, path=path, points=points, estimates=estimates,
+                    executor=kind, workers=n_workers)
+
+
+def check_executor(kind: str, workers: int, where: str = "<scenario>") -> None:
+    """Refuse an executor that is not available here or a worker count below 1 — before anything is written."""
+    if kind == "dask":
+        raise ScenarioError(f"{where}: executor: 'dask' is not available yet in this version of tembench; use "
+                            "`executor: {kind: processes, workers: N}` (or --executor processes) for a local pool")
+    if kind not in ("serial", "processes"):
+        raise ScenarioError(f"{where}: executor: unknown executor {kind!r}; choose serial or processes")
+    if workers < 1:
+        raise ScenarioError(f"{where}: executor: workers must be ≥ 1, got {workers}")
 
 
 def _sections(spec: ScenarioSpec):

@@ -40,7 +40,9 @@ def test_run_writes_tables_manifest_report(registry, tmp_path):
     assert dummy_plugin.CALLS["simulate"] == 1
     manifest = json.loads((res.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["n_rows"] == 12
-    assert "dummy_identity" in json.dumps(manifest["versions"])
+    assert "dummy_identity" in json.dumps(manifest["identity"]["components"])
+    assert {"numpy", "scipy"} <= set(manifest["identity"]["environment"]["libraries"])
+    assert "library" in manifest["identity"]["environment"]["fft"]
     html = (res.run_dir / "report.html").read_text()
     assert "<img src=\"data:image/png;base64," in html and "mean" in html
     # curves returned by quantifiers become artifacts

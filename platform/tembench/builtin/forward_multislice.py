@@ -78,6 +78,24 @@ def _rms(sample, params):
     return sample.rms_displacement_A
 
 
+def _footprint_grid(upstream, sampling_A: float, factor: int = 1):
+    """(ny, nx) of :func:`_field` from a sample's preflight footprint, or None when its cell is unknown."""
+    if upstream is None or upstream.cell_A is None:
+        return None
+    cx, cy, _ = upstream.cell_A
+    return (max(1, int(round(cy / sampling_A))) * factor, max(1, int(round(cx / sampling_A))) * factor)
+
+
+def _footprint_slices(upstream, angles, axis, dz) -> int:
+    from tembench.preflight import tilted_extent
+
+    return max(1, int(math.ceil((tilted_extent(upstream.cell_A, angles, axis) + 4.0) / dz)))
+
+
+def _limit(p):
+    return None if p.max_memory_GB is None else int(p.max_memory_GB * 2**30)
+
+
 class _Common(Params):
     energy_keV: float = Field(300.0, gt=0, le=3000, description="beam energy (keV)")
     slice_thickness_A: float = Field(2.0, gt=0, le=50, description="multislice slice thickness (Å)")
@@ -133,6 +151,25 @@ class HRTEMTiltSeries(ForwardModel):
         n_illumination: int = Field(3, ge=1, le=9, description="Gauss–Hermite points per axis over the angle spread")
         simulation_factor: int = Field(1, ge=1, le=8, description="simulate on a grid this many times finer, then "
                                        "average to the detector pixels (Ren A1.1)")
+
+    @classmethod
+    def preflight(cls, params, upstream=None):
+        from tembench.preflight import Footprint
+
+        p = params
+        gpts = _footprint_grid(upstream, p.sampling_A, p.simulation_factor)
+        if gpts is None:
+            return None
+        angles = _tilt_angles(p)
+        n_slices = _footprint_slices(upstream, angles, p.tilt_axis, p.slice_thickness_A)
+        nbytes = memory.hrtem_tilt_series_bytes(gpts, n_slices, len(angles), len(p.defocus_values_A),
+                                                upstream.n_atoms or 0)
+        return Footprint(
+            peak_bytes=nbytes, limit_bytes=_limit(p),
+            what=f"hrtem_tilt_series ({len(angles)} tilts x {len(p.defocus_values_A)} defocus, {gpts[0]} x {gpts[1]} px, "
+                 f"{n_slices} slices)",
+            fix="Use a coarser sampling_A, thicker slice_thickness_A, a smaller simulation_factor, fewer tilts or a "
+                "smaller sample.")
 
     def simulate(self, sample, params, xp) -> Measurement:
         p = params
@@ -267,6 +304,44 @@ class STEM4D(ForwardModel):
         tilted = (params.tilt_angles_deg is not None and len(params.tilt_angles_deg) > 1) or (
             params.tilt_angles_deg is None and params.tilt_range_deg is not None)
         return "4dstem_tilt_series" if tilted else "4dstem"
+
+    @classmethod
+    def preflight(cls, params, upstream=None):
+        """Peak memory from the field, slices, probe window (a lower bound when derived from the probe) and scan."""
+        from tembench.preflight import Footprint
+
+        p = params
+        gpts = _footprint_grid(upstream, p.sampling_A)
+        if gpts is None:
+            return None
+        angles = _tilt_angles(p)
+        n_slices = _footprint_slices(upstream, angles, p.tilt_axis, p.slice_thickness_A)
+        sampling = (upstream.cell_A[1] / gpts[0], upstream.cell_A[0] / gpts[1])
+        if p.window_gpts is not None:
+            window = (p.window_gpts, p.window_gpts) if isinstance(p.window_gpts, int) else tuple(p.window_gpts)
+        elif p.detector_sampling_mrad is not None:
+            window = window_gpts_for(p.detector_sampling_mrad, sampling, p.energy_keV)
+        else:
+            window = (min(64, gpts[0]), min(64, gpts[1]))
+        start = (0.0, 0.0) if p.scan_start_A is None else p.scan_start_A
+        end = (upstream.cell_A[1], upstream.cell_A[0]) if p.scan_end_A is None else p.scan_end_A
+        step = np.broadcast_to(np.asarray(p.scan_step_A, dtype=float), (2,))
+        if np.any(step <= 0):
+            return None  # simulate() gives the precise error
+        n_pos = max(1, int(math.ceil((end[0] - start[0]) / step[0]))) * max(1, int(math.ceil((end[1] - start[1]) / step[1])))
+        if p.detector_gpts is not None:
+            det = (p.detector_gpts, p.detector_gpts) if isinstance(p.detector_gpts, int) else tuple(p.detector_gpts)
+        else:
+            det = (window[0] // p.detector_binning, window[1] // p.detector_binning)
+        keep = p.output == "patterns" and p.patterns_path is None
+        nbytes = memory.stem_bytes(gpts, n_slices, window, p.n_probe_modes, p.batch_size or 64, n_pos * len(angles),
+                                   det[0] * det[1], keep)
+        return Footprint(
+            peak_bytes=nbytes, limit_bytes=_limit(p),
+            what=f"stem4d ({len(angles)} tilts x {n_pos:,} probes, {gpts[0]} x {gpts[1]} px field, {n_slices} slices, "
+                 f"{det[0]} x {det[1]} px patterns)",
+            fix="Use a coarser sampling_A or scan_step_A, stream the patterns to disk (patterns_path), ask for "
+                "output: image, bin/crop the detector, or simulate a smaller sample.")
 
     def simulate(self, sample, params, xp) -> Measurement:
         p = params

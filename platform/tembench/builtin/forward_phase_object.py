@@ -7,6 +7,8 @@ Valid for thin samples (thickness ≪ 1/(λ k_max²)); for thick ones use ``hrte
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import Field
 
@@ -14,7 +16,7 @@ from tembench import ForwardModel, Geometry, Measurement, Params, hookimpl
 from tembench.backend import asnumpy, fft2, ifft2
 from tembench.physics import constants, optics
 from tembench.physics.grid import spatial_frequencies
-from tembench.physics.potentials import projected_potential
+from tembench.physics.potentials import PARAMETRIZATIONS, projected_potential
 
 
 class PhaseObjectImage(ForwardModel):
@@ -31,7 +33,20 @@ class PhaseObjectImage(ForwardModel):
         Cs_A: float = Field(0.0, description="spherical aberration C30 (Å)")
         semiangle_mrad: float | None = Field(30.0, gt=0, description="objective aperture semiangle (mrad); None = none")
         focal_spread_A: float = Field(0.0, ge=0, description="rms focal spread (Å), temporal-coherence envelope")
-        parametrization: str = Field("lobato", description="atomic potential parametrisation")
+        parametrization: Literal[PARAMETRIZATIONS] = Field("lobato", description="atomic potential parametrisation")
+
+    @classmethod
+    def preflight(cls, params, upstream=None):
+        from tembench.preflight import Footprint
+
+        if upstream is None or upstream.cell_A is None:
+            return None
+        nx = max(1, int(round(upstream.cell_A[0] / params.sampling_A)))
+        ny = max(1, int(round(upstream.cell_A[1] / params.sampling_A)))
+        # potential slab + complex wave, its spectrum, CTF and frequency grids; structure factors per atom row
+        nbytes = ny * nx * (4 + 5 * 8) + min(upstream.n_atoms or 0, 2**20) * (ny + nx) * 8
+        return Footprint(peak_bytes=nbytes, what=f"phase_object ({ny} x {nx} px)",
+                         fix="Use a coarser sampling_A or a smaller sample.")
 
     def simulate(self, sample, params, xp) -> Measurement:
         nx = int(round(sample.cell_A[0] / params.sampling_A))

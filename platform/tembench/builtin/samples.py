@@ -91,6 +91,10 @@ class Crystal(SampleModel):
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         return build_crystal(params, rng, name=params.material or "crystal")
 
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        return crystal_footprint(params, cls.name)
+
 
 def build_crystal(p: Crystal.Params, rng: np.random.Generator, name: str = "crystal") -> Sample:
     """Build the :class:`Crystal` sample from validated params (reused by the paper samples)."""
@@ -121,6 +125,33 @@ def build_crystal(p: Crystal.Params, rng: np.random.Generator, name: str = "crys
     return Sample(positions_A=pos, numbers=numbers, cell_A=cell, name=name,
                   rms_displacement_A=cr.rms_per_atom(numbers, p.rms_displacement_A),
                   metadata={"zone_axis": list(p.zone_axis), "shape": p.shape})
+
+
+def crystal_footprint(p: Crystal.Params, who: str = "crystal"):
+    """Atoms, cell and build memory of :func:`build_crystal` from the unit cell alone (reads the file, if any)."""
+    from tembench.preflight import BYTES_PER_ATOM, Footprint
+
+    atoms = cr.bulk_atoms(p.material, p.crystalstructure, p.a_A, p.c_A, p.cubic, p.file)
+    pad = _padding3(p.padding_A)
+    if p.shape == "periodic":
+        unit = cr.oriented_supercell(atoms, p.zone_axis, p.x_axis)
+        extent = unit.get_cell().lengths() * np.asarray(p.repeat, dtype=np.float64)
+        n_atoms = len(unit) * int(np.prod(np.asarray(p.repeat, dtype=np.int64)))
+        fix = "Use a smaller `repeat`."
+    else:
+        _, P = cr.zone_axis_frame(atoms.cell.array, p.zone_axis, p.x_axis)
+        extent = _shape_extent(p, atoms, P)
+        volume = float(np.prod(extent))
+        if p.shape == "sphere":
+            volume *= np.pi / 6
+        elif p.shape == "needle":
+            r = extent[0] / 2
+            volume = np.pi * r**2 * (extent[1] - r) + 2 / 3 * np.pi * r**3
+        n_atoms = int(round(volume * len(atoms) / abs(atoms.cell.volume)))
+        fix = "Use a smaller size_A / radius_A / edge_A / length_A."
+    cell = tuple(float(v) for v in extent + 2 * pad)
+    what = f"{who}: about {n_atoms:,} atoms in a {cell[0]:.0f} x {cell[1]:.0f} x {cell[2]:.0f} Å cell"
+    return Footprint(peak_bytes=n_atoms * BYTES_PER_ATOM, what=what, fix=fix, n_atoms=n_atoms, cell_A=cell)
 
 
 def _shape_extent(p: Crystal.Params, atoms, P) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from tembench import Params, SampleModel, hookimpl
-from tembench.builtin.samples import Crystal, build_crystal, place_in_box
+from tembench.builtin.samples import Crystal, build_crystal, crystal_footprint, place_in_box
 from tembench.errors import TembenchError
 from tembench.structures import crystal as cr
 from tembench.structures import layers as ly
@@ -34,11 +34,18 @@ class PtBulk(SampleModel):
         zone_axis: Vec3i = Field((0, 0, 1), description="direction along the beam")
         rms_displacement_A: float | None = Field(RMS_PT_A, ge=0, description="rms thermal displacement per axis (Å)")
 
+    @staticmethod
+    def crystal_params(params: Params) -> Crystal.Params:
+        return Crystal.Params(material="Pt", crystalstructure="fcc", a_A=params.a_A, zone_axis=params.zone_axis,
+                              repeat=(params.lateral_cells, params.lateral_cells, params.thickness_cells),
+                              rms_displacement_A=params.rms_displacement_A)
+
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        return crystal_footprint(cls.crystal_params(params), cls.name)
+
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
-        p = Crystal.Params(material="Pt", crystalstructure="fcc", a_A=params.a_A, zone_axis=params.zone_axis,
-                           repeat=(params.lateral_cells, params.lateral_cells, params.thickness_cells),
-                           rms_displacement_A=params.rms_displacement_A)
-        s = build_crystal(p, rng, name="pt_bulk")
+        s = build_crystal(self.crystal_params(params), rng, name="pt_bulk")
         s.metadata["thickness_A"] = float(s.cell_A[2])
         return s
 
@@ -62,13 +69,20 @@ class PtNanoparticle(SampleModel):
         padding_A: float = Field(5.0, ge=0, description="vacuum around the particle in Å")
         rms_displacement_A: float | None = Field(RMS_PT_A, ge=0, description="rms thermal displacement per axis (Å)")
 
-    def build(self, params: Params, rng: np.random.Generator) -> Sample:
+    @staticmethod
+    def crystal_params(params: Params) -> Crystal.Params:
         shift = (0.0, 0.0, 0.0) if params.centre == "atom" else (0.5, 0.0, 0.0)
-        p = Crystal.Params(material="Pt", crystalstructure="fcc", a_A=params.a_A, zone_axis=params.zone_axis,
-                           shape="sphere", radius_A=params.diameter_cells * params.a_A / 2,
-                           origin_shift_frac=shift, padding_A=params.padding_A,
-                           rms_displacement_A=params.rms_displacement_A)
-        s = build_crystal(p, rng, name="pt_nanoparticle")
+        return Crystal.Params(material="Pt", crystalstructure="fcc", a_A=params.a_A, zone_axis=params.zone_axis,
+                              shape="sphere", radius_A=params.diameter_cells * params.a_A / 2,
+                              origin_shift_frac=shift, padding_A=params.padding_A,
+                              rms_displacement_A=params.rms_displacement_A)
+
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        return crystal_footprint(cls.crystal_params(params), cls.name)
+
+    def build(self, params: Params, rng: np.random.Generator) -> Sample:
+        s = build_crystal(self.crystal_params(params), rng, name="pt_nanoparticle")
         cols = np.unique(np.round(s.positions_A[:, :2] / 0.05).astype(np.int64), axis=0)
         s.metadata["n_columns"] = int(len(cols))
         return s

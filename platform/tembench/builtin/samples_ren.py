@@ -64,6 +64,21 @@ class SiSiO2Needle(SampleModel):
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         return build_needle(params, rng)
 
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        """Cell and atom count from the geometry (Si 0.0499 atoms/Å³, a-SiO2 ≈ 0.066 atoms/Å³ at 2.2 g/cm³)."""
+        from tembench.preflight import BYTES_PER_ATOM, Footprint
+
+        R, t, L, pad = params.core_radius_A, params.shell_thickness_A, params.core_length_A, params.padding_A
+        extent = np.array([2 * (R + t), L + t, 2 * (R + t)])
+        cell = tuple(float(v) for v in extent + 2 * pad)
+        core = np.pi * R**2 * (L - R) + 2 / 3 * np.pi * R**3
+        outer = np.pi * (R + t) ** 2 * (L - R) + 2 / 3 * np.pi * (R + t) ** 3
+        n = int(core * 8 / params.a_A**3 + (outer - core) * 0.0662 * params.sio2_density_g_cm3 / 2.2)
+        return Footprint(peak_bytes=n * BYTES_PER_ATOM * 2, n_atoms=n, cell_A=cell,
+                         what=f"si_sio2_needle: about {n:,} atoms in a {cell[0]:.0f} x {cell[1]:.0f} x {cell[2]:.0f} Å cell",
+                         fix="Use a smaller core_radius_A / core_length_A / shell_thickness_A.")
+
 
 def build_needle(p: SiSiO2Needle.Params, rng: np.random.Generator) -> Sample:
     R, t, L, pad = p.core_radius_A, p.shell_thickness_A, p.core_length_A, p.padding_A

@@ -48,6 +48,19 @@ class PtAl2O3Nanocube(SampleModel):
                 raise ValueError(f"core_edge_A = {self.core_edge_A} Å must be at least one Pt cell ({self.a_pt_A} Å)")
             return self
 
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        """Cell and atom count from the geometry (Pt 4 atoms per a³, Al2O3 ≈ 0.117 atoms/Å³ at 3.99 g/cm³)."""
+        from tembench.preflight import BYTES_PER_ATOM, Footprint
+
+        e, t = params.core_edge_A, params.shell_thickness_A
+        outer = e + 2 * t
+        n = int(e**3 * 4 / params.a_pt_A**3 + (outer**3 - e**3) * 0.117)
+        side = float(outer + 2 * params.padding_A)
+        return Footprint(peak_bytes=n * BYTES_PER_ATOM * 2, n_atoms=n, cell_A=(side, side, side),
+                         what=f"pt_al2o3_nanocube: about {n:,} atoms in a {side:.0f} Å cube",
+                         fix="Use a smaller core_edge_A / shell_thickness_A.")
+
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         p = params
         e, t = p.core_edge_A, p.shell_thickness_A

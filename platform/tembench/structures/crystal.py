@@ -58,7 +58,9 @@ def bulk_atoms(material: str | None = None, crystalstructure: str | None = None,
         try:
             atoms = ase.io.read(str(path))
         except Exception as exc:  # noqa: BLE001 - ase raises many kinds
-            raise TembenchError(f"crystal file {str(path)!r} could not be read by ase.io.read: {exc}") from exc
+            raise TembenchError(f"crystal file {str(path)!r} could not be read by ase.io.read "
+                                f"({type(exc).__name__}: {str(exc) or 'no detail'}); check that it is a valid CIF, XYZ or "
+                                "POSCAR file") from exc
         if not atoms.cell.rank == 3:
             raise TembenchError(f"crystal file {str(path)!r} has no 3D cell; add cell vectors (CIF or extended XYZ).")
         return atoms

@@ -1,0 +1,156 @@
+"""Runs that cannot succeed are refused before anything is written, and exit codes tell the truth.
+
+Each case is a scenario (or command line) that used to start and fail at run time, or write
+files before failing; every one must now exit 2 with a one-paragraph error naming the problem,
+and leave the output folder untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import dummy_plugin
+from tembench.cli import EXIT_UNITS_FAILED, main
+
+QUICK = """
+name: refusals
+seed: 1
+sample: {name: crystal, params: {material: Si, zone_axis: [1, 1, 0], repeat: [2, 2, 1]}}
+forward: {name: phase_object, params: {energy_keV: 300, sampling_A: 0.2, defocus_A: 60}}
+noise: [{name: poisson_dose, params: {dose_e_per_A2: 1000}}]
+reconstructors: [weak_phase_wiener]
+quantifiers: [cross_correlation]
+sweep:
+  grid:
+    noise.0.dose_e_per_A2: [100, .inf]
+"""
+
+
+def _grid(n_a: int, n_b: int) -> str:
+    a = ", ".join(str(i + 1) for i in range(n_a))
+    b = ", ".join(str(i) for i in range(n_b))
+    return QUICK.replace("noise.0.dose_e_per_A2: [100, .inf]",
+                         f"noise.0.dose_e_per_A2: [{a}]\n    forward.defocus_A: [{b}]")
+
+
+CASES = {
+    # scenario text edits → (extra CLI args, phrase the error must contain)
+    "missing structure file": (QUICK.replace("material: Si,", "file: no/such/structure.cif,"), [],
+                               "does not exist"),
+    "unreadable structure file": (QUICK.replace("material: Si,", "file: {garbage},"), [],
+                                  "could not be read by ase.io.read"),
+    "684 GiB simulation grid": (QUICK.replace("sampling_A: 0.2", "sampling_A: 0.0001"), [],
+                                "phase_object (153584 x 108600 px) needs about 683.6 GiB"),
+    "12-million-cell sample": (QUICK.replace("repeat: [2, 2, 1]", "repeat: [300, 200, 200]"), [],
+                               "about 192,000,000 atoms"),  # 16 atoms per oriented [110] cell (2a³)
+    "4·10⁶-point sweep": (_grid(2000, 2000), [], "4,000,000 points"),
+    "sweep over --max-points": (_grid(10, 10), ["--max-points", "50"], "more than the limit of 50"),
+    "dask executor on the command line": (QUICK, ["--executor", "dask"], "'dask' is not available yet"),
+    "dask executor in the scenario": (QUICK + "executor: {kind: dask}\n", [], "'dask' is not available yet"),
+    "4D-STEM that cannot fit with 4 workers": (
+        QUICK.replace("forward: {name: phase_object, params: {energy_keV: 300, sampling_A: 0.2, defocus_A: 60}}",
+                      "forward: {name: stem4d, params: {sampling_A: 0.05, scan_step_A: 0.01, window_gpts: 256, "
+                      "max_memory_GB: 4}}")
+        .replace("repeat: [2, 2, 1]", "repeat: [4, 4, 1]")
+        .replace("noise: [{name: poisson_dose, params: {dose_e_per_A2: 1000}}]", "noise: []")
+        .replace("reconstructors: [weak_phase_wiener]", "reconstructors: [{name: ssb, params: {rotation_deg: 0}}]")
+        .replace("noise.0.dose_e_per_A2: [100, .inf]", "forward.energy_keV: [200, 300]"),
+        ["--executor", "processes", "--workers", "4"], "× 4 concurrent workers"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_impossible_run_refused_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
+    text, extra, phrase = CASES[case]
+    garbage = tmp_path / "garbage.cif"
+    garbage.write_text("this is not a crystal structure\n")
+    monkeypatch.setenv("TEMBENCH_MAX_MEMORY_GB", "16")  # the same answer on any machine
+    path = tmp_path / "s.yaml"
+    path.write_text(text.replace("{garbage}", str(garbage)))
+    out = tmp_path / "out"
+    for command in (["validate", str(path)], ["run", str(path), "--out", str(out), "-q"]):
+        code = main(command + extra)
+        err = capsys.readouterr().err
+        assert code == 2, (case, command, err)
+        assert err.startswith("tembench: error: ") and err.count("\n") == 1, err
+        assert phrase in err, err
+    assert not out.exists()
+
+
+def test_refusal_is_fast_and_counts_points_without_expanding(tmp_path, capsys):
+    """A 4·10⁶-point grid is refused from its list lengths, not by materialising the points."""
+    import time
+
+    path = tmp_path / "s.yaml"
+    path.write_text(_grid(2000, 2000))
+    t0 = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    assert time.perf_counter() - t0 < 5.0  # expanding and validating 4·10⁶ points took minutes
+    assert "4,000,000 points" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--workers", "-3"], "must be ≥ 1"),
+    (["--workers", "0"], "must be ≥ 1"),
+    (["--workers", "two"], "expected a whole number"),
+])
+def test_bad_cli_options_are_refused_before_writing(argv, phrase, tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(QUICK)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(path), "--out", str(out)] + argv)
+    assert exc.value.code == 2
+    assert phrase in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(QUICK)
+    target = tmp_path / "a_file"
+    target.write_text("precious")
+    assert main(["run", str(path), "--out", str(target), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and err.count("\n") == 1
+    assert target.read_text() == "precious"
+
+
+def test_override_lets_a_user_who_knows_better_validate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEMBENCH_MAX_MEMORY_GB", "16")
+    path = tmp_path / "s.yaml"
+    path.write_text(QUICK.replace("sampling_A: 0.2", "sampling_A: 0.0001"))
+    assert main(["validate", str(path)]) == 2
+    capsys.readouterr()
+    assert main(["validate", str(path), "--ignore-memory-estimate"]) == 0
+
+
+def test_scenario_directory_is_not_a_scenario(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+# --- exit status ----------------------------------------------------------------------------------
+def test_exit_status_nonzero_when_units_fail(registry, scenario_file, tmp_path, capsys):
+    text = dummy_plugin.SCENARIO.replace("{name: dummy_identity, label: b}",
+                                         "{name: dummy_identity, label: b, params: {fail: true}}")
+    code = main(["run", str(scenario_file(text)), "--out", str(tmp_path / "o"), "-q", "--no-report"])
+    out = capsys.readouterr().out
+    assert code == EXIT_UNITS_FAILED != 2  # distinct from bad input
+    assert out.strip().splitlines()[-1].endswith("failed units: 6 of 6")
+
+
+def test_exit_status_zero_when_all_units_succeed(registry, scenario_file, tmp_path, capsys):
+    code = main(["run", str(scenario_file()), "--out", str(tmp_path / "o"), "-q", "--no-report"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("failed units: 0 of 6")
+
+
+def test_plan_shows_the_executor_actually_used(registry, scenario_file, capsys, tmp_path):
+    path = scenario_file()
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "-q", "--no-report", "--executor", "serial"]) == 0
+    assert "executor: serial" in capsys.readouterr().err
+    from tembench.scenario import load_scenario
+
+    sc = load_scenario(path, registry, executor="processes", workers=3)
+    assert "executor: processes (3 workers)" in sc.summary()
