@@ -106,12 +106,10 @@ def scattering_factor(Z: int, q, parametrization: str = "lobato", xp=np):
 
 
 def _kirkland_abcd(p: np.ndarray):
-    flat = p.reshape(-1)
-    a = flat[[0, 2, 4]]
-    b = flat[[1, 3, 5]]
-    c = flat[[6, 8, 10]]
-    d = flat[[7, 9, 11]]
-    return a, b, c, d
+    # kirkland.json holds the rows [a1..a3], [b1..b3], [c1..c3], [d1..d3] (abTEM's layout), not
+    # the interleaved a1 b1 a2 b2 … order of Kirkland's fparams.dat; tests pin published values.
+    p = np.asarray(p, dtype=np.float64).reshape(4, 3)
+    return p[0], p[1], p[2], p[3]
 
 
 def atom_potential(Z: int, r_A, parametrization: str = "lobato"):
