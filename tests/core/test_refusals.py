@@ -154,3 +154,63 @@ def test_plan_shows_the_executor_actually_used(registry, scenario_file, capsys, 
 
     sc = load_scenario(path, registry, executor="processes", workers=3)
     assert "executor: processes (3 workers)" in sc.summary()
+
+
+# --- the estimates themselves, against what building and simulating really take -----------------
+SAMPLES = [
+    ("crystal", {"material": "Si", "zone_axis": [1, 1, 0], "repeat": [3, 2, 2]}),
+    ("crystal", {"material": "Pt", "shape": "sphere", "radius_A": 9.0, "padding_A": 3.0}),
+    ("crystal", {"material": "Si", "shape": "needle", "radius_A": 6.0, "length_A": 20.0}),
+    ("pt_bulk", {"thickness_cells": 3, "lateral_cells": 2}),
+    ("pt_nanoparticle", {"diameter_cells": 5}),
+    ("pt_edge_dislocation", {"size_x_A": 20, "size_y_A": 20, "thickness_cells": 1}),
+    ("srtio3", {"repeat": [2, 2, 2]}),
+    ("mgo", {"repeat": [2, 2, 2]}),
+    ("twisted_bilayer", {"material": "MoS2", "twist_deg": 13.17, "max_period_A": 12}),
+    ("graphene", {"repeat": [3, 2]}),
+    ("si_sio2_needle", {"core_radius_A": 8, "shell_thickness_A": 4, "core_length_A": 20, "relax_iterations": 5}),
+    ("pt_al2o3_nanocube", {"core_edge_A": 8, "shell_thickness_A": 4}),
+]
+
+
+@pytest.mark.parametrize("name, params", SAMPLES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SAMPLES)])
+def test_sample_estimate_matches_the_built_sample(name, params):
+    import numpy as np
+
+    from tembench.registry import Registry
+
+    cls = Registry(load_entry_points=False).get("sample", name)
+    p = cls.parse_params(params)
+    fp = cls.preflight(p)
+    built = cls().build(p, np.random.default_rng(0))
+    assert fp.n_atoms == pytest.approx(len(built.numbers), rel=0.15)
+    np.testing.assert_allclose(fp.cell_A, built.cell_A, rtol=1e-6)
+
+
+@pytest.mark.parametrize("forward, params", [
+    ("phase_object", {"sampling_A": 0.1}),
+    ("hrtem_tilt_series", {"sampling_A": 0.2, "tilt_range_deg": [-30, 30], "n_tilts": 3,
+                           "defocus_values_A": [0, 50], "slice_thickness_A": 2.0}),
+    ("stem4d", {"sampling_A": 0.1, "scan_step_A": 0.5, "window_gpts": 64, "semiangle_mrad": 20}),
+])
+def test_forward_estimate_is_within_a_factor_of_the_measured_peak(forward, params):
+    """The estimate must be the right size (×3 either way) of the traced peak, or refusals are arbitrary."""
+    import tracemalloc
+
+    import numpy as np
+
+    from tembench.registry import Registry
+
+    reg = Registry(load_entry_points=False)
+    s_cls, f_cls = reg.get("sample", "crystal"), reg.get("forward_model", forward)
+    sp = s_cls.parse_params({"material": "Si", "zone_axis": [1, 1, 0], "repeat": [4, 3, 2]})
+    sample = s_cls().build(sp, np.random.default_rng(0))
+    fp_ = f_cls.parse_params(params)
+    estimate = f_cls.preflight(fp_, s_cls.preflight(sp)).peak_bytes
+    tracemalloc.start()
+    try:
+        f_cls().simulate(sample, fp_, np)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / 3 < estimate < 3 * peak, (estimate / 2**20, peak / 2**20)

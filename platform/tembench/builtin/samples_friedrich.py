@@ -110,6 +110,17 @@ class PtEdgeDislocation(SampleModel):
         dislocation: bool = Field(True, description="false gives the perfect reference slab")
         rms_displacement_A: float | None = Field(RMS_PT_A, ge=0, description="rms thermal displacement per axis (Å)")
 
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        from tembench.preflight import BYTES_PER_ATOM, Footprint
+
+        lz = params.thickness_cells * params.a_A * np.sqrt(6)
+        n = int(params.size_x_A * params.size_y_A * lz * 4 / params.a_A**3)
+        cell = (params.size_x_A + 2 * params.padding_A, params.size_y_A + 2 * params.padding_A, float(lz))
+        return Footprint(peak_bytes=n * BYTES_PER_ATOM, n_atoms=n, cell_A=cell,
+                         what=f"pt_edge_dislocation: about {n:,} atoms", fix="Use a smaller size_x_A / size_y_A / "
+                         "thickness_cells.")
+
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         a = params.a_A
         atoms = cr.bulk_atoms("Pt", "fcc", a, cubic=True)
@@ -204,6 +215,32 @@ class TwistedBilayer(SampleModel):
         vacuum_A: float = Field(5.0, ge=0, description="vacuum above and below along z in Å")
         rms_displacement_A: float | dict[str, float] | None = Field(
             RMS_TABLE_4_1_A, description="rms thermal displacement per axis in Å")
+
+    @classmethod
+    def preflight(cls, params: Params, upstream=None):
+        """Cell and atom count from the moiré (or rectangle) geometry, without filling the layers."""
+        from tembench.preflight import BYTES_PER_ATOM, Footprint
+
+        p = params
+        mono = ly.monolayer(p.material, p.a_A)
+        a = float(np.linalg.norm(mono.cell.array[0]))
+        if p.periodic:
+            twist = p.twist_deg if p.n_layers == 2 else 0.0
+            m, n, _ = ly.find_commensurate(twist, a, p.max_period_A) if twist else (1, 0, 0.0)
+            v = np.array([m, n]) @ mono.cell.array[:2, :2]
+            v60 = np.array([0.5 * v[0] - np.sqrt(3) / 2 * v[1], np.sqrt(3) / 2 * v[0] + 0.5 * v[1]])
+            rect = (np.linalg.norm(v) * p.repeat[0], np.linalg.norm(2 * v60 - v) * p.repeat[1])
+        else:
+            rect = p.size_A
+        per_area = len(mono) / abs(np.linalg.det(mono.cell.array[:2, :2]))
+        n = int(rect[0] * rect[1] * per_area * p.n_layers)
+        spacing = p.interlayer_A or ly.LAYERED[p.material]["interlayer_A"]
+        zloc = mono.positions[:, 2]
+        cell = (float(rect[0]), float(rect[1]),
+                float((spacing if p.n_layers == 2 else 0.0) + np.ptp(zloc) + 2 * p.vacuum_A))
+        return Footprint(peak_bytes=n * BYTES_PER_ATOM, n_atoms=n, cell_A=cell,
+                         what=f"{cls.name}: about {n:,} atoms in a {cell[0]:.0f} x {cell[1]:.0f} Å layer",
+                         fix="Use a smaller repeat / size_A / max_period_A.")
 
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         p = params
