@@ -76,3 +76,25 @@ def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "tembench.cli", "list", "--kind", "sample"], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 0 and "crystal" in out.stdout
+
+
+def test_list_verbose_shows_literal_choices_and_optional_types(registry, capsys):
+    code, out, _ = _run(["list", "-v", "--kind", "forward_model"], capsys)
+    assert code == 0
+    assert "propagator: one of 'fresnel' | 'exact', default 'fresnel'" in out
+    assert "tilt_range_deg: tuple[float, float] | None, default None" in out
+    assert "PydanticUndefined" not in out  # default factories are shown by their value
+    assert "detectors: dict[str, tuple[float, float | None]], default {'haadf': (60.0, None)}" in out
+
+
+def test_compare_refuses_runs_whose_sweeps_differ(registry, scenario_file, tmp_path, capsys):
+    """Averaging B's sweep away would compare a mean over defocus with a single point: refuse instead."""
+    a = scenario_file()
+    text_b = dummy_plugin.SCENARIO.replace("sweep:\n  grid:\n", "sweep:\n  grid:\n    forward.width_px: [1.0, 3.0]\n")
+    assert text_b != dummy_plugin.SCENARIO
+    b = scenario_file(text_b, name="b.yaml")
+    assert _run(["run", str(a), "--out", str(tmp_path / "a"), "-q", "--no-report"], capsys)[0] == 0
+    assert _run(["run", str(b), "--out", str(tmp_path / "b"), "-q", "--no-report"], capsys)[0] == 0
+    run_a, run_b = next((tmp_path / "a").glob("run-*")), next((tmp_path / "b").glob("run-*"))
+    code, _, err = _run(["compare", str(run_a), str(run_b)], capsys)
+    assert code == 2 and "run B sweeps 'forward.width_px' over 2 values but run A does not" in err
