@@ -359,8 +359,11 @@ def test_spectral_window_floor_threshold_and_band():
     assert _spec(img, 0.25, window=False, smooth_bins=1, threshold=0.5 * ratio)["resolution_A"] == \
         pytest.approx(128 * 0.25 / 22.5)
     # a cosine inside the floor band (ring 54 of 64, above 0.8 Nyquist) is the floor, not a signal
+    # and the floor is the band's median ring: the one bright ring does not raise it (its mean would)
     img = 0.05 * rng.standard_normal((n, n)) + _cosine_in_noise(n, 0.25, (30, 46), noise=0.0)
-    assert math.isnan(_spec(img, 0.25, window=False, smooth_bins=1)["resolution_A"])
+    m = _spec(img, 0.25, window=False, smooth_bins=1)
+    assert math.isnan(m["resolution_A"])
+    assert m["spectral_noise_floor"] == pytest.approx(n * n * 0.05 ** 2, rel=0.15)
     # signal filling every ring up to the band (0.8 Nyquist = 1.6 1/Å) is flagged as limited by the band
     # (sampling): k_c is then the last ring below the band, centre 50.5/32 1/Å
     img = 0.01 * rng.standard_normal((n, n)) + sum(_cosine_in_noise(n, 0.25, (0, j), noise=0.0)
@@ -449,13 +452,14 @@ def test_one_to_one_when_two_traced_sites_compete_for_one_atom(monkeypatch):
     np.testing.assert_array_equal(m["matched_traced_index"], [0, 2])
     np.testing.assert_allclose(m["position_error_pm"], [30.0, 5.0], atol=1e-9)
     assert m["pct_atoms_found"] == 100.0 and m["pct_false_positives"] == 50.0
-    # two atoms 1.6 Å apart, a site between them slightly nearer the second, and a site 0.3 Å past the
-    # second: the most pairs is 2 (site 0 → atom 0 at 0.85 Å); nearest-first matching would give 1
-    true = np.array([[10.0, 10.0, 10.0], [11.6, 10.0, 10.0]])
-    traced = np.array([[10.85, 10.0, 10.0], [11.9, 10.0, 10.0]])
+    # atoms at x = 10 and 11 Å, sites at 10.55 (0.45 Å from the second atom: the nearest pair) and 11.6
+    # (0.6 Å from the second, 1.6 Å from the first): the most pairs is 2 (10.55 → first atom, 55 pm;
+    # 11.6 → second, 60 pm); nearest-first matching (either order) would give 1 pair and 1 false positive
+    true = np.array([[10.0, 10.0, 10.0], [11.0, 10.0, 10.0]])
+    traced = np.array([[10.55, 10.0, 10.0], [11.6, 10.0, 10.0]])
     m = _score_trace(monkeypatch, true, [14, 8], traced)
     assert m["n_matched"] == 2 and m["n_false_positives"] == 0
-    np.testing.assert_allclose(m["position_error_pm"], [85.0, 30.0], atol=1e-9)
+    np.testing.assert_allclose(m["position_error_pm"], [55.0, 60.0], atol=1e-9)
 
 
 def test_position_errors_in_pm_per_axis(monkeypatch):
