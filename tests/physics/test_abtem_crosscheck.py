@@ -7,6 +7,7 @@ reference potential is abTEM's potential on a 10× finer grid, Fourier-cropped t
 
 import numpy as np
 import pytest
+from _deps import require
 
 from tembench.physics import multislice as M
 from tembench.physics import potentials as P
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.abtem
 
 
 def _abtem():
-    abtem = pytest.importorskip("abtem")
+    abtem = require("abtem")  # skips locally, fails under CI (tests/_deps.py)
     abtem.config.set({"device": "cpu", "dask.lazy": False})
     return abtem
 
