@@ -69,10 +69,14 @@ def test_interaction_constant_by_hand_and_kirkland_table():
 # cross_correlation
 # ---------------------------------------------------------------------------------------------
 class _TruthStub:
-    """Duck-typed Sample: the ground truth is a hand-built array, returned whatever the grid asked for."""
+    """Duck-typed Sample: the ground truth is a hand-built array over a periodic cell (x, y, z) Å, by
+    default the one that makes the array's pixels 0.2 Å (y) × 0.25 Å (x), as the tests' reconstructions."""
 
-    def __init__(self, vproj=None, vvol=None):
+    def __init__(self, vproj=None, vvol=None, cell_A=None):
         self.vproj, self.vvol, self.calls = vproj, vvol, []
+        if cell_A is None and vproj is not None:
+            cell_A = (np.shape(vproj)[1] * 0.25, np.shape(vproj)[0] * 0.2, 1.0)
+        self.cell_A = np.asarray(cell_A if cell_A is not None else (1.0, 1.0, 1.0), float)
 
     def projected_potential(self, sampling_A, gpts=None, parametrization="lobato"):
         self.calls.append(("projected_potential", tuple(np.broadcast_to(sampling_A, (2,))), parametrization))
@@ -198,11 +202,47 @@ def test_crop_with_reconstruction_extending_before_the_truth():
     rec[:7, :9] = v[33:, 39:]
     m = _cc(rec, _TruthStub(vproj=v), sampling=(0.2, 0.25), origin=(33 * 0.2, 39 * 0.25))
     assert m["ncc"] == pytest.approx(1.0, abs=1e-12)
-    # origins round to the nearest pixel (a sub-pixel origin is not interpolated)
-    m = _cc(v[6:26, 11:35], _TruthStub(vproj=v), sampling=(0.2, 0.25), origin=(6.4 * 0.2, 10.6 * 0.25))
-    assert m["ncc"] == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(TembenchError, match="do not overlap"):
         _cc(v[:20, :24], _TruthStub(vproj=v), sampling=(0.2, 0.25), origin=(0.0, 48 * 0.25))
+
+
+def _waves(y, x, cell_yx):
+    """A periodic, band-limited truth over the cell: two plane waves with whole periods (no symmetry)."""
+    Y, X = np.meshgrid(y / cell_yx[0], x / cell_yx[1], indexing="ij")
+    return 30.0 * np.sin(2 * np.pi * (3 * Y + 2 * X) + 0.3) + 12.0 * np.cos(2 * np.pi * (-Y + 5 * X) + 1.1)
+
+
+@pytest.mark.parametrize("step, origin", [((0.2, 0.25), (0.07, -0.6)),           # origin between pixels
+                                          ((0.3, 0.3), (0.0, 0.0)),             # step not dividing the cell
+                                          ((0.29, 0.31), (0.45, 1.13))])
+def test_truth_at_the_exact_reconstruction_pixel_positions(step, origin):
+    """The truth is a band-limited periodic image over a 10 × 12 Å cell on 0.2 × 0.25 Å pixels; the
+    reconstruction holds the same function at origin + i·step exactly. Comparing at exactly those points
+    scores RMSE 0; rounding them onto the truth's pixels (up to half a pixel off) would not."""
+    cell_yx, n_gt = (10.0, 12.0), (50, 48)
+    truth = _waves(np.arange(n_gt[0]) * 0.2, np.arange(n_gt[1]) * 0.25, cell_yx)
+    stub = _TruthStub(vproj=truth, cell_A=(12.0, 10.0, 1.0))
+    n = (int(9.0 / step[0]), int(11.0 / step[1]))
+    y, x = origin[0] + step[0] * np.arange(n[0]), origin[1] + step[1] * np.arange(n[1])
+    m = _cc(_waves(y, x, cell_yx), stub, sampling=step, origin=origin)
+    assert m["ncc"] == pytest.approx(1.0, abs=1e-12) and m["rmse"] < 1e-9 * m["gt_std"]
+    # pixels before the cell (x < −half a truth pixel) are left out, as in the on-grid crop
+    keep_x = x >= -0.125
+    assert m["gt_std"] == pytest.approx(_waves(y, x[keep_x], cell_yx).std(), rel=1e-9)
+
+
+def test_subpixel_origin_real_sample():
+    """Atoms moved by −δ give, on the same grid, exactly the band-limited truth at the points i·s + δ
+    (Fourier shift theorem): a reconstruction of it with origin δ (a third of a pixel) scores RMSE ≈ 0."""
+    pos = np.array([[3.0, 5.0, 1.0], [6.2, 2.7, 1.0], [7.9, 8.8, 1.0]])
+    sample = Sample(pos, [14, 8, 42], [10.0, 12.0, 2.0])
+    s, delta = 0.25, np.array([0.08, -0.05])                     # (y, x) Å
+    moved = Sample(pos - np.r_[delta[::-1], 0.0], [14, 8, 42], [10.0, 12.0, 2.0])
+    rec = moved.projected_potential(s).astype(np.float64)
+    m = _cc(rec, sample, sampling=(s, s), origin=tuple(delta))
+    assert m["rmse"] < 1e-5 * m["gt_std"]
+    # the same data scored as if it sat on the truth's pixels is visibly worse
+    assert _cc(rec, sample, sampling=(s, s))["rmse"] > 0.05 * m["gt_std"]
 
 
 def test_volume_crop_origin_zyx():
@@ -259,10 +299,11 @@ def test_lowpass_is_a_gaussian_of_that_fwhm():
         s = fwhm / (2 * math.sqrt(2 * math.log(2)))
         return np.exp(-y[:, None] ** 2 / (2 * s * s) - x[None, :] ** 2 / (2 * s * s))
 
-    m = _cc(gauss(1.0), _TruthStub(vproj=v), sampling=(sy, sx), lowpass_A=1.0)
+    cell = (80 * sx, 96 * sy, 1.0)
+    m = _cc(gauss(1.0), _TruthStub(vproj=v, cell_A=cell), sampling=(sy, sx), lowpass_A=1.0)
     assert m["ncc"] > 0.99999
-    assert _cc(gauss(1.2), _TruthStub(vproj=v), sampling=(sy, sx), lowpass_A=1.0)["ncc"] < 0.995
-    assert _cc(gauss(1.0), _TruthStub(vproj=v), sampling=(sy, sx))["ncc"] < 0.2       # no low-pass
+    assert _cc(gauss(1.2), _TruthStub(vproj=v, cell_A=cell), sampling=(sy, sx), lowpass_A=1.0)["ncc"] < 0.995
+    assert _cc(gauss(1.0), _TruthStub(vproj=v, cell_A=cell), sampling=(sy, sx))["ncc"] < 0.2       # no low-pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ def normalized_cross_correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def ground_truth_like(reconstruction, sample, energy_keV: float | None, parametrization: str = "lobato") -> np.ndarray:
-    """The sample's ground truth on the reconstruction's grid, in the reconstruction's quantity."""
+    """The sample's ground truth in the reconstruction's quantity, over the sample's cell on the grid of
+    round(cell / sampling) pixels (pixel i at i·cell/n); ``CrossCorrelation.score`` places it at the
+    reconstruction's pixels."""
     q = reconstruction.quantity
     if reconstruction.kind == "image":
         ny, nx = reconstruction.data.shape
@@ -46,6 +48,34 @@ def ground_truth_like(reconstruction, sample, energy_keV: float | None, parametr
     return gt
 
 
+def _truth_sampling(sample, shape) -> tuple[float, float]:
+    """Pixel size (y, x) Å of a ground-truth image of ``shape`` over the sample's periodic cell."""
+    return float(sample.cell_A[1]) / shape[0], float(sample.cell_A[0]) / shape[1]
+
+
+def _periodic_at(rec: np.ndarray, gt: np.ndarray, gt_sampling, rec_sampling, rec_origin):
+    """The reconstruction's pixels that lie over the truth's cell, and the truth at exactly their positions.
+
+    The truth is a band-limited periodic image on pixels i·s_gt over the cell (``projected_potential``);
+    its Fourier series is evaluated at origin + i·s_rec, so a scan step that does not divide the cell
+    or an origin between pixels is not rounded onto the nearest truth pixel (up to ½ pixel off).
+    """
+    sl, pts = [], []
+    for n_a, n_b, s_b, s_a, o in zip(rec.shape, gt.shape, gt_sampling, rec_sampling, rec_origin):
+        p = o + s_a * np.arange(n_a)
+        inside = np.flatnonzero((p >= -0.5 * s_b) & (p < (n_b - 0.5) * s_b))
+        if not len(inside):
+            raise TembenchError("reconstruction and ground truth do not overlap")
+        sl.append(slice(inside[0], inside[-1] + 1))
+        pts.append(p[inside[0]:inside[-1] + 1])
+    spec = np.fft.fft2(gt) / gt.size
+    ky = np.fft.fftfreq(gt.shape[0], d=gt_sampling[0])
+    kx = np.fft.fftfreq(gt.shape[1], d=gt_sampling[1])
+    ey = np.exp(2j * np.pi * np.outer(pts[0], ky))
+    ex = np.exp(2j * np.pi * np.outer(kx, pts[1]))
+    return rec[tuple(sl)], (ey @ spec @ ex).real
+
+
 def _overlap(a: np.ndarray, b: np.ndarray, origin_px) -> tuple[np.ndarray, np.ndarray]:
     """Crop the ground truth ``b`` at the reconstruction's origin to their common shape."""
     sl_a, sl_b = [], []
@@ -64,15 +94,19 @@ def _overlap(a: np.ndarray, b: np.ndarray, origin_px) -> tuple[np.ndarray, np.nd
 class CrossCorrelation(Quantifier):
     """Normalised cross-correlation (Friedrich eq 4.14) and RMSE of a reconstruction vs the ground-truth potential/phase.
 
-    The ground truth is the sample's projected potential (images; times σ for phase images) or its
-    potential (volumes) on the reconstruction's grid, optionally low-pass filtered to the
-    information limit. RMSE is computed after removing the mean (a constant phase is not
-    measurable) and after a least-squares scale fit (``rmse_scaled``) as well.
+    The ground truth is the sample's projected potential in V·Å (images; times σ for phase images,
+    in rad) or its potential in V (volumes), optionally low-pass filtered to the information limit
+    (a Gaussian of FWHM ``lowpass_A``), compared where the reconstruction overlaps the sample's cell:
+    pixel i of the reconstruction is at ``origin_A + i·sampling_A``. Images are compared at exactly
+    those points (the periodic truth's Fourier series is evaluated there when the step does not
+    divide the cell or the origin falls between pixels); volumes need cubic voxels and their origin
+    is rounded to the nearest voxel. RMSE is computed after removing the mean (a constant phase is
+    not measurable) and after a least-squares scale fit (``rmse_scaled``) as well.
     """
 
     name = "cross_correlation"
     accepts = ("image", "volume")
-    version = "1"
+    version = "2"
 
     class Params(Params):
         lowpass_A: float | None = Field(None, gt=0, description="low-pass the ground truth to this resolution (Å), Gaussian")
@@ -83,13 +117,20 @@ class CrossCorrelation(Quantifier):
         rec = np.asarray(reconstruction.data, np.float64)
         gt = np.asarray(ground_truth_like(reconstruction, sample, measurement.geometry.energy_keV,
                                           params.parametrization), np.float64)
+        s_rec = reconstruction.sampling_A
+        s_gt = _truth_sampling(sample, gt.shape) if reconstruction.kind == "image" else s_rec
         if params.lowpass_A:
             from scipy.ndimage import gaussian_filter
 
-            sigma_px = [params.lowpass_A / (2.355 * s) for s in reconstruction.sampling_A]
+            sigma_px = [params.lowpass_A / (2.355 * s) for s in s_gt]
             gt = gaussian_filter(gt, sigma_px, mode="wrap")
-        origin_px = [o / s for o, s in zip(reconstruction.origin_A, reconstruction.sampling_A)]
-        rec, gt = _overlap(rec, gt, origin_px)
+        origin_px = [o / s for o, s in zip(reconstruction.origin_A, s_gt)]
+        on_grid = np.allclose(s_rec, s_gt, rtol=1e-9, atol=0.0) and np.allclose(origin_px, np.round(origin_px),
+                                                                                 rtol=0.0, atol=1e-6)
+        if on_grid or reconstruction.kind != "image":
+            rec, gt = _overlap(rec, gt, origin_px)
+        else:
+            rec, gt = _periodic_at(rec, gt, s_gt, s_rec, reconstruction.origin_A)
         if params.border_px:
             b = params.border_px
             sl = tuple(slice(b, -b) for _ in rec.shape)
