@@ -188,14 +188,20 @@ MB_Q = np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 MB_TOL = np.where(MB_Q < 0.5, 0.03, 0.02)
 
 
+def _mott_bethe_failure(symbol, param):
+    """None, or how f_e departs from the Mott–Bethe/Waasmaier–Kirfel reference."""
+    dev = _rel(P.scattering_factor(Z_OF[symbol], MB_Q, param), _mott_bethe(symbol, MB_Q))
+    bad = dev > MB_TOL
+    if bad.any():
+        return f"{symbol} {param}: off Mott–Bethe/Waasmaier–Kirfel by {np.round(100 * dev[bad], 2)} % at q = {MB_Q[bad]} 1/Å"
+    return None
+
+
 @pytest.mark.parametrize("param", PARAMS)
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_mott_bethe_with_waasmaier_kirfel_x_ray_factors(symbol, param):
-    f = P.scattering_factor(Z_OF[symbol], MB_Q, param)
-    dev = _rel(f, _mott_bethe(symbol, MB_Q))
-    bad = dev > MB_TOL
-    assert not bad.any(), (f"{symbol} {param}: f_e off the Mott–Bethe/Waasmaier–Kirfel reference by "
-                           f"{np.round(100 * dev[bad], 2)} % at q = {MB_Q[bad]} 1/Å")
+    failure = _mott_bethe_failure(symbol, param)
+    assert failure is None, failure
 
 
 def _kirkland_published(symbol, q):
@@ -216,17 +222,25 @@ def _lobato_published(symbol, q):
 Q_PIN = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
 
 
+def _published_failure(symbol, param):
+    ref = (_kirkland_published if param == "kirkland" else _lobato_published)(symbol, Q_PIN)
+    dev = _rel(P.scattering_factor(Z_OF[symbol], Q_PIN, param), ref)
+    if np.max(dev) > 1e-7:
+        return f"{symbol} {param}: off the published coefficients by up to {np.max(dev):.3g} (relative)"
+    return None
+
+
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_kirkland_matches_published_coefficients(symbol):
     """f_e from Kirkland's own fparams (interleaved layout) — fails on any misread layout or changed value."""
-    np.testing.assert_allclose(P.scattering_factor(Z_OF[symbol], Q_PIN, "kirkland"),
-                               _kirkland_published(symbol, Q_PIN), rtol=1e-7)
+    failure = _published_failure(symbol, "kirkland")
+    assert failure is None, failure
 
 
-@pytest.mark.parametrize("symbol", sorted(LOBATO_PUBLISHED))
+@pytest.mark.parametrize("symbol", SYMBOLS)
 def test_lobato_matches_published_coefficients(symbol):
-    np.testing.assert_allclose(P.scattering_factor(Z_OF[symbol], Q_PIN, "lobato"),
-                               _lobato_published(symbol, Q_PIN), rtol=1e-7)
+    failure = _published_failure(symbol, "lobato")
+    assert failure is None, failure
 
 
 def test_published_zero_angle_values():
@@ -234,10 +248,23 @@ def test_published_zero_angle_values():
     assert float(P.scattering_factor(14, 0.0, "kirkland")) == pytest.approx(5.8143, abs=2e-3)
     assert float(P.scattering_factor(14, 0.0, "lobato")) == pytest.approx(5.836, abs=2e-3)
     assert float(P.scattering_factor(79, 0.0, "kirkland")) == pytest.approx(10.553, abs=2e-3)
-    assert float(P.scattering_factor(6, 0.5, "kirkland")) == pytest.approx(float(_kirkland_published("C", 0.5)), rel=1e-7)
 
 
+LOW_Q = np.linspace(0.0, 0.5, 26)
+HIGH_Q = np.linspace(0.5, 6.0, 56)
 LOW_Q_LIMIT = {"Mo": 0.06, "Pt": 0.045}
+
+
+def _lobato_kirkland_failure(Z):
+    from ase.data import chemical_symbols
+
+    sym = chemical_symbols[Z]
+    dev_hi = np.max(_rel(P.scattering_factor(Z, HIGH_Q, "kirkland"), P.scattering_factor(Z, HIGH_Q, "lobato")))
+    dev_lo = np.max(_rel(P.scattering_factor(Z, LOW_Q, "kirkland"), P.scattering_factor(Z, LOW_Q, "lobato")))
+    lim_lo = LOW_Q_LIMIT.get(sym, 0.035 if sym in SYMBOLS else 0.11)
+    if dev_hi > 0.03 or dev_lo > lim_lo:
+        return f"{sym}: Lobato and Kirkland differ by {100 * dev_lo:.2f} % below 0.5 1/Å, {100 * dev_hi:.2f} % above"
+    return None
 
 
 def test_lobato_and_kirkland_agree_for_every_element():
@@ -245,15 +272,56 @@ def test_lobato_and_kirkland_agree_for_every_element():
     ≤ 11 % below 0.5 1/Å, where f_e depends on the outer electrons and so on the ground-state configuration
     each underlying Hartree–Fock calculation assumed (measured max 10.2 %, Po and Ir at q = 0). For the
     scenario elements the low-q bound is 3.5 % (measured ≤ 1.94 %, O), Pt 4.5 % (3.3 %), Mo 6 % (5.2 %)."""
-    from ase.data import chemical_symbols
+    bad = [f for f in (_lobato_kirkland_failure(Z) for Z in range(1, 104)) if f]
+    assert not bad, bad
 
-    lo = np.linspace(0.0, 0.5, 26)
-    hi = np.linspace(0.5, 6.0, 56)
-    bad = []
-    for Z in range(1, 104):
-        dev_hi = np.max(_rel(P.scattering_factor(Z, hi, "kirkland"), P.scattering_factor(Z, hi, "lobato")))
-        dev_lo = np.max(_rel(P.scattering_factor(Z, lo, "kirkland"), P.scattering_factor(Z, lo, "lobato")))
-        lim_lo = LOW_Q_LIMIT.get(chemical_symbols[Z], 0.035 if chemical_symbols[Z] in SYMBOLS else 0.11)
-        if dev_hi > 0.03 or dev_lo > lim_lo:
-            bad.append((chemical_symbols[Z], round(100 * dev_lo, 2), round(100 * dev_hi, 2)))
-    assert not bad, f"Lobato and Kirkland disagree (element, % below 0.5 1/Å, % above): {bad}"
+
+# --- the references above catch the bugs they exist for ----------------------------------------------
+def _seed(monkeypatch, param, symbol, rows, factor):
+    """Multiply rows of one element's coefficient table by ``factor`` (in memory, for this test only)."""
+    table = dict(P._table(param))
+    arr = np.array(table[symbol], dtype=np.float64)
+    arr[rows] = arr[rows] * factor
+    table[symbol] = arr
+    original = P._table
+    monkeypatch.setattr(P, "_table", lambda p: table if p == param else original(p))
+
+
+def _physics_failures(symbol, param):
+    """Failures of the references that owe nothing to any coefficient table (exact H, Mott–Bethe, L vs K)."""
+    out = [_mott_bethe_failure(symbol, param), _lobato_kirkland_failure(Z_OF[symbol])]
+    if symbol == "H":
+        try:
+            test_hydrogen_matches_exact_1s_atom(param)
+        except AssertionError as exc:
+            out.append(str(exc))
+    return [f for f in out if f]
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("factor", [1.05, 0.95])
+def test_references_catch_a_5_percent_error_in_any_element(param, factor, monkeypatch):
+    """±5 % on all of one element's coefficients, or on its a_i alone, fails the table-independent references
+    for every scenario element; ±5 % on any single row (a, b, c or d) fails the published-coefficient check."""
+    n_rows = 2 if param == "lobato" else 4
+    missed = []
+    for symbol in SYMBOLS:
+        for rows in [slice(None), 0] + list(range(1, n_rows)):
+            with monkeypatch.context() as m:
+                _seed(m, param, symbol, rows, factor)
+                physics = _physics_failures(symbol, param)
+                published = _published_failure(symbol, param)
+            if published is None or (rows in (slice(None), 0) and not physics):
+                missed.append((symbol, rows))
+    assert not missed, f"{param} x{factor}: seeded errors no reference caught: {missed}"
+
+
+def test_references_catch_the_kirkland_layout_bug(monkeypatch):
+    """The pre-fix reading of kirkland.json (Kirkland's interleaved order applied to rows a, b, c, d)."""
+    def interleaved(p):
+        f = np.asarray(p).reshape(-1)
+        return f[[0, 2, 4]], f[[1, 3, 5]], f[[6, 8, 10]], f[[7, 9, 11]]
+
+    monkeypatch.setattr(P, "_kirkland_abcd", interleaved)
+    caught = [s for s in SYMBOLS if _physics_failures(s, "kirkland") and _published_failure(s, "kirkland")]
+    assert caught == list(SYMBOLS)
