@@ -4,7 +4,7 @@ and 300 keV. Under CI a missing abTEM fails these tests instead of skipping them
 
 abTEM's default ("infinite") potential deposits atoms on the grid by linear interpolation, which
 low-passes it on coarse grids (24 % L2 difference from its own fine-grid result at 0.49 Å), so the
-reference potential is abTEM's potential on a 10× finer grid, Fourier-cropped to ours.
+reference potential is abTEM's potential on an 8× finer grid, Fourier-cropped to ours.
 """
 
 import numpy as np
