@@ -73,7 +73,8 @@ def test_poisson_scanned_image_uses_its_non_square_sampling():
     assert _mean_ok(out.data, 10.5)
 
 
-@pytest.mark.parametrize("output, expected_mean", [("electrons", 0.5 * 200 * 0.3 * 0.7), ("normalized", 0.5)])
+@pytest.mark.parametrize("output, expected_mean", [("electrons", 0.5 * 200 * 0.3 * 0.7), ("normalized", 0.5)],
+                         ids=["electrons", "normalized"])
 def test_scintillator_pmt_non_square_pixels(output, expected_mean):
     m = Measurement("adf_image", np.full((80, 70), 0.5, np.float32), ("y", "x"), Geometry(sampling_A=(0.3, 0.7),
                                                                                         energy_keV=300.0))

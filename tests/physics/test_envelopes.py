@@ -34,14 +34,16 @@ def test_wavelength_used_below_is_the_300_keV_one():
     assert wavelength_A(300.0) == pytest.approx(LAM_300, rel=1e-6)
 
 
-@pytest.mark.parametrize("k, expected", [(0.4, 0.9568879604468941), (0.7, 0.6614514311629665)])
+@pytest.mark.parametrize("k, expected", [(0.4, 0.9568879604468941), (0.7, 0.6614514311629665)],
+                         ids=["k0.4", "k0.7"])
 def test_temporal_envelope_closed_form(k, expected):
     # Δ = 30 Å; k along a diagonal so both axes enter
     e = optics.temporal_envelope(np.array([k / math.sqrt(2)]), np.array([k / math.sqrt(2)]), LAM_300, 30.0)
     assert float(e[0]) == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("k, expected", [(0.45, 0.8227489243760782), (0.6, 0.08626776537811338)])
+@pytest.mark.parametrize("k, expected", [(0.45, 0.8227489243760782), (0.6, 0.08626776537811338)],
+                         ids=["k0.45", "k0.6"])
 def test_spatial_envelope_closed_form_defocus_and_cs(k, expected):
     # C10 = −500 Å (Δf = 500 Å underfocus), C30 = 1.2 mm, θ = 0.5 mrad rms per axis
     ab = {"C10": -500.0, "C30": 1.2e7}

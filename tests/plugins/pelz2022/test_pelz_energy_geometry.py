@@ -95,7 +95,7 @@ def test_virtual_detector_fractions_of_a_vacuum_probe_at_each_energy(energy_keV)
     ("bf", 1 - math.exp(-100 / 450)),                            # [0, α)
     ("abf", math.exp(-25 / 450) - math.exp(-100 / 450)),         # [α/2, α)
     ("adf", math.exp(-100 / 450) - math.exp(-900 / 450)),        # [α, 3α)
-])
+], ids=["bf", "abf", "adf"])
 def test_virtual_detector_on_a_known_radial_distribution_non_square_pixels(kind, expected):
     # I(θ) ∝ exp(−θ²/2w²), w = 15 mrad, on 0.5 × 0.7 mrad pixels: the encircled fraction within θ is
     # 1 − exp(−θ²/2w²) (2w² = 450 mrad²), α = 10 mrad
