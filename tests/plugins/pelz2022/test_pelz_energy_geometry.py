@@ -123,3 +123,33 @@ def test_virtual_detector_ring_area_on_a_uniform_pattern_non_square_pixels():
     for kind, (a, b) in {"bf": (0, alpha), "abf": (alpha / 2, alpha), "adf": (alpha, 3 * alpha)}.items():
         expect = math.pi * (b * b - a * a) / (py * px)
         assert _vd(m, detector=kind).data[0, 0] == pytest.approx(expect, rel=0.01), kind
+
+
+@pytest.mark.parametrize("energy_keV", ENERGIES)
+def test_stem4d_vacuum_probe_through_the_virtual_detectors_at_each_energy(energy_keV):
+    # the core forward model end to end: a vacuum probe of α = 20 mrad on a 256-px window at 0.1 Å,
+    # i.e. a detector pixel of λ/(25.6 Å) rad, computed here from the literal λ
+    from tembench.builtin.forward_multislice import STEM4D
+    from tembench.types import Sample
+
+    vacuum = Sample(positions_A=np.zeros((0, 3)), numbers=np.zeros(0, int), cell_A=(26.0, 26.0, 4.0))
+    alpha, win, s = 20.0, 256, 0.1
+    m = STEM4D().simulate(vacuum, STEM4D.Params(energy_keV=energy_keV, sampling_A=s, semiangle_mrad=alpha,
+                                                scan_step_A=13.0, slice_thickness_A=4.0, window_gpts=win), np)
+    lam = LAMBDA_A[energy_keV]
+    pix = lam / (win * s) * 1e3
+    assert m.geometry.detector_sampling_mrad == pytest.approx((pix, pix), rel=1e-5)
+    pat = m.data[0, 0].astype(np.float64)
+    cy, cx = m.geometry.extra.get("detector_centre_px", (pat.shape[0] // 2, pat.shape[1] // 2))
+    iy, ix = np.mgrid[:pat.shape[0], :pat.shape[1]]
+    theta = np.hypot(iy - cy, ix - cx) * pix  # by hand
+
+    def share(lo, hi):
+        return float(pat[(theta >= lo) & (theta < hi)].sum() / pat.sum())
+
+    ring = _vd(m, detector="adf", inner_mrad=0.3 * alpha, outer_mrad=0.6 * alpha).data
+    assert np.allclose(ring, share(0.3 * alpha, 0.6 * alpha) * pat.sum(), rtol=1e-4)
+    assert share(0.3 * alpha, 0.6 * alpha) == pytest.approx(0.6 ** 2 - 0.3 ** 2, abs=0.02)
+    bf = _vd(m, detector="bf").data / pat.sum()
+    assert np.all(bf > 0.95)                               # the soft aperture edge straddles α
+    assert np.allclose(_vd(m, detector="adf", inner_mrad=1.1 * alpha, outer_mrad=3 * alpha).data, 0.0, atol=1e-5)
