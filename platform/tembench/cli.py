@@ -1,4 +1,4 @@
-"""``tembench`` command line: run, validate, list, report, compare.
+"""``tembench`` command line: run, validate, list, report, compare, cache info/prune.
 
 Every :class:`~tembench.errors.TembenchError` is printed as one paragraph on stderr with exit
 status 2; nothing is written before a scenario has been validated in full.
@@ -143,6 +143,46 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def _cache_root(text: str) -> Path:
+    root = Path(text)
+    if not root.is_dir():
+        raise TembenchError(f"cache root {text!r} is not a folder; give an output folder (e.g. reports/<scenario>) "
+                            "or the folder holding several of them (default: reports)")
+    return root
+
+
+def _cmd_cache_info(args) -> int:
+    from tembench.cache import cache_info
+
+    print(cache_info(_cache_root(args.root)))
+    return 0
+
+
+def _cmd_cache_prune(args) -> int:
+    from tembench.cache import prune, prune_summary
+
+    if args.older_than is None and args.max_size is None:
+        raise TembenchError("cache prune: give --older-than DAYS and/or --max-size GB (nothing was removed)")
+    root = _cache_root(args.root)
+    max_bytes = None if args.max_size is None else args.max_size * 2**30
+    doomed, before, after = prune(root, args.older_than, max_bytes, dry_run=args.dry_run)
+    print(prune_summary(root, doomed, before, after, args.dry_run))
+    if args.dry_run:
+        for it in doomed:
+            print(f"  {it.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tembench", description="TEM phase-contrast & 3D reconstruction benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,6 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_a")
     c.add_argument("run_b")
     c.set_defaults(func=_cmd_compare)
+
+    ca = sub.add_parser("cache", help="show or prune the stage cache (the .cache folders of output folders)")
+    csub = ca.add_subparsers(dest="cache_command", required=True)
+    ci = csub.add_parser("info", help="entries and size per scenario and stage")
+    ci.add_argument("root", nargs="?", default="reports",
+                    help="an output folder, or a folder of output folders (default: reports)")
+    ci.set_defaults(func=_cmd_cache_info)
+    cp = csub.add_parser("prune", help="remove cache entries by age and/or total size (only under .cache/; rows, "
+                                       "results tables, manifests and reports are never touched)")
+    cp.add_argument("root", nargs="?", default="reports",
+                    help="an output folder, or a folder of output folders (default: reports)")
+    cp.add_argument("--older-than", type=_nonnegative_float, metavar="DAYS",
+                    help="remove entries not used for this many days")
+    cp.add_argument("--max-size", type=_nonnegative_float, metavar="GB",
+                    help="then remove the least recently used entries until the cache holds at most GB GiB")
+    cp.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    cp.set_defaults(func=_cmd_cache_prune)
     return p
 
 

@@ -118,6 +118,8 @@ def _measure(fn, track_memory: bool):
 
 
 def _cached_stage(cache: StageCache, stage: str, key: str, fn, track_memory: bool):
+    # a damaged entry is a miss (reported by the cache); a value the cache cannot store without
+    # pickle is returned uncached — put() reports it and never fails the stage
     hit = cache.get(stage, key)
     if hit is not None:
         return hit["value"], hit["time_s"], hit["peak_MB"], True
@@ -222,7 +224,7 @@ def _format_error(exc: BaseException) -> str:
 
 
 # memo of the last noise-free measurement per process, so a serial sweep over dose does not
-# unpickle the same measurement for every unit
+# verify and decode the same cache entry for every unit
 _last_forward: dict[str, Any] = {}
 
 

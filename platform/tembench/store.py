@@ -7,7 +7,8 @@ reconstructor) and a re-run skips keys that exist.
 
 Layout under an output root (default ``reports/<scenario>/``)::
 
-    .cache/<stage>/<key>.pkl          stage results keyed by content hash (shared by runs)
+    .cache/<stage>/<key>/             stage results keyed by content hash (shared by runs): plain
+                                      .npy arrays + entry.json, never pickles (tembench.cache)
     <run-id>/manifest.json            scenario text, versions, git commit, machine, status
     <run-id>/rows/<row-key>.json      one finished row each
     <run-id>/artifacts/<row-key>.npz  previews and curves for the report
@@ -21,7 +22,6 @@ import io
 import json
 import math
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,35 +72,8 @@ def dumps(obj: Any) -> str:
 
 
 # --- stage cache ---------------------------------------------------------------------------
-class StageCache:
-    """Pickled stage results keyed by content hash; unreadable entries count as misses."""
-
-    def __init__(self, root: Path, enabled: bool = True) -> None:
-        self.root = Path(root)
-        self.enabled = enabled
-
-    def path(self, stage: str, key: str) -> Path:
-        return self.root / stage / f"{key}.pkl"
-
-    def get(self, stage: str, key: str) -> Any | None:
-        if not self.enabled:
-            return None
-        p = self.path(stage, key)
-        if not p.exists():
-            return None
-        try:
-            with open(p, "rb") as fh:
-                return pickle.load(fh)
-        except Exception:  # truncated or from an incompatible version: recompute
-            return None
-
-    def put(self, stage: str, key: str, value: Any) -> None:
-        if not self.enabled:
-            return
-        atomic_write_bytes(self.path(stage, key), pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def has(self, stage: str, key: str) -> bool:
-        return self.enabled and self.path(stage, key).exists()
+# array-native and pickle-free; it lives in tembench.cache and is re-exported here for the runner
+from tembench.cache import StageCache, register_cache_type  # noqa: E402, F401
 
 
 # --- run folder ------------------------------------------------------------------------------
