@@ -113,6 +113,242 @@ def fft_library() -> str:
     return "pyfftw"
 
 
+def planned_fft_threads() -> int:
+    """Threads of a planned (pyFFTW) transform: TEMBENCH_FFT_WORKERS, else 1.
+
+    One thread unless asked: measured on 2 cores, threaded FFTW was no faster for single planes up
+    to 512² and 2-4x slower for batches once the machine is busy (callers parallelise over
+    probes/tilts/points instead). The count is part of :func:`fft_identity`: FFTW splits a
+    transform differently for another number of threads, which changes the rounding.
+    """
+    env = os.environ.get("TEMBENCH_FFT_WORKERS")
+    return max(1, int(env)) if env else 1
+
+
+# How pyFFTW plans are made. FFTW_MEASURE picks among algorithms by timing them, so two processes
+# (or one process on a busy and on an idle machine) can pick different algorithms for the same
+# transform and round differently: the same scenario and seed gave different tables (issue 9).
+# The default, "wisdom", times each transform once per machine and stores the choice in a wisdom
+# file that every later plan on this machine reuses (FFTW_WISDOM_ONLY): as fast as FFTW_MEASURE,
+# and bit-reproducible. FFTW_ESTIMATE is deterministic too but 1.5-5x slower per 2D transform
+# (measured, 96²-384²). FFTW_MEASURE / FFTW_PATIENT / FFTW_EXHAUSTIVE time every new plan again:
+# opt-in, and :func:`fft_identity` reports them as not deterministic.
+FFTW_EFFORTS = ("wisdom", "FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT", "FFTW_EXHAUSTIVE")
+DETERMINISTIC_EFFORTS = ("wisdom", "FFTW_ESTIMATE")
+
+
+def fftw_effort() -> str:
+    """Planner mode for pyFFTW: TEMBENCH_FFTW_EFFORT, one of :data:`FFTW_EFFORTS` (default "wisdom")."""
+    want = os.environ.get("TEMBENCH_FFTW_EFFORT", "").strip() or "wisdom"
+    for e in FFTW_EFFORTS:
+        if want.upper() in (e.upper(), e.upper().removeprefix("FFTW_")):
+            return e
+    raise ValueError(f"TEMBENCH_FFTW_EFFORT={want!r} is not a planner mode; choose one of {FFTW_EFFORTS} "
+                     "(unset for the default, 'wisdom': measured once per machine, then reproducible)")
+
+
+def _machine_key() -> str:
+    """Short hash of what decides which FFTW codelets exist and how fast they are: CPU model and
+    flags, architecture, FFTW build. Machines that share it can share one wisdom file."""
+    import hashlib
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    cpu += line
+                if line.strip() == "":
+                    break  # the first processor's block is enough
+    except OSError:  # pragma: no cover - not Linux
+        cpu = platform.processor()
+    fftw = _pyfftw.__version__ if _pyfftw is not None else "none"
+    text = f"{platform.machine()}|{cpu}|pyfftw {fftw}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def fftw_wisdom_path() -> str:
+    """The wisdom file of :func:`fftw_effort` "wisdom": TEMBENCH_FFTW_WISDOM, else one per machine
+    kind under ``$XDG_CACHE_HOME/tembench`` (``~/.cache/tembench``)."""
+    env = os.environ.get("TEMBENCH_FFTW_WISDOM")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "tembench", f"fftw-wisdom-{_machine_key()}.json")
+
+
+class _WisdomFile:
+    """A JSON file {"id", "machine", "wisdom"}: FFTW's exported wisdom plus a random id made when the
+    file is created. Entries are only ever added (a transform already in it is never planned
+    again), so the id names every plan the file will give; a deleted file gets a new id, and with it
+    a new :func:`fft_identity`. Writers hold an exclusive lock on ``<file>.lock`` and replace the
+    file atomically."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _lock(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def held():
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path + ".lock", "a+") as fh:
+                try:
+                    import fcntl
+                except ImportError:  # pragma: no cover - Windows: one process at a time is assumed
+                    yield
+                    return
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+        return held()
+
+    def read(self) -> dict | None:
+        import json
+
+        try:
+            with open(self.path) as fh:
+                data = json.load(fh)
+            if isinstance(data, dict) and isinstance(data.get("id"), str) and len(data.get("wisdom", ())) == 3:
+                return data
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def write(self, data: dict) -> None:
+        import json
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".wisdom-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def ensure(self) -> dict:
+        """The file's content, creating an empty one (with a new id) if there is none."""
+        data = self.read()
+        if data is not None:
+            return data
+        import uuid
+
+        with self._lock():
+            data = self.read()
+            if data is None:
+                data = {"id": uuid.uuid4().hex[:16], "machine": _machine_key(), "wisdom": ["", "", ""]}
+                self.write(data)
+        return data
+
+
+_PLAN_LOCK = None  # a threading.RLock, made on first use
+
+
+def _fftw(a, b, axes, direction: str, extra_flags=(), threads: int = 1, normalise_idft: bool = True):
+    """A ``pyfftw.FFTW`` from ``a`` to ``b``, planned in the mode of :func:`fftw_effort`.
+
+    Deterministic modes plan in a wisdom state of their own (the process's other wisdom, e.g.
+    abTEM's FFTW_MEASURE plans, is set aside and restored): FFTW_ESTIMATE and FFTW_WISDOM_ONLY would
+    otherwise reuse it, and the plan would depend on what else ran in the process.
+    """
+    global _PLAN_LOCK
+    import threading
+
+    effort = fftw_effort()
+    kw = dict(axes=axes, direction=direction, threads=threads, normalise_idft=normalise_idft)
+    if effort not in DETERMINISTIC_EFFORTS:
+        return _pyfftw.FFTW(a, b, flags=(effort, *extra_flags), **kw)
+    if _PLAN_LOCK is None:
+        _PLAN_LOCK = threading.RLock()
+    with _PLAN_LOCK:
+        others = _pyfftw.export_wisdom()
+        try:
+            _pyfftw.forget_wisdom()
+            if effort == "FFTW_ESTIMATE":
+                return _pyfftw.FFTW(a, b, flags=("FFTW_ESTIMATE", *extra_flags), **kw)
+            wf = _WisdomFile(fftw_wisdom_path())
+            data = wf.ensure()
+            if _import_wisdom(data):
+                try:
+                    return _pyfftw.FFTW(a, b, flags=("FFTW_MEASURE", "FFTW_WISDOM_ONLY", *extra_flags), **kw)
+                except RuntimeError:  # not planned on this machine yet
+                    pass
+            with wf._lock():  # one process measures a new transform; the others wait and reuse it
+                data = wf.read() or data
+                _pyfftw.forget_wisdom()
+                if _import_wisdom(data):
+                    try:
+                        return _pyfftw.FFTW(a, b, flags=("FFTW_MEASURE", "FFTW_WISDOM_ONLY", *extra_flags), **kw)
+                    except RuntimeError:
+                        pass
+                plan = _pyfftw.FFTW(a, b, flags=("FFTW_MEASURE", *extra_flags), **kw)
+                data = dict(data, wisdom=[w.decode("ascii") for w in _pyfftw.export_wisdom()])
+                wf.write(data)
+                return plan
+        finally:
+            _pyfftw.forget_wisdom()
+            _pyfftw.import_wisdom(others)
+
+
+def _plan_mode() -> tuple:
+    """What a cached plan depends on besides its shape: a plan made in another mode is not reused."""
+    if fft_library() != "pyfftw":
+        return ()
+    effort = fftw_effort()
+    return (effort, planned_fft_threads(), fftw_wisdom_path() if effort == "wisdom" else "")
+
+
+def _import_wisdom(data: dict) -> bool:
+    """Load a wisdom file's entries into FFTW; False when it has none (or another FFTW wrote them)."""
+    wisdom = tuple(w.encode("ascii") for w in data.get("wisdom", ("", "", "")))
+    if not any(wisdom):
+        return False
+    ok = _pyfftw.import_wisdom(wisdom)
+    return all(ok[i] for i in range(3) if wisdom[i])
+
+
+def fft_identity(device: str = "cpu") -> dict[str, str]:
+    """Everything about the FFT set-up that can change a number, as strings (the run id hashes it).
+
+    Keys: ``library`` (planned transforms: "pyfftw" | "scipy" | "cupy"), ``pyfftw`` (its version, or
+    "none"), ``planner`` (pyFFTW: one of :data:`FFTW_EFFORTS`; else "none"), ``wisdom`` (the wisdom
+    file's id in "wisdom" mode, else "none"), ``threads`` (:func:`planned_fft_threads`), ``numba``
+    ("on" | "off": the fused kernels and their numpy twins may round differently), and
+    ``deterministic`` ("true" | "false": false only for the opt-in timing planners). scipy.fft's
+    worker count is not a key: pocketfft gives the same bits for any count (tested).
+    """
+    lib = "cupy" if str(device).lower() == "gpu" else fft_library()
+    planner, wisdom = "none", "none"
+    if lib == "pyfftw":
+        planner = fftw_effort()
+        if planner == "wisdom":
+            wisdom = _WisdomFile(fftw_wisdom_path()).ensure()["id"]
+    numba_on = os.environ.get("TEMBENCH_NO_NUMBA", "") in ("", "0")
+    if numba_on:
+        import importlib.util
+
+        numba_on = importlib.util.find_spec("numba") is not None
+    return {
+        "library": lib,
+        "pyfftw": _pyfftw.__version__ if _pyfftw is not None else "none",
+        "planner": planner,
+        "wisdom": wisdom,
+        "threads": str(planned_fft_threads()),
+        "numba": "on" if numba_on else "off",
+        "deterministic": "true" if (lib != "pyfftw" or planner in DETERMINISTIC_EFFORTS) else "false",
+    }
+
+
 class FFT2Plan:
     """In-place 2D FFT over the last two axes of a fixed-shape complex buffer.
 
@@ -126,22 +362,16 @@ class FFT2Plan:
         self.xp = xp
         self.dtype = np.dtype(dtype)
         n_planes = int(np.prod(self.shape[:-2])) if len(self.shape) > 2 else 1
-        # One thread unless TEMBENCH_FFT_WORKERS says otherwise: measured on 2 cores, threaded FFTW
-        # was no faster for single planes up to 512² and 2-4x slower for batches once the machine is
-        # busy (callers parallelise over probes/tilts/points instead).
-        env = os.environ.get("TEMBENCH_FFT_WORKERS")
-        self.threads = threads if threads is not None else (max(1, int(env)) if env else 1)
+        self.threads = threads if threads is not None else planned_fft_threads()
         self.library = "cupy" if (xp is not np) else fft_library()
         if self.library == "pyfftw" and self.shape[-1] * self.shape[-2] * n_planes < 4096:
-            self.library = "scipy"  # planning (FFTW_MEASURE) costs more than such small transforms
+            self.library = "scipy"  # planning costs more than such small transforms
         axes = (len(self.shape) - 2, len(self.shape) - 1)
         if self.library == "pyfftw":
             self.buffer = _pyfftw.empty_aligned(self.shape, dtype=self.dtype)
-            flags = (os.environ.get("TEMBENCH_FFTW_EFFORT", "FFTW_MEASURE"), "FFTW_DESTROY_INPUT")
-            self._fwd = _pyfftw.FFTW(self.buffer, self.buffer, axes=axes, direction="FFTW_FORWARD",
-                                     flags=flags, threads=self.threads)
-            self._bwd = _pyfftw.FFTW(self.buffer, self.buffer, axes=axes, direction="FFTW_BACKWARD",
-                                     flags=flags, threads=self.threads, normalise_idft=True)
+            flags = ("FFTW_DESTROY_INPUT",)
+            self._fwd = _fftw(self.buffer, self.buffer, axes, "FFTW_FORWARD", flags, self.threads)
+            self._bwd = _fftw(self.buffer, self.buffer, axes, "FFTW_BACKWARD", flags, self.threads)
             self.buffer[...] = 0
         else:
             self.buffer = xp.zeros(self.shape, dtype=self.dtype)
@@ -196,16 +426,14 @@ class PrunedFFT2Plan(FFT2Plan):
         if not self.pruned:
             return
         nd = len(self.shape)
-        flags = (os.environ.get("TEMBENCH_FFTW_EFFORT", "FFTW_MEASURE"), "FFTW_DESTROY_INPUT", "FFTW_UNALIGNED")
+        flags = ("FFTW_DESTROY_INPUT", "FFTW_UNALIGNED")
         saved = self.buffer.copy()  # planning with FFTW_MEASURE overwrites the buffer
 
         def plans(view, axis, flags=flags):
-            f = _pyfftw.FFTW(view, view, axes=(axis,), direction="FFTW_FORWARD", flags=flags, threads=self.threads)
-            b = _pyfftw.FFTW(view, view, axes=(axis,), direction="FFTW_BACKWARD", flags=flags,
-                             threads=self.threads)
-            return f, b
+            return (_fftw(view, view, (axis,), "FFTW_FORWARD", flags, self.threads),
+                    _fftw(view, view, (axis,), "FFTW_BACKWARD", flags, self.threads, normalise_idft=False))
 
-        self._rows = plans(self.buffer, nd - 1, flags[:2])  # the whole (aligned) buffer
+        self._rows = plans(self.buffer, nd - 1, flags[:1])  # the whole (aligned) buffer
         blocks = [self.buffer[..., :left]] + ([self.buffer[..., nx - right:]] if right else [])
         self._cols = [plans(v, nd - 2) for v in blocks]
         self.buffer[...] = saved
@@ -233,7 +461,7 @@ def plan_pruned_fft2(shape, keep, xp=np, threads: int | None = None, tag: str = 
     import threading
 
     key = ("pruned", tuple(int(s) for s in shape), tuple(int(k) for k in keep), threads, xp.__name__,
-           fft_library(), threading.get_ident(), tag)
+           fft_library(), _plan_mode(), threading.get_ident(), tag)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 64:
@@ -251,7 +479,7 @@ def plan_fft2(shape, xp=np, dtype=np.complex64, threads: int | None = None, tag:
 
     # one plan (and buffer) per thread: plans are reused across calls, buffers must not be shared
     key = (tuple(int(s) for s in shape), np.dtype(dtype).str, threads, xp.__name__, fft_library(),
-           threading.get_ident(), tag)
+           _plan_mode(), threading.get_ident(), tag)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 64:
@@ -266,15 +494,13 @@ class IRFFT2Plan:
     def __init__(self, shape, threads: int | None = None):
         self.shape = tuple(int(s) for s in shape)  # real output shape (..., ny, nx)
         half = self.shape[:-1] + (self.shape[-1] // 2 + 1,)
-        env = os.environ.get("TEMBENCH_FFT_WORKERS")
-        self.threads = threads if threads is not None else (max(1, int(env)) if env else 1)
+        self.threads = threads if threads is not None else planned_fft_threads()
         self.library = fft_library() if int(np.prod(self.shape)) >= 4096 else "scipy"
         if self.library == "pyfftw":
             self.spectrum = _pyfftw.empty_aligned(half, dtype=np.complex64)
             self.output = _pyfftw.empty_aligned(self.shape, dtype=np.float32)
-            flags = (os.environ.get("TEMBENCH_FFTW_EFFORT", "FFTW_MEASURE"), "FFTW_DESTROY_INPUT")
-            self._plan = _pyfftw.FFTW(self.spectrum, self.output, axes=(-2, -1), direction="FFTW_BACKWARD",
-                                      flags=flags, threads=self.threads, normalise_idft=True)
+            self._plan = _fftw(self.spectrum, self.output, (-2, -1), "FFTW_BACKWARD", ("FFTW_DESTROY_INPUT",),
+                               self.threads)
         else:
             self.spectrum = np.zeros(half, dtype=np.complex64)
 
@@ -290,10 +516,11 @@ def plan_irfft2(shape, threads: int | None = None, tag: str = "") -> IRFFT2Plan:
     """A cached :class:`IRFFT2Plan` (CPU) for real output ``shape``, one per thread and ``tag``."""
     import threading
 
-    key = ("irfft2", tuple(int(s) for s in shape), threads, fft_library(), threading.get_ident(), tag)
+    key = ("irfft2", tuple(int(s) for s in shape), threads, fft_library(), _plan_mode(), threading.get_ident(), tag)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 64:
             _PLANS.clear()
         plan = _PLANS[key] = IRFFT2Plan(shape, threads=threads)
     return plan
+

@@ -485,7 +485,7 @@ def ssb_reduce_numpy(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, chunk=64):
 
 
 if HAVE_NUMBA:
-    @_nb.njit(parallel=True, cache=False, nogil=True)
+    @_nb.njit(parallel=True, cache=True, nogil=True)
     def _ssb_reduce_nb(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, out, count):  # pragma: no cover - compiled
         n1, n2 = out.shape
         k02 = k0 * k0

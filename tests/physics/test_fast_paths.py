@@ -82,3 +82,124 @@ def test_pruned_fft_matches_full_on_band_limited_spectra(shape):
     pruned.buffer *= p / np.float32(shape[-1] * shape[-2])
     got = pruned.inverse_pruned()
     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+# --- deterministic FFT planning (issue 9) ------------------------------------------------------
+_PLAN_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from tembench.backend import FFT2Plan, IRFFT2Plan, PrunedFFT2Plan
+rng = np.random.default_rng(5)
+x = (rng.normal(size=(3, 96, 80)) + 1j * rng.normal(size=(3, 96, 80))).astype(np.complex64)
+h = hashlib.sha256()
+p = FFT2Plan(x.shape); p.buffer[...] = x; h.update(p.forward().tobytes()); h.update(p.inverse().tobytes())
+q = PrunedFFT2Plan(x.shape, (20, 19)); q.buffer[...] = x; h.update(q.forward_pruned().tobytes())
+h.update(q.inverse_pruned().tobytes())
+r = IRFFT2Plan((2, 96, 80)); r.spectrum[...] = x[:2, :, :41]; h.update(r().tobytes())
+print(p.library, h.hexdigest())
+"""
+
+
+def _plans_in_fresh_process(env_extra):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not __import__("tembench.backend").backend.pyfftw_available(), reason="needs pyFFTW")
+def test_wisdom_planner_gives_the_same_bits_in_every_process(tmp_path):
+    """Default planner: a transform is timed once (FFTW_MEASURE) into the wisdom file, then every
+    process plans it from there (FFTW_WISDOM_ONLY); the file is never rewritten for known shapes."""
+    wisdom = tmp_path / "wisdom.json"
+    env = {"TEMBENCH_FFTW_WISDOM": str(wisdom), "TEMBENCH_FFTW_EFFORT": ""}
+    first = _plans_in_fresh_process(env)
+    assert first[0] == "pyfftw" and wisdom.exists()
+    before = wisdom.read_bytes()
+    assert _plans_in_fresh_process(env) == first
+    assert wisdom.read_bytes() == before
+
+
+@pytest.mark.skipif(not __import__("tembench.backend").backend.pyfftw_available(), reason="needs pyFFTW")
+@pytest.mark.parametrize("effort", ["wisdom", "FFTW_ESTIMATE"])
+def test_deterministic_plans_ignore_other_wisdom_in_the_process(effort, tmp_path, monkeypatch):
+    """FFTW reuses any wisdom in the process (FFTW_ESTIMATE plans too): a library that planned with
+    FFTW_MEASURE before us (abTEM does) must not change our plans, and keeps its wisdom."""
+    import pyfftw
+
+    from tembench.backend import FFT2Plan
+
+    monkeypatch.setenv("TEMBENCH_FFTW_WISDOM", str(tmp_path / "w.json"))
+    monkeypatch.setenv("TEMBENCH_FFTW_EFFORT", effort)
+    x = (np.random.default_rng(1).normal(size=(2, 96, 96)) + 0j).astype(np.complex64)
+
+    def transform():
+        p = FFT2Plan(x.shape)
+        p.buffer[...] = x
+        return p.forward().copy()
+
+    saved = pyfftw.export_wisdom()
+    try:
+        pyfftw.forget_wisdom()
+        clean = transform()
+        a = pyfftw.empty_aligned(x.shape, np.complex64)  # someone else's measured plans
+        for shape in [(2, 96, 96), (96, 96), (96,)]:
+            b = pyfftw.empty_aligned(shape, np.complex64)
+            pyfftw.FFTW(b, b, axes=tuple(range(-min(2, len(shape)), 0)), flags=("FFTW_MEASURE",))
+        theirs = [set(w.splitlines()) for w in pyfftw.export_wisdom()]
+        assert transform().tobytes() == clean.tobytes()
+        assert [set(w.splitlines()) for w in pyfftw.export_wisdom()] == theirs  # (in another order)
+        del a
+    finally:
+        pyfftw.forget_wisdom()
+        pyfftw.import_wisdom(saved)
+
+
+def test_fft_identity_names_the_planner_and_marks_timing_planners(monkeypatch, tmp_path):
+    from tembench import backend
+
+    monkeypatch.setenv("TEMBENCH_FFTW_WISDOM", str(tmp_path / "w.json"))
+    monkeypatch.delenv("TEMBENCH_FFTW_EFFORT", raising=False)
+    monkeypatch.delenv("TEMBENCH_FFT", raising=False)
+    ident = backend.fft_identity()
+    assert set(ident) == {"library", "pyfftw", "planner", "wisdom", "threads", "numba", "deterministic"}
+    assert all(isinstance(v, str) for v in ident.values())
+    assert ident["deterministic"] == "true"
+    if backend.pyfftw_available():
+        assert ident["library"] == "pyfftw" and ident["planner"] == "wisdom" and ident["wisdom"] != "none"
+        assert backend.fft_identity()["wisdom"] == ident["wisdom"]  # the file's id, stable
+        monkeypatch.setenv("TEMBENCH_FFTW_EFFORT", "FFTW_MEASURE")
+        timed = backend.fft_identity()
+        assert timed["planner"] == "FFTW_MEASURE" and timed["deterministic"] == "false"
+        monkeypatch.setenv("TEMBENCH_FFTW_EFFORT", "estimate")
+        assert backend.fft_identity()["planner"] == "FFTW_ESTIMATE"
+        assert backend.fft_identity()["deterministic"] == "true"
+        monkeypatch.setenv("TEMBENCH_FFTW_EFFORT", "FFTW_FASTEST")
+        with pytest.raises(ValueError, match="TEMBENCH_FFTW_EFFORT"):
+            backend.fft_identity()
+        monkeypatch.delenv("TEMBENCH_FFTW_EFFORT")
+    monkeypatch.setenv("TEMBENCH_FFT", "scipy")
+    sp = backend.fft_identity()
+    assert sp["library"] == "scipy" and sp["planner"] == "none" and sp["deterministic"] == "true"
+    assert sp != ident or not backend.pyfftw_available()
+    monkeypatch.setenv("TEMBENCH_FFT_WORKERS", "2")
+    assert backend.fft_identity()["threads"] == "2"
+    assert backend.fft_identity("gpu")["library"] == "cupy"
+
+
+def test_scipy_fft_bits_do_not_depend_on_the_worker_count():
+    """Why scipy.fft's worker count is not in fft_identity: pocketfft splits only independent 1D
+    transforms between threads."""
+    import scipy.fft
+
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(7, 96, 90)) + 1j * rng.normal(size=(7, 96, 90))).astype(np.complex64)
+    one = scipy.fft.fft2(x, workers=1)
+    for w in (2, 3, 8):
+        assert scipy.fft.fft2(x, workers=w).tobytes() == one.tobytes()
+    r = scipy.fft.rfft2(x.real)
+    assert scipy.fft.irfft2(r, s=(96, 90), workers=1).tobytes() == scipy.fft.irfft2(r, s=(96, 90), workers=4).tobytes()
