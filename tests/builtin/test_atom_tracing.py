@@ -278,3 +278,57 @@ def test_bad_input_errors(clean_case):
         P(roi=-1.0)
     with pytest.raises(TembenchError, match="3D volume"):
         trace_atoms(vol[0], 0.5)
+
+
+# --- detection helpers on hand-built inputs (issue 18 part 6: mutation survivors) -------------------
+def test_dog_gain_closed_form_and_meaning():
+    """Peak DoG response to a unit Gaussian of width σ_a: for Gaussians the widths add in quadrature, so
+    per axis the peak scales by √(σ_a²/(σ_a² + σ_k²)); with unit-sum kernels σ1, σ2 (voxels of the mean
+    voxel size, round in Å) the gain is Π_axes √(·)|σ1 − Π_axes √(·)|σ2."""
+    from tembench.analysis.atom_tracing import _dog_gain
+
+    d = np.array([0.4, 0.5, 0.45])
+    dref = (0.4 * 0.5 * 0.45) ** (1 / 3)
+    sa, (s1, s2) = 0.6, (0.5, 1.0)
+
+    def prod(s_vox):
+        return np.prod([np.sqrt((sa / dk) ** 2 / ((sa / dk) ** 2 + (s_vox * dref / dk) ** 2)) for dk in d])
+
+    assert _dog_gain(sa, d, (s1, s2)) == pytest.approx(prod(s1) - prod(s2), rel=1e-12)
+    # and it is what dog_filter does to a Gaussian at its centre, up to the discrete σ1 = ½-voxel kernel
+    # (under-sampled: measured 11 % above the continuous value)
+    shape = (41, 41, 41)
+    ax = [(np.arange(n) - 20) * dk for n, dk in zip(shape, d)]
+    g = np.exp(-(ax[0][:, None, None] ** 2 + ax[1][None, :, None] ** 2 + ax[2][None, None, :] ** 2) / (2 * sa * sa))
+    assert dog_filter(g, d, (s1, s2))[20, 20, 20] == pytest.approx(_dog_gain(sa, d, (s1, s2)), rel=0.15)
+
+
+def test_parabolic_offsets_exact_on_a_parabola():
+    from tembench.analysis.atom_tracing import _parabolic_offsets
+
+    z0, y0, x0 = 4.3, 5.8, 3.6                       # the vertex; its nearest voxel is (4, 6, 4)
+    g = np.indices((9, 10, 8)).astype(float)
+    f = 50.0 - (g[0] - z0) ** 2 - 2.0 * (g[1] - y0) ** 2 - 3.0 * (g[2] - x0) ** 2
+    idx = np.array([[4, 6, 4]])
+    np.testing.assert_allclose(_parabolic_offsets(f, idx), [[0.3, -0.2, -0.4]], atol=1e-12)
+    # a flat direction (no curvature) gives no offset
+    flat = np.ones((5, 5, 5))
+    flat[2, 2, 2] = 2.0
+    flat[2, 2, :] = 2.0
+    np.testing.assert_allclose(_parabolic_offsets(flat, np.array([[2, 2, 2]])), [[0.0, 0.0, 0.0]])
+
+
+def test_local_maxima_26_neighbourhood_and_strict_threshold():
+    from tembench.analysis.atom_tracing import _local_maxima
+
+    f = np.zeros((7, 7, 7))
+    f[3, 3, 3] = 5.0                                  # a peak
+    f[3, 3, 5] = 4.0                                  # two voxels away: also a peak (3×3×3 window)
+    f[0, 0, 0] = 3.0                                  # on the border: a peak
+    f[6, 6, 6] = 1.0                                  # exactly at the threshold: not above it
+    f[5, 1, 1] = f[5, 1, 2] = 2.0                     # a plateau of two: both count
+    found = {tuple(i) for i in _local_maxima(f, 1.0)}
+    assert found == {(3, 3, 3), (3, 3, 5), (0, 0, 0), (5, 1, 1), (5, 1, 2)}
+    # diagonal neighbours count (26-neighbourhood): a bigger corner neighbour suppresses the voxel
+    f[2, 2, 2] = 6.0
+    assert (3, 3, 3) not in {tuple(i) for i in _local_maxima(f, 1.0)}

@@ -144,14 +144,18 @@ def test_phase_ground_truth_is_sigma_times_vproj_in_rad(energy_keV):
     m = _cc(sigma * v, stub, quantity="phase_rad", energy_keV=energy_keV)
     assert m["gt_std"] == pytest.approx(sigma * v.std(), rel=1e-9)
     assert m["rmse"] < 1e-9 * sigma * v.std()
+    assert m["rmse_scaled"] < 1e-9 * sigma * v.std()           # Σ rec² < 1 rad²: the scale fit has no floor at 1
     assert m["ncc"] == pytest.approx(1.0, abs=1e-12)
     assert stub.calls == [("projected_potential", (0.2, 0.25), "lobato")]   # on the reconstruction's grid
+    stub = _TruthStub(vproj=v)
+    _cc(sigma * v, stub, quantity="phase_rad", energy_keV=energy_keV, parametrization="kirkland")
+    assert stub.calls[0][2] == "kirkland"
     # a potential image is compared with V_proj itself (V·Å), an intensity image with V_proj as a proxy
     assert _cc(v, _TruthStub(vproj=v))["rmse"] < 1e-9 * v.std()
     m = _cc(3.0 * v + 2.0, _TruthStub(vproj=v), quantity="intensity")
     assert m["gt_std"] == pytest.approx(v.std(), rel=1e-9) and m["ncc"] == pytest.approx(1.0, abs=1e-12)
     assert m["rmse_scaled"] < 1e-9 * v.std()
-    with pytest.raises(TembenchError, match="energy"):
+    with pytest.raises(TembenchError, match=r"needs the beam energy \(geometry.energy_keV\)"):
         _cc(sigma * v, _TruthStub(vproj=v), quantity="phase_rad", energy_keV=None)
     with pytest.raises(TembenchError, match="no ground truth"):
         _cc(v, _TruthStub(vproj=v), quantity="amplitude")
@@ -202,7 +206,12 @@ def test_crop_with_reconstruction_extending_before_the_truth():
     rec[:7, :9] = v[33:, 39:]
     m = _cc(rec, _TruthStub(vproj=v), sampling=(0.2, 0.25), origin=(33 * 0.2, 39 * 0.25))
     assert m["ncc"] == pytest.approx(1.0, abs=1e-12)
-    with pytest.raises(TembenchError, match="do not overlap"):
+    # a single overlapping row is still an overlap
+    rec = np.random.default_rng(7).standard_normal((20, 24)) * 1e3
+    rec[0] = v[39, 10:34]
+    m = _cc(rec, _TruthStub(vproj=v), sampling=(0.2, 0.25), origin=(39 * 0.2, 10 * 0.25))
+    assert m["ncc"] == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(TembenchError, match="reconstruction and ground truth do not overlap"):
         _cc(v[:20, :24], _TruthStub(vproj=v), sampling=(0.2, 0.25), origin=(0.0, 48 * 0.25))
 
 
@@ -212,7 +221,7 @@ def _waves(y, x, cell_yx):
     return 30.0 * np.sin(2 * np.pi * (3 * Y + 2 * X) + 0.3) + 12.0 * np.cos(2 * np.pi * (-Y + 5 * X) + 1.1)
 
 
-@pytest.mark.parametrize("step, origin", [((0.2, 0.25), (0.07, -0.6)),           # origin between pixels
+@pytest.mark.parametrize("step, origin", [((0.2, 0.25), (0.47, -0.6)),           # origin between pixels
                                           ((0.3, 0.3), (0.0, 0.0)),             # step not dividing the cell
                                           ((0.29, 0.31), (0.45, 1.13))])
 def test_truth_at_the_exact_reconstruction_pixel_positions(step, origin):
@@ -229,6 +238,22 @@ def test_truth_at_the_exact_reconstruction_pixel_positions(step, origin):
     # pixels before the cell (x < −half a truth pixel) are left out, as in the on-grid crop
     keep_x = x >= -0.125
     assert m["gt_std"] == pytest.approx(_waves(y, x[keep_x], cell_yx).std(), rel=1e-9)
+
+
+def test_pixels_between_truth_pixels_kept_exactly_over_the_cell():
+    """Reconstruction rows start half a truth pixel before the cell (y = −0.1 Å, kept: it rounds onto truth
+    row 0) and run one row past it (y = 9.9 Å = (50 − ½)·0.2 Å rounds onto row 50, which does not exist:
+    left out), so 50 of its 51 rows are compared; x on a shifted grid. No overlap at all is an error."""
+    cell_yx = (10.0, 12.0)
+    truth = _waves(np.arange(50) * 0.2, np.arange(48) * 0.25, cell_yx)
+    y, x = -0.1 + 0.2 * np.arange(51), 0.1 + 0.25 * np.arange(40)
+    rec = _waves(y, x, cell_yx)
+    rec[-1] = 1e3                                                # the row past the cell: must not count
+    m = _cc(rec, _TruthStub(vproj=truth, cell_A=(12.0, 10.0, 1.0)), sampling=(0.2, 0.25), origin=(-0.1, 0.1))
+    assert m["ncc"] == pytest.approx(1.0, abs=1e-12)
+    assert m["gt_std"] == pytest.approx(_waves(y[:50], x, cell_yx).std(), rel=1e-9)
+    with pytest.raises(TembenchError, match="reconstruction and ground truth do not overlap"):
+        _cc(rec, _TruthStub(vproj=truth, cell_A=(12.0, 10.0, 1.0)), sampling=(0.2, 0.25), origin=(10.05, 0.1))
 
 
 def test_subpixel_origin_real_sample():
@@ -253,6 +278,9 @@ def test_volume_crop_origin_zyx():
     assert m["ncc"] == pytest.approx(1.0, abs=1e-12) and m["rmse"] < 1e-9
     assert m["gt_std"] == pytest.approx(rec.std(), rel=1e-12)
     assert stub.calls == [("potential_volume", 0.5, "lobato")]
+    stub = _TruthStub(vvol=v)
+    m = _cc(rec, stub, quantity="potential_au", sampling=0.5, origin=(2.0, 3.5, 1.0), parametrization="kirkland")
+    assert m["ncc"] == pytest.approx(1.0, abs=1e-12) and stub.calls[0][2] == "kirkland"
     assert _cc(rec, _TruthStub(vvol=v), quantity="potential_V", sampling=0.5, origin=(1.0, 3.5, 2.0))["ncc"] < 0.9
     with pytest.raises(TembenchError, match="no ground truth"):
         _cc(rec, _TruthStub(vvol=v), quantity="phase_rad", sampling=0.5)
@@ -262,7 +290,7 @@ def test_volume_with_anisotropic_voxels_is_refused():
     # the ground-truth volume is built on cubic voxels: comparing it with (0.5, 0.4, 0.4) Å voxels
     # would silently pair different points
     v = _asymmetric((20, 22, 24), seed=3)
-    with pytest.raises(TembenchError, match="cubic voxels"):
+    with pytest.raises(TembenchError, match=r"needs cubic voxels.*\(z, y, x\) Å; resample the reconstruction"):
         _cc(v, _TruthStub(vvol=v), quantity="potential_V", sampling=(0.5, 0.4, 0.4))
 
 
@@ -304,6 +332,12 @@ def test_lowpass_is_a_gaussian_of_that_fwhm():
     assert m["ncc"] > 0.99999
     assert _cc(gauss(1.2), _TruthStub(vproj=v, cell_A=cell), sampling=(sy, sx), lowpass_A=1.0)["ncc"] < 0.995
     assert _cc(gauss(1.0), _TruthStub(vproj=v, cell_A=cell), sampling=(sy, sx))["ncc"] < 0.2       # no low-pass
+    # the truth is periodic over the cell: a peak on the first row spreads onto the last rows
+    v = np.zeros((96, 80))
+    v[0, 30] = 50.0
+    y = np.minimum(np.arange(96), 96 - np.arange(96)) * sy
+    m = _cc(gauss(1.0), _TruthStub(vproj=v, cell_A=cell), sampling=(sy, sx), lowpass_A=1.0)
+    assert m["ncc"] > 0.99999
 
 
 # ---------------------------------------------------------------------------------------------
