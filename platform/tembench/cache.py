@@ -192,13 +192,14 @@ def file_digest(path: Path, size: int | None = None) -> tuple[str, str]:
         size = os.fstat(fd).st_size if size is None else size
         h = _blake()
         if size <= FULL_HASH_LIMIT_BYTES:
-            pos = 0
-            while pos < size:
-                b = _pread_all(fd, min(CHUNK_BYTES, size - pos), pos)
-                if not b:
-                    break
-                h.update(b)
-                pos += len(b)
+            with _Hasher(h) as hasher:  # read the next chunk while the last one is hashed
+                pos = 0
+                while pos < size:
+                    b = _pread_all(fd, min(CHUNK_BYTES, size - pos), pos)
+                    if not b:
+                        break
+                    hasher.update(b)
+                    pos += len(b)
             return "blake2b-128", h.hexdigest()
         h.update(b"sampled-v1" + struct.pack("<Q", size))
         span = size - SAMPLE_BLOCK_BYTES
@@ -209,6 +210,42 @@ def file_digest(path: Path, size: int | None = None) -> tuple[str, str]:
         return f"blake2b-128-sampled-{SAMPLE_BLOCKS}x{SAMPLE_BLOCK_BYTES}", h.hexdigest()
     finally:
         os.close(fd)
+
+
+class _Hasher:
+    """Feeds a hash from a helper thread (hashlib releases the GIL), overlapping hashing with file I/O."""
+
+    def __init__(self, h: Any) -> None:
+        self.h = h
+        self._pool = None
+        self._pending = None
+
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def update(self, chunk) -> None:
+        if len(chunk) < 2**20:
+            self._wait()
+            self.h.update(chunk)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tembench-cache-hash")
+        self._wait()
+        self._pending = self._pool.submit(self.h.update, chunk)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
 
 
 def _body_digest(body: dict[str, Any]) -> str:
@@ -250,18 +287,18 @@ def _write_npy(path: Path, arr: np.ndarray) -> dict[str, Any]:
     header = _npy_header(arr)
     size = len(header) + arr.nbytes
     h = _blake() if size <= FULL_HASH_LIMIT_BYTES else None
-    with open(path, "wb") as fh:
+    with open(path, "wb") as fh, _Hasher(h) as hasher:
         fh.write(header)
         if h is not None:
-            h.update(header)
+            hasher.update(header)
         if arr.ndim == 0:
             chunks = [np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data]
         else:
             chunks = _data_chunks(arr)
         for c in chunks:
-            fh.write(c)
             if h is not None:
-                h.update(c)
+                hasher.update(c)  # hashed in the helper thread while the chunk is written here
+            fh.write(c)
     if os.path.getsize(path) != size:
         raise OSError(f"short write to {path}")
     scheme, digest = ("blake2b-128", h.hexdigest()) if h is not None else file_digest(path, size)
