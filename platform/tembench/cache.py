@@ -538,8 +538,13 @@ class _Decoder:
             cls = _TYPES.get(x["type"])
             if cls is None:
                 raise UnknownType(f"holds a {x['type']} (not registered with register_cache_type in this process)")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            for k in x["state"]:
+                # only fields, or attributes the class does not define (no property/descriptor setter runs)
+                if not isinstance(k, str) or k.startswith("__") or (k not in fields and hasattr(cls, k)):
+                    raise EntryError(f"sets a forbidden attribute {k!r} of {x['type']}")
             state = {k: self.decode(v, depth + 1) for k, v in x["state"].items()}
-            missing = [f.name for f in dataclasses.fields(cls) if f.name not in state]
+            missing = sorted(fields - set(state))
             if missing:
                 raise EntryError(f"its {x['type']} lacks fields {missing} (written by another version)")
             obj = object.__new__(cls)

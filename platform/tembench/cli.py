@@ -171,8 +171,6 @@ def _cmd_cache_info(args) -> int:
 def _cmd_cache_prune(args) -> int:
     from tembench.cache import prune, prune_summary
 
-    if args.older_than is None and args.max_size is None:
-        raise TembenchError("cache prune: give --older-than DAYS and/or --max-size GB (nothing was removed)")
     root = _cache_root(args.root)
     max_bytes = None if args.max_size is None else args.max_size * 2**30
     doomed, before, after = prune(root, args.older_than, max_bytes, dry_run=args.dry_run)
@@ -231,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an output folder, or a folder of output folders (default: reports)")
     ci.set_defaults(func=_cmd_cache_info)
     cp = csub.add_parser("prune", help="remove cache entries by age and/or total size (only under .cache/; rows, "
-                                       "results tables, manifests and reports are never touched)")
+                                       "results tables, manifests and reports are never touched); old pickle "
+                                       "entries and abandoned temp folders are always removed")
     cp.add_argument("root", nargs="?", default="reports",
                     help="an output folder, or a folder of output folders (default: reports)")
     cp.add_argument("--older-than", type=_nonnegative_float, metavar="DAYS",

@@ -219,6 +219,46 @@ def test_register_cache_type_allows_a_plugin_dataclass(tmp_path):
     assert (tmp_path / "recon" / "k1" / ENTRY_JSON).exists()  # kept for processes that know the type
 
 
+def _craft(folder: Path, value_tree, files=None) -> None:
+    """Write an entry as someone with write access to a shared cache folder could (checksum included)."""
+    body = {"stage": "recon", "key": folder.name, "created": 0.0, "files": files or {}, "value": value_tree}
+    doc = {"format": cache_mod.FORMAT, "version": cache_mod.VERSION, "body": body,
+           "body_blake2b": cache_mod._body_digest(body)}
+    folder.mkdir(parents=True)
+    (folder / ENTRY_JSON).write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("tree", [
+    {"$t": "obj", "type": "os:system", "state": {}},                                   # not in the allowlist
+    {"$t": "obj", "type": "posix:system", "state": {}},
+    {"$t": "obj", "type": "tembench.types:Sample", "state": {"__class__": {"$t": "tuple", "items": []}}},
+    {"$t": "obj", "type": "tembench.types:Sample", "state": {"elements": [1]}},        # a property of the class
+    {"$t": "obj", "type": "tembench.types:Sample", "state": {"name": "no arrays"}},    # fields missing
+    {"$t": "array", "file": "../../../etc/passwd"},
+    {"$t": "dtype", "descr": "|O"},
+    {"$t": "npscalar", "dtype": "|O", "hex": "00" * 8},
+    {"$t": "nonsense"},
+])
+def test_a_crafted_entry_runs_no_code_and_is_a_miss(tmp_path, tree, capfd):
+    _craft(tmp_path / "recon" / "k1", {"value": tree})
+    assert StageCache(tmp_path).get("recon", "k1") is None
+    assert len(capfd.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_object_array_file_is_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    staged = tmp_path / "a0.npy"
+    np.save(staged, np.array([_Payload(marker)], dtype=object), allow_pickle=True)  # an .npy holding a pickle
+    scheme, digest = cache_mod.file_digest(staged)
+    # the description lies about the dtype, so that the loader itself meets the object array
+    rec = {"a0.npy": {"size": staged.stat().st_size, "scheme": scheme, "digest": digest, "shape": [1], "dtype": "<f8"}}
+    entry = tmp_path / "recon" / "k1"
+    _craft(entry, {"value": {"$t": "array", "file": "a0.npy"}}, rec)
+    staged.rename(entry / "a0.npy")
+    assert StageCache(tmp_path).get("recon", "k1") is None
+    assert not marker.exists()
+
+
 # --- integrity -----------------------------------------------------------------------------------
 def _entry(tmp_path, big=False):
     cache = StageCache(tmp_path)
@@ -544,7 +584,7 @@ def test_cache_info_and_prune(registry, tmp_path, capsys):
         assert any(line.split()[:2] == [stage, str(n)] for line in info.splitlines()), info
     assert "old pickle entries" in info
 
-    assert cli_main(["cache", "prune", str(reports)]) == 2  # neither --older-than nor --max-size
+    assert cli_main(["cache", "prune", str(tmp_path / "nowhere")]) == 2
     # age: make the noise entries 10 days old; --dry-run removes nothing
     old = time.time() - 10 * 86400
     for p in (cache / "noise").iterdir():
@@ -553,8 +593,10 @@ def test_cache_info_and_prune(registry, tmp_path, capsys):
     assert cli_main(["cache", "prune", str(reports), "--older-than", "7", "--dry-run"]) == 0
     assert len(list((cache / "noise").iterdir())) == n_entries["noise"] + 1
     capsys.readouterr()
+    assert cli_main(["cache", "prune", str(reports)]) == 0  # no limit: only what is never used again
+    assert "removed 0 entries, 1 old pickle files and 1 unfinished folders" in capsys.readouterr().out
     assert cli_main(["cache", "prune", str(reports), "--older-than", "7"]) == 0
-    assert "removed 6 entries, 1 old pickle files and 1 unfinished folders" in capsys.readouterr().out
+    assert "removed 6 entries, 0 old pickle files and 0 unfinished folders" in capsys.readouterr().out
     assert not list((cache / "noise").iterdir()) and not list(cache.rglob("*.pkl"))
     assert len(list((cache / "recon").iterdir())) == n_entries["recon"]
     # size: least recently used first, down to the limit
