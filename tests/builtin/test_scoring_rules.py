@@ -667,3 +667,75 @@ def test_end_to_end_radius_and_pm_with_the_real_tracer():
     np.testing.assert_array_equal(m["matched_true_index"], [0, 2, 4, 5])
     np.testing.assert_allclose(m["position_error_pm"], 100 * np.linalg.norm(off[[0, 2, 4, 5]], axis=1), atol=0.1)
     np.testing.assert_allclose(m["displacement_xyz_pm"][2:], 100 * off[[4, 5]], atol=0.1)
+
+
+def test_every_tracing_parameter_reaches_the_tracer(monkeypatch):
+    """Non-default values of every tracing parameter arrive at trace_atoms unchanged (none silently
+    replaced by its default); the trace time is measured."""
+    seen = {}
+    params = dict(dog_sigmas_vox=(0.6, 1.3), intensity_threshold_frac=0.2, intensity_threshold=0.7,
+                  min_size_vox=0.8, merge_distance_vox=2.0, fit_radius_vox=2.5, sigma_init_vox=0.8,
+                  sigma_range_vox=(0.3, 1.4), max_rounds=7, tol_sites=3, tol_rms_vox=0.01, lm_iterations=5,
+                  background="median", min_integrated_frac=0.2)
+    res = TraceResult(np.zeros((1, 3)) + 10, np.ones(1), np.full(1, 0.35), np.full(3, 0.5), 1, True,
+                      {"n_sites": [1], "rms_shift_vox": [0.0]})
+
+    def fake(volume, sampling_A, **kw):
+        seen.update(kw, sampling_A=tuple(sampling_A))
+        return res
+
+    monkeypatch.setattr(at_module, "trace_atoms", fake)
+    rec = Reconstruction("volume", np.zeros(SHAPE, np.float32), 0.5, "potential_V")
+    sample = Sample([[5.0, 5.0, 5.0]], [14], [30.0, 30.0, 30.0])         # one atom: a valid sample
+    m = AtomTracing().score(rec, Measurement("x", None, ()), sample, AtomTracing.Params(**params))
+    assert seen == dict(params, sampling_A=(0.5, 0.5, 0.5))
+    assert 0.0 <= m["trace_time_s"] < 60.0
+    assert m["n_true"] == 1 and m["n_matched"] == 1 and m["pct_correct_species"] == 100.0   # one element, one site
+
+
+def test_species_undefined_with_too_few_sites(monkeypatch):
+    """Two elements but three traced sites: the mixture cannot be fitted, so no species score and no
+    thresholds (not a guess)."""
+    pos = np.array([[5.0, 5.0, 5.0], [10.0, 5.0, 5.0], [15.0, 5.0, 5.0]])
+    m = _score_trace(monkeypatch, pos, [8, 14, 14], pos, amplitude=[1.0, 3.0, 3.1])
+    assert m["n_matched"] == 3 and math.isnan(m["pct_correct_species"]) and len(m["species_thresholds"]) == 0
+    # no traced site at all
+    m = _score_trace(monkeypatch, pos, [8, 14, 14], np.zeros((0, 3)))
+    assert m["n_traced"] == 0 and m["pct_atoms_found"] == 0.0 and math.isnan(m["pct_correct_species"])
+    m = _score_trace(monkeypatch, pos, [8, 14, 14], np.zeros((0, 3)), labels=["core", "core", "shell"], roi="core")
+    assert (m["n_true"], m["n_traced"], m["n_false_positives"]) == (2, 0, 0)
+
+
+def test_box_edges_and_margin_on_both_sides(monkeypatch):
+    """Atoms exactly on the box faces (voxel centres ± half a voxel) are inside; with a 3.5 Å margin a
+    false positive 3 Å from the low face (x = 2.75) is left out like one 3 Å from the high face."""
+    lo, hi = _box((0.5, 0.5, 0.5), (0.0, 0.0, 0.0))
+    true = np.array([[lo[0], 10.0, 10.0], [hi[0], 12.0, 10.0], [10.0, 10.0, 10.0]])
+    m = _score_trace(monkeypatch, true, [14, 14, 14], true)
+    assert m["n_true"] == 3 and m["n_matched"] == 3
+    fps = np.array([[lo[0] + 3.0, 5.0, 5.0], [hi[0] - 3.0, 5.0, 5.0], [10.0, 15.0, 15.0]])
+    m = _score_trace(monkeypatch, true[2:], [14], np.vstack([true[2:], fps]), roi=3.5)
+    assert (m["n_true"], m["n_traced"], m["n_false_positives"]) == (1, 2, 1)
+
+
+def test_atom_tracing_error_messages_say_what_to_fix(monkeypatch):
+    rec = Reconstruction("volume", np.zeros(SHAPE, np.float32), 0.5, "potential_V")
+    meas, P = Measurement("x", None, ()), AtomTracing.Params
+    img = Reconstruction("image", np.zeros((8, 8)), 0.5, "phase_rad")
+    sample = Sample([[5.0, 5.0, 5.0]], [14], [30.0, 30.0, 30.0])
+    with pytest.raises(TembenchError, match=r"use a quantifier for images \(e.g. cross_correlation\) instead"):
+        AtomTracing().score(img, meas, sample, P())
+    with pytest.raises(TembenchError, match="atom_tracing: the sample has no atoms to score against"):
+        AtomTracing().score(rec, meas, Sample(np.zeros((0, 3)), [], [30.0, 30.0, 30.0]), P())
+    monkeypatch.setattr(at_module, "trace_atoms", lambda *a, **k: TraceResult(
+        np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.full(3, 0.5), 1, True, {"n_sites": [0], "rms_shift_vox": [0.0]}))
+    far = Sample([[50.0, 5.0, 5.0]], [14], [60.0, 30.0, 30.0])
+    with pytest.raises(TembenchError, match=r"x∈\[-0.25, 23.75\], y∈\[-0.25, 21.75\], z∈\[-0.25, 19.75\] Å; check "
+                                            r"Reconstruction.origin_A \(z, y, x: position of voxel \[0,0,0\] in the "
+                                            r"sample frame\) and sampling_A"):
+        AtomTracing().score(rec, meas, far, P())
+    with pytest.raises(TembenchError, match=r"has no labels; use roi='all' or a box margin in Å"):
+        AtomTracing().score(rec, meas, sample, P(roi="core"))
+    labelled = Sample([[5.0, 5.0, 5.0], [6.0, 5.0, 5.0]], [14, 8], [30.0, 30.0, 30.0], labels=["shell", "rim"])
+    with pytest.raises(TembenchError, match=r"roi label 'core' is not one of the sample's labels \['rim', 'shell'\]"):
+        AtomTracing().score(rec, meas, labelled, P(roi="core"))
