@@ -175,3 +175,35 @@ def test_stem4d_records_where_the_unscattered_beam_falls(binning):
     np.testing.assert_allclose(centroid, m.geometry.extra["detector_centre_px"], atol=0.02)
     if binning % 2:
         assert m.geometry.extra["detector_centre_px"] == (pattern.shape[0] // 2, pattern.shape[1] // 2)
+
+
+def test_stem4d_streaming_to_one_path_twice_makes_a_new_file(tmp_path):
+    """A second simulation to the same patterns_path must not rewrite the first one's data in place
+    (the stage cache hard-links the finished file; a sweep or a parallel worker reuses the path)."""
+    import os
+
+    sample = _si(2, 1)
+    path = tmp_path / "p.npy"
+    base = dict(sampling_A=0.1, semiangle_mrad=20, scan_step_A=2.0, energy_keV=200, patterns_path=str(path))
+    first = STEM4D().simulate(sample, STEM4D.Params(**base), np)
+    kept = np.array(first.data)
+    inode = os.stat(path).st_ino
+    second = STEM4D().simulate(sample, STEM4D.Params(**{**base, "energy_keV": 80}), np)
+    assert os.stat(path).st_ino != inode  # a new file was renamed into place
+    np.testing.assert_array_equal(first.data, kept)  # the first result is untouched
+    assert not np.allclose(second.data, kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy"]  # no temp files left behind
+    np.testing.assert_array_equal(np.load(path).reshape(second.data.shape), second.data)
+
+
+def test_stem4d_failed_stream_leaves_no_temp_file(tmp_path, monkeypatch):
+    import tembench.builtin.forward_multislice as fm
+
+    def fail(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fm, "stem_scan", fail)
+    p = STEM4D.Params(sampling_A=0.1, semiangle_mrad=20, scan_step_A=2.0, patterns_path=str(tmp_path / "p.npy"))
+    with pytest.raises(RuntimeError, match="boom"):
+        STEM4D().simulate(_si(2, 1), p, np)
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,8 @@ vacuum; a diffraction pattern is the fraction of the probe's electrons per detec
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from typing import Literal
 
 import numpy as np
@@ -399,11 +401,28 @@ class STEM4D(ForwardModel):
             "Stream the patterns to disk (patterns_path), ask for output: image, bin/crop the detector, or scan fewer "
             "positions.", limit)
         out = None
+        tmp_path = None
         if keep and p.patterns_path is not None:
-            out = np.lib.format.open_memmap(p.patterns_path, mode="w+", dtype=np.float32,
-                                            shape=(len(angles), n_pos, ky, kx))
+            # stream into a new file and rename it into place at the end: the stage cache hard-links the
+            # finished file, and a later simulation to the same path (a sweep, a parallel worker) must
+            # make a new file rather than rewrite the one a cache entry holds
+            final = os.path.abspath(p.patterns_path)
+            fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.",
+                                            suffix=".tmp.npy")
+            os.close(fd)
+            out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(len(angles), n_pos, ky, kx))
         elif keep:
             out = np.zeros((len(angles), n_pos, ky, kx), np.float32)
+        try:
+            return self._scan(sample, p, xp, angles, kind, gpts, sampling, ab, amax, window, modes, grid, sy, sx,
+                              n_pos, det_n, ky, kx, rotated, z0, n_slices, keep, out, tmp_path)
+        except BaseException:
+            if tmp_path is not None and os.path.exists(tmp_path):
+                os.unlink(tmp_path)
+            raise
+
+    def _scan(self, sample, p, xp, angles, kind, gpts, sampling, ab, amax, window, modes, grid, sy, sx, n_pos, det_n,
+              ky, kx, rotated, z0, n_slices, keep, out, tmp_path) -> Measurement:
         images = {name: np.zeros((len(angles), n_pos), np.float32) for name in p.detectors}
         rms = _rms(sample, p)
         n_conf = max(1, p.frozen_phonons) if rms is not None else 1
@@ -448,6 +467,11 @@ class STEM4D(ForwardModel):
             data, axes = (img[0], ("scan_y", "scan_x")) if len(angles) == 1 else (img, ("tilt", "scan_y", "scan_x"))
             geometry.extra["image_detector"] = first
             return Measurement(kind=kind, data=data, axes=axes, geometry=geometry, extras=extras)
+        if tmp_path is not None:
+            out.flush()
+            del out
+            os.replace(tmp_path, os.path.abspath(p.patterns_path))
+            out = np.load(os.path.abspath(p.patterns_path), mmap_mode="c")  # copy-on-write: the file stays as written
         data = out.reshape(len(angles), sy, sx, ky, kx)
         if kind == "4dstem":
             return Measurement(kind=kind, data=data[0], axes=("scan_y", "scan_x", "k_y", "k_x"), geometry=geometry,
