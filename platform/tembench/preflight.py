@@ -46,6 +46,13 @@ class Footprint:
     n_atoms: int | None = None       # samples: atoms the sample will hold
     cell_A: tuple[float, float, float] | None = None  # samples: (x, y, z) extent in Å
     limit_bytes: int | None = None   # a stage's own memory limit (e.g. forward max_memory_GB)
+    output_bytes: int | None = None  # forward models: size of the measurement's data array
+
+
+#: a dense noise step holds its output (float32, the data's size), a finite-check mask (¼ of it) and
+#: chunked float64/int64 temporaries; its input may be memory-mapped (cache, patterns_path)
+NOISE_FACTOR = 2.25
+NOISE_TEMPORARIES_BYTES = 64 * 2**20
 
 
 def count_points(sweep) -> int:
@@ -98,7 +105,14 @@ def check_resources(points, registry, where: str, *, concurrent: int = 1, limit_
         f_cls = registry.get("forward_model", spec.forward.name)
         s_fp = _call(s_cls, spec.sample.params, None, f"{where}: sample", at)
         f_fp = _call(f_cls, spec.forward.params, s_fp, f"{where}: forward", at)
-        for section, fp in (("sample", s_fp), ("forward", f_fp)):
+        n_fp = None
+        if spec.noise and f_fp is not None and f_fp.output_bytes:
+            n_fp = Footprint(peak_bytes=int(NOISE_FACTOR * f_fp.output_bytes) + NOISE_TEMPORARIES_BYTES,
+                             what=f"the noise chain ({' → '.join(n.name for n in spec.noise)}) on "
+                                  f"{_fmt_gib(f_fp.output_bytes)} of data from {f_fp.what}",
+                             fix="Make the measurement smaller (a coarser sampling_A or scan_step_A, fewer tilts "
+                                 "or defocus values, a binned or cropped detector) or run fewer workers.")
+        for section, fp in (("sample", s_fp), ("forward", f_fp), ("noise", n_fp)):
             if fp is None or fp.peak_bytes is None:
                 continue
             stage_limit = fp.limit_bytes if fp.limit_bytes is not None else limit
@@ -112,7 +126,8 @@ def check_resources(points, registry, where: str, *, concurrent: int = 1, limit_
                     "run with --ignore-memory-estimate.")
         seen[key] = {"values": point.values,
                      "sample_bytes": getattr(s_fp, "peak_bytes", None), "sample_atoms": getattr(s_fp, "n_atoms", None),
-                     "forward_bytes": getattr(f_fp, "peak_bytes", None), "forward": getattr(f_fp, "what", "")}
+                     "forward_bytes": getattr(f_fp, "peak_bytes", None), "forward": getattr(f_fp, "what", ""),
+                     "noise_bytes": getattr(n_fp, "peak_bytes", None)}
     return list(seen.values())
 
 

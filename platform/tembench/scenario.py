@@ -179,9 +179,9 @@ class Scenario:
         ]
         sized = [e for e in self.estimates if e.get("sample_bytes") or e.get("forward_bytes")]
         if sized:
-            peak = max((e.get("forward_bytes") or 0) for e in sized)
+            peak = max(max(e.get("forward_bytes") or 0, e.get("noise_bytes") or 0) for e in sized)
             atoms = max((e.get("sample_atoms") or 0) for e in sized)
-            lines.append(f"  estimated peak memory of a simulation: {peak / 2**20:,.0f} MiB"
+            lines.append(f"  estimated peak memory of a simulation or noise stage: {peak / 2**20:,.0f} MiB"
                          + (f" (largest sample ≈ {atoms:,} atoms)" if atoms else ""))
         return "\n".join(lines)
 

@@ -56,6 +56,16 @@ CASES = {
         .replace("reconstructors: [weak_phase_wiener]", "reconstructors: [{name: ssb, params: {rotation_deg: 0}}]")
         .replace("noise.0.dose_e_per_A2: [100, .inf]", "forward.energy_keV: [200, 300]"),
         ["--executor", "processes", "--workers", "4"], "× 4 concurrent workers"),
+    "noise chain on 16 GiB of patterns streamed to disk": (
+        QUICK.replace("forward: {name: phase_object, params: {energy_keV: 300, sampling_A: 0.2, defocus_A: 60}}",
+                      "forward: {name: stem4d, params: {sampling_A: 0.1, scan_step_A: 0.05, window_gpts: 128, "
+                      "patterns_path: /tmp/never-written.npy}}")
+        .replace("repeat: [2, 2, 1]", "repeat: [4, 4, 1]")
+        .replace("noise: [{name: poisson_dose, params: {dose_e_per_A2: 1000}}]",
+                 "noise: [{name: poisson_dose, params: {electrons_per_pattern: 1000}}]")
+        .replace("reconstructors: [weak_phase_wiener]", "reconstructors: [{name: ssb, params: {rotation_deg: 0}}]")
+        .replace("noise.0.dose_e_per_A2: [100, .inf]", "forward.energy_keV: [200, 300]"),
+        [], "noise: the noise chain (poisson_dose) on 16.3 GiB of data from stem4d"),
 }
 
 
@@ -216,3 +226,28 @@ def test_forward_estimate_is_within_a_factor_of_the_measured_peak(forward, param
     finally:
         tracemalloc.stop()
     assert peak / 3 < estimate < 3 * peak, (estimate / 2**20, peak / 2**20)
+
+
+def test_noise_estimate_is_within_a_factor_of_the_measured_peak():
+    """poisson_dose on a 4D array: the preflight noise estimate against tracemalloc's peak (×2 either way)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from tembench import preflight
+    from tembench.registry import Registry
+    from tembench.types import Geometry, Measurement
+
+    data = np.random.default_rng(0).random((24, 24, 64, 64), dtype=np.float32) * 1e-3
+    m = Measurement(kind="4dstem", data=data, axes=("scan_y", "scan_x", "k_y", "k_x"),
+                    geometry=Geometry(energy_keV=200, scan_step_A=(0.5, 0.5), sampling_A=(0.1, 0.1)))
+    cls = Registry(load_entry_points=False).get("noise_model", "poisson_dose")
+    p = cls.parse_params({"electrons_per_pattern": 1000})
+    tracemalloc.start()
+    try:
+        cls().apply(m, p, np.random.default_rng(1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    estimate = preflight.NOISE_FACTOR * data.nbytes + preflight.NOISE_TEMPORARIES_BYTES
+    assert peak / 2 < estimate < 2 * peak + preflight.NOISE_TEMPORARIES_BYTES, (estimate / 2**20, peak / 2**20)

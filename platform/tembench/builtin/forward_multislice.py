@@ -166,8 +166,10 @@ class HRTEMTiltSeries(ForwardModel):
         n_slices = _footprint_slices(upstream, angles, p.tilt_axis, p.slice_thickness_A)
         nbytes = memory.hrtem_tilt_series_bytes(gpts, n_slices, len(angles), len(p.defocus_values_A),
                                                 upstream.n_atoms or 0)
+        det = _footprint_grid(upstream, p.sampling_A)
         return Footprint(
             peak_bytes=nbytes, limit_bytes=_limit(p),
+            output_bytes=len(angles) * len(p.defocus_values_A) * det[0] * det[1] * 4,
             what=f"hrtem_tilt_series ({len(angles)} tilts x {len(p.defocus_values_A)} defocus, {gpts[0]} x {gpts[1]} px, "
                  f"{n_slices} slices)",
             fix="Use a coarser sampling_A, thicker slice_thickness_A, a smaller simulation_factor, fewer tilts or a "
@@ -338,8 +340,9 @@ class STEM4D(ForwardModel):
         keep = p.output == "patterns" and p.patterns_path is None
         nbytes = memory.stem_bytes(gpts, n_slices, window, p.n_probe_modes, p.batch_size or 64, n_pos * len(angles),
                                    det[0] * det[1], keep)
+        out_bytes = n_pos * len(angles) * (det[0] * det[1] if p.output == "patterns" else 1) * 4
         return Footprint(
-            peak_bytes=nbytes, limit_bytes=_limit(p),
+            peak_bytes=nbytes, limit_bytes=_limit(p), output_bytes=out_bytes,
             what=f"stem4d ({len(angles)} tilts x {n_pos:,} probes, {gpts[0]} x {gpts[1]} px field, {n_slices} slices, "
                  f"{det[0]} x {det[1]} px patterns)",
             fix="Use a coarser sampling_A or scan_step_A, stream the patterns to disk (patterns_path), ask for "

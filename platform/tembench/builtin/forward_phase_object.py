@@ -45,7 +45,7 @@ class PhaseObjectImage(ForwardModel):
         ny = max(1, int(round(upstream.cell_A[1] / params.sampling_A)))
         # potential slab + complex wave, its spectrum, CTF and frequency grids; structure factors per atom row
         nbytes = ny * nx * (4 + 5 * 8) + min(upstream.n_atoms or 0, 2**20) * (ny + nx) * 8
-        return Footprint(peak_bytes=nbytes, what=f"phase_object ({ny} x {nx} px)",
+        return Footprint(peak_bytes=nbytes, what=f"phase_object ({ny} x {nx} px)", output_bytes=ny * nx * 4,
                          fix="Use a coarser sampling_A or a smaller sample.")
 
     def simulate(self, sample, params, xp) -> Measurement:
