@@ -26,7 +26,12 @@ import pytest
 import tembench.builtin.atom_tracing as at_module
 from tembench.analysis.atom_tracing import TraceResult
 from tembench.builtin.atom_tracing import AtomTracing
-from tembench.builtin.quantifiers import CrossCorrelation, ImageStatistics, normalized_cross_correlation
+from tembench.builtin.quantifiers import (
+    CrossCorrelation,
+    ImageStatistics,
+    ground_truth_like,
+    normalized_cross_correlation,
+)
 from tembench.builtin.quantifiers_spectral import SpectralResolution, radial_power_spectrum
 from tembench.errors import TembenchError
 from tembench.physics import constants
@@ -150,6 +155,10 @@ def test_phase_ground_truth_is_sigma_times_vproj_in_rad(energy_keV):
     stub = _TruthStub(vproj=v)
     _cc(sigma * v, stub, quantity="phase_rad", energy_keV=energy_keV, parametrization="kirkland")
     assert stub.calls[0][2] == "kirkland"
+    stub = _TruthStub(vproj=v)                                  # the helper's default is the quantifier's
+    rec = Reconstruction("image", sigma * v, (0.2, 0.25), "phase_rad")
+    np.testing.assert_allclose(ground_truth_like(rec, stub, energy_keV), sigma * v, rtol=1e-12)
+    assert stub.calls[0][2] == CrossCorrelation.Params().parametrization == "lobato"
     # a potential image is compared with V_proj itself (V·Å), an intensity image with V_proj as a proxy
     assert _cc(v, _TruthStub(vproj=v))["rmse"] < 1e-9 * v.std()
     m = _cc(3.0 * v + 2.0, _TruthStub(vproj=v), quantity="intensity")
@@ -739,3 +748,31 @@ def test_atom_tracing_error_messages_say_what_to_fix(monkeypatch):
     labelled = Sample([[5.0, 5.0, 5.0], [6.0, 5.0, 5.0]], [14, 8], [30.0, 30.0, 30.0], labels=["shell", "rim"])
     with pytest.raises(TembenchError, match=r"roi label 'core' is not one of the sample's labels \['rim', 'shell'\]"):
         AtomTracing().score(rec, meas, labelled, P(roi="core"))
+
+
+def test_artifacts_by_construction(monkeypatch):
+    """Histograms and per-site artifacts of a hand-built trace: errors 10.5, 21, 31.5, 42, 63 pm in 50 bins
+    over 0 … 100 pm (the match radius) land in bins 5, 10, 15, 21, 31; with a 0.6 Å radius the 6 edges run
+    to 60 pm (63 pm is no match); the intensity histogram counts every traced site; trace history is
+    passed through."""
+    sampling, origin = (0.4, 0.5, 0.45), (-3.0, 5.0, 2.5)
+    true = _grid_atoms(sampling, origin, spacing=5.0)[:5]
+    d_pm = 1.05 * np.array([[10.0, 0, 0], [0, -20, 0], [0, 0, 30], [24, 32, 0], [0, 36, -48]])
+    amp = np.array([1.0, 1.5, 2.0, 2.5, 3.0])
+    m = _score_trace(monkeypatch, true, np.full(5, 14), true + d_pm / 100.0, sampling, origin, amplitude=amp,
+                     intensity_measure="peak")
+    expect = np.zeros(50, int)
+    expect[[5, 10, 15, 21, 31]] = 1
+    np.testing.assert_array_equal(m["position_error_hist"], expect)
+    np.testing.assert_allclose(m["position_error_hist_edges_pm"], np.linspace(0, 100, 51))
+    np.testing.assert_allclose(m["site_intensity_hist_edges"], np.linspace(1.0, 3.0, 65))
+    assert m["site_intensity_hist"].sum() == 5 and m["site_intensity_hist"][0] == 1 and m["site_intensity_hist"][-1] == 1
+    np.testing.assert_array_equal(m["traced_in_roi"], np.ones(5, bool))
+    np.testing.assert_array_equal(m["trace_history_n_sites"], [5])
+    np.testing.assert_array_equal(m["trace_history_rms_shift_vox"], [0.0])
+    assert (m["n_traced_volume"], m["trace_rounds"], m["trace_converged"]) == (5, 1, True)
+    m = _score_trace(monkeypatch, true, np.full(5, 14), true + d_pm / 100.0, sampling, origin, match_radius_A=0.6,
+                     hist_bins=6)
+    np.testing.assert_allclose(m["position_error_hist_edges_pm"], np.linspace(0, 60, 7))
+    np.testing.assert_array_equal(m["position_error_hist"], [0, 1, 1, 1, 1, 0])
+    assert m["n_matched"] == 4
