@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tembench._lazy import lazy_import
 from tembench.eer import ElectronEvents, index_dtype_for, offset_dtype_for
 from tembench.errors import TembenchError
-from tembench_pelz2022 import _kernels
+
+# numba kernels compile on first use; importing them lazily keeps `tembench list` fast
+_kernels = lazy_import("tembench_pelz2022._kernels")
 
 
 @dataclass(frozen=True)

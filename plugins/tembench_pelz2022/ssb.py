@@ -28,14 +28,17 @@ import scipy.fft
 from pydantic import Field
 
 from tembench import Params, Reconstructor
+from tembench._lazy import lazy_import
 from tembench.backend import fft_workers
 from tembench.eer import ElectronEvents
 from tembench.errors import TembenchError
 from tembench.physics import optics
-from tembench_pelz2022 import _kernels
 from tembench_pelz2022.common import (ACCEPTS, ProbeOptics, load_4d, phase_image, probe_optics, rotation_matrix,
                                       scan_step)
 from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin
+
+# numba kernels compile on first use; importing them lazily keeps `tembench list` fast
+_kernels = lazy_import("tembench_pelz2022._kernels")
 
 QUADRATIC_KEYS = ("C10", "C12", "phi12")
 
