@@ -81,9 +81,13 @@ def test_spectral_cutoff_on_a_hand_built_ring_spectrum():
     psd2[7] = 5.0
     assert spectral_cutoff(k, psd2, (0.75, 1.0), 2.0, 1)[:2] == (2.5, 1.1)
     # the band's upper edge is a fraction of k_max = last centre + half a ring: 0.95·10 = 9.5 keeps ring 9.5
+    # (inclusive): median(1.2, 1.0, 0.9, 1.5, 100) = 1.2, not median of the first four = 1.1
     psd3 = psd.copy()
-    psd3[9] = 100.0
-    assert spectral_cutoff(k, psd3, (0.5, 0.95), 2.0, 1)[1] == pytest.approx(np.median(psd3[5:]))
+    psd3[8], psd3[9] = 1.5, 100.0
+    assert spectral_cutoff(k, psd3, (0.5, 0.95), 2.0, 1)[1] == pytest.approx(1.2)
+    # the first ring is smoothed with itself as its lower neighbour (edge padding, not zeros):
+    # s[0] = (3 + 3 + 1)/3 ≥ 2 → cut-off 0.5; zero padding would give (0 + 3 + 1)/3 < 2 → none
+    assert spectral_cutoff(k, np.r_[3.0, np.ones(9)], (0.75, 1.0), 2.0, 3)[0] == 0.5
     # three-ring box smoothing, ends padded with the end values: s[3] = (30 + 2 + 1.5)/3 ≥ 2, s[4] < 2·1
     assert spectral_cutoff(k, psd, (0.75, 1.0), 2.0, 3)[0] == 3.5
     psd4 = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 9.0, 1.0, 1.0])

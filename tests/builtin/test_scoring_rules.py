@@ -766,7 +766,8 @@ def test_artifacts_by_construction(monkeypatch):
     np.testing.assert_array_equal(m["position_error_hist"], expect)
     np.testing.assert_allclose(m["position_error_hist_edges_pm"], np.linspace(0, 100, 51))
     np.testing.assert_allclose(m["site_intensity_hist_edges"], np.linspace(1.0, 3.0, 65))
-    assert m["site_intensity_hist"].sum() == 5 and m["site_intensity_hist"][0] == 1 and m["site_intensity_hist"][-1] == 1
+    assert len(m["site_intensity_hist"]) == 64 and m["site_intensity_hist"].sum() == 5
+    assert m["site_intensity_hist"][0] == 1 and m["site_intensity_hist"][-1] == 1
     np.testing.assert_array_equal(m["traced_in_roi"], np.ones(5, bool))
     np.testing.assert_array_equal(m["trace_history_n_sites"], [5])
     np.testing.assert_array_equal(m["trace_history_rms_shift_vox"], [0.0])
