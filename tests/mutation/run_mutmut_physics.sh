@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Mutation testing of the physics core and the phase reconstructors (issue 18 part 6) with
+# mutmut 3, in a scratch copy outside the checkout. Companion of run_mutmut.sh (quantifiers).
+#
+#   pip install 'mutmut>=3.8,<4'
+#   bash tests/mutation/run_mutmut_physics.sh physics          # constants grid optics coherence propagation
+#   bash tests/mutation/run_mutmut_physics.sh reconstructors   # builtin/reconstructors.py + Pelz ssb dpc common virtual
+#   bash tests/mutation/run_mutmut_physics.sh potentials       # potentials.py rotation.py
+#   bash tests/mutation/run_mutmut_physics.sh extra            # multislice.py stem.py + Ren prox.py model.py
+#   MUTMUT_ONLY=optics bash tests/mutation/run_mutmut_physics.sh physics     # one module of a group
+#   MUTMUT_PATTERNS='*spatial_envelope*' bash tests/mutation/run_mutmut_physics.sh physics  # some functions
+#
+# Each group is its own scratch project, $MUTMUT_WORKDIR/<group> (default
+# /tmp/tembench_mutmut_physics/<group>), with the packages tembench, tembench_pelz2022 and
+# tembench_ren2020 side by side under src/ (one mutmut source root, so the plugin modules are
+# mutated too), the tests, the scenarios and a setup.cfg of its own: the checkout gets neither
+# mutmut config nor mutants/. mutmut puts mutants/src first on sys.path; the editable install's
+# finder (which maps the three packages to the checkout) is appended to sys.meta_path, so it is
+# consulted only after sys.path and the mutated copies are the ones imported — the plugins'
+# entry points (tembench_pelz2022.plugin, ...) are resolved by import name, so they load the
+# mutated copies as well. The script checks this before the run (import paths printed). To see a
+# mutant fail a test by hand: cd <workdir>/mutants && MUTANT_UNDER_TEST=<name> PYTHONPATH=src pytest <test>
+#
+# Not mutated: the numba kernels. mutmut 3 replaces each function by a trampoline, which numba
+# cannot compile; it leaves decorated functions alone (@njit, @lru_cache, @property are never
+# mutated), and the kernel-only modules tembench_pelz2022/_kernels.py and eer_ops.py are in no
+# group. Each mutant runs only the tests of the group's selection that execute the mutated
+# function (mutmut's per-function map), on MUTMUT_JOBS processes (default 1: the machine is
+# shared; use 2 when `uptime` shows a load below 3). Mutants that mutmut marks "suspicious" (an
+# unusual exit code of the forked test run, seen with numba in a forked child) are re-run in a
+# fresh process and get the verdict of that run. The per-module summary is printed at the end
+# and kept in <workdir>/summary.txt, every verdict in results.txt, and one line per survivor
+# (original || mutated) in survivors.diff. Delete the scratch folder when done:
+# rm -rf /tmp/tembench_mutmut_physics
+set -euo pipefail
+GROUP=${1:-physics}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BASE=${MUTMUT_WORKDIR:-/tmp/tembench_mutmut_physics}
+WORK=$BASE/$GROUP
+JOBS=${MUTMUT_JOBS:-1}
+ONLY=${MUTMUT_ONLY:-}
+read -r -a PATTERNS <<< "${MUTMUT_PATTERNS:-}"
+
+P=src/tembench/physics
+T=tests/physics
+case "$GROUP" in
+  physics)
+    modules=($P/constants.py $P/grid.py $P/optics.py $P/coherence.py $P/propagation.py)
+    tests=($T/test_constants_optics.py $T/test_envelopes.py $T/test_rotation_coherence.py
+           $T/test_propagation_multislice.py tests/plugins/pelz2022/test_pelz_energy_geometry.py
+           $T/test_mutation_gaps.py) ;;
+  reconstructors)
+    modules=(src/tembench/builtin/reconstructors.py src/tembench_pelz2022/common.py
+             src/tembench_pelz2022/virtual.py src/tembench_pelz2022/dpc.py src/tembench_pelz2022/ssb.py)
+    tests=(tests/plugins/pelz2022 tests/core/test_builtin_components.py
+           tests/builtin/test_mutation_gaps.py) ;;
+  potentials)
+    modules=($P/potentials.py $P/rotation.py)
+    tests=($T/test_potentials.py $T/test_scattering_factors.py $T/test_rotation_coherence.py
+           $T/test_mutation_gaps.py) ;;
+  extra)
+    modules=($P/multislice.py $P/stem.py src/tembench_ren2020/prox.py src/tembench_ren2020/model.py)
+    tests=($T/test_propagation_multislice.py $T/test_stem.py $T/test_forward_multislice.py
+           tests/plugins/ren2020 $T/test_mutation_gaps.py) ;;
+  *) echo "unknown group '$GROUP' (physics | reconstructors | potentials | extra)" >&2; exit 2 ;;
+esac
+
+case "$BASE" in "$ROOT"|"$ROOT"/*) echo "MUTMUT_WORKDIR must be outside the checkout" >&2; exit 2;; esac
+rm -rf "$WORK"
+mkdir -p "$WORK/src"
+cp -r "$ROOT/platform/tembench" "$WORK/src/tembench"
+for pkg in "$ROOT"/plugins/tembench_*/; do cp -r "$pkg" "$WORK/src/"; done
+cp -r "$ROOT/tests" "$WORK/tests"
+cp -r "$ROOT/scenarios" "$WORK/scenarios"
+find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$WORK/tests/mutation"
+# pytest settings (markers, addopts) without the packaging sections
+python - "$ROOT/pyproject.toml" "$WORK/pytest.ini" <<'PY'
+import sys, tomllib
+opts = tomllib.load(open(sys.argv[1], "rb"))["tool"]["pytest"]["ini_options"]
+with open(sys.argv[2], "w") as f:
+    f.write("[pytest]\n")
+    f.write("addopts = %s\n" % opts.get("addopts", ""))
+    f.write("markers =\n" + "".join("    %s\n" % m for m in opts.get("markers", [])))
+PY
+
+only=""
+for m in "${modules[@]}"; do
+  if [[ -z "$ONLY" || "$m" == *$ONLY* ]]; then only+="    $m"$'\n'; fi
+done
+selection=""
+for t in "${tests[@]}"; do
+  if [[ -e "$WORK/$t" ]]; then selection+="    $t"$'\n'; fi
+done
+cat > "$WORK/setup.cfg" <<EOF
+[mutmut]
+source_paths = src
+also_copy =
+    scenarios
+only_mutate =
+$only
+do_not_mutate =
+    src/tembench_pelz2022/_kernels.py
+    src/tembench_pelz2022/eer_ops.py
+pytest_add_cli_args = -p no:cacheprovider -q
+pytest_add_cli_args_test_selection =
+$selection
+mutate_only_covered_lines = false
+use_git_change_detection = false
+EOF
+
+cd "$WORK"
+export PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1
+# the copies under src/ (mutants/src during the run) must shadow the editable install
+PYTHONPATH=src python -c "
+import tembench, tembench_pelz2022, tembench_ren2020
+for m in (tembench, tembench_pelz2022, tembench_ren2020):
+    print('imports', m.__name__, 'from', m.__file__)
+    assert m.__file__.startswith('$WORK/src/'), 'the checkout would be tested, not the mutants'
+"
+start=$(date +%s)
+mutmut run --max-children "$JOBS" "${PATTERNS[@]}" > run.log 2>&1 || { tail -c 2000 run.log; }
+echo "mutmut run: $(( $(date +%s) - start )) s" > timing.txt
+mutmut results --all true 2>&1 | grep -v ': not checked$' > results.txt || true
+
+# re-run each "suspicious" mutant's tests in a fresh process; its exit code is the verdict
+python - <<'PY'
+import json, os, re, subprocess, sys
+stats = json.load(open("mutants/mutmut-stats.json"))["tests_by_mangled_function_name"]
+out = []
+for line in open("results.txt").read().splitlines():
+    m = re.match(r"\s*(\S+): suspicious$", line)
+    if m:
+        name = m.group(1)
+        tests = sorted(stats.get(re.sub(r"__mutmut_\d+$", "", name), []))
+        env = dict(os.environ, MUTANT_UNDER_TEST=name, PYTHONPATH="src")
+        rc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                            cwd="mutants", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+        line = f"    {name}: " + {0: "survived", 1: "killed"}.get(rc, "suspicious")
+        print("re-checked:", line.strip())
+    out.append(line)
+open("results.txt", "w").write("\n".join(out) + "\n")
+PY
+
+# one line per survivor, read from the mutated sources: "name [verdict]: - original || + mutated"
+python - <<'PY' > survivors.diff
+import ast, difflib, re
+from pathlib import Path
+cache = {}
+def functions(mod):
+    if mod not in cache:
+        src = (Path("mutants/src") / (mod.replace(".", "/") + ".py")).read_text()
+        cache[mod] = {n.name: ast.get_source_segment(src, n).splitlines()
+                      for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and "__mutmut_" in n.name}
+    return cache[mod]
+for line in open("results.txt"):
+    m = re.match(r"\s*(\S+): (survived|no tests|suspicious)$", line)
+    if not m:
+        continue
+    mod, fn = re.match(r"(.+?)\.(x[_ǁ].*)$", m.group(1)).groups()
+    fn = fn.split("ǁ")[-1]
+    f = functions(mod)
+    a, b = f.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", fn)), f.get(fn)
+    if a is None or b is None:
+        print(f"{m.group(1)} [{m.group(2)}]: (source not found)")
+        continue
+    a = [a[0].replace("__mutmut_orig", "")] + a[1:]
+    b = [re.sub(r"__mutmut_\d+", "", b[0])] + b[1:]
+    d = [x.strip() for x in difflib.unified_diff(a, b, lineterm="", n=0) if x[:1] in "+-" and x[:3] not in ("+++", "---")]
+    print(f"{m.group(1)} [{m.group(2)}]: " + " || ".join(d))
+PY
+
+python - <<'PY' | tee summary.txt
+import collections, re
+per = collections.defaultdict(collections.Counter)
+for line in open("results.txt"):
+    m = re.match(r"\s*(\S+?)\.x[ǁ_]\S*__mutmut_\d+: (\w[\w ]*)$", line)
+    if m:
+        per[m.group(1)][m.group(2).strip()] += 1
+grand = collections.Counter()
+for mod, counts in sorted(per.items()):
+    grand.update(counts)
+    total = sum(counts.values())
+    killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
+    print(f"{mod:40s} {dict(counts)}  score {killed}/{total} = {100 * killed / max(total, 1):.1f} %")
+total = sum(grand.values())
+killed = grand.get("killed", 0) + grand.get("timeout", 0) + grand.get("segfault", 0)
+if total:
+    print(f"mutation score: {killed}/{total} = {100 * killed / total:.1f} % killed (timeouts count as killed)")
+PY
+cat timing.txt

@@ -1,0 +1,401 @@
+"""Gaps in the physics tests found by mutation testing (issue 18 part 6, tests/mutation/run_mutmut_physics.sh).
+
+Each test checks a documented property against an independent reference — a closed form, a
+definition written out here, or an identity between two code paths that must agree by physics —
+never the current output of the function under test. Fast (well under a second each).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tembench.errors import TembenchError
+from tembench.physics import coherence as C
+from tembench.physics import grid, optics, propagation
+from tembench.physics.constants import wavelength_A
+
+LAM_300 = 0.019687489  # Å at 300 keV (literal, as in test_envelopes.py)
+
+
+# --------------------------------------------------------------------------------------- grid
+
+def test_grid_parameter_checks_accept_the_smallest_valid_and_reject_the_first_invalid_value():
+    assert grid.check_gpts(1) == (1, 1)
+    assert grid.check_gpts((1, 7)) == (1, 7)
+    assert grid.check_gpts(5) == (5, 5)
+    for bad in ((0, 4), (4, 0), 0):
+        with pytest.raises(TembenchError, match="gpts"):
+            grid.check_gpts(bad)
+    # (y, x) order kept, a column vector is a pair too
+    assert grid.check_sampling((0.1, 0.3)) == (0.1, 0.3)
+    assert grid.as_pair(np.array([[0.2], [0.5]])) == (0.2, 0.5)
+    assert grid.check_sampling(0.25) == (0.25, 0.25)
+    for bad in ((0.0, 0.1), (0.1, 0.0), (math.inf, 0.1), (0.1, math.inf), (0.1, math.nan), (-0.1, 0.1)):
+        with pytest.raises(TembenchError, match="sampling_A"):
+            grid.check_sampling(bad)
+    with pytest.raises(TembenchError, match="extent_A"):
+        grid.gpts_for_extent((1.0, 2.0, 3.0), 0.1)
+
+
+def test_nyquist_is_half_the_inverse_pixel_per_axis():
+    assert grid.nyquist_A_inv((0.2, 0.5)) == pytest.approx((2.5, 1.0), rel=1e-15)
+
+
+def _friendly_by_definition(n: int) -> int:
+    m = max(n, 1)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def test_fft_friendly_is_the_smallest_7_smooth_size_not_below_n():
+    # 7-smooth numbers written out up to 30: 1 2 3 4 5 6 7 8 9 10 12 14 15 16 18 20 21 24 25 27 28 30
+    assert [grid.fft_friendly(n) for n in (0, 1, 11, 13, 17, 19, 22, 23, 26, 29)] == \
+        [1, 1, 12, 14, 18, 20, 24, 24, 27, 30]
+    assert all(grid.fft_friendly(n) == _friendly_by_definition(n) for n in range(0, 300))
+
+
+def test_gpts_for_extent_covers_the_extent_at_most_at_the_sampling():
+    # 10 Å / 0.5 Å = 20 exactly (no rounding up), 7.6 / 0.5 = 15.2 -> 16; 11 -> 12 when friendly
+    assert grid.gpts_for_extent((10.0, 7.6), 0.5, friendly=False) == (20, 16)
+    assert grid.gpts_for_extent((5.5, 10.0), (0.5, 0.25), friendly=False) == (11, 40)
+    assert grid.gpts_for_extent((5.5, 10.0), (0.5, 0.25)) == (12, 40)
+    assert grid.gpts_for_extent(0.01, 0.5, friendly=False) == (1, 1)
+
+
+def test_frequencies_are_fftfreq_per_axis_and_polar_form_is_their_modulus_and_azimuth():
+    ny, nx, sy, sx = 5, 8, 0.2, 0.5
+    ky, kx = grid.spatial_frequencies((ny, nx), (sy, sx))
+    assert ky.dtype == np.float32 and kx.dtype == np.float32 and ky.shape == (ny, 1) and kx.shape == (1, nx)
+    # fftfreq by hand: k_i = i/(n s) for i < n/2, (i − n)/(n s) above
+    ky_ref = np.array([0, 1, 2, -2, -1]) / (ny * sy)
+    kx_ref = np.array([0, 1, 2, 3, -4, -3, -2, -1]) / (nx * sx)
+    np.testing.assert_allclose(ky[:, 0], ky_ref, rtol=1e-6)
+    np.testing.assert_allclose(kx[0], kx_ref, rtol=1e-6)
+    k, phi = grid.polar_frequencies((ny, nx), (sy, sx))
+    assert k.shape == (ny, nx) and phi.shape == (ny, nx) and k.dtype == np.float64
+    np.testing.assert_allclose(k, np.hypot(ky_ref[:, None], kx_ref[None, :]), rtol=1e-14)
+    np.testing.assert_allclose(phi, np.arctan2(ky_ref[:, None] + 0 * kx_ref, kx_ref[None, :] + 0 * ky_ref[:, None]),
+                               rtol=1e-14, atol=1e-15)
+    assert phi[1, 0] == pytest.approx(math.pi / 2) and phi[0, 4] == pytest.approx(math.pi)
+
+
+def test_energy_check_accepts_low_energies():
+    # a 0.5 keV beam is valid: λ = hc / sqrt(E(E + 2 m0c²)) with the CODATA values
+    assert wavelength_A(0.5) == pytest.approx(12.398419843320026 / math.sqrt(0.5 * (0.5 + 2 * 510.99895000)), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------- optics
+
+def test_normalize_aberrations_skips_none_and_refuses_c10_with_a_defocus_alias():
+    assert optics.normalize_aberrations({"C10": None, "C30": 1e4, "defocus": 20.0}) == {"C30": 1e4, "C10": -20.0}
+    for ab in ({"C10": 5.0, "defocus": 3.0}, {"df": 3.0, "C10": 5.0}):
+        with pytest.raises(TembenchError, match="either C10 or a defocus"):
+            optics.normalize_aberrations(ab)
+    with pytest.raises(TembenchError, match="finite"):
+        optics.normalize_aberrations({"C30": math.nan})
+    assert optics.defocus_to_C10(50.0) == -50.0
+
+
+def _chi_closed_form(ky, kx, lam, c10=0.0, c12=0.0, phi12=0.0):
+    """χ = πλk² C10 + πλk² C12 cos 2(φ − φ12), written out (float64)."""
+    k2 = ky**2 + kx**2
+    phi = np.arctan2(ky, kx)
+    return math.pi * lam * k2 * (c10 + c12 * np.cos(2 * (phi - phi12)))
+
+
+def test_aberration_function_closed_form_is_evaluated_in_float64_on_float32_grids():
+    # float32 grids (as spatial_frequencies gives): χ of a 1 µm defocus reaches ~10⁴ rad, so a float32
+    # evaluation would be off by ~1e-3 rad; the documented float64 evaluation agrees to 1e-12
+    # (pixel sizes whose reciprocal is not a float32-exact binary fraction, so a float32 k² is rounded)
+    ky, kx = grid.spatial_frequencies((16, 12), (0.13, 0.15))
+    ky64, kx64 = ky.astype(np.float64), kx.astype(np.float64)
+    chi = optics.aberration_function(ky, kx, LAM_300, {"C10": 1.0e4, "C12": 37.0, "phi12": 0.4})
+    assert chi.dtype == np.float64 and chi.shape == (16, 12)
+    np.testing.assert_allclose(chi, _chi_closed_form(ky64, kx64, LAM_300, 1.0e4, 37.0, 0.4), rtol=1e-12, atol=1e-9)
+    # C10 of exactly 1 Å, and C12 without its angle (φ12 = 0)
+    np.testing.assert_allclose(optics.aberration_function(ky, kx, LAM_300, {"C10": 1.0}),
+                               _chi_closed_form(ky64, kx64, LAM_300, 1.0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(optics.aberration_function(ky, kx, LAM_300, {"C12": 20.0}),
+                               _chi_closed_form(ky64, kx64, LAM_300, 0.0, 20.0), rtol=1e-12, atol=1e-12)
+    # no aberration: zeros on the broadcast grid
+    z = optics.aberration_function(ky, kx, LAM_300, None)
+    assert z.shape == (16, 12) and not z.any()
+
+
+def test_envelopes_and_shift_phase_are_evaluated_in_float64_on_float32_grids():
+    ky, kx = grid.spatial_frequencies((16, 16), (0.13, 0.11))
+    ky64, kx64 = ky.astype(np.float64), kx.astype(np.float64)
+    k2 = ky64**2 + kx64**2
+    # E_t = exp(−½(πλΔk²)²) near its steep part, where float32 k² would show
+    et = optics.temporal_envelope(ky, kx, LAM_300, 40.0)
+    np.testing.assert_allclose(et, np.exp(-0.5 * (math.pi * LAM_300 * 40.0 * k2) ** 2), rtol=1e-12, atol=1e-300)
+    # E_s for a pure defocus: exp(−2π²θ²C10²k²); θ = 0.05 mrad, C10 = −2000 Å (χ up to ~1.5e3 rad)
+    es = optics.spatial_envelope(ky, kx, LAM_300, {"C10": -2000.0}, 0.05)
+    np.testing.assert_allclose(es, np.exp(-2 * math.pi**2 * (0.05e-3) ** 2 * 2000.0**2 * k2), rtol=1e-8)
+    # exp(−2πi k·s), a shift of many periods
+    sh = optics.fourier_shift_phase(ky, kx, (123.4567, -98.7654))
+    ref = np.exp(-2j * math.pi * (ky64 * 123.4567 + kx64 * -98.7654))
+    assert sh.dtype == np.complex64
+    np.testing.assert_allclose(sh, ref.astype(np.complex64), atol=2e-6)
+
+
+def test_aperture_ramp_is_one_reciprocal_pixel_wide_centred_on_the_cutoff():
+    lam = LAM_300
+    ky, _ = grid.spatial_frequencies((64, 1), 0.2, dtype=np.float64)
+    dk = 1.0 / (64 * 0.2)
+    semi = 20.0
+    k_cut = semi / (lam * 1e3)
+    # points a quarter pixel inside / outside the cut-off and exactly on it (kx only; ky from the grid)
+    kx = np.array([[k_cut - 0.25 * dk, k_cut, k_cut + 0.25 * dk, k_cut + 2 * dk]])
+    a = optics.aperture(np.zeros((1, 1)) + 0 * ky[:1], kx, lam, semi)   # default edge: the x-step of kx
+    # the default edge is one reciprocal pixel of the coarser axis: here kx's smallest |k| ≥ dk
+    edge_px = max(dk, float(np.min(np.abs(kx)))) / dk
+    expect = np.clip(np.array([0.25, 0.0, -0.25, -2.0]) / edge_px + 0.5, 0, 1)
+    a_grid = optics.aperture(ky, kx, lam, semi)
+    assert a.dtype == np.float32 and a_grid.dtype == np.float32 and a_grid.shape == (64, 4)
+    np.testing.assert_allclose(a[0], expect, atol=1e-5)
+    # an explicit 0.5 mrad ramp: 0.1 mrad outside the cut-off transmits 0.5 − 0.2 = 0.3
+    kx2 = np.array([[(semi + 0.1) / (lam * 1e3), (semi - 0.1) / (lam * 1e3)]])
+    np.testing.assert_allclose(optics.aperture(np.zeros((1, 1)), kx2, lam, semi, edge_mrad=0.5)[0], [0.3, 0.7],
+                               atol=1e-5)
+    # hard edge (edge 0): a frequency exactly on the cut-off is inside
+    x = 0.37
+    assert optics.aperture(np.zeros((1, 1)), np.array([[x]]), lam, x * (lam * 1e3), edge_mrad=0.0)[0, 0] == 1.0
+    assert optics.aperture(np.zeros((1, 1)), np.array([[x]]), lam, x * (lam * 1e3) * 0.999, edge_mrad=0.0)[0, 0] == 0.0
+    # no aperture: ones on the broadcast grid; a 0.5 mrad aperture is valid, 0 is not
+    ones = optics.aperture(ky, kx, lam, None)
+    assert ones.shape == (64, 4) and ones.dtype == np.float32 and np.all(ones == 1)
+    assert optics.aperture(ky, kx, lam, math.inf).shape == (64, 4)
+    assert optics.aperture(ky, kx, lam, 0.5).shape == (64, 4)
+    with pytest.raises(TembenchError, match="semiangle_mrad"):
+        optics.aperture(ky, kx, lam, 0.0)
+
+
+def test_probe_fourier_is_a_plane_wave_without_aperture_and_carries_exp_minus_i_chi():
+    # no aperture and no aberration: Ψ = 1 at every pixel, so ψ(r) is a delta at the origin with Σ|ψ|² = 1
+    pk = optics.probe_fourier((8, 6), 0.3, 300.0, None)
+    np.testing.assert_allclose(pk, np.ones((8, 6)), atol=1e-7)
+    # the phase at a passed pixel is −χ = −πλC10k²
+    g = (32, 32)
+    ky, kx = grid.spatial_frequencies(g, 0.2, dtype=np.float64)
+    pk = optics.probe_fourier(g, 0.2, 300.0, 30.0, {"C10": 25.0}, edge_mrad=0.0)
+    k2 = float(ky[1, 0] ** 2 + kx[0, 2] ** 2)
+    assert np.angle(pk[1, 2]) == pytest.approx(math.remainder(-math.pi * LAM_300 * 25.0 * k2, 2 * math.pi), abs=1e-5)
+    # hard aperture (edge 0): |Ψ| takes exactly two values, 0 and the normalisation
+    vals = np.unique(np.round(np.abs(pk), 5))
+    assert len(vals) == 2 and vals[0] == 0
+
+
+def test_probe_default_centre_and_defocus_equals_free_space_propagation():
+    ny, nx, s = 33, 48, (0.2, 0.3)
+    p = optics.probe((ny, nx), s, 300.0, 25.0)
+    inten = np.abs(p) ** 2
+    y = np.arange(ny)[:, None] * s[0]
+    x = np.arange(nx)[None, :] * s[1]
+    # centroid of an aberration-free probe = the window centre (ny//2 sy, nx//2 sx)
+    assert float(np.sum(inten * y)) == pytest.approx((ny // 2) * s[0], abs=2e-3)
+    assert float(np.sum(inten * x)) == pytest.approx((nx // 2) * s[1], abs=2e-3)
+    # a probe with C10 = c is the focused probe propagated by Δz = c (Fresnel): exp(−iπλ c k²) both
+    c = 60.0
+    pd = optics.probe((ny, nx), s, 300.0, 25.0, {"C10": c})
+    prop = propagation.propagate(p, c, s, LAM_300, band_limit=None)
+    np.testing.assert_allclose(pd, prop, atol=2e-6)
+    # edge 0 gives a hard aperture in Fourier space
+    ph = optics.probe((ny, nx), s, 300.0, 25.0, edge_mrad=0.0)
+    vals = np.unique(np.round(np.abs(np.fft.fft2(ph)), 4))
+    assert len(vals) == 2
+
+
+# -------------------------------------------------------------------------------- propagation
+
+def test_band_limit_mask_cutoff_taper_and_no_limit_cases():
+    n, s = 64, 0.1
+    # band limit √2 (or None) keeps every frequency, corners included
+    for bl in (None, math.sqrt(2.0), 2.0):
+        m = propagation.band_limit_mask((n, n), s, bl)
+        assert m.dtype == np.float32 and m.shape == (n, n) and np.all(m == 1)
+    with pytest.raises(TembenchError, match="band_limit"):
+        propagation.band_limit_mask((n, n), s, 0.0)
+    ky, kx = grid.spatial_frequencies((n, n), s, dtype=np.float64)
+    k = np.hypot(ky, kx)
+    cutoff = (2 / 3) / (2 * s)
+    # no taper: a hard disc |k| < cutoff
+    hard = propagation.band_limit_mask((n, n), s, 2 / 3, taper=0.0)
+    assert hard.dtype == np.float32
+    np.testing.assert_array_equal(hard, (k < cutoff).astype(np.float32))
+    # 3 % cosine taper inside the cut-off: 1 below cutoff − w, ½(1 + cos(π (k − cutoff + w)/w)) above, 0 beyond
+    w = 0.03 * cutoff
+    ref = np.where(k < cutoff - w, 1.0, 0.5 * (1 + np.cos(np.pi * (k - cutoff + w) / w)))
+    ref[k >= cutoff] = 0.0
+    np.testing.assert_allclose(propagation.band_limit_mask((n, n), s, 2 / 3), ref, atol=1e-6)
+    # a 50 % taper makes the ramp visible on many pixels
+    w = 0.5 * cutoff
+    ref = np.where(k < cutoff - w, 1.0, 0.5 * (1 + np.cos(np.pi * (k - cutoff + w) / w)))
+    ref[k >= cutoff] = 0.0
+    np.testing.assert_allclose(propagation.band_limit_mask((n, n), s, 2 / 3, taper=0.5), ref, atol=1e-6)
+
+
+def test_fresnel_and_exact_propagators_against_their_closed_forms():
+    n, s, dz = 32, 0.3, 25.0
+    lam = 0.4  # a long wavelength, so the exact and paraxial propagators differ visibly
+    ky, kx = grid.spatial_frequencies((n, n), s, dtype=np.float64)
+    k2 = ky**2 + kx**2
+    fres = propagation.propagator((n, n), s, lam, dz, "fresnel", band_limit=None)
+    np.testing.assert_allclose(fres, np.exp(-1j * math.pi * lam * dz * k2), atol=2e-6)
+    exact = propagation.propagator((n, n), s, lam, dz, "exact", band_limit=None)
+    np.testing.assert_allclose(exact, np.exp(2j * math.pi * dz * (np.sqrt(1 / lam**2 - k2) - 1 / lam)), atol=2e-6)
+    assert np.max(np.abs(exact - fres)) > 0.1
+    # the exact propagator exists up to |k| = 1/λ: corner |k|² = 2/(2s)² = 5.56 < 1/λ² = 6.25 here
+    with pytest.raises(TembenchError, match="evanescent"):
+        propagation.propagator((n, n), 0.25, lam, dz, "exact", band_limit=None)
+    with pytest.raises(TembenchError, match="propagator kind"):
+        propagation.propagator((n, n), s, lam, dz, "paraxial")
+
+
+def test_propagate_defaults_batches_and_band_limit():
+    n, s, lam, dz = 32, 0.2, LAM_300, 50.0
+    ky, kx = grid.spatial_frequencies((n, n), s, dtype=np.float64)
+    # a plane wave e^{2πi k·r} at a frequency beyond 2/3 Nyquist: kept without band limit, removed with the default
+    iy, ix = 2, 13
+    y = np.arange(n)[:, None] * s
+    x = np.arange(n)[None, :] * s
+    wave = np.exp(2j * math.pi * (ky[iy, 0] * y + kx[0, ix] * x)).astype(np.complex64)
+    batch = np.stack([wave, 2 * wave])
+    out = propagation.propagate(batch, dz, s, lam, band_limit=None)
+    factor = np.exp(-1j * math.pi * lam * dz * (ky[iy, 0] ** 2 + kx[0, ix] ** 2))
+    assert out.shape == (2, n, n)
+    np.testing.assert_allclose(out[0], wave * factor, atol=1e-5)
+    np.testing.assert_allclose(out[1], 2 * wave * factor, atol=2e-5)
+    assert np.max(np.abs(propagation.propagate(wave, dz, s, lam))) < 1e-6   # default 2/3 band limit
+    np.testing.assert_allclose(propagation.propagate(out[0], dz, s, lam, band_limit=None, adjoint=True), wave,
+                               atol=1e-5)
+
+
+def test_propagator_cache_returns_the_same_arrays_and_the_band_limited_values():
+    g, s, lam = (32, 40), (0.2, 0.15), LAM_300
+    cache = propagation.PropagatorCache(g, s, lam, band_limit=0.5)
+    p = cache(12.5)
+    assert cache(12.5) is p and cache(12.5000000001) is p
+    np.testing.assert_array_equal(p, propagation.propagator(g, s, lam, 12.5, "fresnel", 0.5))
+    sc = cache.scaled(12.5, 0.25)
+    assert cache.scaled(12.5, 0.25) is sc
+    np.testing.assert_allclose(sc, 0.25 * p, rtol=1e-6)
+    m = cache.mask()
+    assert cache.mask() is m
+    np.testing.assert_array_equal(m, propagation.band_limit_mask(g, s, 0.5))
+
+
+@pytest.mark.parametrize("nx, band_limit", [(64, 2 / 3), (45, 0.5), (40, None)])
+def test_kept_columns_are_exactly_the_columns_inside_the_band_limit(nx, band_limit):
+    ny, s = 30, (0.1, 0.12)
+    cache = propagation.PropagatorCache((ny, nx), s, LAM_300, band_limit=band_limit)
+    left, right = cache.kept_columns()
+    assert cache.kept_columns() == (left, right)
+    kx = np.fft.fftfreq(nx, d=s[1])
+    if band_limit is None:
+        inside = np.ones(nx, bool)
+    else:
+        inside = np.abs(kx) < band_limit / (2 * max(s))   # a column is kept iff its ky = 0 pixel is inside
+    kept = np.zeros(nx, bool)
+    kept[:left] = True
+    kept[nx - right:nx] = True
+    assert left + right <= nx
+    np.testing.assert_array_equal(kept, inside)
+
+
+# --------------------------------------------------------------------------------- coherence
+
+def test_gauss_hermite_rule_has_the_moments_of_the_normal_distribution():
+    with pytest.raises(TembenchError):
+        C.gaussian_quadrature(1.0, 0)
+    x, w = C.gaussian_quadrature(2.0, 1)
+    assert list(x) == [0.0] and list(w) == [1.0]
+    for n in (2, 3, 5):
+        x, w = C.gaussian_quadrature(2.0, n)
+        assert len(x) == n
+        assert w.sum() == pytest.approx(1.0, abs=1e-14)
+        assert float(np.sum(w * x)) == pytest.approx(0.0, abs=1e-12)
+        assert float(np.sum(w * x**2)) == pytest.approx(4.0, rel=1e-12)   # exact up to degree 2n − 1
+        if n >= 3:
+            assert float(np.sum(w * x**4)) == pytest.approx(3 * 2.0**4, rel=1e-12)
+
+
+def test_focal_quadrature_reproduces_the_temporal_envelope_up_to_k_max():
+    # Σ w exp(−iπλk²δ) must equal exp(−½(πλΔk²)²) at every k ≤ k_max (the accuracy it is chosen for)
+    lam, delta, k_max = LAM_300, 30.0, 6.0
+    d, w = C.focal_quadrature(delta, lam, k_max)
+    assert w.sum() == pytest.approx(1.0, abs=1e-14)
+    assert float(np.sum(w * d)) == pytest.approx(0.0, abs=1e-9)
+    k = np.linspace(0, k_max, 400)
+    quad = np.sum(w[None, :] * np.exp(-1j * math.pi * lam * k[:, None] ** 2 * d[None, :]), axis=1)
+    # nodes over ±4Δ only: the truncated Gaussian's variance is 0.9989 Δ², so agreement is ~1e-4, while a
+    # rule with too few nodes aliases by O(0.1)
+    np.testing.assert_allclose(quad, np.exp(-0.5 * (math.pi * lam * delta * k**2) ** 2), atol=2e-4)
+    # explicit n honoured; nodes span ±4Δ symmetrically; no spread (even below 1 Å is a spread) → a single node
+    d9, w9 = C.focal_quadrature(0.5, lam, 1.0, n=9)
+    assert len(d9) == 9 and d9[0] == pytest.approx(-2.0) and d9[-1] == pytest.approx(2.0)
+    d0, w0 = C.focal_quadrature(0.0, lam, 1.0)
+    assert list(d0) == [0.0] and list(w0) == [1.0]
+
+
+def test_bin_image_averages_blocks_of_the_last_two_axes():
+    rng = np.random.default_rng(3)
+    img = rng.random((2, 6, 9))
+    b = C.bin_image(img, 3)
+    ref = np.array([[[img[i, 3 * a:3 * a + 3, 3 * c:3 * c + 3].mean() for c in range(3)] for a in range(2)]
+                    for i in range(2)])
+    np.testing.assert_allclose(b, ref, rtol=1e-12)
+    b2 = C.bin_image(img[:, :, :8], 2)
+    assert b2.shape == (2, 3, 4)
+    assert b2[1, 2, 3] == pytest.approx(img[1, 4:6, 6:8].mean())
+    assert C.bin_image(img, 1) is img
+    for shape in ((6, 8), (7, 9)):
+        with pytest.raises(TembenchError, match="cannot be binned"):
+            C.bin_image(np.ones(shape), 3)
+
+
+def _grating(n: int, s: float) -> np.ndarray:
+    y = np.arange(n) * s
+    return (20.0 * (np.cos(2 * np.pi * 4 * y / (n * s))[:, None] + np.cos(2 * np.pi * 3 * y / (n * s))[None, :]))
+
+
+def test_partially_coherent_defocus_can_be_split_between_specimen_drift_and_objective():
+    # Object then a vacuum drift T (two slices, each followed by a propagation of T) at defocus Δf is
+    # the thin object at Δf − 2T: under a beam tilt θ, the drift shifts the wave by T·tanθ per slice and
+    # the defocused objective evaluated at k + θ/λ shifts it by −C10·θ, so the two agree only if the
+    # tilt enters propagation and objective with the same sign and units (θ mrad → θ·1e-3/λ 1/Å).
+    n, s, T = 48, 0.25, 40.0
+    v = np.zeros((2, n, n), np.float32)
+    v[0] = _grating(n, s)
+    kw = dict(energy_keV=300.0, sampling_A=s, band_limit=None, bandlimit_transmission=False,
+              illumination_rms_mrad=1.5, n_illumination=5)
+    thick = C.partially_coherent_hrtem_images(v, T, defocus_values_A=[300.0], **kw)[0]
+    thin = C.partially_coherent_hrtem_images(v[:1], 0.0, defocus_values_A=[300.0 - 2 * T], **kw)[0]
+    assert thick.dtype == np.float32
+    contrast = float(np.abs(thin - thin.mean()).max())
+    assert contrast > 0.01
+    assert float(np.abs(thick - thin).max()) < 1e-3 * contrast
+
+
+def test_partially_coherent_without_spread_is_the_coherent_hrtem_image():
+    from tembench.physics.multislice import hrtem_images
+
+    n, s = 32, 0.3
+    rng = np.random.default_rng(5)
+    v = (rng.random((3, n, n)) * 30.0).astype(np.float32)
+    args = dict(energy_keV=200.0, sampling_A=s, defocus_values_A=[40.0, -60.0],
+                aberrations={"C30": 2e7, "C12": 30.0, "phi12": 0.2, "C10": 15.0}, semiangle_mrad=15.0)
+    opts = dict(propagator="exact", band_limit=0.5, bandlimit_transmission=False)
+    ref = hrtem_images(v, 2.0, **args, **opts)
+    got = C.partially_coherent_hrtem_images(v, 2.0, **args, **opts)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=2e-5)
