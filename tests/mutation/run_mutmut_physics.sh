@@ -48,20 +48,20 @@ case "$GROUP" in
     modules=($P/constants.py $P/grid.py $P/optics.py $P/coherence.py $P/propagation.py)
     tests=($T/test_constants_optics.py $T/test_envelopes.py $T/test_rotation_coherence.py
            $T/test_propagation_multislice.py tests/plugins/pelz2022/test_pelz_energy_geometry.py
-           $T/test_mutation_gaps.py) ;;
+           $T/test_physics_mutation_gaps.py) ;;
   reconstructors)
     modules=(src/tembench/builtin/reconstructors.py src/tembench_pelz2022/common.py
              src/tembench_pelz2022/virtual.py src/tembench_pelz2022/dpc.py src/tembench_pelz2022/ssb.py)
     tests=(tests/plugins/pelz2022 tests/core/test_builtin_components.py
-           tests/builtin/test_mutation_gaps.py) ;;
+           tests/builtin/test_builtin_mutation_gaps.py tests/plugins/pelz2022/test_pelz_mutation_gaps.py) ;;
   potentials)
     modules=($P/potentials.py $P/rotation.py)
     tests=($T/test_potentials.py $T/test_scattering_factors.py $T/test_rotation_coherence.py
-           $T/test_mutation_gaps.py) ;;
+           $T/test_physics_mutation_gaps.py) ;;
   extra)
     modules=($P/multislice.py $P/stem.py src/tembench_ren2020/prox.py src/tembench_ren2020/model.py)
     tests=($T/test_propagation_multislice.py $T/test_stem.py $T/test_forward_multislice.py
-           tests/plugins/ren2020 $T/test_mutation_gaps.py) ;;
+           tests/plugins/ren2020 $T/test_physics_mutation_gaps.py) ;;
   *) echo "unknown group '$GROUP' (physics | reconstructors | potentials | extra)" >&2; exit 2 ;;
 esac
 
