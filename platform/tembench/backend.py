@@ -317,12 +317,24 @@ def _import_wisdom(data: dict) -> bool:
     return all(ok[i] for i in range(3) if wisdom[i])
 
 
+def _blas_threads() -> str:
+    """Threads of the BLAS numpy uses ("unknown" without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    counts = sorted({str(i.get("num_threads")) for i in threadpool_info() if i.get("user_api") == "blas"})
+    return ",".join(counts) or "none"
+
+
 def fft_identity(device: str = "cpu") -> dict[str, str]:
     """Everything about the FFT set-up that can change a number, as strings (the run id hashes it).
 
     Keys: ``library`` (planned transforms: "pyfftw" | "scipy" | "cupy"), ``pyfftw`` (its version, or
     "none"), ``planner`` (pyFFTW: one of :data:`FFTW_EFFORTS`; else "none"), ``wisdom`` (the wisdom
-    file's id in "wisdom" mode, else "none"), ``threads`` (:func:`planned_fft_threads`), ``numba``
+    file's id in "wisdom" mode, else "none"), ``threads`` (:func:`planned_fft_threads`),
+    ``blas_threads`` (BLAS thread count: OpenBLAS complex64 products such as the structure factors
+    of the potentials round differently on 1 and 2 threads, measured), ``numba``
     ("on" | "off": the fused kernels and their numpy twins may round differently), and
     ``deterministic`` ("true" | "false": false only for the opt-in timing planners). scipy.fft's
     worker count is not a key: pocketfft gives the same bits for any count (tested).
@@ -344,6 +356,7 @@ def fft_identity(device: str = "cpu") -> dict[str, str]:
         "planner": planner,
         "wisdom": wisdom,
         "threads": str(planned_fft_threads()),
+        "blas_threads": _blas_threads(),
         "numba": "on" if numba_on else "off",
         "deterministic": "true" if (lib != "pyfftw" or planner in DETERMINISTIC_EFFORTS) else "false",
     }

@@ -166,7 +166,8 @@ def test_fft_identity_names_the_planner_and_marks_timing_planners(monkeypatch, t
     monkeypatch.delenv("TEMBENCH_FFTW_EFFORT", raising=False)
     monkeypatch.delenv("TEMBENCH_FFT", raising=False)
     ident = backend.fft_identity()
-    assert set(ident) == {"library", "pyfftw", "planner", "wisdom", "threads", "numba", "deterministic"}
+    assert set(ident) == {"library", "pyfftw", "planner", "wisdom", "threads", "blas_threads", "numba",
+                          "deterministic"}
     assert all(isinstance(v, str) for v in ident.values())
     assert ident["deterministic"] == "true"
     if backend.pyfftw_available():
