@@ -332,3 +332,37 @@ def test_local_maxima_26_neighbourhood_and_strict_threshold():
     # diagonal neighbours count (26-neighbourhood): a bigger corner neighbour suppresses the voxel
     f[2, 2, 2] = 6.0
     assert (3, 3, 3) not in {tuple(i) for i in _local_maxima(f, 1.0)}
+
+
+def test_gaussian_intersection_general_and_no_crossing():
+    # equal widths: x = (m1 + m2)/2 + s² ln(w1/w2)/(m2 − m1), with m1 ≠ 1 so that m1² and m1³ differ
+    m1, m2, s, w1, w2 = 1.5, 4.0, 0.5, 0.6, 0.4
+    assert _gaussian_intersection(m1, s, w1, m2, s, w2) == pytest.approx(
+        0.5 * (m1 + m2) + s * s * np.log(w1 / w2) / (m2 - m1), rel=1e-12)
+    # unequal widths: the crossing between the means, from the weighted densities written out
+    x = _gaussian_intersection(2.0, 0.3, 0.7, 5.0, 0.9, 0.3)
+    dens = lambda v, m, sd, w: w * np.exp(-(v - m) ** 2 / (2 * sd * sd)) / sd  # noqa: E731
+    assert 2.0 < x < 5.0 and dens(x, 2.0, 0.3, 0.7) == pytest.approx(dens(x, 5.0, 0.9, 0.3), rel=1e-9)
+    # a dominant wide component never drops below the narrow one between the means: the midpoint
+    assert _gaussian_intersection(1.0, 2.0, 0.99, 1.5, 0.05, 0.01) == pytest.approx(1.25)
+
+
+def test_classify_species_threshold_scale_and_bad_input():
+    """Two classes N(1, 0.1) × 7000 and N(3, 0.3) × 3000: the fitted threshold is the crossing of the
+    weighted true densities (written out), and the same data scaled by 10⁻⁴ or 10³ give the same labels
+    and scaled thresholds (the mixture works in units of the data's std)."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(1.0, 0.1, 7000), rng.normal(3.0, 0.3, 3000)])
+    labels, thr = classify_species(x, 2)
+    dens = lambda v, m, sd, w: w * np.exp(-(v - m) ** 2 / (2 * sd * sd)) / sd  # noqa: E731
+    grid = np.linspace(1.0, 3.0, 200001)
+    true_thr = grid[np.argmin(np.abs(dens(grid, 1.0, 0.1, 0.7) - dens(grid, 3.0, 0.3, 0.3)))]
+    assert thr[0] == pytest.approx(true_thr, abs=0.02)
+    for c in (1e-4, 1e3):
+        lc, tc = classify_species(c * x, 2)
+        np.testing.assert_array_equal(lc, labels)
+        np.testing.assert_allclose(tc, c * thr, rtol=1e-6)
+    # two distinct values per species is enough; fewer species than 1 is an error
+    assert len(classify_species(np.array([1.0, 1.1, 3.0, 3.1]), 2)[0]) == 4
+    with pytest.raises(TembenchError, match="n_species must be ≥ 1"):
+        classify_species(x, 0)
