@@ -93,8 +93,12 @@ def ifftn(x, axes=None):
 
 
 # --- planned in-place FFTs (optional pyFFTW on the CPU) --------------------------------------
-try:  # pyFFTW is optional; measured 1.5-1.8x faster than scipy.fft for 96²-512² complex64
-    import pyfftw as _pyfftw  # type: ignore[import-not-found]
+# pyFFTW is optional; measured 1.5-1.8x faster than scipy.fft for 96²-512² complex64. Its import
+# pulls in dask (~0.2 s), so it is deferred to the first plan (tembench._lazy).
+try:
+    from tembench._lazy import lazy_import as _lazy_import
+
+    _pyfftw = _lazy_import("pyfftw")
 except Exception:  # pragma: no cover - depends on the environment
     _pyfftw = None
 

@@ -27,8 +27,10 @@ def _check_out(out: str | None) -> None:
 
 
 def _load(args):
+    from tembench.scenario import check_scenario_path, load_scenario
+
+    check_scenario_path(args.scenario)  # a mistyped path is answered before any plugin loads
     from tembench.registry import get_registry
-    from tembench.scenario import load_scenario
 
     registry = get_registry()
     scenario = load_scenario(args.scenario, registry, max_points=args.max_points,

@@ -237,12 +237,18 @@ def _pydantic_message(exc: ValidationError, prefix: str) -> str:
 
 def load_scenario(path: str | Path, registry: Registry | None = None, **checks: Any) -> Scenario:
     """Read and fully validate a scenario file; ``checks`` are passed on to :func:`parse_scenario`."""
+    path = check_scenario_path(path)
+    return parse_scenario(path.read_text(), path=path, registry=registry, **checks)
+
+
+def check_scenario_path(path: str | Path) -> Path:
+    """The scenario file must exist and be a file (checked before any plugin is loaded)."""
     path = Path(path)
     if not path.exists():
         raise ScenarioError(f"scenario file {str(path)!r} does not exist")
     if not path.is_file():
         raise ScenarioError(f"scenario {str(path)!r} is not a file; give the path of a scenario YAML file")
-    return parse_scenario(path.read_text(), path=path, registry=registry, **checks)
+    return path
 
 
 def parse_scenario(text: str, path: Path | None = None, registry: Registry | None = None, *,

@@ -10,10 +10,14 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from tembench import Params, Reconstruction, Reconstructor
+from tembench._lazy import lazy_import
 from tembench.backend import asnumpy
 from tembench.errors import TembenchError
-from tembench_ren2020.model import build_problem, measured_intensities, tilt_loss_and_gradient, zyx_view
-from tembench_ren2020.prox import apply_prox
+
+# the forward model and prox compile numba kernels at import: load them when a reconstruction runs,
+# not when the plugin is registered (keeps `tembench list` / `validate` fast)
+_model = lazy_import("tembench_ren2020.model")
+_prox = lazy_import("tembench_ren2020.prox")
 
 DEFAULT_TAU_V = {"tv": 1.0, "lasso": 3.0, "none": 0.0}   # Ren's code: reg_tv = 1, reg_lasso = 3 (V)
 
@@ -71,20 +75,20 @@ class MultisliceAET(Reconstructor):
 
     def reconstruct(self, measurement, params, xp) -> Reconstruction:
         p = params
-        problem = build_problem(measurement, slice_binning=p.slice_binning, thickness_A=p.thickness_A,
+        problem = _model.build_problem(measurement, slice_binning=p.slice_binning, thickness_A=p.thickness_A,
                                 propagator=p.propagator, band_limit=p.band_limit, xp=xp)
         n_tilt = len(problem.tilt_angles_deg)
         lip = problem.lipschitz_per_tilt()
         alpha = p.step_size / lip                                       # V² (loss is dimensionless)
         tau_V = DEFAULT_TAU_V[p.regularizer] if p.tau_V is None else p.tau_V
-        total_intensity = float(sum(float(np.sum(measured_intensities(measurement, k, np))) for k in range(n_tilt)))
+        total_intensity = float(sum(float(np.sum(_model.measured_intensities(measurement, k, np))) for k in range(n_tilt)))
         rng = np.random.default_rng(p.seed)
 
         axis = problem.tilt_axis
         nz, ny, nx = problem.shape
         # U and V live in storage order (tilt axis last, model.STORAGE); every step but the
         # rotation is elementwise or axis-symmetric (TV), so only the rotation sees the order
-        u = xp.zeros(zyx_view(xp.empty((nz, ny, nx), dtype=xp.float32), axis).shape, dtype=xp.float32)
+        u = xp.zeros(_model.zyx_view(xp.empty((nz, ny, nx), dtype=xp.float32), axis).shape, dtype=xp.float32)
         v_prev = xp.zeros_like(u)                          # V^(s−1)
         beta = 1.0
         hist = {"cost": []}            # the runner turns every history key into a report metric: keep Fig. 5 only
@@ -94,7 +98,7 @@ class MultisliceAET(Reconstructor):
             cost = 0.0
             order = rng.permutation(n_tilt) if p.random_order else np.arange(n_tilt)
             for k in order:
-                loss, _ = tilt_loss_and_gradient(zyx_view(u, axis), measured_intensities(measurement, int(k), xp),
+                loss, _ = _model.tilt_loss_and_gradient(_model.zyx_view(u, axis), _model.measured_intensities(measurement, int(k), xp),
                                                  int(k), problem, xp, step=alpha)    # U ← U − α∇e_k in place
                 cost += loss
             if not math.isfinite(cost):
@@ -108,7 +112,7 @@ class MultisliceAET(Reconstructor):
                 trace["update_rms_V"].append(0.0)
                 trace["time_s"].append(time.perf_counter() - t0)
                 continue
-            v = apply_prox(u, p.regularizer, tau_V, p.positivity, p.tv_iterations)
+            v = _prox.apply_prox(u, p.regularizer, tau_V, p.positivity, p.tv_iterations)
             del u
             beta_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * beta * beta))
             gamma = np.float32((beta - 1.0) / beta_next)
@@ -121,7 +125,7 @@ class MultisliceAET(Reconstructor):
             trace["time_s"].append(time.perf_counter() - t0)
         del u
         return Reconstruction(
-            kind="volume", data=np.ascontiguousarray(asnumpy(zyx_view(v_prev, axis)), dtype=np.float32),
+            kind="volume", data=np.ascontiguousarray(asnumpy(_model.zyx_view(v_prev, axis)), dtype=np.float32),
             sampling_A=problem.voxel_A, quantity="potential_V", origin_A=problem.origin_A, history=hist,
             extras={"step_size_alpha_V2": alpha, "lipschitz_per_tilt_per_V2": lip, "tau_V": tau_V,
                     "tau_eq6_per_V": tau_V / alpha if alpha > 0 else math.nan, "n_slabs": problem.n_slabs,
