@@ -37,7 +37,8 @@ PRESENTATION_ONLY = frozenset({"cli.py", "report.py"})
 NUMERIC_LIBRARIES = ("numpy", "scipy", "pyfftw", "numba", "llvmlite", "cupy", "cupy-cuda12x", "cupy-cuda11x",
                      "scikit-image", "scikit-learn", "ase", "pandas")
 #: environment variables that select numeric kernels (BLAS core type, FFT and thread settings)
-NUMERIC_ENV = ("OPENBLAS_CORETYPE", "NUMBA_NUM_THREADS", "NUMBA_OPT", "NUMBA_FASTMATH")
+NUMERIC_ENV = ("OPENBLAS_CORETYPE", "NUMBA_NUM_THREADS", "NUMBA_OPT", "NUMBA_FASTMATH", "TEMBENCH_FFT",
+               "TEMBENCH_FFTW_EFFORT", "TEMBENCH_FFTW_WISDOM", "TEMBENCH_FFT_WORKERS", "TEMBENCH_NO_NUMBA")
 
 
 def _package_root(module_name: str) -> tuple[str, Path | None]:
@@ -120,13 +121,14 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
-def environment_identity() -> dict[str, Any]:
-    """Everything outside our code that can change a number: Python, numeric libraries, FFT backend."""
+def environment_identity(device: str = "cpu") -> dict[str, Any]:
+    """Everything outside our code that can change a number: Python, numeric libraries, FFT backend
+    (for ``device``: cupy's FFTs on the GPU), BLAS threads and kernel-selecting environment variables."""
     from tembench.backend import fft_identity
 
     return {
         "python": sys.version.split()[0],
         "libraries": dict(_library_versions()),
-        "fft": dict(fft_identity()),
+        "fft": dict(fft_identity(device)),
         "env": {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ},
     }

@@ -36,7 +36,7 @@ def metric_columns(table: pd.DataFrame, swept: list[str]) -> list[str]:
     for c in table.columns:
         if c in BOOKKEEPING or c in swept or c.endswith("_version") or c.startswith(COST_PREFIXES):
             continue
-        if c.startswith("n_") or c == "run_id":
+        if c.startswith("n_") or c == "run_id" or c.endswith("time_s"):  # e.g. atom tracing's trace_time_s: a cost
             continue
         if pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]):
             cols.append(c)
@@ -44,7 +44,8 @@ def metric_columns(table: pd.DataFrame, swept: list[str]) -> list[str]:
 
 
 def cost_columns(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c.startswith(COST_PREFIXES) and pd.api.types.is_numeric_dtype(table[c])]
+    return [c for c in table.columns if (c.startswith(COST_PREFIXES) or c.endswith("time_s"))
+            and pd.api.types.is_numeric_dtype(table[c])]
 
 
 def _fmt(x: float) -> str:

@@ -69,7 +69,7 @@ class StageKeys:
 
 def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[str, Any] | None = None) -> StageKeys:
     """Content keys of every stage of one (point, repeat); each key chains the one before it."""
-    env = identity.environment_identity() if env is None else env
+    env = identity.environment_identity(spec.device) if env is None else env
     sample = stable_hash({"stage": "sample", "c": _component_id(registry, "sample", spec.sample), "seed": spec.seed,
                           "env": env})
     forward = stable_hash({"stage": "forward", "up": sample, "c": _component_id(registry, "forward_model", spec.forward)})
@@ -236,7 +236,7 @@ def run_unit(task: UnitTask) -> UnitResult:
     cache = StageCache(Path(task.cache_root), task.use_cache)
     store = RunStore(Path(task.run_dir))
     result = UnitResult(task.point_index, task.repeat, task.values)
-    _fft = identity.environment_identity()["fft"]
+    _fft = identity.environment_identity(spec.device)["fft"]
     base = {
         "run_id": task.run_id, "scenario": spec.name, "point_index": task.point_index, "point_id": task.point_id,
         "repeat": task.repeat, **{k: _scalar(v) for k, v in task.values.items()},
@@ -345,7 +345,7 @@ def run_identity(scenario: Scenario, registry: Registry) -> dict[str, Any]:
                        for kind, c in _components_of(spec)},
         "packages": {mod: identity.package_fingerprint(mod) for mod in sorted(
             {"tembench"} | {registry.get(kind, c.name).__module__.split(".")[0] for kind, c in _components_of(spec)})},
-        "environment": identity.environment_identity(),
+        "environment": identity.environment_identity(spec.device),
         "tembench": tembench.__version__,
     }
 

@@ -485,7 +485,7 @@ def _score_trace(monkeypatch, true_xyz, Z, traced_xyz, sampling=(0.5, 0.5, 0.5),
                       amplitude=np.ones(n) if amplitude is None else np.asarray(amplitude, float),
                       sigma_A=np.full(n, 0.35) if sigma_A is None else np.asarray(sigma_A, float),
                       sampling_A=d, n_rounds=1, converged=True, history={"n_sites": [n], "rms_shift_vox": [0.0]})
-    monkeypatch.setattr(at_module, "trace_atoms", lambda *a, **k: res)
+    monkeypatch.setattr(at_module._tracing, "trace_atoms", lambda *a, **k: res)
     rec = Reconstruction("volume", np.zeros(SHAPE, np.float32), sampling, "potential_V", origin_A=origin)
     lo, hi = _box(sampling, origin)
     sample = Sample(true_xyz, Z, np.maximum(hi, 1.0) + 10.0, labels=labels)
@@ -693,7 +693,7 @@ def test_every_tracing_parameter_reaches_the_tracer(monkeypatch):
         seen.update(kw, sampling_A=tuple(sampling_A))
         return res
 
-    monkeypatch.setattr(at_module, "trace_atoms", fake)
+    monkeypatch.setattr(at_module._tracing, "trace_atoms", fake)
     rec = Reconstruction("volume", np.zeros(SHAPE, np.float32), 0.5, "potential_V")
     sample = Sample([[5.0, 5.0, 5.0]], [14], [30.0, 30.0, 30.0])         # one atom: a valid sample
     m = AtomTracing().score(rec, Measurement("x", None, ()), sample, AtomTracing.Params(**params))
@@ -736,7 +736,7 @@ def test_atom_tracing_error_messages_say_what_to_fix(monkeypatch):
         AtomTracing().score(img, meas, sample, P())
     with pytest.raises(TembenchError, match="atom_tracing: the sample has no atoms to score against"):
         AtomTracing().score(rec, meas, Sample(np.zeros((0, 3)), [], [30.0, 30.0, 30.0]), P())
-    monkeypatch.setattr(at_module, "trace_atoms", lambda *a, **k: TraceResult(
+    monkeypatch.setattr(at_module._tracing, "trace_atoms", lambda *a, **k: TraceResult(
         np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.full(3, 0.5), 1, True, {"n_sites": [0], "rms_shift_vox": [0.0]}))
     far = Sample([[50.0, 5.0, 5.0]], [14], [60.0, 30.0, 30.0])
     with pytest.raises(TembenchError, match=r"x∈\[-0.25, 23.75\], y∈\[-0.25, 21.75\], z∈\[-0.25, 19.75\] Å; check "

@@ -9,8 +9,11 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from tembench import Params, Quantifier, hookimpl
-from tembench.analysis.atom_tracing import classify_species, match_sites, trace_atoms
+from tembench._lazy import lazy_import
 from tembench.errors import TembenchError
+
+# the tracer pulls in scipy.ndimage, scipy.optimize and scikit-learn (~0.4 s): load it when scoring
+_tracing = lazy_import("tembench.analysis.atom_tracing")
 
 
 class AtomTracing(Quantifier):
@@ -91,7 +94,7 @@ class AtomTracing(Quantifier):
         shape = np.asarray(np.shape(reconstruction.data))
 
         t0 = time.perf_counter()
-        res = trace_atoms(
+        res = _tracing.trace_atoms(
             reconstruction.data, d, dog_sigmas_vox=params.dog_sigmas_vox,
             intensity_threshold_frac=params.intensity_threshold_frac, intensity_threshold=params.intensity_threshold,
             min_size_vox=params.min_size_vox, merge_distance_vox=params.merge_distance_vox,
@@ -125,12 +128,12 @@ class AtomTracing(Quantifier):
         classified = len(res) > 0
         try:
             if len(res):
-                labels, thresholds = classify_species(intensity, k)
+                labels, thresholds = _tracing.classify_species(intensity, k)
                 species_Z = elements[labels]
         except TembenchError:
             classified = False           # too few sites for K classes: species score is undefined
 
-        it, iq = match_sites(true_in, traced, params.match_radius_A)
+        it, iq = _tracing.match_sites(true_in, traced, params.match_radius_A)
 
         # region of interest
         roi = params.roi
