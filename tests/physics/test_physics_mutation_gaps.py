@@ -399,3 +399,25 @@ def test_partially_coherent_without_spread_is_the_coherent_hrtem_image():
     got = C.partially_coherent_hrtem_images(v, 2.0, **args, **opts)
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------- potentials
+
+def test_frozen_phonon_displacements_have_the_requested_rms():
+    # each atom is displaced by N(0, rms²) per axis: recover the displacement of one atom from the
+    # phase of the lowest Fourier coefficient of its projected potential (shift theorem, exact on the
+    # periodic grid) and compare the sample rms over 200 configurations with the requested 0.2 Å
+    from tembench.physics.potentials import projected_potential
+
+    n, s, rms = 32, 0.25, 0.2
+    L = n * s
+    rng = np.random.default_rng(11)
+    shifts = []
+    for _ in range(200):
+        # atom at x = 1.0 Å, y = 1.5 Å (x → last axis): phases −2πx/L well inside (−π, π)
+        v = projected_potential([[1.0, 1.5, 1.0]], [14], gpts=(n, n), sampling_A=s, rms_displacement_A=rms, rng=rng)[0]
+        f = np.fft.fft2(v.astype(np.float64))
+        shifts.append((-np.angle(f[1, 0]) * L / (2 * math.pi) - 1.5, -np.angle(f[0, 1]) * L / (2 * math.pi) - 1.0))
+    d = np.array(shifts)
+    assert np.abs(d.mean(axis=0)).max() < 0.05
+    assert float(np.sqrt((d**2).mean())) == pytest.approx(rms, rel=0.15)
