@@ -12,9 +12,11 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import scipy.fft
 
+from tembench._lazy import lazy_import
 from tembench.errors import DeviceError
+
+scipy = lazy_import("scipy")  # scipy.fft costs ~0.1-0.3 s to import: on first transform
 
 try:  # cupy is optional: the `gpu` extra
     import cupy as _cp  # type: ignore[import-not-found]
@@ -94,12 +96,10 @@ def ifftn(x, axes=None):
 
 # --- planned in-place FFTs (optional pyFFTW on the CPU) --------------------------------------
 # pyFFTW is optional; measured 1.5-1.8x faster than scipy.fft for 96²-512² complex64. Its import
-# pulls in dask (~0.2 s), so it is deferred to the first plan (tembench._lazy).
+# pulls in dask (~0.2 s), so it is deferred to the first plan.
 try:
-    from tembench._lazy import lazy_import as _lazy_import
-
-    _pyfftw = _lazy_import("pyfftw")
-except Exception:  # pragma: no cover - depends on the environment
+    _pyfftw = lazy_import("pyfftw")
+except ImportError:  # pragma: no cover - depends on the environment
     _pyfftw = None
 
 _PLANS: dict = {}

@@ -22,14 +22,16 @@ import math
 from typing import Literal
 
 import numpy as np
-import scipy.fft
 from pydantic import Field
 
 from tembench import Params, Reconstructor
+from tembench._lazy import lazy_import
 from tembench.backend import fft_workers
 from tembench.errors import TembenchError
 from tembench_pelz2022.common import ACCEPTS, load_4d, phase_image, probe_optics, rotation_matrix, scan_step
 from tembench_pelz2022.eer_ops import center_of_mass
+
+scipy = lazy_import("scipy")  # scipy.fft is imported on first transform (fast start-up)
 
 
 def _freqs(shape, step_A):

@@ -24,7 +24,6 @@ import math
 from typing import Literal
 
 import numpy as np
-import scipy.fft
 from pydantic import Field
 
 from tembench import Params, Reconstructor
@@ -36,6 +35,8 @@ from tembench.physics import optics
 from tembench_pelz2022.common import (ACCEPTS, ProbeOptics, load_4d, phase_image, probe_optics, rotation_matrix,
                                       scan_step)
 from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin
+
+scipy = lazy_import("scipy")  # scipy.fft is imported on first transform (fast start-up)
 
 # numba kernels compile on first use; importing them lazily keeps `tembench list` fast
 _kernels = lazy_import("tembench_pelz2022._kernels")

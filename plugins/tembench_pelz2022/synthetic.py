@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft
 
+from tembench._lazy import lazy_import
 from tembench.backend import fft_workers
 from tembench.physics import constants, optics
 from tembench.types import Geometry, Measurement
+
+scipy = lazy_import("scipy")  # scipy.fft is imported on first transform (fast start-up)
 
 
 def gaussian_atoms_phase(shape, sampling_A: float, n_atoms: int, sigma_A: float, peak_rad: float,

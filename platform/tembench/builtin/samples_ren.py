@@ -6,13 +6,15 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
-from scipy.spatial import cKDTree
 
 from tembench import Params, SampleModel, hookimpl
+from tembench._lazy import lazy_import
 from tembench.errors import TembenchError
 from tembench.structures import amorphous as am
 from tembench.structures import crystal as cr
 from tembench.types import Sample
+
+_spatial = lazy_import("scipy.spatial")  # k-d trees; loaded on first use (fast start-up)
 
 Vec3i = tuple[int, int, int]
 Region = Literal["all", "core", "shell"]
@@ -105,7 +107,7 @@ def build_needle(p: SiSiO2Needle.Params, rng: np.random.Generator) -> Sample:
         # atoms the relaxation pushed below the base plane.
         ok = shell[:, 1] >= -L / 2
         if len(near) and p.min_core_shell_distance_A > 0:
-            dist, _ = cKDTree(near).query(shell, distance_upper_bound=p.min_core_shell_distance_A)
+            dist, _ = _spatial.cKDTree(near).query(shell, distance_upper_bound=p.min_core_shell_distance_A)
             ok &= np.isinf(dist)
         stats["removed_close_to_core"] = int((~ok).sum())
         shell, shell_z = shell[ok], shell_z[ok]

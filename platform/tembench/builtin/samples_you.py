@@ -6,12 +6,14 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
-from scipy.spatial import cKDTree
 
 from tembench import Params, SampleModel, hookimpl
+from tembench._lazy import lazy_import
 from tembench.structures import amorphous as am
 from tembench.structures import crystal as cr
 from tembench.types import Sample
+
+_spatial = lazy_import("scipy.spatial")  # k-d trees; loaded on first use (fast start-up)
 
 Vec3i = tuple[int, int, int]
 AL2O3_MOLAR_MASS_G = 2 * 26.9815 + 3 * 15.9994
@@ -91,7 +93,7 @@ class PtAl2O3Nanocube(SampleModel):
                 keep = in_shell(shell)
                 shell, shell_z = shell[keep], shell_z[keep]
             if len(core) and p.min_core_shell_distance_A > 0:
-                dist, _ = cKDTree(core).query(shell, distance_upper_bound=p.min_core_shell_distance_A)
+                dist, _ = _spatial.cKDTree(core).query(shell, distance_upper_bound=p.min_core_shell_distance_A)
                 shell, shell_z = shell[np.isinf(dist)], shell_z[np.isinf(dist)]
         pos = np.concatenate([core, shell])
         numbers = np.concatenate([core_z, shell_z]).astype(np.int64)

@@ -14,12 +14,14 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field
-from scipy import ndimage
 
 from tembench import NoiseModel, Params, hookimpl
+from tembench._lazy import lazy_import
 from tembench.builtin.noise import is_probe_measurement
 from tembench.errors import TembenchError
 from tembench.types import Measurement
+
+ndimage = lazy_import("scipy.ndimage")  # loaded on first use (fast start-up)
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 

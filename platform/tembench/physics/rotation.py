@@ -24,10 +24,12 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import scipy.sparse as sp
 
+from tembench._lazy import lazy_import
 from tembench.backend import get_array_module
 from tembench.errors import TembenchError
+
+sp = lazy_import("scipy.sparse")  # loaded with the first rotation operator (fast start-up)
 
 AXES = ("x", "y", "z")
 

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.spatial import cKDTree
 
+from tembench._lazy import lazy_import
 from tembench.errors import TembenchError
+
+_spatial = lazy_import("scipy.spatial")  # k-d trees; loaded on first use (fast start-up)
 
 AVOGADRO = 6.02214076e23
 SI_MASS_G, O_MASS_G = 28.0855, 15.9994
@@ -83,7 +85,7 @@ def hard_core_points(region: Region, n_target: int, d_min_A: float, rng: np.rand
                      max_rounds: int = 200) -> np.ndarray:
     """Up to ``n_target`` random points in ``region`` at mutual distance ≥ d_min (batched RSA)."""
     box = region.box if region.periodic else None
-    obst_tree = cKDTree(obstacles) if obstacles is not None and len(obstacles) and d_obstacle_A > 0 else None
+    obst_tree = _spatial.cKDTree(obstacles) if obstacles is not None and len(obstacles) and d_obstacle_A > 0 else None
     accepted = np.zeros((0, 3))
     for _ in range(max_rounds):
         need = n_target - len(accepted)
@@ -94,14 +96,14 @@ def hard_core_points(region: Region, n_target: int, d_min_A: float, rng: np.rand
         if obst_tree is not None and len(cand):
             cand = cand[np.isinf(obst_tree.query(cand, distance_upper_bound=d_obstacle_A)[0])]
         if len(accepted) and len(cand):
-            tree = cKDTree(accepted - region.lo, boxsize=box) if box is not None else cKDTree(accepted)
+            tree = _spatial.cKDTree(accepted - region.lo, boxsize=box) if box is not None else _spatial.cKDTree(accepted)
             q = cand - region.lo if box is not None else cand
             if box is not None:
                 q = np.mod(q, box)
             cand = cand[np.isinf(tree.query(q, distance_upper_bound=d_min_A)[0])]
         if len(cand) > 1:  # resolve conflicts inside the batch: keep the earlier point of each close pair
             q = np.mod(cand - region.lo, box) if box is not None else cand
-            pairs = cKDTree(q, boxsize=box).query_pairs(d_min_A, output_type="ndarray")
+            pairs = _spatial.cKDTree(q, boxsize=box).query_pairs(d_min_A, output_type="ndarray")
             drop = np.zeros(len(cand), bool)
             for i, j in pairs[np.argsort(pairs[:, 0], kind="stable")]:
                 if not drop[i]:
@@ -135,7 +137,7 @@ def _greedy_network(pos: np.ndarray, box: np.ndarray | None, cutoffs=(4.0, 5.0, 
             add(i, j, v / max(np.linalg.norm(v), 1e-12))
     cos_max = np.cos(np.radians(min_angle_deg))
     q = np.mod(pos, box) if box is not None else pos
-    tree = cKDTree(q, boxsize=box)
+    tree = _spatial.cKDTree(q, boxsize=box)
     for rc in cutoffs:
         pairs = tree.query_pairs(rc, output_type="ndarray")
         if not len(pairs):
@@ -254,12 +256,12 @@ def relax(x: np.ndarray, numbers: np.ndarray, springs: list[tuple[np.ndarray, fl
     sp_pairs = np.concatenate([p for p, _, _ in springs]) if springs else np.zeros((0, 2), np.int64)
     sp_r0 = np.concatenate([np.broadcast_to(np.asarray(r0, float), (len(p),)) for p, r0, _ in springs]) if springs else np.zeros(0)
     sp_k = np.concatenate([np.full(len(p), float(k)) for p, _, k in springs]) if springs else np.zeros(0)
-    obst_tree = cKDTree(obstacles) if obstacles is not None and len(obstacles) else None
+    obst_tree = _spatial.cKDTree(obstacles) if obstacles is not None and len(obstacles) else None
     origin = region.lo if region is not None else 0.0
     for it in range(n_iter):
         if it % neighbour_every == 0:
             q = np.mod(x - origin, box) if box is not None else x
-            rp = np.sort(cKDTree(q, boxsize=box).query_pairs(dmax + 0.5, output_type="ndarray"), axis=1)
+            rp = np.sort(_spatial.cKDTree(q, boxsize=box).query_pairs(dmax + 0.5, output_type="ndarray"), axis=1)
             rp = rp[~_in_sorted(rp[:, 0] * n + rp[:, 1], bonded_keys)]
             rd0 = tab[numbers[rp[:, 0]], numbers[rp[:, 1]]]
             keep = rd0 > 0

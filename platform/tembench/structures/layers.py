@@ -11,9 +11,11 @@ X = v and Y = 2R(60°)v − v (|Y| = √3|v|), rotated so that X lies along x.
 from __future__ import annotations
 
 import numpy as np
-from scipy.spatial import cKDTree
 
+from tembench._lazy import lazy_import
 from tembench.errors import TembenchError
+
+_spatial = lazy_import("scipy.spatial")  # k-d trees; loaded on first use (fast start-up)
 
 # a (Å), interlayer spacing (Å) of the bulk stacking, and the monolayer builder
 LAYERED = {
@@ -104,7 +106,7 @@ def fill_layer(cell2d: np.ndarray, frac_xy: np.ndarray, z_A: np.ndarray, numbers
         xy = np.where(xy >= [lx, ly], xy - [lx, ly], xy)
         # periodic images of the same atom land on each other: keep one
         pts = np.column_stack([xy, zz])
-        dup = cKDTree(pts, boxsize=[lx, ly, 1e9]).query_pairs(1e-3, output_type="ndarray")
+        dup = _spatial.cKDTree(pts, boxsize=[lx, ly, 1e9]).query_pairs(1e-3, output_type="ndarray")
         keep = np.ones(len(pts), bool)
         keep[dup[:, 1]] = False
         xy, zz, nn = xy[keep], zz[keep], nn[keep]
