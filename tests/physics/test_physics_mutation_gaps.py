@@ -421,3 +421,26 @@ def test_frozen_phonon_displacements_have_the_requested_rms():
     d = np.array(shifts)
     assert np.abs(d.mean(axis=0)).max() < 0.05
     assert float(np.sqrt((d**2).mean())) == pytest.approx(rms, rel=0.15)
+
+
+def test_a_one_degree_rotation_moves_the_volume_like_the_points():
+    # no rotation angle is special: 1° moves an off-centre blob as the same rotation moves its centre
+    # (rotate_points, exact), and the adjoint moves it back the other way
+    from tembench.physics import rotation as R
+
+    n = 28
+    zz, yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float64),) * 3, indexing="ij")
+    p = np.array([20.0, 14.0, 14.0])   # (x, y, z) voxels, 6 voxels off the rotation centre along x
+    vol = np.exp(-((xx - p[0]) ** 2 + (yy - p[1]) ** 2 + (zz - p[2]) ** 2) / (2 * 1.5**2)).astype(np.float32)
+
+    def com(v):
+        v = v.astype(np.float64)
+        return np.array([float((v * c).sum() / v.sum()) for c in (xx, yy, zz)])
+
+    m = R.axis_rotation_matrix(1.0, "y")
+    c = np.full(3, n / 2)
+    moved = R.rotate_points(p[None], m, c)[0]
+    assert np.abs(moved - p).max() > 0.1   # 6·sin 1° = 0.105 voxel
+    np.testing.assert_allclose(com(R.rotate(vol, 1.0, "y")), moved, atol=0.02)
+    back = R.rotate_points(p[None], m.T, c)[0]
+    np.testing.assert_allclose(com(R.rotate_adjoint(vol, 1.0, "y")), back, atol=0.02)
