@@ -98,3 +98,25 @@ def test_compare_refuses_runs_whose_sweeps_differ(registry, scenario_file, tmp_p
     run_a, run_b = next((tmp_path / "a").glob("run-*")), next((tmp_path / "b").glob("run-*"))
     code, _, err = _run(["compare", str(run_a), str(run_b)], capsys)
     assert code == 2 and "run B sweeps 'forward.width_px' over 2 values but run A does not" in err
+
+
+def test_list_and_validate_do_not_import_heavy_modules():
+    """`tembench list` / `validate` must answer at once: numba, pyFFTW (dask), scipy.fft/sparse/ndimage,
+    scikit-learn and matplotlib load when a stage runs, not when plugins register (checked in a fresh
+    interpreter; the time itself is a benchmark matter, not a test's)."""
+    code = (
+        "import sys\n"
+        "from tembench.cli import main\n"
+        "heavy = ['numba', 'pyfftw', 'dask', 'scipy.fft', 'scipy.sparse', 'scipy.ndimage', 'sklearn', 'matplotlib',"
+        " 'tembench.analysis.atom_tracing', 'tembench_pelz2022._kernels', 'tembench_ren2020.model']\n"
+        "main(['list', '-v'])\n"
+        "print('LIST', [m for m in heavy if m in sys.modules])\n"
+        "main(['validate', 'scenarios/quick.yaml'])\n"
+        "print('VALIDATE', [m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("LIST", "VALIDATE"))]
+    assert lines[0] == "LIST []", lines
+    # validating a crystal reads it with ASE (ase.build imports scipy.sparse and scipy.fft); nothing else
+    assert set(eval(lines[1].split(" ", 1)[1])) <= {"scipy.fft", "scipy.sparse"}, lines
