@@ -161,14 +161,16 @@ for line in open("results.txt"):
     if not m:
         continue
     mod, fn = re.match(r"(.+?)\.(x[_ǁ].*)$", m.group(1)).groups()
-    fn = fn.split("ǁ")[-1]
     f = functions(mod)
     a, b = f.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", fn)), f.get(fn)
+    if a is None or b is None:  # methods: defined in the class under their own name
+        fn = fn.split("ǁ")[-1]
+        a, b = f.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", fn)), f.get(fn)
     if a is None or b is None:
         print(f"{m.group(1)} [{m.group(2)}]: (source not found)")
         continue
-    a = [a[0].replace("__mutmut_orig", "")] + a[1:]
-    b = [re.sub(r"__mutmut_\d+", "", b[0])] + b[1:]
+    a = [re.sub(r"\S*__mutmut_orig", "f", a[0])] + a[1:]
+    b = [re.sub(r"\S*__mutmut_\d+", "f", b[0])] + b[1:]
     d = [x.strip() for x in difflib.unified_diff(a, b, lineterm="", n=0) if x[:1] in "+-" and x[:3] not in ("+++", "---")]
     print(f"{m.group(1)} [{m.group(2)}]: " + " || ".join(d))
 PY

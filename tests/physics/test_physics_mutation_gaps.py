@@ -196,7 +196,7 @@ def test_probe_fourier_is_a_plane_wave_without_aperture_and_carries_exp_minus_i_
 
 
 def test_probe_default_centre_and_defocus_equals_free_space_propagation():
-    ny, nx, s = 33, 48, (0.2, 0.3)
+    ny, nx, s = 33, 47, (0.2, 0.3)   # odd sizes: the centre pixel is n//2, not n/2
     p = optics.probe((ny, nx), s, 300.0, 25.0)
     inten = np.abs(p) ** 2
     y = np.arange(ny)[:, None] * s[0]
@@ -392,13 +392,32 @@ def test_partially_coherent_without_spread_is_the_coherent_hrtem_image():
     n, s = 32, 0.3
     rng = np.random.default_rng(5)
     v = (rng.random((3, n, n)) * 30.0).astype(np.float32)
-    args = dict(energy_keV=200.0, sampling_A=s, defocus_values_A=[40.0, -60.0],
-                aberrations={"C30": 2e7, "C12": 30.0, "phi12": 0.2, "C10": 15.0}, semiangle_mrad=15.0)
+    # 2 keV (λ = 0.27 Å): the exact and Fresnel propagators differ by a visible amount at these angles
+    args = dict(energy_keV=2.0, sampling_A=s, defocus_values_A=[40.0, -60.0],
+                aberrations={"C30": 2e7, "C12": 30.0, "phi12": 0.2, "C10": 15.0}, semiangle_mrad=150.0)
     opts = dict(propagator="exact", band_limit=0.5, bandlimit_transmission=False)
-    ref = hrtem_images(v, 2.0, **args, **opts)
-    got = C.partially_coherent_hrtem_images(v, 2.0, **args, **opts)
+    ref = hrtem_images(v, 8.0, **args, **opts)
+    got = C.partially_coherent_hrtem_images(v, 8.0, **args, **opts)
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=2e-5)
+    fresnel = hrtem_images(v, 8.0, **args, **dict(opts, propagator="fresnel"))
+    assert np.abs(fresnel - ref).max() > 1e-3
+    # n_focal = 3: nodes −4Δ, 0, +4Δ with weights ∝ exp(−x²/2) as documented, i.e. the weighted sum
+    # of three coherent images at Δf + δ
+    delta = 50.0
+    w = np.exp(-0.5 * np.array([16.0, 0.0, 16.0]))
+    w /= w.sum()
+    expect = sum(wi * hrtem_images(v, 8.0, **dict(args, defocus_values_A=[df + d for df in args["defocus_values_A"]]),
+                                   **opts) for wi, d in zip(w, (-4 * delta, 0.0, 4 * delta)))
+    three = C.partially_coherent_hrtem_images(v, 8.0, **args, **opts, focal_spread_A=delta, n_focal=3)
+    np.testing.assert_allclose(three, expect, atol=2e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: focal_quadrature(n=1) puts its single node at −4Δ "
+                                       "(np.linspace(−4, 4, 1) = [−4]) instead of 0")
+def test_a_one_node_focal_rule_is_the_in_focus_node():
+    d, w = C.focal_quadrature(50.0, LAM_300, 2.0, n=1)
+    assert list(d) == [0.0] and list(w) == [1.0]
 
 
 # --------------------------------------------------------------------------------- potentials
