@@ -54,8 +54,9 @@ def _wiener(m, eps=1e-6):
     return WeakPhaseWiener().reconstruct(m, WeakPhaseWiener.Params(epsilon=eps), np)
 
 
-# two frequencies well transferred at Δf = 300 Å: 2 sin χ = −1.02 and −1.25
-COMPONENTS = [(0.02, 0, 6), (0.015, 5, 3)]
+# two frequencies well transferred at Δf = 300 Å (2 sin χ = −1.02 and −1.25), and the two lowest
+# frequencies (2 sin χ = −0.14: weak, but with ε = 1e-6 the filter still returns them, only k = 0 is dropped)
+COMPONENTS = [(0.02, 0, 6), (0.015, 5, 3), (0.01, 1, 0), (0.01, 0, 1)]
 
 
 def test_wiener_returns_the_phase_in_radians_independent_of_the_dose():

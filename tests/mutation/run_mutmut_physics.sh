@@ -9,6 +9,8 @@
 #   bash tests/mutation/run_mutmut_physics.sh extra            # multislice.py stem.py + Ren prox.py model.py
 #   MUTMUT_ONLY=optics bash tests/mutation/run_mutmut_physics.sh physics     # one module of a group
 #   MUTMUT_PATTERNS='*spatial_envelope*' bash tests/mutation/run_mutmut_physics.sh physics  # some functions
+#   MUTMUT_ONLY=common MUTMUT_TESTS='tests/plugins/pelz2022/test_pelz_energy_geometry.py ...' \
+#       bash tests/mutation/run_mutmut_physics.sh reconstructors   # a narrower (faster, weaker) selection
 #
 # Each group is its own scratch project, $MUTMUT_WORKDIR/<group> (default
 # /tmp/tembench_mutmut_physics/<group>), with the packages tembench, tembench_pelz2022 and
@@ -66,6 +68,8 @@ case "$GROUP" in
            tests/plugins/ren2020 $T/test_physics_mutation_gaps.py) ;;
   *) echo "unknown group '$GROUP' (physics | reconstructors | potentials | extra)" >&2; exit 2 ;;
 esac
+# MUTMUT_TESTS='tests/a.py tests/b.py' replaces the group's test selection (a faster, weaker run)
+if [[ -n "${MUTMUT_TESTS:-}" ]]; then read -r -a tests <<< "$MUTMUT_TESTS"; fi
 
 case "$BASE" in "$ROOT"|"$ROOT"/*) echo "MUTMUT_WORKDIR must be outside the checkout" >&2; exit 2;; esac
 rm -rf "$WORK"
