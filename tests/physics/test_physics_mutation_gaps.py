@@ -463,3 +463,19 @@ def test_a_one_degree_rotation_moves_the_volume_like_the_points():
     np.testing.assert_allclose(com(R.rotate(vol, 1.0, "y")), moved, atol=0.02)
     back = R.rotate_points(p[None], m.T, c)[0]
     np.testing.assert_allclose(com(R.rotate_adjoint(vol, 1.0, "y")), back, atol=0.02)
+
+
+def test_slice_edges_follow_their_documented_rules():
+    from tembench.physics.potentials import slice_edges
+
+    # a float thickness from z0: the last slice is thinner when dz does not divide the range
+    np.testing.assert_array_equal(slice_edges(2.0, (5.0, 12.0)), [5.0, 7.0, 9.0, 11.0, 12.0])
+    np.testing.assert_array_equal(slice_edges(2.0, (5.0, 11.0)), [5.0, 7.0, 9.0, 11.0])
+    np.testing.assert_array_equal(slice_edges(0.5, (3.0, 3.0)), [3.0, 3.5])   # an empty range: one slice
+    # per-slice thicknesses: from z0 to z0 + their sum
+    np.testing.assert_allclose(slice_edges([1.0, 2.5, 0.5], (-2.0, 0.0)), [-2.0, -1.0, 1.5, 2.0])
+    np.testing.assert_allclose(slice_edges([0.4], (1.0, 1.0)), [1.0, 1.4])
+    for bad in ((0.0, (0.0, 1.0)), ([1.0, 0.0], (0.0, 1.0)), ([0.5, -1.0], (0.0, 1.0)), ([], (0.0, 1.0)),
+                (1.0, (2.0, 1.0))):
+        with pytest.raises(TembenchError):
+            slice_edges(*bad)
