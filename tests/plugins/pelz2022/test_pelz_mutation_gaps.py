@@ -79,3 +79,41 @@ def test_icom_reconstructor_integrates_with_the_requested_padding(focused):
     p1 = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=1.0), np).data
     p2 = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=2.0), np).data
     assert np.abs(p1 - p2).max() > 1e-3 * np.abs(p1).max()
+
+
+def test_probe_optics_scan_grid_and_rotation_helpers_follow_their_contracts():
+    from tembench_pelz2022.common import phase_image, probe_optics, rotation_matrix, scan_origin, scan_step
+
+    g = Geometry(energy_keV=300.0, semiangle_mrad=20.0, aberrations_A={"Cs": 1e7}, defocus_A=[50.0])
+    # the geometry's aberrations, and C10 = −Δf from its first defocus when they hold none
+    assert probe_optics(g, "t").aberrations == {"C30": 1e7, "C10": -50.0}
+    assert probe_optics(g.replace(aberrations_A={"C10": 7.0}), "t").aberrations == {"C10": 7.0}
+    # explicit aberrations replace the geometry's (no defocus added); defocus_A overrides C10
+    assert probe_optics(g, "t", aberrations={"C12": 3.0}).aberrations == {"C12": 3.0}
+    assert probe_optics(g, "t", defocus_A=-20.0).aberrations == {"C30": 1e7, "C10": 20.0}
+    opt = probe_optics(g, "t")
+    assert opt.energy_keV == 300.0 and opt.semiangle_mrad == 20.0
+    for bad in (g.replace(energy_keV=None), g.replace(semiangle_mrad=None)):
+        with pytest.raises(TembenchError, match="energy_keV and Geometry.semiangle_mrad"):
+            probe_optics(bad, "t")
+    # scan step: scalar or (y, x), every axis positive
+    assert scan_step(Geometry(scan_step_A=0.3), "t") == (0.3, 0.3)
+    assert scan_step(Geometry(scan_step_A=(0.3, 0.5)), "t") == (0.3, 0.5)
+    for bad in ((0.0, 0.5), (0.5, 0.0), (-0.1, 0.5)):
+        with pytest.raises(TembenchError, match="positive"):
+            scan_step(Geometry(scan_step_A=bad), "t")
+    with pytest.raises(TembenchError, match="scan_step_A"):
+        scan_step(Geometry(), "t")
+    # scan origin: the first probe position (y, x), (0, 0) without positions
+    assert scan_origin(Geometry(scan_positions_A=np.array([[1.5, -2.0]]))) == (1.5, -2.0)
+    assert scan_origin(Geometry(scan_positions_A=np.array([[1.5, -2.0], [3.0, 4.0]]))) == (1.5, -2.0)
+    assert scan_origin(Geometry(scan_positions_A=np.zeros((0, 2)))) == (0.0, 0.0)
+    assert scan_origin(Geometry()) == (0.0, 0.0)
+    # R(θ) on (y, x) vectors is counter-clockwise in the (x, y) plane: x̂ → ŷ for 90°
+    np.testing.assert_allclose(rotation_matrix(90.0) @ [0.0, 1.0], [1.0, 0.0], atol=1e-15)
+    np.testing.assert_allclose(rotation_matrix(30.0) @ [0.0, 1.0], [0.5, math.sqrt(3) / 2], atol=1e-15)
+    assert rotation_matrix(30.0).dtype == np.float64
+    rec = phase_image(np.ones((2, 3)), Geometry(scan_step_A=(0.3, 0.5), scan_positions_A=np.array([[1.0, 2.0]])),
+                      "t", rotation_deg=12.0)
+    assert rec.quantity == "phase_rad" and rec.data.dtype == np.float32 and rec.kind == "image"
+    assert rec.sampling_A == (0.3, 0.5) and rec.origin_A == (1.0, 2.0) and rec.extras == {"rotation_deg": 12.0}
