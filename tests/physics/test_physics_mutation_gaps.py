@@ -479,3 +479,24 @@ def test_slice_edges_follow_their_documented_rules():
                 (1.0, (2.0, 1.0))):
         with pytest.raises(TembenchError):
             slice_edges(*bad)
+
+
+def test_projected_potential_is_the_sum_of_single_atom_potentials_on_both_packing_paths():
+    # superposition: the potential of many atoms is the sum of each atom's potential in its slice. With
+    # 12 atoms in one slice and 1 in each of 14 others the packed table would be mostly padding, so the
+    # slice-by-slice path is taken; with 2 atoms per slice the packed path. Both must give the sum.
+    from tembench.physics.potentials import projected_potential
+
+    rng = np.random.default_rng(4)
+    g, s = (24, 20), (0.3, 0.35)
+    for per_slice in ([12] + [1] * 14, [2] * 8):   # 15·12 = 180 > 4·26 + 64 padded rows; 8·2 = 16 < 4·16 + 64
+        z = np.concatenate([np.full(k, i + 0.5) for i, k in enumerate(per_slice)])
+        pos = np.column_stack([rng.uniform(0, 7.0, z.size), rng.uniform(0, 7.2, z.size), z])
+        zs = np.full(z.size, 14)   # one element: the structure factor of all atoms goes through one table
+        kw = dict(gpts=g, sampling_A=s, slice_thickness_A=1.0, z_range_A=(0.0, float(len(per_slice))))
+        total = projected_potential(pos, zs, **kw)
+        assert total.shape == (len(per_slice),) + g and total.dtype == np.float32
+        ref = np.zeros(total.shape)
+        for p, Z in zip(pos, zs):
+            ref += projected_potential(p[None], [Z], **kw)
+        np.testing.assert_allclose(total, ref, atol=2e-3 * np.abs(ref).max())
