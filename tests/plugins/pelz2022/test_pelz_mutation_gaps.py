@@ -109,8 +109,9 @@ def test_probe_optics_scan_grid_and_rotation_helpers_follow_their_contracts():
     assert scan_origin(Geometry(scan_positions_A=np.array([[1.5, -2.0], [3.0, 4.0]]))) == (1.5, -2.0)
     assert scan_origin(Geometry(scan_positions_A=np.zeros((0, 2)))) == (0.0, 0.0)
     assert scan_origin(Geometry()) == (0.0, 0.0)
-    # R(θ) on (y, x) vectors is counter-clockwise in the (x, y) plane: x̂ → ŷ for 90°
+    # R(θ) on (y, x) vectors is counter-clockwise in the (x, y) plane: x̂ → ŷ and ŷ → −x̂ for 90°
     np.testing.assert_allclose(rotation_matrix(90.0) @ [0.0, 1.0], [1.0, 0.0], atol=1e-15)
+    np.testing.assert_allclose(rotation_matrix(90.0) @ [1.0, 0.0], [0.0, -1.0], atol=1e-15)   # ŷ → −x̂
     np.testing.assert_allclose(rotation_matrix(30.0) @ [0.0, 1.0], [0.5, math.sqrt(3) / 2], atol=1e-15)
     assert rotation_matrix(30.0).dtype == np.float64
     rec = phase_image(np.ones((2, 3)), Geometry(scan_step_A=(0.3, 0.5), scan_positions_A=np.array([[1.0, 2.0]])),
