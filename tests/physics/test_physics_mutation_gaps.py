@@ -413,9 +413,8 @@ def test_partially_coherent_without_spread_is_the_coherent_hrtem_image():
     np.testing.assert_allclose(three, expect, atol=2e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: focal_quadrature(n=1) puts its single node at −4Δ "
-                                       "(np.linspace(−4, 4, 1) = [−4]) instead of 0")
 def test_a_one_node_focal_rule_is_the_in_focus_node():
+    # found by mutation testing: np.linspace(-4, 4, 1) = [-4] put the single node at -4Δ (fixed)
     d, w = C.focal_quadrature(50.0, LAM_300, 2.0, n=1)
     assert list(d) == [0.0] and list(w) == [1.0]
 

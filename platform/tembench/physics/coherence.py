@@ -46,6 +46,8 @@ def focal_quadrature(focal_spread_A: float, wavelength_A: float, k_max: float, n
         a_max = math.pi * wavelength_A * k_max**2 * focal_spread_A
         n = int(math.ceil(8 * (a_max + 6) / (2 * math.pi))) + 1
         n = min(max(n, 7), 151)
+    if int(n) == 1:  # a one-node rule is the in-focus image (linspace(-4, 4, 1) would be -4Δ)
+        return np.zeros(1), np.ones(1)
     x = np.linspace(-4.0, 4.0, int(n))
     w = np.exp(-0.5 * x**2)
     return x * float(focal_spread_A), w / w.sum()
