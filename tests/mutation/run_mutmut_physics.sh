@@ -81,14 +81,7 @@ cp -r "$ROOT/scenarios" "$WORK/scenarios"
 find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$WORK/tests/mutation"
 # pytest settings (markers, addopts) without the packaging sections
-python - "$ROOT/pyproject.toml" "$WORK/pytest.ini" <<'PY'
-import sys, tomllib
-opts = tomllib.load(open(sys.argv[1], "rb"))["tool"]["pytest"]["ini_options"]
-with open(sys.argv[2], "w") as f:
-    f.write("[pytest]\n")
-    f.write("addopts = %s\n" % opts.get("addopts", ""))
-    f.write("markers =\n" + "".join("    %s\n" % m for m in opts.get("markers", [])))
-PY
+python "$ROOT/tests/mutation/pytest_ini.py" "$ROOT/pyproject.toml" "$WORK/pytest.ini"
 
 only=""
 for m in "${modules[@]}"; do
