@@ -33,4 +33,14 @@ __all__ = [
     "Measurement",
     "Reconstruction",
     "TembenchError",
+    "register_cache_type",
 ]
+
+
+def __getattr__(name: str):
+    # plugins register their own result dataclasses with the stage cache; imported on first use
+    if name == "register_cache_type":
+        from tembench.cache import register_cache_type
+
+        return register_cache_type
+    raise AttributeError(f"module 'tembench' has no attribute {name!r}")
