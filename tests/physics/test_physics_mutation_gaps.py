@@ -499,3 +499,52 @@ def test_projected_potential_is_the_sum_of_single_atom_potentials_on_both_packin
         for p, Z in zip(pos, zs):
             ref += projected_potential(p[None], [Z], **kw)
         np.testing.assert_allclose(total, ref, atol=2e-3 * np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------------- multislice
+
+def test_transmission_of_a_complex_potential_is_phase_times_absorption():
+    """t = exp(iσ(a + ib)) = exp(iσa)·exp(−σb): the absorptive branch, written out (found untested by
+    mutation testing of multislice.py: 1j·σ/v, 1j/σ·v and 2j·σ·v all survived)."""
+    from tembench.physics import multislice as M
+
+    sigma = 0.00065  # rad/(V·Å), about the 300 keV value
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0, 200, (2, 5, 7))
+    b = rng.uniform(0, 20, (2, 5, 7))
+    expected = np.exp(-sigma * b) * (np.cos(sigma * a) + 1j * np.sin(sigma * a))
+    t = M.transmission_function((a + 1j * b).astype(np.complex64), sigma, np)
+    assert t.dtype == np.complex64 and t.shape == a.shape
+    np.testing.assert_allclose(t, expected, rtol=2e-6, atol=2e-7)
+    out = np.zeros(a.shape, np.complex64)
+    assert M.transmission_function((a + 1j * b).astype(np.complex64), sigma, np, out=out) is out
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=2e-7)
+    # the real branch is the b = 0 case of the same formula
+    np.testing.assert_allclose(M.transmission_function(a.astype(np.float32), sigma, np),
+                               np.exp(1j * sigma * a), rtol=2e-6, atol=2e-7)
+
+
+def test_transmission_gradient_of_a_complex_potential_keeps_the_imaginary_part():
+    """g_v = −iσ conj(t) g_t; for an absorptive (complex) potential both parts are gradients, for a
+    real potential only the real part (finite differences on L = Re Σ w·t)."""
+    from tembench.physics import multislice as M
+
+    sigma, rng = 0.01, np.random.default_rng(4)
+    v = rng.uniform(0, 50, 6) + 1j * rng.uniform(0, 5, 6)
+    w = rng.normal(size=6) + 1j * rng.normal(size=6)
+
+    def loss(v):
+        return float(np.real(np.sum(np.conj(w) * np.exp(1j * sigma * v))))
+
+    t = np.exp(1j * sigma * v)
+    g = M.transmission_gradient(w, t, sigma, complex_potential=True)  # dL/dRe v + i dL/dIm v convention
+    h = 1e-4
+    for k in range(6):
+        e = np.zeros(6)
+        e[k] = h
+        d_re = (loss(v + e) - loss(v - e)) / (2 * h)
+        d_im = (loss(v + 1j * e) - loss(v - 1j * e)) / (2 * h)
+        np.testing.assert_allclose([g[k].real, g[k].imag], [d_re, d_im], rtol=1e-5, atol=1e-9)
+    g_real = M.transmission_gradient(w, t, sigma)
+    assert np.isrealobj(g_real) or np.all(np.imag(g_real) == 0)
+    np.testing.assert_allclose(np.real(g_real), g.real)
