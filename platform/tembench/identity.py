@@ -106,7 +106,7 @@ def component_fingerprint(cls: type) -> str:
 
 def clear_caches() -> None:
     """Forget cached fingerprints (tests that edit files call this; a run computes them once)."""
-    for fn in (package_fingerprint, component_fingerprint, _library_versions):
+    for fn in (package_fingerprint, component_fingerprint, _library_versions, _fft_identity):
         getattr(fn, "cache_clear", lambda: None)()  # a test may have replaced one
 
 
@@ -124,11 +124,19 @@ def _library_versions() -> dict[str, str]:
 def environment_identity(device: str = "cpu") -> dict[str, Any]:
     """Everything outside our code that can change a number: Python, numeric libraries, FFT backend
     (for ``device``: cupy's FFTs on the GPU), BLAS threads and kernel-selecting environment variables."""
-    from tembench.backend import fft_identity
-
+    env = {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}
     return {
         "python": sys.version.split()[0],
         "libraries": dict(_library_versions()),
-        "fft": dict(fft_identity(device)),
-        "env": {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ},
+        "fft": dict(_fft_identity(device, tuple(sorted(env.items())))),
+        "env": env,
     }
+
+
+@functools.lru_cache(maxsize=16)
+def _fft_identity(device: str, env_items: tuple) -> dict[str, str]:
+    # fft_identity reads the machine key and the wisdom file (≈1 ms); stage keys ask for it several
+    # times per unit, so it is computed once per process and per set of FFT/thread variables
+    from tembench.backend import fft_identity
+
+    return fft_identity(device)

@@ -441,10 +441,12 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     hook = registry.hook()
     with make_executor(kind, n_workers, spec.executor.address) as ex:
         # phase 1: each distinct noise-free measurement once
+        env = identity.environment_identity(spec.device)  # one environment for every key of this run
         fwd_tasks: dict[str, ForwardTask] = {}
+        forward_key: dict[int, str] = {}
         for u in units:
             s = ScenarioSpec.model_validate(u.spec)
-            fk = stage_keys(s, registry, 0).forward
+            fk = forward_key[id(u)] = stage_keys(s, registry, 0, env).forward
             if fk not in fwd_tasks and not StageCache(cache_root, use_cache).has("forward", fk):
                 fwd_tasks[fk] = ForwardTask(u.spec, str(cache_root), use_cache, track_memory)
         fwd_errors: dict[str, str] = {}
@@ -456,8 +458,7 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
                 bar.update(1)
             bar.close()
         for u in units:
-            fk = stage_keys(ScenarioSpec.model_validate(u.spec), registry, 0).forward
-            u.forward_error = fwd_errors.get(fk)
+            u.forward_error = fwd_errors.get(forward_key[id(u)])
 
         # phase 2: noise → reconstruct → score, one (point, repeat) at a time
         bar = _bar(scenario.n_units, n_done, f"{spec.name}: points", progress)
