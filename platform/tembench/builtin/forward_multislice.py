@@ -34,6 +34,7 @@ from tembench.physics.stem import (
     make_probe_modes,
     max_scattering_angle_mrad,
     scan_positions,
+    scan_shape,
     stem_scan,
     window_gpts_for,
 )
@@ -50,9 +51,13 @@ def _tilt_angles(params) -> list[float]:
 
 def _field(sample, sampling_A: float, factor: int = 1):
     """Grid over the cell (y, x): n = round(cell/s)·factor pixels, sampling cell/n (keeps periodicity)."""
-    ny = max(1, int(round(sample.cell_A[1] / sampling_A))) * factor
-    nx = max(1, int(round(sample.cell_A[0] / sampling_A))) * factor
-    return (ny, nx), (sample.cell_A[1] / ny, sample.cell_A[0] / nx)
+    return _field_of_cell(sample.cell_A, sampling_A, factor)
+
+
+def _field_of_cell(cell_A, sampling_A: float, factor: int = 1):
+    ny = max(1, int(round(cell_A[1] / sampling_A))) * factor
+    nx = max(1, int(round(cell_A[0] / sampling_A))) * factor
+    return (ny, nx), (cell_A[1] / ny, cell_A[0] / nx)
 
 
 def _tilted_stack(sample, angles, axis, dz, margin_A=2.0):
@@ -84,14 +89,22 @@ def _footprint_grid(upstream, sampling_A: float, factor: int = 1):
     """(ny, nx) of :func:`_field` from a sample's preflight footprint, or None when its cell is unknown."""
     if upstream is None or upstream.cell_A is None:
         return None
-    cx, cy, _ = upstream.cell_A
-    return (max(1, int(round(cy / sampling_A))) * factor, max(1, int(round(cx / sampling_A))) * factor)
+    return _field_of_cell(upstream.cell_A, sampling_A, factor)[0]
 
 
 def _footprint_slices(upstream, angles, axis, dz) -> int:
     from tembench.preflight import tilted_extent
 
     return max(1, int(math.ceil((tilted_extent(upstream.cell_A, angles, axis) + 4.0) / dz)))
+
+
+def _explicit_window(p, sampling):
+    """The probe window a stem4d scenario fixes (window_gpts, or detector_sampling_mrad), else None."""
+    if p.window_gpts is not None:
+        return (p.window_gpts, p.window_gpts) if isinstance(p.window_gpts, int) else tuple(p.window_gpts)
+    if p.detector_sampling_mrad is not None:
+        return window_gpts_for(p.detector_sampling_mrad, sampling, p.energy_keV)
+    return None
 
 
 def _limit(p):
@@ -315,24 +328,18 @@ class STEM4D(ForwardModel):
         from tembench.preflight import Footprint
 
         p = params
-        gpts = _footprint_grid(upstream, p.sampling_A)
-        if gpts is None:
+        if upstream is None or upstream.cell_A is None:
             return None
+        gpts, sampling = _field_of_cell(upstream.cell_A, p.sampling_A)
         angles = _tilt_angles(p)
         n_slices = _footprint_slices(upstream, angles, p.tilt_axis, p.slice_thickness_A)
-        sampling = (upstream.cell_A[1] / gpts[0], upstream.cell_A[0] / gpts[1])
-        if p.window_gpts is not None:
-            window = (p.window_gpts, p.window_gpts) if isinstance(p.window_gpts, int) else tuple(p.window_gpts)
-        elif p.detector_sampling_mrad is not None:
-            window = window_gpts_for(p.detector_sampling_mrad, sampling, p.energy_keV)
-        else:
-            window = (min(64, gpts[0]), min(64, gpts[1]))
+        window = _explicit_window(p, sampling) or (min(64, gpts[0]), min(64, gpts[1]))  # the probe's: ≥ this
         start = (0.0, 0.0) if p.scan_start_A is None else p.scan_start_A
         end = (upstream.cell_A[1], upstream.cell_A[0]) if p.scan_end_A is None else p.scan_end_A
-        step = np.broadcast_to(np.asarray(p.scan_step_A, dtype=float), (2,))
-        if np.any(step <= 0):
+        if np.any(np.asarray(p.scan_step_A, dtype=float) <= 0):
             return None  # simulate() gives the precise error
-        n_pos = max(1, int(math.ceil((end[0] - start[0]) / step[0]))) * max(1, int(math.ceil((end[1] - start[1]) / step[1])))
+        sy, sx = scan_shape(start, end, p.scan_step_A)
+        n_pos = sy * sx
         if p.detector_gpts is not None:
             det = (p.detector_gpts, p.detector_gpts) if isinstance(p.detector_gpts, int) else tuple(p.detector_gpts)
         else:
@@ -372,12 +379,7 @@ class STEM4D(ForwardModel):
                     f"only up to {amax:.1f} mrad (2/3 band limit); use sampling_A <= "
                     f"{p.sampling_A * amax / outer:.4f} Å, or outer angle null (= up to {amax:.0f} mrad)"
                 )
-        if p.window_gpts is not None:
-            window = (p.window_gpts, p.window_gpts) if isinstance(p.window_gpts, int) else tuple(p.window_gpts)
-        elif p.detector_sampling_mrad is not None:
-            window = window_gpts_for(p.detector_sampling_mrad, sampling, p.energy_keV)
-        else:
-            window = _auto_window(gpts, sampling, p.energy_keV, p.semiangle_mrad, ab, xp)
+        window = _explicit_window(p, sampling) or _auto_window(gpts, sampling, p.energy_keV, p.semiangle_mrad, ab, xp)
         if window[0] > gpts[0] or window[1] > gpts[1]:
             raise TembenchError(
                 f"stem4d: the probe window {window} px is larger than the field of view {gpts} px "

@@ -44,8 +44,8 @@ GRADIENT_BATCH_BYTES = 32 * 2**20
 STANDARD_DETECTORS_MRAD = {"bf": (0.0, None), "abf": (None, None), "adf": (None, 200.0), "haadf": (60.0, 200.0)}
 
 
-def scan_positions(start_A, end_A, step_A, endpoint: bool = False) -> np.ndarray:
-    """Raster of probe positions (n_y, n_x, 2) as (y, x) Å from ``start_A`` to ``end_A`` with ``step_A``."""
+def scan_shape(start_A, end_A, step_A, endpoint: bool = False) -> tuple[int, int]:
+    """(n_y, n_x) of :func:`scan_positions`, without building the raster (pre-run estimates)."""
     sy0, sx0 = (float(v) for v in np.broadcast_to(np.asarray(start_A, float), (2,)))
     ey, ex = (float(v) for v in np.broadcast_to(np.asarray(end_A, float), (2,)))
     dy, dx = (float(v) for v in np.broadcast_to(np.asarray(step_A, float), (2,)))
@@ -57,7 +57,14 @@ def scan_positions(start_A, end_A, step_A, endpoint: bool = False) -> np.ndarray
     else:  # positions start + i·step < end
         ny = int(math.ceil((ey - sy0) / dy - 1e-9))
         nx = int(math.ceil((ex - sx0) / dx - 1e-9))
-    ny, nx = max(ny, 1), max(nx, 1)
+    return max(ny, 1), max(nx, 1)
+
+
+def scan_positions(start_A, end_A, step_A, endpoint: bool = False) -> np.ndarray:
+    """Raster of probe positions (n_y, n_x, 2) as (y, x) Å from ``start_A`` to ``end_A`` with ``step_A``."""
+    ny, nx = scan_shape(start_A, end_A, step_A, endpoint)
+    sy0, sx0 = (float(v) for v in np.broadcast_to(np.asarray(start_A, float), (2,)))
+    dy, dx = (float(v) for v in np.broadcast_to(np.asarray(step_A, float), (2,)))
     y = sy0 + dy * np.arange(ny)
     x = sx0 + dx * np.arange(nx)
     return np.stack(np.meshgrid(y, x, indexing="ij"), axis=-1)
