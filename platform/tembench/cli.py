@@ -19,11 +19,10 @@ EXIT_UNITS_FAILED = 1
 
 
 def _check_out(out: str | None) -> None:
-    if out is not None:
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise TembenchError(f"--out {out!r} is a file; give a folder (it is created if missing). Nothing was "
-                                "written.")
+    if out is not None:  # refused before the plan is printed; the runner checks it again
+        from tembench.store import check_output_folder
+
+        check_output_folder(out, "--out")
 
 
 def _load(args):

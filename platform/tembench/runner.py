@@ -41,7 +41,7 @@ from tembench.errors import RunDirectoryError
 from tembench.executors import make_executor
 from tembench.registry import Registry, get_registry
 from tembench.scenario import Scenario, ScenarioSpec, check_executor, stable_hash
-from tembench.store import RunStore, StageCache, check_output_root, dumps
+from tembench.store import RunStore, StageCache, check_output_folder, check_output_root, dumps
 
 PREVIEW_MAX_PIXELS = 384
 
@@ -393,9 +393,7 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     kind = executor or scenario.executor or spec.executor.kind
     n_workers = workers or scenario.workers or spec.executor.workers
     check_executor(kind, n_workers)  # before anything is written
-    root = Path(out) if out is not None else scenario.output_root
-    if root.exists() and not root.is_dir():
-        raise RunDirectoryError(f"output folder {str(root)!r} is a file; choose a folder. Nothing was written.")
+    root = check_output_folder(Path(out) if out is not None else scenario.output_root)
     ident = run_identity(scenario, registry)
     rid = run_id or "run-" + stable_hash(ident)[:12]
     run_dir = root / rid

@@ -160,6 +160,15 @@ def load_table(run_dir: Path) -> pd.DataFrame:
     return rows_to_table(rows)
 
 
+def check_output_folder(root: Path | str, what: str = "output folder") -> Path:
+    """Refuse an output folder that exists as a file (before anything is written)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunDirectoryError(f"{what} {str(root)!r} is a file; give a folder (it is created if missing). "
+                                "Nothing was written.")
+    return root
+
+
 def check_output_root(root: Path, scenario_name: str) -> None:
     """An output folder belongs to one scenario; refuse to mix another scenario's runs into it."""
     marker = Path(root) / ROOT_MARKER

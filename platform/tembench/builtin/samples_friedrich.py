@@ -21,7 +21,15 @@ RMS_PT_A = 0.065  # Pt at 300 K: B ≈ 0.33 Å², rms = sqrt(B / 8π²)
 RMS_TABLE_4_1_A = 0.08  # Friedrich Table 4.1 (training data)
 
 
-class PtBulk(SampleModel):
+class _CrystalBacked(SampleModel):
+    """A sample that is a :class:`Crystal` with derived params (``crystal_params``): its pre-run estimate is the crystal's."""
+
+    @classmethod
+    def preflight(cls, params, upstream=None):
+        return crystal_footprint(cls.crystal_params(params), cls.name)
+
+
+class PtBulk(_CrystalBacked):
     """Pt bulk crystal in [001] (Friedrich 2023 §2.3, Fig. 2.7): thickness in unit cells (2…75), periodic laterally."""
 
     name = "pt_bulk"
@@ -40,17 +48,13 @@ class PtBulk(SampleModel):
                               repeat=(params.lateral_cells, params.lateral_cells, params.thickness_cells),
                               rms_displacement_A=params.rms_displacement_A)
 
-    @classmethod
-    def preflight(cls, params: Params, upstream=None):
-        return crystal_footprint(cls.crystal_params(params), cls.name)
-
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         s = build_crystal(self.crystal_params(params), rng, name="pt_bulk")
         s.metadata["thickness_A"] = float(s.cell_A[2])
         return s
 
 
-class PtNanoparticle(SampleModel):
+class PtNanoparticle(_CrystalBacked):
     """Spherical Pt nanoparticle, diameter in unit cells (11, Friedrich Fig. 2.9) in [100], in vacuum.
 
     The sphere is centred on an atom (``centre: atom``) or on an octahedral interstice
@@ -76,10 +80,6 @@ class PtNanoparticle(SampleModel):
                               shape="sphere", radius_A=params.diameter_cells * params.a_A / 2,
                               origin_shift_frac=shift, padding_A=params.padding_A,
                               rms_displacement_A=params.rms_displacement_A)
-
-    @classmethod
-    def preflight(cls, params: Params, upstream=None):
-        return crystal_footprint(cls.crystal_params(params), cls.name)
 
     def build(self, params: Params, rng: np.random.Generator) -> Sample:
         s = build_crystal(self.crystal_params(params), rng, name="pt_nanoparticle")
