@@ -1,0 +1,10 @@
+"""Hook implementations of the You 2025 plugin (entry point ``you2025``)."""
+
+from __future__ import annotations
+
+from tembench import hookimpl
+
+
+@hookimpl
+def tembench_register_reconstructors():
+    return []
