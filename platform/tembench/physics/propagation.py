@@ -64,21 +64,26 @@ def propagator(gpts, sampling_A, wavelength_A: float, dz_A: float, kind: str = "
     lam = float(wavelength_A)
     ky, kx = spatial_frequencies(gpts, sampling_A, xp=np, dtype=np.float64)
     k2 = ky**2 + kx**2
+    mask = band_limit_mask(gpts, sampling_A, band_limit)
     if kind == "fresnel":
         phase = -math.pi * lam * dz_A * k2
     else:
         arg = 1.0 / lam**2 - k2
-        if np.any(arg <= 0):
+        # only frequencies the band limit keeps must propagate; beyond it the propagator is 0 anyway
+        kept = mask > 0
+        if np.any(arg[kept] <= 0):
+            k_max = float(np.sqrt(k2[kept].max()))
             raise TembenchError(
-                f"sampling_A {sampling_A} resolves frequencies beyond 1/λ = {1 / lam:.1f} 1/Å (evanescent); "
-                "use a coarser sampling"
+                f"sampling_A {sampling_A} with band_limit {band_limit} keeps frequencies up to {k_max:.1f} 1/Å, "
+                f"beyond 1/λ = {1 / lam:.1f} 1/Å (evanescent waves); use a coarser sampling or a lower band_limit"
             )
+        arg = np.where(kept, arg, 1.0 / lam**2)
         # 2πΔz(sqrt(1/λ² − k²) − 1/λ) written to avoid cancellation at small k
-        phase = -2.0 * math.pi * dz_A * k2 / (np.sqrt(arg) + 1.0 / lam)
+        phase = np.where(kept, -2.0 * math.pi * dz_A * k2 / (np.sqrt(arg) + 1.0 / lam), 0.0)
     ty, tx = (float(t) * 1e-3 for t in tilt_mrad)
     if ty or tx:
         phase = phase - 2.0 * math.pi * dz_A * (ky * math.tan(ty) + kx * math.tan(tx))
-    p = np.exp(1j * phase) * band_limit_mask(gpts, sampling_A, band_limit)
+    p = np.exp(1j * phase) * mask
     return xp.asarray(p.astype(np.complex64))
 
 
