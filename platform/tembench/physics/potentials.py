@@ -174,6 +174,27 @@ def slice_edges(slice_thickness_A, z_range_A) -> np.ndarray:
     return z0 + np.concatenate([[0.0], np.cumsum(dz)])
 
 
+def slice_thicknesses(slice_thickness_A, z_range_A) -> np.ndarray:
+    """Per-slice thicknesses (n_slices,) in Å of :func:`slice_edges`: pass these, not the nominal
+    thickness, to the multislice functions, so a thinner last slice is propagated by its own Δz."""
+    return np.diff(slice_edges(slice_thickness_A, z_range_A))
+
+
+def sliced_potential(sample, *, gpts, sampling_A, slice_thickness_A, parametrization: str = "lobato",
+                     rms_displacement_A=None, rng=None, xp=np, band_limit: float | None = None):
+    """Slices of a :class:`~tembench.types.Sample` over its whole cell along the beam, z ∈ [0, cell_z).
+
+    Returns ``(potentials (n, ny, nx) V·Å, thicknesses_A (n,))``; the last slice is thinner when the
+    thickness does not divide the cell (e.g. 98 slices for a 48.87 Å cell at 0.5 Å, the last 0.37 Å),
+    and the thicknesses say so, so the propagation matches the slicing by construction.
+    """
+    z_range = (0.0, float(sample.cell_A[2]))
+    v = projected_potential(sample.positions_A, sample.numbers, gpts=gpts, sampling_A=sampling_A,
+                            slice_thickness_A=slice_thickness_A, z_range_A=z_range, parametrization=parametrization,
+                            rms_displacement_A=rms_displacement_A, rng=rng, xp=xp, band_limit=band_limit)
+    return v, slice_thicknesses(slice_thickness_A, z_range)
+
+
 def _assign_slices(z: np.ndarray, edges: np.ndarray) -> np.ndarray:
     idx = np.searchsorted(edges, z, side="right") - 1
     # atoms on/behind the boundaries (including frozen-phonon excursions) go to the end slices
@@ -229,7 +250,12 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
     slice_thickness_A : None → one slice holding every atom; a float or per-slice sequence → slices
         from ``z_range_A[0]`` (see :func:`slice_edges`). Each atom goes wholly into the slice
         containing its centre (infinite projection); atoms outside the range go to the end slices.
-    z_range_A : (z0, z1) in Å; default (min z, max z) of the atoms.
+    z_range_A : (z0, z1) in Å. Default: from the lowest atom z over whole slices of a scalar
+        ``slice_thickness_A`` (the last slice is never thinner, so propagating every slice by the
+        nominal thickness is right); one slice from the lowest to the highest atom without slicing.
+        With an explicit range that the thickness does not divide, the last slice is thinner:
+        propagate with :func:`slice_thicknesses` (or use :func:`sliced_potential` for a Sample's
+        whole cell).
     rms_displacement_A, rng : frozen phonons — if both are given, every atom is displaced by
         N(0, rms²) independently along x, y and z (rms scalar or per atom, Å).
     band_limit : if given, keep only |k| below this fraction of the Nyquist frequency (the multislice
@@ -247,6 +273,10 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
         pos = pos + rng.standard_normal(pos.shape) * rms[:, None]
     if z_range_A is None:
         z_range_A = (float(pos[:, 2].min()), float(pos[:, 2].max())) if len(pos) else (0.0, 0.0)
+        if slice_thickness_A is not None and np.ndim(slice_thickness_A) == 0 and float(slice_thickness_A) > 0:
+            dz = float(slice_thickness_A)
+            n_whole = max(1, int(math.ceil((z_range_A[1] - z_range_A[0]) / dz - 1e-9)))
+            z_range_A = (z_range_A[0], z_range_A[0] + n_whole * dz)
     if slice_thickness_A is None:
         edges = np.array([float(z_range_A[0]), float(z_range_A[1])])
     else:
