@@ -439,13 +439,24 @@ def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, p
 def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, energy_keV: float, sampling_A,
                            positions_A, probe, propagator: str = "fresnel",
                            band_limit: float | None = DEFAULT_BAND_LIMIT, bandlimit_transmission: bool = False,
-                           complex_potential: bool = False, batch_size: int | None = None, xp=None):
+                           complex_potential: bool = False, batch_size: int | None = None,
+                           return_position_gradient: bool = False, return_position_curvature: bool = False,
+                           amplitude_eps: float = 0.0, xp=None):
     """Amplitude loss Σ(√Î − √I)² of 4D-STEM patterns and its gradients (You 2025 Alg. 1).
 
     ``measured_patterns`` (N, wy, wx) fftshifted at the window's native sampling (no binning);
     ``probe`` (M, wy, wx) modes. Returns ``(loss, grad_potentials (n, NY, NX), grad_probe (M, wy, wx))``
     with grad_probe = 2∂L/∂ψ* of the window-centred real-space modes. The transmission is not
     band-limited by default here, so the gradient is exact for t = exp(iσv).
+
+    ``amplitude_eps`` ε > 0 gives You eq 16, L = Σ(√(Î+ε) − √(I+ε))² (ε in the patterns' units).
+    ``return_position_gradient`` appends ∂L/∂ρ (N, 2) float64, (y, x) per Å: the incident wave is
+    ψ_b = F⁻¹{P·r_b} with r_b = exp(−2πi k·f_b) and f_b the sub-pixel rest of ρ_b (the whole-pixel
+    window origin is piecewise constant), so ∂ψ_b/∂ρ = F⁻¹{P·r_b·(−2πi k)} and, by Parseval,
+    ∂L/∂ρ = Re Σ_k conj(F{g_b})·P·r_b·(−2πi k)/(wy·wx) with g_b = 2∂L/∂ψ_b* from the back-propagation.
+    ``return_position_curvature`` also appends the Gauss–Newton matrix H_b = 2 Σ_k ∇_ρ√Î ∇_ρ√Îᵀ
+    (N, 2, 2) float64, per Å²: two more (linear) multislice passes of ∂ψ_b/∂ρ per batch, for
+    Newton-like position steps Δρ = −H⁻¹∂L/∂ρ.
     """
     xp = xp or get_array_module(potentials)
     potentials = xp.asarray(potentials)
@@ -463,6 +474,13 @@ def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, 
     grad_pad = sc.gradient_buffer(complex_potential)
     grad_k = xp.zeros(modes.shape, dtype=xp.complex64)
     loss = 0.0
+    want_pos = return_position_gradient or return_position_curvature
+    eps = float(amplitude_eps)
+    if eps < 0:
+        raise TembenchError(f"stem_loss_and_gradient: amplitude_eps must be >= 0, got {amplitude_eps}")
+    grad_pos = np.zeros((len(pos), 2), np.float64) if want_pos else None
+    curv_pos = np.zeros((len(pos), 2, 2), np.float64) if return_position_curvature else None
+    two_pi_k = ((-2j * math.pi) * sc.ky.astype(xp.float32), (-2j * math.pi) * sc.kx.astype(xp.float32))
     bs = min(batch_size or sc.batch_size(True), len(pos))
     for start in range(0, len(pos), bs):
         chunk = pos[start:start + bs]
@@ -471,10 +489,35 @@ def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, 
         far, waves = sc.forward(psi, origins, keep_waves=True)
         far = far.copy()
         inten = (far.real**2 + far.imag**2).sum(axis=1) * norm
-        lb, dl_di = intensity_amplitude_loss(inten, meas[start:start + len(chunk)])
+        m_b = meas[start:start + len(chunk)]
+        lb, dl_di = intensity_amplitude_loss(inten + eps, m_b + eps) if eps else intensity_amplitude_loss(inten, m_b)
         loss += lb
         g_far = (2.0 * norm) * dl_di[:, None] * far  # 2∂L/∂Ψ* for I = Σ|Ψ|²/N
         g_in = sc.backward(g_far, waves, origins, grad_pad, complex_potential)
+        g_in_k = fft2(g_in)
         # ψ_b = ifft(fft(p)·r_b) is a unitary circulant of the centred modes p: adjoint ifft(conj(r_b)·fft(g_b))
-        grad_k += (ramp.conj()[:, None] * fft2(g_in)).sum(axis=0)
-    return loss, sc.fold(grad_pad), ifft2(grad_k).astype(xp.complex64)
+        grad_k += (ramp.conj()[:, None] * g_in_k).sum(axis=0)
+        if want_pos:
+            shifted_k = sc.modes_k[None] * ramp[:, None]  # F{ψ_b} (B, M, wy, wx)
+            w = (g_in_k.conj() * shifted_k).sum(axis=1)  # (B, wy, wx)
+            for a in range(2):
+                grad_pos[start:start + len(chunk), a] = asnumpy((w * two_pi_k[a]).sum(axis=(-2, -1)).real) * norm
+        if return_position_curvature:
+            del waves
+            amp = xp.sqrt(inten + eps) if eps else xp.sqrt(xp.maximum(inten, 1e-30))
+            d_amp = []
+            for a in range(2):
+                d_far, _ = sc.forward(ifft2(shifted_k * two_pi_k[a]), origins)
+                d_int = (2.0 * norm) * (far.real * d_far.real + far.imag * d_far.imag).sum(axis=1)
+                d_amp.append(d_int / (2.0 * amp))
+            for a in range(2):
+                for b in range(a, 2):
+                    h = asnumpy(2.0 * (d_amp[a] * d_amp[b]).sum(axis=(-2, -1)).astype(xp.float64))
+                    curv_pos[start:start + len(chunk), a, b] = h
+                    curv_pos[start:start + len(chunk), b, a] = h
+    out = (loss, sc.fold(grad_pad), ifft2(grad_k).astype(xp.complex64))
+    if want_pos:
+        out = out + (grad_pos,)
+    if return_position_curvature:
+        out = out + (curv_pos,)
+    return out
