@@ -59,3 +59,24 @@ def test_table1_markdown_layout():
     assert md.splitlines()[2] == ("| 4(a) | ∞ | 60 × 3 | 180° | tv | — | 3.70 / 12.51 | 100.00 / 99.98 | "
                                   "0.00 / 0.00 | 99.80 / 98.63 |")
     assert "<td>3.70 / 12.51</td>" in table1.html_table(rows)
+
+
+def test_table1_note_is_computed_from_the_run_not_hard_coded():
+    import pandas as pd
+
+    from tembench_ren2020.table1 import note
+
+    sc = load_scenario(SCENARIOS / "ren2020_quick.yaml")
+    t = pd.DataFrame({"reconstructor_name": ["ren2020_multislice_aet"] * 2, "status": ["ok", "ok"],
+                      "n_true": [585, 590]})
+    text = note(t, sc)
+    assert "585–590 atoms" in text and "3.0 × 3.0 × 3.0 nm" in text and "whole box" in text
+    assert "2 600" not in text
+
+
+def test_ren_scenarios_classify_species_by_rens_measure():
+    """Ren's own site intensity (A·σ) is the default of every Ren scenario (issue 12 §4)."""
+    for path in sorted(SCENARIOS.glob("ren2020_*.yaml")):
+        sc = load_scenario(path)
+        params = [q.params for q in sc.points[0].spec.quantifiers if q.name == "atom_tracing"]
+        assert params and params[0].get("intensity_measure") == "peak_sigma", path
