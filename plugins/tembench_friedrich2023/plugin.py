@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from tembench import hookimpl
+from tembench_friedrich2023.quantify import ColumnFit, ColumnFitScore, CRLBPrecision
 
 
 @hookimpl
 def tembench_register_reconstructors():
-    return []
+    return [ColumnFit]
+
+
+@hookimpl
+def tembench_register_quantifiers():
+    return [ColumnFitScore, CRLBPrecision]
