@@ -181,32 +181,36 @@ class _Evaluator:
             f = f + np.bincount(flat[valid], weights=(m.height[:, None] * g)[valid], minlength=self.npix)
         return f
 
-    def model_and_jacobian(self, m: ColumnModel):
-        """f (npix,) and J (npix × n_params, CSC) of eq 2.19 at ``m``."""
+    def model_and_jacobian(self, m: ColumnModel, dense: bool = False):
+        """f (npix,) and J (npix × n_params; CSC, or a dense array if ``dense``) of eq 2.19 at ``m``."""
         parts = self._gauss(m)
         flat, valid, dx, dy, r2, g = parts
         f = self.model(m, parts)
-        n = len(m)
         hg = m.height[:, None] * g
         s = m.sigma_A[:, None]
         derivs = {_X: hg * dx / s ** 2, _Y: hg * dy / s ** 2, _H: g, _S: hg * r2 / s ** 3}
-        rows, cols, vals = [], [], []
         rr = flat[valid]
+        nb = len(m.background)
+        off = m.n_params - nb
+        if dense:
+            J = np.zeros((self.npix, m.n_params))
+            for kind, d in derivs.items():
+                idx = np.broadcast_to(m.index(kind)[:, None], flat.shape)[valid]
+                np.add.at(J, (rr, idx), d[valid])
+            J[:, off:] = self.bg_basis[:, :nb]
+            return f, J
+        rows, cols, vals = [], [], []
         for kind, d in derivs.items():
             idx = np.broadcast_to(m.index(kind)[:, None], flat.shape)[valid]
             rows.append(rr)
             cols.append(idx)
             vals.append(d[valid])
-        nb = len(m.background)
-        off = m.n_params - nb
         for b in range(nb):
             rows.append(np.arange(self.npix))
             cols.append(np.full(self.npix, off + b))
             vals.append(self.bg_basis[:, b])
         J = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                           shape=(self.npix, m.n_params))
-        if n == 0:
-            J = J.tocsc()
         return f, J
 
 
@@ -306,20 +310,30 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
     history = [cost]
     converged = False
     it = 0
+    dense = m.n_params <= _DENSE_PARAMS
+    if dense:
+        f, J = ev.model_and_jacobian(m, dense=True)
     for it in range(1, max_iter + 1):
-        w = np.ones_like(f) if loss == "lsq" else 1.0 / f
         r = yv - f
-        Jw = (sp.diags(w) @ J).tocsc() if loss != "lsq" else J
-        A = (Jw.T @ J).tocsc()
-        g = Jw.T @ r
+        if dense:
+            Jw = J if loss == "lsq" else J / f[:, None]
+            A = Jw.T @ J
+            g = Jw.T @ r
+        else:
+            if loss == "lsq":
+                Jw = J
+            else:
+                Jw = J.copy()
+                Jw.data = Jw.data / f[Jw.indices]        # W = 1/λ on the rows (CSC: indices are rows)
+            A = (Jw.T @ J).tocsc()
+            g = Jw.T @ r
         d = A.diagonal().copy()
         d[d <= 0] = 1.0
         accepted = False
         for _ in range(30):
-            M = (A + sp.diags(mu * d)).tocsc()
             try:
-                step = splu(M).solve(g)
-            except RuntimeError:
+                step = _solve_damped(A, d, mu, g, dense)
+            except (RuntimeError, np.linalg.LinAlgError):
                 mu *= 10.0
                 continue
             m_new = project(m.theta() + step)
@@ -336,11 +350,25 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
         m, cost = m_new, c_new
         history.append(cost)
         mu = max(mu / 10.0, 1e-12)
-        f, J = ev.model_and_jacobian(m)
+        f, J = ev.model_and_jacobian(m, dense=dense)
         if rel < rtol:
             converged = True
             break
     return FitResult(m, loss, cost, it, converged, time.perf_counter() - t0, history)
+
+
+_DENSE_PARAMS = 24      # up to this many parameters dense normal equations beat sparse overheads
+
+
+def _solve_damped(A, d, mu, g, dense):
+    """Solve (A + μ diag d) δ = g (Marquardt damping)."""
+    if dense:
+        M = A.copy()
+        M[np.diag_indices_from(M)] += mu * d
+        return np.linalg.solve(M, g)
+    M = A.copy()
+    M.setdiag(A.diagonal() + mu * d)
+    return splu(M.tocsc()).solve(g)
 
 
 def _linear_heights(ev: _Evaluator, m: ColumnModel, yv: np.ndarray) -> ColumnModel:
@@ -349,8 +377,8 @@ def _linear_heights(ev: _Evaluator, m: ColumnModel, yv: np.ndarray) -> ColumnMod
     free = np.concatenate([m.index(_H), np.arange(m.n_params - len(m.background), m.n_params)])
     Js = J[:, free]
     A = (Js.T @ Js).tocsc()
-    A = A + sp.diags(1e-12 * max(A.diagonal().max(), 1.0) * np.ones(A.shape[0]))
-    step = splu(A.tocsc()).solve(Js.T @ (yv - f))
+    step = _solve_damped(A if A.shape[0] > _DENSE_PARAMS else A.toarray(), np.ones(A.shape[0]),
+                         1e-12 * max(A.diagonal().max(), 1.0), Js.T @ (yv - f), A.shape[0] <= _DENSE_PARAMS)
     theta = m.theta()
     theta[free] += step
     return m.with_theta(theta)
