@@ -130,17 +130,24 @@ def test_source_size_on_4dstem_uses_the_scan_step_not_the_object_sampling():
     assert np.array_equal(out.data[:, :, 0, 0], img)  # every detector pixel blurred alike
 
 
-def test_pixel_unit_distortions_do_not_depend_on_the_step():
-    # scan jitter (shifts in scan pixels) and fast-scan smear (dwell / response times) are documented in
-    # pixel and time units: the same seed gives the same result for any scan step
+def test_fast_scan_smear_does_not_depend_on_the_step_and_jitter_is_in_angstrom():
+    # fast-scan smear is in time units (dwell / response): the same result for any scan step
     rng = np.random.default_rng(3)
     img = rng.random((24, 30)).astype(np.float32)
-    for cls in (ScanJitter, FastScanSmear):
-        a = cls().apply(Measurement("adf_image", img, ("y", "x"), Geometry(scan_step_A=(SY, SX))), cls.Params(),
-                        np.random.default_rng(5))
-        b = cls().apply(Measurement("adf_image", img, ("y", "x"), Geometry(scan_step_A=(1.0, 1.0))), cls.Params(),
-                        np.random.default_rng(5))
-        assert np.array_equal(a.data, b.data)
+    a = FastScanSmear().apply(Measurement("adf_image", img, ("y", "x"), Geometry(scan_step_A=(SY, SX))),
+                              FastScanSmear.Params(), np.random.default_rng(5))
+    b = FastScanSmear().apply(Measurement("adf_image", img, ("y", "x"), Geometry(scan_step_A=(1.0, 1.0))),
+                              FastScanSmear.Params(), np.random.default_rng(5))
+    assert np.array_equal(a.data, b.data)
+    # scan jitter is in Å: per axis, the shifts in scan pixels are the Å shifts over that axis' step
+    p = ScanJitter.Params(record_shifts=True)
+    ja = ScanJitter().apply(Measurement("adf_image", img, ("y", "x"), Geometry(scan_step_A=(SY, SX))), p,
+                            np.random.default_rng(5))
+    jb = ScanJitter().apply(Measurement("adf_image", img, ("y", "x"), Geometry(scan_step_A=(1.0, 1.0))), p,
+                            np.random.default_rng(5))
+    sa, sb = ja.extras["truth_scan_jitter_px"][0], jb.extras["truth_scan_jitter_px"][0]
+    assert np.allclose(sa[:, 0] * SY, sb[:, 0], rtol=1e-12) and np.allclose(sa[:, 1] * SX, sb[:, 1], rtol=1e-12)
+    assert ja.provenance[-1]["sigma_px"] == pytest.approx([p.sigma_y_A / SY, p.sigma_x_A / SX], rel=1e-12)
 
 
 def test_electron_events_keep_a_non_square_geometry_and_every_electron():

@@ -23,7 +23,7 @@ def test_pt_bulk_counts_and_thickness():
 
 def test_pt_nanoparticle_size_and_columns():
     s = build(F.PtNanoparticle, diameter_cells=6.0, padding_A=2.0)
-    r = 3.0 * A
+    r = 3.0 * A - A / (2 * np.sqrt(2))   # whole atoms (radius a/2√2) inside the 6-cell sphere
     assert np.all(np.linalg.norm(s.positions_A - s.cell_A / 2, axis=1) <= r + 1e-9)
     assert abs(len(s) / (4 / 3 * np.pi * r**3 * 4 / A**3) - 1) < 0.08
     # [100] projection: columns on a square grid of a/2

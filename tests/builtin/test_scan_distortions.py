@@ -42,7 +42,8 @@ def test_ar1_series_stationary_variance_and_autocorrelation():
 def test_jitter_shifts_recovered_from_ramps_match_phi():
     ny, nx = 3000, 64
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    p = ScanJitter.Params(phi_x=0.6, sigma_x_px=0.3, phi_y=0.4, sigma_y_px=0.2, record_shifts=True)
+    # σ in Å at the 0.2 Å step of adf(): 0.3 / 0.2 scan pixels
+    p = ScanJitter.Params(phi_x=0.6, sigma_x_A=0.06, phi_y=0.4, sigma_y_A=0.04, record_shifts=True)
     # linear ramps are reproduced exactly by bilinear interpolation, away from the edges
     out_x = ScanJitter().apply(adf(xx), p, np.random.default_rng(1))
     out_y = ScanJitter().apply(adf(yy), p, np.random.default_rng(1))
@@ -62,10 +63,10 @@ def test_jitter_moves_whole_4d_patterns_like_2d_images():
     rng = np.random.default_rng(2)
     data = rng.random((12, 10, 3, 4)).astype(np.float32)
     m4 = Measurement("4dstem", data, ("scan_y", "scan_x", "k_y", "k_x"), Geometry(scan_step_A=(0.5, 0.5)))
-    p = ScanJitter.Params(sigma_x_px=0.7, sigma_y_px=0.5)
+    p = ScanJitter.Params(sigma_x_A=0.35, sigma_y_A=0.25)   # 0.7 / 0.5 scan pixels at the 0.5 Å step
     out4 = ScanJitter().apply(m4, p, np.random.default_rng(7)).data
     for a, b in [(0, 0), (2, 3), (1, 2)]:
-        out2 = ScanJitter().apply(adf(data[:, :, a, b]), p, np.random.default_rng(7)).data
+        out2 = ScanJitter().apply(adf(data[:, :, a, b], step=0.5), p, np.random.default_rng(7)).data
         assert np.allclose(out4[:, :, a, b], out2, atol=1e-6)
     # an independent series per tilt: frames of a tilt series differ
     mt = Measurement("4dstem_tilt_series", np.stack([data, data]), ("tilt", "scan_y", "scan_x", "k_y", "k_x"),
@@ -81,21 +82,22 @@ def test_jitter_rejects_plane_wave_images():
 
 
 @pytest.mark.parametrize("model", ["exponential", "half_lorentzian"])
-def test_fast_scan_psf_integral_and_shape(model):
-    w = fast_scan_kernel(4096, 0.5, 0.5, model)
-    assert w.sum() == pytest.approx(1.0) and np.all(np.diff(w) <= 0)
-    if model == "exponential":
+@pytest.mark.parametrize("arrival", ["uniform", "pixel_start"])
+def test_fast_scan_psf_integral_and_shape(model, arrival):
+    w = fast_scan_kernel(4096, 0.5, 0.5, model, arrival)
+    assert w.sum() == pytest.approx(1.0, abs=2e-4) and np.all(np.diff(w[1:]) <= 0)   # 1/t² tail beyond 4096 px
+    if model == "exponential" and arrival == "pixel_start":
         assert w[1] / w[0] == pytest.approx(np.exp(-1.0))          # β·dwell = 1
-    else:
+    elif model == "half_lorentzian" and arrival == "pixel_start":
         # half-Lorentzian with HWHM τ: CDF(τ) = (2/π) atan(1) = 0.5
-        edges = np.arange(4097) * 0.5
-        assert np.interp(0.5, edges[1:], np.cumsum(fast_scan_kernel(4096, 0.5, 0.5, model))) == pytest.approx(0.5, abs=0.02)
-    # a single bright pixel is smeared toward +x only and the line keeps its total intensity
+        assert w[0] == pytest.approx(0.5, abs=1e-12)
+    # a single bright pixel is smeared toward +x only; the line keeps what falls inside it
     img = np.zeros((4, 256))
     img[:, 100] = 1.0
-    out = FastScanSmear().apply(adf(img), FastScanSmear.Params(model=model), np.random.default_rng(0)).data
+    out = FastScanSmear().apply(adf(img), FastScanSmear.Params(model=model, arrival=arrival),
+                                np.random.default_rng(0)).data
     assert np.allclose(out[:, :100], 0, atol=1e-6)
-    w_line = fast_scan_kernel(256, 0.5, 0.5, model)   # the kernel over one scan line
+    w_line = fast_scan_kernel(256, 0.5, 0.5, model, arrival)   # the kernel over one scan line
     assert np.allclose(out[0, 100:], w_line[:156], atol=1e-6)
     assert out[0].sum() == pytest.approx(w_line[:156].sum(), rel=1e-5)
 

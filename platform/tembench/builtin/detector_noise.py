@@ -24,6 +24,7 @@ from pydantic import Field
 
 from tembench import NoiseModel, hookimpl
 from tembench.builtin.noise import DoseParams, dose_bookkeeping, poisson_counts
+from tembench.builtin.scan_distortions import noise_chain_names
 from tembench.errors import TembenchError
 from tembench.types import Measurement
 
@@ -46,6 +47,12 @@ class ScintillatorPMT(NoiseModel):
     (Fig. 2.3). Defaults from the thesis: m_c = 1 photon per kV, η = 0.25, δ = 4, n = 10.
     ``output``: ``electrons`` (one electron = 1), ``normalized`` (divided by α: eq 2.13, back
     to the input's intensity scale) or ``anode`` (electrons at the PMT anode, × m_c η δⁿ).
+
+    Chain order (Ch. 2): ``source_size`` → ``scan_jitter`` → ``scintillator_pmt`` →
+    ``fast_scan_smear``. Refused: a second ``scintillator_pmt`` (detector noise applied twice),
+    input already smeared by ``fast_scan_smear`` (the smear is this detector's response, after
+    it), and counted input that is no longer whole electron counts (counts interpolated or
+    blurred after ``poisson_dose``).
     """
 
     name = "scintillator_pmt"
@@ -72,6 +79,20 @@ class ScintillatorPMT(NoiseModel):
         if any(a.startswith("k_") for a in m.axes) or m.kind == "eer":
             raise TembenchError(f"scintillator_pmt models an integrating ADF/BF detector; {m.kind!r} comes from a "
                                 "pixelated camera. Use poisson_dose for 4D-STEM, or integrate a virtual detector first.")
+        chain = noise_chain_names(m)
+        if self.name in chain:
+            raise TembenchError(f"scintillator_pmt: the measurement already carries scintillator–PMT detector noise "
+                                f"(noise chain so far: {chain}); detector noise is applied once, to the electron "
+                                "counts. Remove the second scintillator_pmt from the noise chain.")
+        if "fast_scan_smear" in chain:
+            raise TembenchError(f"scintillator_pmt: the input was already smeared by fast_scan_smear (noise chain so "
+                                f"far: {chain}); the smear is the response of this detector to the electrons it "
+                                "detects. Order the chain source_size → scan_jitter → scintillator_pmt → "
+                                "fast_scan_smear.")
+        if m.counted and not np.array_equal(np.asarray(m.data), np.round(np.asarray(m.data))):
+            raise TembenchError(f"scintillator_pmt: the counted input is not whole electron counts (noise chain so "
+                                f"far: {chain}): it was changed after counting. Put scintillator_pmt directly after "
+                                "poisson_dose (or give it the dose itself), before fast_scan_smear.")
         energy = params.energy_keV or m.geometry.energy_keV or 300.0
         m_c = params.photons_per_kV * energy
         rel = single_electron_relative_sigma(m_c, params.quantum_efficiency, params.dynode_gain, params.photon_count_std)

@@ -114,6 +114,10 @@ class PoissonDose(NoiseModel):
         if m.counted:
             raise TembenchError(f"poisson_dose: measurement {m.kind!r} is already counted (provenance: "
                                 f"{[p.get('component') for p in m.provenance]}); apply dose noise only once.")
+        if any((p.get("component") or p.get("name")) == "fast_scan_smear" for p in m.provenance):
+            raise TembenchError("poisson_dose: the input was already smeared by fast_scan_smear; the smear is the "
+                                "detector's response to the counted electrons. Order the chain source_size → "
+                                "scan_jitter → poisson_dose → fast_scan_smear.")
         n_e, geometry = dose_bookkeeping(m, params.dose_e_per_A2, params.dose_mode, params.electrons_per_pattern,
                                          who=self.name)
         record = {"component": self.name, "params": params.model_dump(),

@@ -55,29 +55,44 @@ class PtBulk(_CrystalBacked):
 
 
 class PtNanoparticle(_CrystalBacked):
-    """Spherical Pt nanoparticle, diameter in unit cells (11, Friedrich Fig. 2.9) in [100], in vacuum.
+    """Spherical Pt nanoparticle, 11 unit cells in diameter, in [100], in vacuum (Friedrich Fig. 2.9: 333 columns).
 
-    The sphere is centred on an atom (``centre: atom``) or on an octahedral interstice
-    (``octahedral``, ½ 0 0); the number of atom columns along the beam is in metadata (the
-    thesis reports 333; an atom-centred 11-cell sphere has 373, an octahedral-centred 10.3-cell
-    one exactly 333).
+    The thesis gives the shape (sphere), size (11 unit cells across), orientation ([100]) and
+    the count, 333 atomic columns, but not the construction. The defaults reproduce all four:
+    the sphere is centred like a cube of 11 × 11 × 11 unit cells, on an octahedral interstice
+    (``centre: octahedral``), and ``atoms_inside: whole`` keeps the atoms that lie wholly inside
+    it — atoms as touching hard spheres of radius a/(2√2), half the nearest-neighbour distance —
+    so the particle's outer surface, not its outermost atom centres, is 11 cells across (333
+    columns, 2310 atoms; any diameter of 10.25–10.34 cells for the atom centres gives 333).
+    ``atoms_inside: centre`` keeps every atom centre within the sphere (an atom-centred 11-cell
+    sphere then has 373 columns). The column count along the beam is in metadata.
     """
 
     name = "pt_nanoparticle"
+    version = "2"  # v1 default: atom-centred sphere of atom centres, 373 columns at 11 cells
 
     class Params(Params):
-        diameter_cells: float = Field(11.0, gt=0, description="particle diameter in unit cells of a_A")
+        diameter_cells: float = Field(11.0, gt=0, description="particle diameter in unit cells of a_A (thesis: 11)")
         a_A: float = Field(A_PT, gt=0, description="Pt lattice constant in Å")
         zone_axis: Vec3i = Field((1, 0, 0), description="direction along the beam")
-        centre: Literal["atom", "octahedral"] = Field("atom", description="site at the sphere centre")
+        centre: Literal["atom", "octahedral"] = Field("octahedral", description="site at the sphere centre: an "
+                                                      "octahedral interstice (centre of a block of unit cells) or an atom")
+        atoms_inside: Literal["whole", "centre"] = Field("whole", description="keep atoms lying wholly inside the "
+                                                         "sphere (hard-sphere radius a/2√2) or every atom centre in it")
         padding_A: float = Field(5.0, ge=0, description="vacuum around the particle in Å")
         rms_displacement_A: float | None = Field(RMS_PT_A, ge=0, description="rms thermal displacement per axis (Å)")
 
     @staticmethod
     def crystal_params(params: Params) -> Crystal.Params:
         shift = (0.0, 0.0, 0.0) if params.centre == "atom" else (0.5, 0.0, 0.0)
+        radius = params.diameter_cells * params.a_A / 2
+        if params.atoms_inside == "whole":
+            radius -= params.a_A / (2 * np.sqrt(2))
+        if radius <= 0:
+            raise TembenchError(f"pt_nanoparticle: diameter_cells {params.diameter_cells} is too small to hold a whole "
+                                "atom; use atoms_inside: centre or a larger diameter.")
         return Crystal.Params(material="Pt", crystalstructure="fcc", a_A=params.a_A, zone_axis=params.zone_axis,
-                              shape="sphere", radius_A=params.diameter_cells * params.a_A / 2,
+                              shape="sphere", radius_A=float(radius),
                               origin_shift_frac=shift, padding_A=params.padding_A,
                               rms_displacement_A=params.rms_displacement_A)
 
