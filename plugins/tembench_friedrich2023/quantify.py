@@ -112,9 +112,11 @@ def match_columns(true_x, true_y, fit_x, fit_y, radius_A: float) -> tuple[np.nda
 class ColumnFitParams(Params):
     positions_A: list[tuple[float, float]] | None = Field(
         None, description="initial column positions (x, y) Å in the sample frame; None: peak finding")
-    min_distance_A: float = Field(1.0, gt=0, description="peak finding: minimum distance between columns (Å)")
+    min_distance_A: float = Field(0.8, gt=0, description="peak finding: minimum distance between columns (Å); "
+                                  "also the half-width of the maximum filter, so a faint column within this of a "
+                                  "bright one's shoulder is missed")
     smooth_A: float = Field(0.3, ge=0, description="peak finding: Gaussian smoothing σ (Å) before the maxima")
-    threshold_rel: float = Field(0.2, ge=0, lt=1, description="peak finding: minimum peak (above the image "
+    threshold_rel: float = Field(0.1, ge=0, lt=1, description="peak finding: minimum peak (above the image "
                                  "minimum) relative to the highest")
     peak_border_A: float = Field(0.0, ge=0, description="peak finding: drop peaks closer than this to the edge (Å)")
     sigma_init_A: float | None = Field(None, gt=0, description="starting width ρ (Å); None: 0.3 × nearest-neighbour "
@@ -278,8 +280,8 @@ class ColumnFitScore(Quantifier):
         library_scs_scale: float = Field(1.0, gt=0, description="multiply the library's SCS column by this")
         gmm_max_components: int = Field(10, ge=1, le=60)
         gmm_criterion: Literal["icl", "bic"] = "icl"
-        gmm_offset: int | None = Field(1, ge=0, description="atoms in the dimmest mixture component; None: from "
-                                       "the library")
+        gmm_offset: int | None = Field(None, ge=0, description="atoms in the dimmest mixture component; None: "
+                                       "aligned to the library if one is given, else 1")
         fit: dict[str, Any] | None = Field(default_factory=dict, description="column_fit parameters for "
                                            "reconstructions without fitted columns; null to skip those")
 
@@ -349,8 +351,8 @@ class ColumnFitScore(Quantifier):
             counts = counting.library_counts(scs, *lib)
             out.update({f"library_{k}": v for k, v in counting.counting_accuracy(counts, n_at).items()})
         if mode in ("gmm", "both") and len(scs) >= 5:
-            sel = counting.mixture_counts(scs, p.gmm_max_components, p.gmm_criterion,
-                                          offset=p.gmm_offset, library=lib)
+            offset = p.gmm_offset if p.gmm_offset is not None else (None if lib is not None else 1)
+            sel = counting.mixture_counts(scs, p.gmm_max_components, p.gmm_criterion, offset=offset, library=lib)
             out.update({f"gmm_{k}": v for k, v in counting.counting_accuracy(sel.counts, n_at).items()})
             out.update(gmm_k_icl=sel.k_icl, gmm_k_bic=sel.k_bic, gmm_icl_curve=sel.icl, gmm_bic_curve=sel.bic,
                        gmm_counts=sel.counts)

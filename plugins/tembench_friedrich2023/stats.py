@@ -50,7 +50,7 @@ def mean_ci(x, confidence: float = 0.95) -> tuple[float, float, float]:
     m, s = float(v.mean()), float(v.std(ddof=1))
     t = float(_st.t.ppf(0.5 + 0.5 * confidence, n - 1))
     half = t * s / np.sqrt(n)
-    return m, m - half, m + half
+    return m, float(m - half), float(m + half)
 
 
 def variance_ci(x, confidence: float = 0.95) -> tuple[float, float, float]:
