@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tembench import hookimpl
 from tembench_friedrich2023.quantify import ColumnFit, ColumnFitScore, CRLBPrecision
+from tembench_friedrich2023.restore import CNNRestore  # imports jax only when the step runs
 
 
 @hookimpl
@@ -14,3 +15,8 @@ def tembench_register_reconstructors():
 @hookimpl
 def tembench_register_quantifiers():
     return [ColumnFitScore, CRLBPrecision]
+
+
+@hookimpl
+def tembench_register_noise_models():
+    return [CNNRestore]
