@@ -99,9 +99,26 @@ def _cmd_list(args) -> int:
                         default = f"default {field.default!r}"
                     desc = f" — {field.description}" if field.description else ""
                     print(f"        {pname}: {type_name(field.annotation)}, {default}{desc}")
+                _print_metrics(cls)
         print()
     # a plugin that failed to load was reported once, by the registry, when it was loaded
     return 0
+
+
+def _print_metrics(cls) -> None:
+    """The metrics a component declares (``tembench.metrics.Metric``): unit, direction, range, role."""
+    from tembench.metrics import declared_metrics
+
+    metrics = declared_metrics(cls)
+    if not metrics:
+        if cls.kind == "quantifier":
+            print("      metrics: none declared (shown without unit or direction, left out of the verdict)")
+        return
+    print("      metrics:")
+    for key, m in metrics.items():
+        desc = f" — {m.description}" if m.description else ""
+        print(textwrap.fill(f"{key}: {m.summary()}{desc}", 110, initial_indent="        ",
+                            subsequent_indent="            "))
 
 
 def type_name(annotation) -> str:

@@ -94,6 +94,7 @@ class Quantifier(Component):
     kind = "quantifier"
     method = "score"
     accepts: ClassVar[tuple[str, ...]] = ("*",)
+    metrics: ClassVar[dict] = {}  # column (or shell pattern) -> tembench.metrics.Metric: unit, direction, …
 
     def score(self, reconstruction: Reconstruction, measurement: Measurement, sample: Sample,
               params: BaseModel) -> dict[str, Any]:  # pragma: no cover

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from tembench import Params, Quantifier, hookimpl
 from tembench._lazy import lazy_import
 from tembench.errors import TembenchError
+from tembench.metrics import Metric
 
 # the tracer pulls in scipy.ndimage, scipy.optimize and scikit-learn (~0.4 s): load it when scoring
 _tracing = lazy_import("tembench.analysis.atom_tracing")
@@ -38,6 +39,22 @@ class AtomTracing(Quantifier):
     name = "atom_tracing"
     accepts = ("volume",)
     version = "1"
+    metrics = {
+        "position_error_mean_pm": Metric("pm", "lower", (0.0, None), headline=True,
+                                         description="mean 3D distance of matched traced atoms from the true ones "
+                                                     "(Ren eq 7)"),
+        "position_error_median_pm": Metric("pm", "lower", (0.0, None), description="median 3D position error"),
+        "position_error_rms_pm": Metric("pm", "lower", (0.0, None), description="RMS 3D position error"),
+        "rms_error_*_pm": Metric("pm", "lower", (0.0, None), description="RMS position error along one axis"),
+        "pct_atoms_found": Metric("%", "higher", (0.0, 100.0), headline=True,
+                                  description="true atoms matched by a traced atom within the match radius"),
+        "pct_false_positives": Metric("%", "lower", (0.0, None), headline=True,
+                                      description="traced atoms with no true atom, % of the true atom count"),
+        "pct_correct_species": Metric("%", "higher", (0.0, 100.0), headline=True,
+                                      description="matched atoms classified as the right element"),
+        "trace_rounds": Metric("", None, (1.0, None), diagnostic=True, description="refinement rounds of the tracer"),
+        "n_*": Metric("atoms", None, (0.0, None), diagnostic=True, description="counts of true / traced / matched atoms"),
+    }
 
     class Params(Params):
         dog_sigmas_vox: tuple[float, float] = Field(

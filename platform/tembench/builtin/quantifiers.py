@@ -7,6 +7,7 @@ from pydantic import Field
 
 from tembench import Params, Quantifier, hookimpl
 from tembench.errors import TembenchError
+from tembench.metrics import Metric
 from tembench.physics import constants
 
 
@@ -107,6 +108,21 @@ class CrossCorrelation(Quantifier):
     name = "cross_correlation"
     accepts = ("image", "volume")
     version = "2"
+    metrics = {
+        "ncc": Metric("", "higher", (-1.0, 1.0), headline=True,
+                      description="Pearson correlation with the ground truth (1 = identical up to an affine map)"),
+        "rmse_scaled": Metric("truth units", "lower", (0.0, None), headline=True,
+                              description="RMSE after removing the mean and a least-squares scale fit, in the ground "
+                                          "truth's units (rad for phase images, V·Å for potential images, V for "
+                                          "volumes)"),
+        "rmse": Metric("recon. units", "lower", (0.0, None), comparable=False,
+                       description="RMSE after removing the mean, in the reconstruction's own units: comparable "
+                                   "only between methods that return the same quantity on the same scale (a "
+                                   "virtual detector's electron fractions are not a phase)"),
+        "gt_std": Metric("truth units", None, (0.0, None), diagnostic=True,
+                         description="standard deviation of the ground truth over the compared region (a property "
+                                     "of the sample, the same for every method)"),
+    }
 
     class Params(Params):
         lowpass_A: float | None = Field(None, gt=0, description="low-pass the ground truth to this resolution (Å), Gaussian")
@@ -155,6 +171,12 @@ class ImageStatistics(Quantifier):
     name = "image_statistics"
     accepts = ("image", "volume")
     version = "1"
+    metrics = {
+        "mean_value": Metric("recon. units", comparable=False,
+                             description="mean of the reconstruction (for ADF images: the scattered fraction)"),
+        "std_value": Metric("recon. units", comparable=False, description="standard deviation of the reconstruction"),
+        "contrast": Metric("", comparable=False, description="std / mean"),
+    }
 
     class Params(Params):
         border_px: int = Field(0, ge=0, description="pixels to ignore at every edge")

@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 
 from tembench import Params, Quantifier, hookimpl
 from tembench.errors import TembenchError
+from tembench.metrics import Metric
 
 
 def radial_power_spectrum(image: np.ndarray, sampling_A, n_bins: int | None = None, window: bool = True):
@@ -80,6 +81,17 @@ class SpectralResolution(Quantifier):
     name = "spectral_resolution"
     accepts = ("image",)
     version = "1"
+    metrics = {
+        "resolution_A": Metric("Å", "lower", (0.0, None), headline=True,
+                               description="1 / the highest frequency whose power is above the noise floor (blind)"),
+        "spectral_cutoff_A_inv": Metric("1/Å", "higher", (0.0, None), diagnostic=True,
+                                        description="the cut-off frequency k_c = 1 / resolution_A"),
+        "spectral_noise_floor": Metric("recon. units²", None, (0.0, None), diagnostic=True,
+                                       description="median ring power in the floor band"),
+        "resolution_limited_by_band": Metric("", None, (0.0, 1.0), diagnostic=True,
+                                             description="1 = the signal reaches the floor band: the resolution is a "
+                                                         "bound set by the sampling"),
+    }
 
     class Params(Params):
         floor_band: tuple[float, float] = Field((0.8, 1.0), description="noise-floor band, fractions of Nyquist")
