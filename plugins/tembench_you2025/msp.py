@@ -25,7 +25,8 @@ the ePIE/rPIE family), so that γ = 1 is a full Gauss–Newton step:
 * probe:    Δψ_i = −γ₂ · g_ψ / (2B)  (B patterns in the batch; |t| ≈ 1);
 * position: Δρ_b = −γ_ρ · (H_b + μI)⁻¹ ∂L/∂ρ_b, with H_b the 2×2 Gauss–Newton matrix of the amplitudes
   (from the core), μ = 10⁻³·mean trace, each update capped at half a pixel; the mean update over all
-  positions is removed each iteration (a common shift of object and positions is not measurable).
+  positions — by default its least-squares affine part in the nominal positions — is removed each iteration
+  (a common shift of object and positions is not measurable, an affine scan distortion barely).
 
 After every probe update the modes are orthogonalised: the eigenvectors U of the Gram matrix
 G = A Aᴴ (A = modes as rows) give ψ' = Uᴴ A, sorted by power — a unitary mixing that leaves Σ|ψ_i|²
@@ -42,10 +43,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tembench import Params
+from tembench import Params, Reconstruction, Reconstructor
 from tembench.backend import asnumpy
 from tembench.errors import TembenchError
 from tembench.physics.constants import interaction_constant, wavelength_A
@@ -66,14 +68,19 @@ class MSPParams(Params):
     start_probe_iter: int = Field(2, ge=0, description="refine the probe from this iteration on (0-based)")
     start_position_iter: int | None = Field(None, ge=0, description="refine positions from this iteration on; "
                                             "None: never")
-    step_size: float = Field(0.5, gt=0, le=10, description="object step γ₁ (1 = full Gauss–Newton step)")
-    probe_step_size: float = Field(0.5, gt=0, le=10, description="probe step γ₂ (1 = full Gauss–Newton step)")
-    position_step_size: float = Field(0.5, gt=0, le=10, description="position step (1 = full Newton step)")
+    step_size: float = Field(1.0, gt=0, le=10, description="object step γ₁ (1 = full Gauss–Newton step)")
+    probe_step_size: float = Field(0.25, gt=0, le=10, description="probe step γ₂ (1 = full Gauss–Newton step; "
+                                   "object and probe steps from one batch add up, so keep γ₁ + γ₂ ≲ 1.3)")
+    position_step_size: float = Field(1.0, gt=0, le=10, description="position step (1 = full Newton step)")
     illumination_reg: float = Field(0.1, gt=0, le=1, description="α of the object normalisation (1: ePIE-like)")
     l1_imag: float = Field(0.0, ge=0, description="λ of eq 16 on Im V (loss units per V·Å); 0: no shrinkage")
     eps: float = Field(1e-6, ge=0, description="ε of eq 16, in units of the normalised pattern (sum ≈ 1)")
     object_padding_A: float = Field(1.0, ge=0, le=1000, description="object field beyond the outermost probe "
                                     "windows (Å); room for refined positions")
+    position_frame: Literal["affine", "shift", "none"] = Field(
+        "affine", description="each iteration remove from the refined offsets their affine part (default) or mean "
+        "shift: the reconstruction stays in the nominal scan frame (a global shift is not measurable, an affine "
+        "scan distortion only weakly, as the object deforms with it)")
     max_position_shift_A: float = Field(2.0, gt=0, description="refined positions stay within this of nominal (Å)")
     extra_mode_power: float = Field(0.02, ge=0, lt=1, description="initial power fraction in modes 2…K")
     seed: int = Field(0, ge=0, description="seed of the batch order and the initial extra modes")
@@ -192,6 +199,20 @@ def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, ex
     return orthogonalize_modes(xp.asarray(modes.astype(np.complex64)), xp)
 
 
+def _remove_global_part(offsets, nominal, frame: str):
+    """Offsets minus their mean (``frame='shift'``) or their least-squares affine part in the nominal
+    positions (``'affine'``): that part moves object and positions together and is (nearly) not measurable."""
+    if frame == "none":
+        return offsets
+    if frame == "shift" or len(offsets) < 6:
+        return offsets - offsets.mean(axis=0)
+    c = nominal - nominal.mean(axis=0)
+    span = np.maximum(np.abs(c).max(axis=0), 1e-12)
+    design = np.column_stack([np.ones(len(c)), c / span])
+    coef, *_ = np.linalg.lstsq(design, offsets, rcond=None)
+    return offsets - design @ coef
+
+
 def _adjacent_batches(n: int, batch_size: int) -> list[np.ndarray]:
     """Contiguous runs of scan indices (raster order), sizes as equal as possible."""
     n_b = max(1, -(-n // batch_size))
@@ -305,7 +326,8 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
 
     batches = _adjacent_batches(n_pos, p.batch_size)
     hist: dict[str, list[float]] = {"loss": [], "loss_relative": [], "position_update_rms_A": [],
-                                    "probe_power_mode0": [], "time_s": []}
+                                    "probe_power_mode0": [], "step_scale": [], "time_s": []}
+    damp = 1.0
     sum_meas = total / scale  # = n_pos: Σ of normalised intensities, for the relative loss
     kw = dict(energy_keV=energy, sampling_A=s, complex_potential=p.reconstruct_absorption, amplitude_eps=p.eps,
               band_limit=p.band_limit, xp=xp)
@@ -337,7 +359,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
                 illum[oy:oy + wy, ox:ox + wx] += pint
             den = (2.0 * sigma**2 * p.n_slices) * ((1 - p.illumination_reg) * illum
                                                    + p.illumination_reg * float(illum.max()))
-            step = (p.step_size / den).astype(xp.float32)
+            step = (damp * p.step_size / den).astype(xp.float32)
             upd = sub - step * g_v
             if p.l1_imag > 0 and p.reconstruct_absorption:
                 thr = step * np.float32(p.l1_imag)
@@ -345,21 +367,20 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
                 upd = upd.real + 1j * (xp.sign(im) * xp.maximum(xp.abs(im) - thr, 0))
             v[:, y0:y1, x0:x1] = upd.astype(xp.complex64)
             if refine_probe:
-                probe = probe - (p.probe_step_size / (2.0 * len(idx))) * g_p
+                probe = probe - (damp * p.probe_step_size / (2.0 * len(idx))) * g_p
                 probe = orthogonalize_modes(probe.astype(xp.complex64), xp)
             if refine_pos:
                 g_pos, h_pos = out[3], out[4]
                 mu = 1e-3 * float(np.mean(np.trace(h_pos, axis1=1, axis2=2))) + 1e-30
-                d = -p.position_step_size * np.linalg.solve(h_pos + mu * np.eye(2), g_pos[..., None])[..., 0]
+                d = -damp * p.position_step_size * np.linalg.solve(h_pos + mu * np.eye(2), g_pos[..., None])[..., 0]
                 cap = 0.5 * np.asarray(s)
                 d = np.clip(d, -cap, cap)
                 dpos[idx] = d
                 pos[idx] += d
         if refine_pos:
-            shift = dpos.mean(axis=0)
-            pos -= shift
-            dpos -= shift
-            off = np.clip(pos - pos0, -p.max_position_shift_A, p.max_position_shift_A)
+            off = _remove_global_part(pos - pos0, pos0, p.position_frame)
+            dpos += off - (pos - pos0)
+            off = np.clip(off, -p.max_position_shift_A, p.max_position_shift_A)
             pos = np.clip(pos0 + off, org + lo_ok, org + hi_ok)
         hist["loss"].append(float(loss_it))
         hist["loss_relative"].append(float(loss_it / sum_meas))
@@ -367,6 +388,9 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
         pw = asnumpy((xp.abs(probe) ** 2).sum(axis=(-2, -1)))
         hist["probe_power_mode0"].append(float(pw[0] / pw.sum()))
         hist["time_s"].append(time.perf_counter() - t0)
+        if it > 0 and loss_it > 1.5 * hist["loss"][-2]:
+            damp *= 0.5  # a rising loss means the steps overshoot: halve them all (recorded in the history)
+        hist["step_scale"].append(damp)
         if not math.isfinite(loss_it):
             raise TembenchError(f"msp diverged at iteration {it} (loss {loss_it}); reduce step_size / probe_step_size")
         if progress is not None:
@@ -375,3 +399,79 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
                      origin_A=origin, slice_thickness_A=dz, pattern_scale=float(scale), history=hist)
 
 
+
+
+# --- the reconstructor ---------------------------------------------------------------------------
+class _PresentRows:
+    """Row view (N_present, k_y, k_x) of (N, k_y, k_x) patterns through an index list: a memory-mapped
+    data set is read batch by batch, never copied whole."""
+
+    def __init__(self, flat, present):
+        self.flat, self.present = flat, np.asarray(present)
+        self.shape = (len(self.present),) + tuple(flat.shape[1:])
+
+    def __getitem__(self, idx):
+        return np.asarray(self.flat[self.present[np.asarray(idx)]])
+
+
+def present_patterns(measurement, method: str = "msp"):
+    """(patterns (N, k_y, k_x) of the present positions, their nominal positions (N, 2) Å, their flat
+    indices, the scan shape) of a ``4dstem`` measurement, honouring ``extras['pattern_mask']``."""
+    if measurement.kind != "4dstem":
+        raise TembenchError(f"{method}: accepts measurement kind '4dstem', got {measurement.kind!r}")
+    data = measurement.data
+    if np.ndim(data) != 4:
+        raise TembenchError(f"{method}: 4D-STEM data must be (scan_y, scan_x, k_y, k_x), got shape {np.shape(data)}")
+    sy, sx, ky, kx = data.shape
+    pos = measurement.geometry.scan_positions_A
+    if pos is None:
+        raise TembenchError(f"{method} needs Geometry.scan_positions_A (the probe positions, Å)")
+    pos = np.asarray(pos, np.float64).reshape(-1, 2)
+    if len(pos) != sy * sx:
+        raise TembenchError(f"{method}: {len(pos)} scan positions for a {sy}x{sx} scan")
+    flat = data.reshape(sy * sx, ky, kx)
+    mask = measurement.extras.get("pattern_mask")
+    if mask is None:
+        return flat, pos, np.arange(sy * sx), (sy, sx)
+    mask = np.asarray(mask)
+    if mask.shape != (sy, sx) or mask.dtype != bool:
+        raise TembenchError(f"{method}: extras['pattern_mask'] must be bool of the scan shape {(sy, sx)}, "
+                            f"got {mask.dtype} {mask.shape}")
+    present = np.flatnonzero(mask.ravel())
+    if len(present) == 0:
+        raise TembenchError(f"{method}: extras['pattern_mask'] marks no pattern as present")
+    return _PresentRows(flat, present), pos[present], present, (sy, sx)
+
+
+class MSP(Reconstructor):
+    """Multislice ptychography (You 2025 Alg. 1): complex slice potentials, mixed-state probe and probe
+    positions from one 4D-STEM scan by minibatch gradient steps on the amplitude loss (eq 16).
+
+    Output: the projected potential Σ_n Re V_n (V·Å) over the scanned area on the reconstruction grid
+    (pixel λ/(n_k·Δα)); ``extras`` hold the complex slices on the whole field (``slices_VA``,
+    ``field_origin_A``), the probe modes, the refined and nominal positions of the patterns used.
+    Honours ``extras['pattern_mask']`` (absent patterns are ignored).
+    """
+
+    name = "msp"
+    accepts = ("4dstem",)
+    produces = "image"
+    version = "1"
+    supports_pattern_mask = True
+    Params = MSPParams
+
+    def reconstruct(self, measurement, params, xp):
+        patterns, pos, present, scan = present_patterns(measurement, self.name)
+        t0 = time.perf_counter()
+        res = reconstruct_msp(patterns, pos, measurement.geometry, params, xp=xp)
+        elapsed = time.perf_counter() - t0
+        yi, xi, org = res.scan_region(pos)
+        proj = res.projection()[yi, xi]
+        return Reconstruction(
+            kind="image", data=np.asarray(proj, np.float32), sampling_A=res.sampling_A,
+            quantity="projected_potential_VA", origin_A=org, history=dict(res.history),
+            extras={"slices_VA": res.potentials_VA, "field_origin_A": tuple(res.origin_A),
+                    "slice_thickness_A": res.slice_thickness_A, "probe_modes": res.probe,
+                    "positions_A": res.positions_A, "positions_nominal_A": pos, "pattern_indices": present,
+                    "pattern_scale": res.pattern_scale, "n_patterns_used": int(len(present))},
+            timings_s={"msp": elapsed})

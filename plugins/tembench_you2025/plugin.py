@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from tembench import hookimpl
+from tembench_you2025.msp import MSP
 
 
 @hookimpl
 def tembench_register_reconstructors():
-    return []
+    return [MSP]
