@@ -16,6 +16,18 @@ quantifier         ``score(reconstruction, measurement, sample, params)``       
 ``accepts`` lists measurement kinds (for quantifiers: reconstruction kinds ``image`` /
 ``volume``); ``"*"`` accepts anything. A noise model's ``produces`` of ``None`` means it
 returns the kind it was given.
+
+Two mechanisms reach beyond one (point, repeat, reconstructor) row:
+
+* **Half sets** — the ``half_sets`` noise step (last in the chain) splits a measurement into two
+  independent halves; the runner reconstructs each half with every reconstructor and a
+  quantifier finds them in ``reconstruction.extras["half_sets"]`` (``[A, B]``). A
+  ``split: positions`` half marks its patterns in ``measurement.extras["pattern_mask"]``; only
+  reconstructors with ``supports_pattern_mask = True`` receive one.
+* **Aggregates over repeats** — a quantifier with ``aggregates = True`` also gets
+  :meth:`Quantifier.aggregate` called once all repeats of a (point, reconstructor) are finished,
+  with the metrics its ``score`` returned for each repeat; the results go to the run's second
+  table, ``aggregates.parquet`` (:func:`tembench.store.load_aggregates`).
 """
 
 from __future__ import annotations
@@ -85,21 +97,51 @@ class Reconstructor(Component):
     method = "reconstruct"
     accepts: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[str] = "image"   # reconstruction kind: "image" or "volume"
+    #: True if the reconstructor honours ``measurement.extras["pattern_mask"]`` (bool (scan_y, scan_x),
+    #: False = pattern absent: ignore it), i.e. reconstructs from scattered probe positions. Only
+    #: then does the runner give it the halves of a ``half_sets`` step with ``split: positions``.
+    supports_pattern_mask: ClassVar[bool] = False
 
     def reconstruct(self, measurement: Measurement, params: BaseModel, xp) -> Reconstruction:  # pragma: no cover
         raise NotImplementedError
 
 
 class Quantifier(Component):
+    """Scores a reconstruction; optionally aggregates its scores over a point's repeats.
+
+    ``score`` runs per (point, repeat, reconstructor). If the measurement was split by the
+    ``half_sets`` step, ``reconstruction.extras["half_sets"]`` holds the reconstructions of the
+    two independent halves ``[A, B]`` (absent otherwise).
+
+    Set ``aggregates = True`` and implement :meth:`aggregate` for a metric over noise realisations
+    (e.g. the precision of an estimate vs its Cramér–Rao bound).
+    """
+
     kind = "quantifier"
     method = "score"
     accepts: ClassVar[tuple[str, ...]] = ("*",)
     metrics: ClassVar[dict] = {}  # column (or shell pattern) -> tembench.metrics.Metric: unit, direction, …
+    #: True: the runner calls :meth:`aggregate` once every repeat of a (point, reconstructor) is done
+    aggregates: ClassVar[bool] = False
 
     def score(self, reconstruction: Reconstruction, measurement: Measurement, sample: Sample,
               params: BaseModel) -> dict[str, Any]:  # pragma: no cover
         """Return a flat dict: scalars become table columns; arrays/lists are stored as artifacts."""
         raise NotImplementedError
+
+    def aggregate(self, repeats: list[dict[str, Any]], sample: Sample, params: BaseModel) -> dict[str, Any]:
+        """Metrics over the repeats of one (point, reconstructor); called only if ``aggregates`` is True.
+
+        ``repeats`` holds, for every repeat that finished without error (ordered by repeat index),
+        the dict this quantifier's :meth:`score` returned, read back from the run folder: scalars
+        as JSON gives them back (float, int, bool, str, None; floats exact), arrays and lists as
+        numpy arrays (exact; 0-d arrays as scalars). It runs in the runner's main process, also for
+        repeats finished in an earlier (resumed) session, so fresh and resumed runs agree bit for
+        bit. Return a flat dict like :meth:`score` (scalars → columns of ``aggregates.parquet``,
+        arrays → artifacts). An exception is recorded in the aggregate row; the run goes on.
+        """
+        raise NotImplementedError(f"quantifier {self.name!r} sets aggregates = True but does not implement "
+                                  "aggregate(repeats, sample, params)")
 
 
 BASES: dict[str, type[Component]] = {

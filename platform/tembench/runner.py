@@ -13,10 +13,20 @@ and writes one row per (point, repeat, reconstructor).
 * Each finished row is written at once, atomically, keyed by (point, repeat, reconstructor):
   a kill loses at most the units in flight and a re-run never duplicates a row.
 * A failing stage is recorded in its rows (error + traceback) and the sweep goes on.
+* Half sets: if the noise chain ends with ``half_sets``, every reconstructor also reconstructs
+  halves A and B (each its own cached stage, keyed by :func:`half_recon_key`), and quantifiers
+  see them as ``reconstruction.extras["half_sets"] = [A, B]``; the full-data reconstruction
+  stays the main one.
+* Aggregates: once every repeat of a point is finished (in this session or an earlier one), the
+  main process calls ``aggregate`` of every quantifier with ``aggregates = True`` on the scores
+  read back from the run folder, and writes ``aggregates.parquet`` / ``.csv``
+  (one row per point × reconstructor × aggregating quantifier).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import platform as _platform
 import re
@@ -37,11 +47,12 @@ import tembench
 from tembench import identity
 from tembench.backend import asnumpy, get_array_module
 from tembench.components import accepts_kind
-from tembench.errors import RunDirectoryError
+from tembench.errors import RunDirectoryError, TembenchError
 from tembench.executors import make_executor
 from tembench.registry import Registry, get_registry
 from tembench.scenario import Scenario, ScenarioSpec, check_executor, stable_hash
 from tembench.store import RunStore, StageCache, check_output_folder, check_output_root, dumps
+from tembench.types import HALF_SETS, half_measurement, has_half_sets
 
 PREVIEW_MAX_PIXELS = 384
 
@@ -82,6 +93,11 @@ def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[st
     recon = {r.key: stable_hash({"stage": "recon", "up": noise, "c": _component_id(registry, "reconstructor", r)})
              for r in spec.reconstructors}
     return StageKeys(sample, forward, noise, recon, steps)
+
+
+def half_recon_key(recon_key: str, index: int) -> str:
+    """Stage key of the reconstruction of half set ``index`` (0 = A, 1 = B) of a reconstructor's input."""
+    return stable_hash({"stage": "recon_half", "up": recon_key, "half": int(index)})
 
 
 def rng_for(key: str, seed: int) -> np.random.Generator:
@@ -152,10 +168,25 @@ def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, step_keys:
     for n, key in zip(spec.noise, step_keys):
         rng = rng_for(key, spec.seed)
         cls = registry.get("noise_model", n.name)
+        if has_half_sets(measurement):
+            raise TembenchError(f"noise step {n.name!r} comes after the split into half sets; `half_sets` must be "
+                                "the last step of the noise chain (move it to the end)")
         if not accepts_kind(cls.accepts, measurement.kind):
             raise TypeError(f"noise model {n.name!r} does not accept measurement kind {measurement.kind!r}")
         measurement = _stamp(cls().apply(measurement, cls.parse_params(n.params), rng), cls, n.params)
     return measurement
+
+
+def _reconstruct_half(r_cls, r, noisy, index: int, xp):
+    if noisy.extras[HALF_SETS].get("split") == "positions" and not r_cls.supports_pattern_mask:
+        raise TembenchError(_positions_refusal(r.name))
+    return r_cls().reconstruct(half_measurement(noisy, index), r_cls.parse_params(r.params), xp)
+
+
+def _positions_refusal(name: str) -> str:
+    return (f"reconstructor {name!r} needs the full scan grid and cannot reconstruct a `half_sets` half with "
+            "`split: positions` (half the probe positions, marked by extras['pattern_mask']). Use "
+            "`split: dose`, or a reconstructor that supports scattered positions (supports_pattern_mask = True).")
 
 
 def _preview(recon) -> dict[str, np.ndarray]:
@@ -277,6 +308,9 @@ def run_unit(task: UnitTask) -> UnitResult:
         return error_rows("noise", _format_error(exc))
 
     xp = get_array_module(spec.device)
+    halves = has_half_sets(noisy)
+    # reconstructors see the full data only; the halves go through half_measurement()
+    full = noisy.replace(extras={k: v for k, v in noisy.extras.items() if k != HALF_SETS}) if halves else noisy
     for r in spec.reconstructors:
         rk = row_key(task.point_index, task.point_id, task.repeat, r.key)
         if store.has_row(rk):
@@ -288,8 +322,21 @@ def run_unit(task: UnitTask) -> UnitResult:
         try:
             recon, t_rec, peak_rec, hit = _cached_stage(
                 cache, "recon", keys.recon[r.key],
-                lambda: r_cls().reconstruct(noisy, r_cls.parse_params(r.params), xp), task.track_memory)
+                lambda: r_cls().reconstruct(full, r_cls.parse_params(r.params), xp), task.track_memory)
             row.update(time_reconstruct_s=t_rec, peak_memory_reconstruct_MB=peak_rec, recon_cache_hit=hit)
+            if halves:
+                half_recons, t_halves, peak_halves, hits = [], 0.0, float("nan"), []
+                for i in (0, 1):
+                    rec_i, t_i, peak_i, hit_i = _cached_stage(
+                        cache, "recon", half_recon_key(keys.recon[r.key], i),
+                        lambda i=i: _reconstruct_half(r_cls, r, noisy, i, xp), task.track_memory)
+                    half_recons.append(rec_i)
+                    t_halves += t_i
+                    peak_halves = peak_i if math.isnan(peak_halves) else max(peak_halves, peak_i)
+                    hits.append(hit_i)
+                row.update(time_reconstruct_halves_s=t_halves, peak_memory_reconstruct_halves_MB=peak_halves,
+                           halves_cache_hit=all(hits))
+                recon = dataclasses.replace(recon, extras={**recon.extras, HALF_SETS: half_recons})
             for hk, hv in recon.history.items():
                 if len(hv):
                     row[f"final_{hk}"] = float(hv[-1])
@@ -373,6 +420,24 @@ def _machine() -> dict[str, Any]:
             "cpus": os.cpu_count(), "memory_GiB": mem, "numpy": np.__version__}
 
 
+def check_half_sets(scenario: Scenario, registry: Registry) -> None:
+    """Before anything runs: ``half_sets`` is the last noise step, and a ``split: positions`` goes
+    only to reconstructors that support scattered positions."""
+    for point in scenario.points:
+        spec = point.spec
+        for i, n in enumerate(spec.noise):
+            if n.name != "half_sets":
+                continue
+            if i != len(spec.noise) - 1:
+                after = ", ".join(repr(m.name) for m in spec.noise[i + 1:])
+                raise TembenchError(f"scenario {spec.name!r}: noise step {after} comes after `half_sets`; the split "
+                                    "into half sets must be the last step of the noise chain (move it to the end)")
+            split = registry.get("noise_model", n.name).parse_params(n.params).split
+            for r in spec.reconstructors:
+                if split == "positions" and not registry.get("reconstructor", r.name).supports_pattern_mask:
+                    raise TembenchError(f"scenario {spec.name!r}: " + _positions_refusal(r.name))
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -393,6 +458,7 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     kind = executor or scenario.executor or spec.executor.kind
     n_workers = workers or scenario.workers or spec.executor.workers
     check_executor(kind, n_workers)  # before anything is written
+    check_half_sets(scenario, registry)
     root = check_output_folder(Path(out) if out is not None else scenario.output_root)
     ident = run_identity(scenario, registry)
     rid = run_id or "run-" + stable_hash(ident)[:12]

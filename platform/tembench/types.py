@@ -212,9 +212,10 @@ class Measurement:
     def nbytes(self) -> int:
         n = 0 if self.data is None else int(np.asarray(self.data).nbytes)
         for v in self.extras.values():
-            nb = getattr(v, "nbytes", None)  # arrays and array-backed objects such as ElectronEvents
-            if isinstance(nb, (int, np.integer)):
-                n += int(nb)
+            for item in (v.values() if isinstance(v, dict) else (v,)):  # e.g. extras["half_sets"]
+                nb = getattr(item, "nbytes", None)  # arrays and array-backed objects such as ElectronEvents
+                if isinstance(nb, (int, np.integer)):
+                    n += int(nb)
         return n
 
 
@@ -251,3 +252,111 @@ class Reconstruction:
         if self.origin_A is None:
             self.origin_A = (0.0,) * want
         self.origin_A = tuple(float(s) for s in self.origin_A)
+
+
+# --- half sets ---------------------------------------------------------------------------------
+# The ``half_sets`` noise step (tembench.builtin.half_sets) splits a measurement into two
+# independent halves A and B and stores what distinguishes them in ``extras[HALF_SETS]``, a dict
+# with ``split`` and either
+#   * ``split: "dose"``: ``data_a`` — half A's counts (smallest unsigned dtype); B = data − A, so
+#     the full counts and A are kept, never three copies. For ``eer`` data: ``events_a``, a bool
+#     per electron event (True = the event belongs to A).
+#   * ``split: "positions"``: ``mask_a`` — bool (scan_y, scan_x), True where half A has its
+#     pattern (a checkerboard); B has the others. The data array is shared, not copied.
+# :func:`half_measurement` builds half 0 (A) or 1 (B) on demand. The runner reconstructs both
+# halves with every reconstructor and hands the two reconstructions to quantifiers as
+# ``reconstruction.extras[HALF_SETS] = [A, B]``.
+HALF_SETS = "half_sets"
+#: bool (scan_y, scan_x) in a positions half set: True where the pattern is present (the data of
+#: absent patterns is still in the array and must be ignored). Same mask for every tilt.
+PATTERN_MASK = "pattern_mask"
+
+
+def has_half_sets(measurement: Measurement) -> bool:
+    """True if ``measurement`` was split by the ``half_sets`` step."""
+    return isinstance(measurement.extras.get(HALF_SETS), dict)
+
+
+def half_measurement(measurement: Measurement, index: int) -> Measurement:
+    """Half ``index`` (0 = A, 1 = B) of a measurement split by the ``half_sets`` step.
+
+    ``split: dose`` — the half's counts (A, or full − A), with ``dose_e_per_A2``,
+    ``electrons_per_pattern`` and ``extra["electrons_per_unit_intensity"]`` /
+    ``extra["dose_total_e_per_A2"]`` halved. ``split: positions`` — the same data with
+    ``extras["pattern_mask"]`` marking the half's patterns; each present pattern keeps its full
+    dose (``dose_e_per_A2``, ``electrons_per_pattern`` unchanged); the total dose
+    ``extra["dose_total_e_per_A2"]`` is scaled by ``extra["pattern_fraction"]``, the fraction of
+    patterns present (½; on a grid with an odd number of positions A has one more). Both: ``geometry.extra["half_set"] = {"split", "index"}``,
+    ``extras["half_index"] = index``, and no ``extras["half_sets"]``.
+    """
+    spec = measurement.extras.get(HALF_SETS)
+    if not isinstance(spec, dict):
+        raise TembenchError(f"measurement {measurement.kind!r} has no half sets; put the `half_sets` step last in "
+                            "the scenario's noise chain")
+    if index not in (0, 1):
+        raise TembenchError(f"half set index must be 0 (A) or 1 (B), got {index!r}")
+    split = spec.get("split")
+    g = measurement.geometry
+    extra = dict(g.extra)
+    extras = {k: v for k, v in measurement.extras.items() if k != HALF_SETS}
+    extras["half_index"] = index
+    changes: dict[str, Any] = {}
+    data = measurement.data
+    if split == "dose":
+        for name in ("dose_e_per_A2", "electrons_per_pattern"):
+            if getattr(g, name) is not None:
+                changes[name] = getattr(g, name) / 2
+        for name in ("electrons_per_unit_intensity", "dose_total_e_per_A2"):
+            if isinstance(extra.get(name), (int, float)) and not isinstance(extra.get(name), bool):
+                extra[name] = extra[name] / 2
+        if "events_a" in spec:
+            from tembench.eer import ElectronEvents
+
+            ev = measurement.extras["events"]
+            keep = np.asarray(spec["events_a"], dtype=bool)
+            keep = keep if index == 0 else ~keep
+            kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            offsets = kept_before[ev.offsets.astype(np.int64)]
+            extras["events"] = ElectronEvents(offsets.astype(ev.offsets.dtype), ev.indices[keep], ev.scan_shape,
+                                              ev.detector_shape, sorted_within_frames=ev.sorted_within_frames)
+        else:
+            full = np.asarray(data)
+            a = spec["data_a"]
+            data = (np.asarray(a).astype(full.dtype) if index == 0
+                    else np.asarray(np.subtract(full, a, dtype=full.dtype)))
+    elif split == "positions":
+        mask = np.asarray(spec["mask_a"], dtype=bool)
+        mask = mask if index == 0 else ~mask
+        extras[PATTERN_MASK] = mask
+        if isinstance(extra.get("dose_total_e_per_A2"), (int, float)):
+            extra["dose_total_e_per_A2"] = extra["dose_total_e_per_A2"] * float(mask.mean())
+        extra["pattern_fraction"] = float(mask.mean())
+    else:
+        raise TembenchError(f"extras['half_sets'] has an unknown split {split!r} (expected 'dose' or 'positions')")
+    extra["half_set"] = {"split": split, "index": index}
+    return measurement.replace(
+        data=data, geometry=g.replace(extra=extra, **changes), extras=extras,
+        provenance=[*measurement.provenance, {"component": "half_sets", "half": "AB"[index], "split": split}])
+
+
+def pattern_mask(measurement: Measurement) -> np.ndarray | None:
+    """The bool (scan_y, scan_x) mask of present patterns of a positions half set, else None."""
+    mask = measurement.extras.get(PATTERN_MASK)
+    return None if mask is None else np.asarray(mask, dtype=bool)
+
+
+def require_full_scan(measurement: Measurement, who: str) -> None:
+    """Refuse a measurement with absent patterns (a positions half set); for grid-only reconstructors.
+
+    The runner already refuses to hand a positions half set to a reconstructor whose
+    ``supports_pattern_mask`` is False; call this where a component passes data on itself
+    (e.g. a composite reconstructor calling a grid-only one).
+    """
+    mask = pattern_mask(measurement)
+    if mask is not None and not mask.all():
+        raise TembenchError(
+            f"{who} needs every probe position of the scan grid, but this measurement is a positions half set "
+            f"(extras['pattern_mask'] marks {int(mask.sum())} of {mask.size} patterns present). Use "
+            "`half_sets` with `split: dose`, or a reconstructor that handles scattered positions "
+            "(Reconstructor.supports_pattern_mask = True).")
