@@ -238,7 +238,7 @@ def _cost(y: np.ndarray, f: np.ndarray, loss: str) -> float:
 def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=None, *,
                 sigma_init_A: float | np.ndarray | None = None, common_width: bool = False,
                 background: Literal["constant", "planar"] = "constant", loss: Literal["lsq", "poisson"] = "lsq",
-                window_sigmas: float = 5.0, max_iter: int = 100, rtol: float = 1e-10,
+                window_sigmas: float = 5.0, max_iter: int = 100, rtol: float = 1e-9,
                 max_shift_A: float | None = None, sigma_bounds_A: tuple[float, float] | None = None,
                 init: ColumnModel | None = None) -> FitResult:
     """Fit eq 2.19 to ``image`` (ny, nx) from initial column positions (Å, sample frame).
@@ -246,8 +246,9 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
     ``sigma_init_A``: starting width(s); default 0.3 × the median nearest-neighbour distance
     (one column: from the image's second moment). Heights and background start from the exact
     linear least-squares solution at the starting positions and widths. ``max_shift_A`` limits
-    how far a column may move from its start (default 0.5 × the nearest-neighbour distance);
-    widths stay within ``sigma_bounds_A`` (default 0.02 × … 1 × the nearest-neighbour distance).
+    how far a column may move from its start (default 0.5 × the nearest-neighbour distance) and
+    columns stay on the image; widths stay within ``sigma_bounds_A`` (default max(0.02 × the
+    nearest-neighbour distance, half a pixel) … the nearest-neighbour distance).
     """
     t0 = time.perf_counter()
     y = np.asarray(image, np.float64)
@@ -287,7 +288,12 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
     scale = nn if np.isfinite(nn) else 10.0 * float(np.max(m.sigma_A))
     if max_shift_A is None:
         max_shift_A = 0.5 * scale
-    lo_s, hi_s = sigma_bounds_A if sigma_bounds_A is not None else (0.02 * scale, 1.0 * scale)
+    # a width below half a pixel is not resolved: edge columns otherwise collapse into spikes
+    px = min(grid.sampling_A)
+    lo_s, hi_s = sigma_bounds_A if sigma_bounds_A is not None else (max(0.02 * scale, 0.5 * px), max(scale, px))
+    ylo, xlo = grid.origin_A[0] - 0.5 * grid.sampling_A[0], grid.origin_A[1] - 0.5 * grid.sampling_A[1]
+    yhi = ylo + grid.shape[0] * grid.sampling_A[0]
+    xhi = xlo + grid.shape[1] * grid.sampling_A[1]
 
     def project(theta):
         mm = m.with_theta(theta)
@@ -299,6 +305,8 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
             mm.x_A[far] = x0[far] + dxs[far] * f
             mm.y_A[far] = y0[far] + dys[far] * f
         np.clip(mm.sigma_A, lo_s, hi_s, out=mm.sigma_A)
+        np.clip(mm.x_A, xlo, xhi, out=mm.x_A)       # a column stays on the image
+        np.clip(mm.y_A, ylo, yhi, out=mm.y_A)
         return mm
 
     f, J = ev.model_and_jacobian(m)
@@ -346,12 +354,13 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
         if not accepted:
             converged = True            # no descent direction left: at a (local) minimum to precision
             break
-        rel = (cost - c_new) / max(abs(cost), 1e-300)
+        # least squares: relative decrease below rtol; Poisson: −ln L decreases by < 1e-6 (statistically nil)
+        done = ((cost - c_new) / max(abs(cost), 1e-300) < rtol) if loss == "lsq" else (cost - c_new < 1e-6)
         m, cost = m_new, c_new
         history.append(cost)
         mu = max(mu / 10.0, 1e-12)
         f, J = ev.model_and_jacobian(m, dense=dense)
-        if rel < rtol:
+        if done:
             converged = True
             break
     return FitResult(m, loss, cost, it, converged, time.perf_counter() - t0, history)
@@ -492,10 +501,18 @@ class CRLB:
     fisher: sp.csc_matrix
 
 
-def inverse_entries(F: sp.spmatrix, rows: np.ndarray, cols: np.ndarray, dense_limit: int = 4000) -> np.ndarray:
+def inverse_entries(F: sp.spmatrix, rows: np.ndarray, cols: np.ndarray, dense_limit: int = 1500) -> np.ndarray:
     """Entries (F⁻¹)[rows[i], cols[i]] of a symmetric positive-definite F."""
     n = F.shape[0]
     rows, cols = np.asarray(rows), np.asarray(cols)
+    # Jacobi scaling: the parameters' units differ by orders of magnitude (Å, counts, Å², background)
+    dg = np.asarray(F.diagonal(), np.float64)
+    if np.any(~np.isfinite(dg)) or np.any(dg <= 0):
+        raise TembenchError("CRLB: a parameter has no Fisher information (a column entirely off the image or "
+                            "of zero height); drop it from the model")
+    sc = 1.0 / np.sqrt(dg)
+    F = sp.csc_matrix(sp.diags(sc) @ F @ sp.diags(sc))
+    rows_sc = sc[rows] * sc[cols]
     if n <= dense_limit:
         from scipy.linalg import cho_factor, cho_solve
 
@@ -503,9 +520,9 @@ def inverse_entries(F: sp.spmatrix, rows: np.ndarray, cols: np.ndarray, dense_li
         try:
             inv = cho_solve(cho_factor(Fd), np.eye(n))
         except np.linalg.LinAlgError as exc:
-            raise TembenchError("CRLB: the Fisher matrix is singular (a parameter the data do not determine: a "
-                                "column outside the image, or zero height)") from exc
-        return inv[rows, cols]
+            raise TembenchError("CRLB: the Fisher matrix is singular (parameters the data cannot tell apart: "
+                                "two columns on top of each other, or a column mostly off the image)") from exc
+        return inv[rows, cols] * rows_sc
     lu = _spd_lu(F)
     out = np.empty(len(rows))
     ucols, inv_idx = np.unique(cols, return_inverse=True)
@@ -516,7 +533,7 @@ def inverse_entries(F: sp.spmatrix, rows: np.ndarray, cols: np.ndarray, dense_li
         X = lu.solve(E)
         sel = (inv_idx >= start) & (inv_idx < start + len(chunk))
         out[sel] = X[rows[sel], inv_idx[sel] - start]
-    return out
+    return out * rows_sc
 
 
 def crlb(model: ColumnModel, grid: ImageGrid, electrons_per_unit: float, window_sigmas: float = 6.0) -> CRLB:

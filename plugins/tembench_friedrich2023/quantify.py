@@ -16,6 +16,7 @@ from pydantic import Field
 
 from tembench import Params, Quantifier, Reconstruction, Reconstructor
 from tembench.errors import TembenchError
+from tembench.metrics import Metric
 from tembench_friedrich2023 import columns as C
 from tembench_friedrich2023 import counting, stats
 
@@ -268,6 +269,32 @@ class ColumnFitScore(Quantifier):
     name = "column_fit"
     accepts = ("image",)
     version = "1"
+    metrics = {
+        "position_mae_A": Metric("Å", "lower", (0.0, None), headline=True,
+                                 description="eq 2.21: mean Euclidean distance of matched fitted to true columns"),
+        "position_rmse_A": Metric("Å", "lower", (0.0, None), description="RMS distance of matched columns"),
+        "position_mae_ci_*_A": Metric("Å", None, (0.0, None), diagnostic=True,
+                                      description="eq 2.23 t interval of the position MAE over columns"),
+        "position_bias_*_A": Metric("Å", None, diagnostic=True, description="mean fitted − true coordinate"),
+        "pct_columns_found": Metric("%", "higher", (0.0, 100.0), description="true columns with a fitted match"),
+        "n_false_positives": Metric("", "lower", (0, None), description="fitted columns inside the border with "
+                                    "no true column"),
+        "scs_mape_pct": Metric("%", "lower", (0.0, None), headline=True,
+                               description="eq 2.22: SCS error relative to the library SCS at the true count"),
+        "scs_mape_ci_*_pct": Metric("%", None, (0.0, None), diagnostic=True, description="eq 2.23 interval"),
+        "*count_exact_frac": Metric("", "higher", (0.0, 1.0), headline=True,
+                                    description="fraction of matched columns counted exactly right"),
+        "*count_mae_atoms": Metric("atoms", "lower", (0.0, None), description="mean |count − true count|"),
+        "*count_bias_atoms": Metric("atoms", None, diagnostic=True, description="mean count − true count"),
+        "gmm_k_*": Metric("", None, (1, None), diagnostic=True, description="mixture order chosen by ICL / BIC"),
+        "scs_normalized_median": Metric("fraction·Å²", None, (0.0, None), comparable=False,
+                                        description="median SCS of matched columns, normalised to the probe"),
+        "sigma_median_A": Metric("Å", None, (0.0, None), diagnostic=True, description="median fitted width ρ"),
+        "n_atoms_true_median": Metric("atoms", None, (0, None), diagnostic=True, description="ground truth"),
+        "n_columns_*": Metric("", None, (0, None), diagnostic=True, description="column counts"),
+        "n_matched": Metric("", None, (0, None), diagnostic=True, description="matched columns"),
+        "fit_*": Metric("", None, diagnostic=True, description="fit convergence, iterations, time (s)"),
+    }
 
     class Params(_ScoringParams):
         counting: Literal["auto", "none", "gmm", "library", "both"] = Field(
@@ -382,6 +409,21 @@ class CRLBPrecision(Quantifier):
     name = "crlb"
     accepts = ("image",)
     version = "1"
+    metrics = {
+        "crlb_position_median_pm": Metric("pm", None, (0.0, None), diagnostic=True,
+                                          description="√CRLB of a column coordinate, median over columns"),
+        "crlb_scs_rel_median_pct": Metric("%", None, (0.0, None), diagnostic=True,
+                                          description="√CRLB of the SCS relative to the SCS, median over columns"),
+        "precision_ratio_*": Metric("", "lower", (0.0, None), headline=True,
+                                    description="std over repeats / √CRLB (1 = efficient); median over columns, "
+                                                "or pooled with a χ² interval (eq 2.24)"),
+        "std_position_median_pm": Metric("pm", "lower", (0.0, None), description="std of a coordinate over repeats"),
+        "std_scs_rel_median_pct": Metric("%", "lower", (0.0, None), description="std of the SCS over repeats"),
+        "position_mae_A": Metric("Å", "lower", (0.0, None), description="eq 2.21 over repeats × columns"),
+        "position_mae_ci_*_A": Metric("Å", None, (0.0, None), diagnostic=True, description="eq 2.23 interval"),
+        "electrons_per_unit": Metric("e", None, (0.0, None), diagnostic=True, description="electrons per image unit"),
+        "n_*": Metric("", None, (0, None), diagnostic=True, description="columns and repeats scored"),
+    }
     aggregates: ClassVar[bool] = True
 
     class Params(_ScoringParams):
@@ -422,7 +464,7 @@ class CRLBPrecision(Quantifier):
         reps = [r for r in repeats if r and "x_A" in r]
         nan = float("nan")
         if len(reps) < 2:
-            return {"n_repeats": len(reps)}
+            return {"n_repeats_scored": len(reps)}
         nt = min(len(np.asarray(r["x_A"])) for r in reps)
         S = {k: np.stack([np.asarray(r[k], np.float64)[:nt] for r in reps]) for k in
              ("x_A", "y_A", "scs", "crlb_x_A2", "crlb_y_A2", "crlb_scs")}
@@ -430,7 +472,7 @@ class CRLBPrecision(Quantifier):
         ty = np.asarray(reps[0]["true_y_A"], np.float64)[:nt]
         n_ok = np.sum(np.isfinite(S["x_A"]), 0)
         use = n_ok >= p.min_repeats
-        out: dict[str, Any] = {"n_repeats": len(reps), "n_columns_scored": int(use.sum())}
+        out: dict[str, Any] = {"n_repeats_scored": len(reps), "n_columns_scored": int(use.sum())}
         if not use.any():
             return out
         with np.errstate(invalid="ignore"):

@@ -89,3 +89,24 @@ def test_fit_is_unbiased_and_its_spread_approaches_the_crlb_at_high_dose(loss):
     ratio = sd / np.sqrt(np.array([cr.var_x_A2, cr.var_y_A2, cr.var_scs]))
     med = np.median(ratio, axis=1)
     assert np.all(np.abs(med - 1) < 0.2), med
+
+
+def test_columns_cut_by_the_image_edge_stay_sane_and_have_a_finite_crlb():
+    """A periodic crystal scanned over one cell puts columns on the first row/column of pixels (as stem4d does)."""
+    spacing, step = 1.96, 0.25
+    xs, ys = np.meshgrid(np.arange(-1, 5) * spacing, np.arange(-1, 5) * spacing)
+    true = C.ColumnModel(xs.ravel(), ys.ravel(), 1.0, 0.2, [0.01])
+    npx = int(round(4 * spacing / step))
+    grid = C.ImageGrid((npx, npx), (step, step), (0.0, 0.0))
+    img = np.random.default_rng(4).poisson(true.image(grid) * 400) / 400
+    x0, y0 = C.find_columns(img, grid, min_distance_A=0.8, smooth_A=0.2)
+    res = C.fit_columns(img, grid, x0, y0)
+    m = res.model
+    assert np.all((m.sigma_A >= 0.5 * step - 1e-12) & (m.sigma_A < 0.5))
+    assert np.all((m.x_A >= -0.5 * step) & (m.x_A <= (npx - 0.5) * step))
+    assert np.all(m.height < 3.0)
+    cr = C.crlb(m, grid, 400.0)
+    assert np.all(np.isfinite(cr.var_x_A2) & (cr.var_x_A2 > 0)) and np.all(np.isfinite(cr.var_scs))
+    inner = (m.x_A > 1) & (m.x_A < 6.8) & (m.y_A > 1) & (m.y_A < 6.8)
+    d = np.min(np.hypot(m.x_A[inner, None] - true.x_A, m.y_A[inner, None] - true.y_A), axis=1)
+    assert inner.sum() == 9 and d.max() < 0.03

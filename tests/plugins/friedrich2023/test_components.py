@@ -106,7 +106,7 @@ def test_crlb_quantifier_per_repeat_and_aggregate():
     order = np.lexsort((one["true_x_A"].round(6), one["true_y_A"].round(6)))
     np.testing.assert_allclose(one["crlb_x_A2"][order], true_cr.var_x_A2, rtol=0.1)
     agg = q.aggregate(reps, sample, p)
-    assert agg["n_repeats"] == 20 and agg["n_columns_scored"] == len(model)
+    assert agg["n_repeats_scored"] == 20 and agg["n_columns_scored"] == len(model)
     for k in ("x", "y", "position", "scs"):
         assert 0.8 < agg[f"precision_ratio_{k}"] < 1.25, (k, agg[f"precision_ratio_{k}"])
         assert agg[f"precision_ratio_{k}_ci_low"] < agg[f"precision_ratio_{k}_pooled"] < agg[f"precision_ratio_{k}_ci_high"]
