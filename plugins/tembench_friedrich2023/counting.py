@@ -194,18 +194,23 @@ def counting_accuracy(counts, true_counts) -> dict[str, float]:
             "count_bias_atoms": float(np.mean(d))}
 
 
-def load_scs_library(source, n_column: str = "n_atoms", scs_column: str = "scs", n_scale: float = 1.0,
-                     scs_scale: float = 1.0, query: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_scs_library(source, n_column: str = "n_atoms_true_median", scs_column: str = "scs_normalized_median",
+                     n_scale: float = 1.0, scs_scale: float = 1.0, query: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """An SCS library (n_atoms, scs), averaged over rows with the same count.
 
     ``source``: a pandas DataFrame; a CSV/parquet file; a tembench run folder (its results table);
     an (n, 2) array; or a dict {n_atoms: scs}. Columns are matched exactly or by suffix (a metric
-    may be prefixed with its quantifier's key). ``n_scale``/``scs_scale`` convert units, e.g. a
-    run of ``scenarios/friedrich_pt_thickness.yaml`` (``image_statistics.mean_value`` = mean
-    scattered fraction of a Pt [001] crystal) gives SCS = mean × area per column (a²/2 Å² in
-    [001] fcc: every pixel belongs to one column's Voronoi cell) at n = ``sample.thickness_cells``
-    (one atom per column per unit cell): ``load_scs_library(run, "sample.thickness_cells",
-    "mean_value", scs_scale=3.924**2/2)``. ``query`` filters rows first (``DataFrame.query``).
+    may be prefixed with its quantifier's key). The defaults read a run scored by the
+    ``column_fit`` quantifier: per row the median true atoms per column and the median fitted SCS
+    normalised to the probe (fraction × Å²) — e.g. ``scenarios/friedrich_pt_thickness.yaml`` with
+    the ``column_fit`` reconstructor and quantifier, noise-free or at high dose; the library's SCS
+    kind (Gaussian volume or Voronoi) must be the one the counting run uses. Without column fits,
+    a perfect crystal's mean image value works as a Voronoi SCS: for Pt [001]
+    (``image_statistics.mean_value`` of ``direct_image`` with ``normalize: false``) every pixel
+    belongs to one column's cell of area a²/4 and a column holds one atom per unit cell, so
+    ``load_scs_library(run, "sample.thickness_cells", "mean_value", scs_scale=3.924**2/4)``.
+    ``n_scale``/``scs_scale`` convert units; ``query`` filters rows first (``DataFrame.query``).
     """
     import pandas as pd
 

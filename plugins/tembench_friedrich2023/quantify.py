@@ -132,6 +132,7 @@ class ColumnFitParams(Params):
                                       "(Å); None: half the nearest-neighbour distance")
     voronoi_max_radius_A: float | None = Field(None, gt=0, description="Voronoi SCS: ignore pixels farther than "
                                                "this from every column (Å)")
+    voronoi_subtract_background: bool = Field(True, description="Voronoi SCS: subtract the fitted background first")
     electrons_per_unit: float | None = Field(None, gt=0, description="electrons per image unit (overrides what "
                                              "the noise chain records; used by the CRLB and loss=poisson)")
 
@@ -172,7 +173,7 @@ def fit_image(image: np.ndarray, grid: C.ImageGrid, p: ColumnFitParams, electron
         m = C.ColumnModel(m.x_A, m.y_A, m.height / electrons_per_unit, m.sigma_A,
                           m.background / electrons_per_unit, m.common_width)
     scs_g = m.scs
-    scs_v = C.scs_voronoi(img, grid, m, p.voronoi_max_radius_A)
+    scs_v = C.scs_voronoi(img, grid, m, p.voronoi_max_radius_A, p.voronoi_subtract_background)
     nan = float("nan")
     return {
         "x_A": m.x_A, "y_A": m.y_A, "height": m.height, "sigma_A": m.sigma_A, "background": m.background,
@@ -302,8 +303,8 @@ class ColumnFitScore(Quantifier):
         library: list[tuple[float, float]] | None = Field(None, description="SCS library [(n_atoms, scs)] in the "
                                                           "normalised units (fraction of the probe × Å²)")
         library_path: str | None = Field(None, description="SCS library from a run folder / csv / parquet")
-        library_n_column: str = "n_atoms"
-        library_scs_column: str = "scs"
+        library_n_column: str = Field("n_atoms_true_median", description="library_path: column of atoms per column")
+        library_scs_column: str = Field("scs_normalized_median", description="library_path: column of the SCS")
         library_scs_scale: float = Field(1.0, gt=0, description="multiply the library's SCS column by this")
         gmm_max_components: int = Field(10, ge=1, le=60)
         gmm_criterion: Literal["icl", "bic"] = "icl"

@@ -99,6 +99,11 @@ def test_column_fit_and_crlb_through_the_runner(registry, tmp_path):
     assert len(t) == 8 and (t["pct_columns_found"] == 100).all()
     assert (t["position_mae_A"] < 0.02).all() and (t["library_count_exact_frac"] == 1.0).all()
     assert np.isfinite(t["crlb_position_median_pm"]).all()
+    # the run is itself an SCS library (median count and median normalised SCS per row)
+    from tembench_friedrich2023.counting import load_scs_library
+
+    n, scs = load_scs_library(res.run_dir)
+    assert len(n) == 1 and scs[0] == pytest.approx(2 * np.pi * 0.004 * n[0] * 0.45 ** 2, rel=0.02)
     try:
         from tembench.store import load_aggregates
     except ImportError:   # the core's aggregate step is not in this checkout yet
