@@ -144,13 +144,17 @@ def _cached_stage(cache: StageCache, stage: str, key: str, fn, track_memory: boo
     return value, dt, peak, False
 
 
-def _simulate(spec: ScenarioSpec, registry: Registry, cache: StageCache, keys: StageKeys, track_memory: bool):
+def _sample(spec: ScenarioSpec, registry: Registry, cache: StageCache, keys: StageKeys):
     s_cls = registry.get("sample", spec.sample.name)
-    f_cls = registry.get("forward_model", spec.forward.name)
-    xp = get_array_module(spec.device)
-    sample, t_sample, _, _ = _cached_stage(
+    return _cached_stage(
         cache, "sample", keys.sample,
         lambda: s_cls().build(s_cls.parse_params(spec.sample.params), rng_for(keys.sample, spec.seed)), False)
+
+
+def _simulate(spec: ScenarioSpec, registry: Registry, cache: StageCache, keys: StageKeys, track_memory: bool):
+    f_cls = registry.get("forward_model", spec.forward.name)
+    xp = get_array_module(spec.device)
+    sample, t_sample, _, _ = _sample(spec, registry, cache, keys)
     measurement, t_sim, peak_sim, _ = _cached_stage(
         cache, "forward", keys.forward,
         lambda: _stamp(f_cls().simulate(sample, f_cls.parse_params(spec.forward.params), xp), f_cls, spec.forward.params),
@@ -344,19 +348,27 @@ def run_unit(task: UnitTask) -> UnitResult:
             arrays = {f"recon_{k}": v for k, v in _preview(recon).items()}
             arrays.update({f"history_{k}": np.asarray(v, dtype=np.float64) for k, v in recon.history.items()})
             t0 = time.perf_counter()
+            scores: dict[str, dict[str, Any]] = {}  # what aggregating quantifiers returned, for aggregate()
             for q in spec.quantifiers:
                 q_cls = registry.get("quantifier", q.name)
                 if not accepts_kind(q_cls.accepts, recon.kind):
                     continue
                 metrics = q_cls().score(recon, noisy, sample, q_cls.parse_params(q.params))
+                kept = scores[q.key] = {"scalars": {}, "arrays": {}, "order": list(metrics)}
                 for mk, mv in metrics.items():
                     col = mk if mk not in row else f"{q.key}.{mk}"
                     if isinstance(mv, (np.ndarray, list, tuple)):
                         arrays[f"{q.key}.{mk}"] = np.asarray(mv)
+                        kept["arrays"][mk] = f"{q.key}.{mk}"
                     else:
                         row[col] = _scalar(mv)
+                        kept["scalars"][mk] = mv.item() if isinstance(mv, np.generic) else mv
+                if not q_cls.aggregates:
+                    del scores[q.key]
             row["time_score_s"] = time.perf_counter() - t0
             row["artifacts"] = store.write_artifacts(rk, arrays)
+            if scores:
+                store.write_scores(rk, scores)
             row["status"] = "ok"
             row["error"] = ""
         except Exception as exc:  # noqa: BLE001 - the sweep goes on
@@ -367,6 +379,106 @@ def run_unit(task: UnitTask) -> UnitResult:
         store.write_row(rk, row)
         result.rows.append(row)
     return result
+
+
+# --- aggregates over a point's repeats ------------------------------------------------------------
+def aggregate_key(point_index: int, point_id: str, reconstructor: str, quantifier: str) -> str:
+    safe = [re.sub(r"[^A-Za-z0-9_.-]+", "_", x) for x in (reconstructor, quantifier)]
+    return f"p{point_index:05d}-{point_id}-{safe[0]}-{safe[1]}-{stable_hash([reconstructor, quantifier])[:6]}"
+
+
+class Aggregator:
+    """Runs ``aggregate`` of every aggregating quantifier once all repeats of a point are finished.
+
+    Runs in the main process. Its inputs are always read back from the run folder (rows and the
+    per-repeat scores), ordered by repeat index, so a fresh, resumed, serial or parallel run gives
+    the same aggregate rows. An existing aggregate row is never recomputed or overwritten.
+    """
+
+    def __init__(self, scenario: Scenario, registry: Registry, store: RunStore, run_id: str, cache: StageCache,
+                 env: dict[str, Any]) -> None:
+        self.registry, self.store, self.run_id, self.cache, self.env = registry, store, run_id, cache, env
+        self.points = {p.index: p for p in scenario.points}
+        self.done: set[int] = set()
+        self.enabled = any(registry.get("quantifier", q.name).aggregates
+                           for p in scenario.points for q in p.spec.quantifiers)
+
+    def point_finished(self, point_index: int) -> None:
+        if self.enabled and point_index not in self.done and self._point(self.points[point_index]):
+            self.done.add(point_index)
+
+    def finish(self) -> None:
+        for index in sorted(self.points):
+            self.point_finished(index)
+
+    def _point(self, point) -> bool:
+        """Aggregate one point if all its rows exist; True when nothing is left to do for it."""
+        spec = point.spec
+        aggs = [(q, self.registry.get("quantifier", q.name)) for q in spec.quantifiers]
+        aggs = [(q, cls) for q, cls in aggs if cls.aggregates]
+        if not aggs:
+            return True
+        keys = {(r.key, rep): row_key(point.index, point.point_id, rep, r.key)
+                for r in spec.reconstructors for rep in range(spec.repeats)}
+        if not all(self.store.has_row(k) for k in keys.values()):
+            return False
+        sample: list[Any] = []
+        for r in spec.reconstructors:
+            todo = [(q, cls) for q, cls in aggs
+                    if not self.store.has_aggregate(aggregate_key(point.index, point.point_id, r.key, q.key))]
+            if not todo:
+                continue
+            rows = [(rep, self.store.read_row(keys[r.key, rep])) for rep in range(spec.repeats)]
+            scores: dict[int, Any] = {}
+            for q, q_cls in todo:
+                self._one(point, spec, r, q, q_cls, rows, scores, sample)
+        return True
+
+    def _one(self, point, spec: ScenarioSpec, r, q, q_cls, rows, scores: dict[int, Any], sample: list[Any]) -> None:
+        key = aggregate_key(point.index, point.point_id, r.key, q.key)
+        row: dict[str, Any] = {
+            "run_id": self.run_id, "scenario": spec.name, "point_index": point.index, "point_id": point.point_id,
+            **{k: _scalar(v) for k, v in point.values.items()},
+            "reconstructor": r.key, "reconstructor_name": r.name, "quantifier": q.key, "quantifier_name": q.name,
+            "quantifier_version": q_cls.version,
+        }
+        t0 = time.perf_counter()
+        try:
+            repeats, used, failed = [], [], []
+            for rep, res_row in rows:
+                if res_row.get("status") != "ok":
+                    failed.append(rep)
+                    continue
+                if rep not in scores:  # no scores file: no aggregating quantifier applied to this reconstruction
+                    rk = row_key(point.index, point.point_id, rep, r.key)
+                    scores[rep] = self.store.read_scores(rk, res_row) if self.store.scores_path(rk).exists() else {}
+                if q.key in scores[rep]:
+                    repeats.append(scores[rep][q.key])
+                    used.append(rep)
+            if not used and not failed:
+                return  # the quantifier does not apply to this reconstructor's output: no row
+            row.update(n_repeats=len(used), n_repeats_failed=len(failed), repeats=dumps(used).replace("\n", ""))
+            if not used:
+                raise TembenchError(f"no repeat of point {point.index} with reconstructor {r.key!r} finished without "
+                                    "error (see the results table), so there is nothing to aggregate")
+            if not sample:
+                sample.append(_sample(spec, self.registry, self.cache, stage_keys(spec, self.registry, 0, self.env))[0])
+            out = q_cls().aggregate(repeats, sample[0], q_cls.parse_params(q.params))
+            if not isinstance(out, dict):
+                raise TembenchError(f"quantifier {q.name!r}: aggregate() must return a dict, got {type(out).__name__}")
+            arrays: dict[str, np.ndarray] = {}
+            for mk, mv in out.items():
+                if isinstance(mv, (np.ndarray, list, tuple)):
+                    arrays[mk] = np.asarray(mv)
+                else:
+                    row[mk if mk not in row else f"{q.key}.{mk}"] = _scalar(mv)
+            row["artifacts"] = self.store.write_aggregate_artifacts(key, arrays)
+            row.update(status="ok", error="")
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            msg = _format_error(exc)
+            row.update(status="error", error_stage="aggregate", error=msg.splitlines()[0], traceback=msg)
+        row["time_aggregate_s"] = time.perf_counter() - t0
+        self.store.write_aggregate(key, row)
 
 
 def _scalar(v: Any) -> Any:
@@ -503,9 +615,10 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
 
     n_errors = 0
     hook = registry.hook()
+    env = identity.environment_identity(spec.device)  # one environment for every key of this run
+    aggregator = Aggregator(scenario, registry, store, rid, StageCache(cache_root, use_cache), env)
     with make_executor(kind, n_workers, spec.executor.address) as ex:
         # phase 1: each distinct noise-free measurement once
-        env = identity.environment_identity(spec.device)  # one environment for every key of this run
         fwd_tasks: dict[str, ForwardTask] = {}
         forward_key: dict[int, str] = {}
         for u in units:
@@ -535,12 +648,16 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
             hook.tembench_point_finished(point={**res.values, "point_index": res.point_index, "repeat": res.repeat},
                                          rows=res.rows, error=res.error)
             bar.update(1)
+            aggregator.point_finished(res.point_index)
             if time.monotonic() - last_table > 5.0:
                 store.write_tables()
                 last_table = time.monotonic()
         bar.close()
 
+    aggregator.finish()  # also points whose repeats all finished in an earlier session
     table = store.write_tables()
+    if aggregator.enabled:
+        manifest["n_aggregate_rows"] = int(len(store.write_aggregate_tables()))
     manifest["status"] = "complete"
     manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest["n_rows"] = int(len(table))

@@ -12,7 +12,15 @@ Layout under an output root (default ``reports/<scenario>/``)::
     <run-id>/manifest.json            scenario text, versions, git commit, machine, status
     <run-id>/rows/<row-key>.json      one finished row each
     <run-id>/artifacts/<row-key>.npz  previews and curves for the report
+    <run-id>/artifacts/<row-key>.scores.json
+                                      what each aggregating quantifier's score() returned (scalars
+                                      exactly; arrays by their key in the row's .npz), read back
+                                      by the aggregate step
     <run-id>/results.parquet|csv      the tidy table (rebuilt from rows/)
+    <run-id>/aggregates/rows/<key>.json, aggregates/artifacts/<key>.npz
+                                      one row per point × reconstructor × aggregating quantifier
+    <run-id>/aggregates.parquet|csv   the aggregates table (rebuilt from aggregates/rows/;
+                                      only when the scenario has an aggregating quantifier)
     <run-id>/report.html|md
 """
 
@@ -82,6 +90,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self.rows_dir = self.run_dir / "rows"
         self.artifacts_dir = self.run_dir / "artifacts"
+        self.aggregates_dir = self.run_dir / "aggregates"
 
     # manifest
     def read_manifest(self) -> dict[str, Any] | None:
@@ -103,25 +112,85 @@ class RunStore:
     def write_row(self, row_key: str, row: dict[str, Any]) -> None:
         atomic_write_text(self.row_path(row_key), dumps(row))
 
-    def write_artifacts(self, row_key: str, arrays: dict[str, np.ndarray]) -> str | None:
+    def read_row(self, row_key: str) -> dict[str, Any]:
+        return json.loads(self.row_path(row_key).read_text())
+
+    def write_artifacts(self, row_key: str, arrays: dict[str, np.ndarray], folder: Path | None = None) -> str | None:
         if not arrays:
             return None
         buf = io.BytesIO()
         np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-        path = self.artifacts_dir / f"{row_key}.npz"
+        path = (folder or self.artifacts_dir) / f"{row_key}.npz"
         atomic_write_bytes(path, buf.getvalue())
         return str(path.relative_to(self.run_dir))
 
+    # per-repeat scores of aggregating quantifiers
+    def scores_path(self, row_key: str) -> Path:
+        return self.artifacts_dir / f"{row_key}.scores.json"
+
+    def write_scores(self, row_key: str, scores: dict[str, dict[str, Any]]) -> None:
+        """``scores[q_key] = {"scalars": {metric: value}, "arrays": {metric: key in the row's .npz},
+        "order": [metric, …]}`` (written before the row, so a finished row always has it)."""
+        atomic_write_text(self.scores_path(row_key), dumps(scores))
+
+    def read_scores(self, row_key: str, row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """What each aggregating quantifier's ``score`` returned for this row: {q_key: metrics}.
+
+        Scalars come back as JSON gives them (floats exact, nan/inf kept), arrays exactly from the
+        row's artifacts (0-d arrays as Python scalars); metrics in the order ``score`` returned them.
+        """
+        path = self.scores_path(row_key)
+        if not path.exists():
+            raise RunDirectoryError(f"{path} is missing: the per-repeat scores of row {row_key!r} were not stored "
+                                    "(a row written by an older tembench?); delete the row to recompute it")
+        doc = json.loads(path.read_text())
+        npz = None
+        try:
+            out: dict[str, dict[str, Any]] = {}
+            for q_key, d in doc.items():
+                metrics: dict[str, Any] = {}
+                for mk in d.get("order", [*d["scalars"], *d["arrays"]]):
+                    if mk in d["arrays"]:
+                        if npz is None:
+                            npz = np.load(self.run_dir / row["artifacts"], allow_pickle=False)
+                        a = npz[d["arrays"][mk]]
+                        metrics[mk] = a.item() if a.ndim == 0 else a
+                    else:
+                        metrics[mk] = d["scalars"][mk]
+                out[q_key] = metrics
+            return out
+        finally:
+            if npz is not None:
+                npz.close()
+
+    # aggregates: one row per point × reconstructor × aggregating quantifier
+    def aggregate_path(self, key: str) -> Path:
+        return self.aggregates_dir / "rows" / f"{key}.json"
+
+    def has_aggregate(self, key: str) -> bool:
+        return self.aggregate_path(key).exists()
+
+    def write_aggregate(self, key: str, row: dict[str, Any]) -> None:
+        atomic_write_text(self.aggregate_path(key), dumps(row))
+
+    def write_aggregate_artifacts(self, key: str, arrays: dict[str, np.ndarray]) -> str | None:
+        return self.write_artifacts(key, arrays, folder=self.aggregates_dir / "artifacts")
+
+    def read_aggregates(self) -> list[dict[str, Any]]:
+        return _read_json_rows(self.aggregates_dir / "rows")
+
+    def write_aggregate_tables(self) -> pd.DataFrame:
+        """Rebuild aggregates.parquet / .csv from aggregates/rows/ (nothing is written if there are none)."""
+        table = aggregates_to_table(self.read_aggregates())
+        if len(table):
+            buf = io.BytesIO()
+            table.to_parquet(buf, index=False)
+            atomic_write_bytes(self.run_dir / "aggregates.parquet", buf.getvalue())
+            atomic_write_text(self.run_dir / "aggregates.csv", table.to_csv(index=False))
+        return table
+
     def read_rows(self) -> list[dict[str, Any]]:
-        if not self.rows_dir.exists():
-            return []
-        rows = []
-        for p in sorted(self.rows_dir.glob("*.json")):
-            try:
-                rows.append(json.loads(p.read_text()))
-            except json.JSONDecodeError:  # cannot happen with atomic writes; be safe anyway
-                continue
-        return rows
+        return _read_json_rows(self.rows_dir)
 
     def table(self) -> pd.DataFrame:
         return rows_to_table(self.read_rows())
@@ -135,11 +204,24 @@ class RunStore:
         return table
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _read_json_rows(folder: Path) -> list[dict[str, Any]]:
+    if not folder.exists():
+        return []
+    rows = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            rows.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:  # cannot happen with atomic writes; be safe anyway
+            continue
+    return rows
+
+
+def rows_to_table(rows: list[dict[str, Any]], sort: tuple[str, ...] = ("point_index", "repeat", "reconstructor")
+                  ) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
-    sort_cols = [c for c in ("point_index", "repeat", "reconstructor") if c in table.columns]
+    sort_cols = [c for c in sort if c in table.columns]
     table = table.sort_values(sort_cols, kind="stable").reset_index(drop=True)
     for col in table.columns:
         # mixed inf/str/number columns from YAML ('.inf') become floats where possible
@@ -158,6 +240,23 @@ def load_table(run_dir: Path) -> pd.DataFrame:
     if not rows:
         raise RunDirectoryError(f"{run_dir} holds no results (no results.parquet and no rows/); is it a tembench run folder?")
     return rows_to_table(rows)
+
+
+def aggregates_to_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return rows_to_table(rows, sort=("point_index", "reconstructor", "quantifier"))
+
+
+def load_aggregates(run_dir: Path) -> pd.DataFrame:
+    """The aggregates table of a run (one row per point × reconstructor × aggregating quantifier).
+
+    Empty if the scenario has no aggregating quantifier (or none has finished yet).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "aggregates.parquet").exists():
+        return pd.read_parquet(run_dir / "aggregates.parquet")
+    if not (run_dir / MANIFEST).exists() and not (run_dir / "rows").exists():
+        raise RunDirectoryError(f"{run_dir} is not a tembench run folder (no manifest.json, no rows/)")
+    return aggregates_to_table(RunStore(run_dir).read_aggregates())
 
 
 def check_output_folder(root: Path | str, what: str = "output folder") -> Path:
