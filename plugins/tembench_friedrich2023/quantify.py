@@ -264,7 +264,9 @@ class ColumnFitScore(Quantifier):
     units are known), the SCS MAPE (eq 2.22) against a library of simulated SCS at the true counts,
     and atom counts by library matching and/or a Gaussian mixture with ICL order selection (BIC
     reported). Reconstructions without fitted columns (not from ``column_fit``) are fitted here
-    with the ``fit`` parameters (column_fit's), or skipped when ``fit`` is null.
+    with the ``fit`` parameters (column_fit's), or skipped when ``fit`` is null; their SCS are in
+    the reconstruction's own units (not normalised to the probe), so compare them with a library
+    only if those units are the probe fraction.
     """
 
     name = "column_fit"

@@ -64,7 +64,7 @@ def test_fit_is_unbiased_and_its_spread_approaches_the_crlb_at_high_dose(loss):
     Unbiased: every parameter's mean is within a few standard errors of the truth (bias ≪ spread).
     Efficient: the spread over repeats / √CRLB is within 20 % of 1 (median over columns), for the
     Poisson ML estimator and for StatSTEM's least squares (whose efficiency is < 1 but close at
-    this contrast: its sandwich covariance is ≈ 1.05 × CRLB in position).
+    this contrast: its asymptotic (sandwich) standard deviation is 1.09 × √CRLB in position and 1.04 × in SCS).
     """
     true, grid = lattice_model(n=4, background=0.1)
     alpha = 1e4
