@@ -177,8 +177,8 @@ def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, ex
     """Probe modes (K, wy, wx) from the mean pattern's bright-field disc: ψ(k) = √Ī(k)·exp(−iχ(k)).
 
     The disc is where Ī exceeds 30 % of its maximum, grown by one pixel for the aperture's edge. Unit total
-    power; modes 2…K (``extra_power`` of it) are the first mode times low-order polynomials, then
-    orthogonalised.
+    power; modes 2…K (``extra_power`` of it) are the first mode's spectrum times low-order polynomials of
+    k, then orthogonalised.
     """
     wy, wx = mean_pattern.shape
     m = np.fft.ifftshift(np.asarray(mean_pattern, np.float64))
@@ -194,12 +194,14 @@ def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, ex
     p0 /= np.sqrt((np.abs(p0) ** 2).sum())
     modes = [p0]
     if n_modes > 1:
-        y = (np.arange(wy) - wy // 2)[:, None] / (wy / 4)
-        x = (np.arange(wx) - wx // 2)[None, :] / (wx / 4)
-        polys = [y + 0 * x, x + 0 * y, x * y, x * x - y * y]
+        # further modes: the first one's spectrum times low-order polynomials of k over the disc (|k|² first,
+        # the shape a defocus spread gives), so they stay inside the bright field and add no dark-field
+        kr = math.sqrt(float((disc * (ky**2 + kx**2)).max())) or 1.0
+        qy, qx = ky / kr, kx / kr
+        polys = [qy**2 + qx**2 - 0.5, qy + 0 * qx, qx + 0 * qy, qy * qx, qy**2 - qx**2]
         for i in range(1, n_modes):
-            f = polys[(i - 1) % 4] + 0.1 * rng.standard_normal((wy, wx))
-            mi = p0 * f
+            f = polys[(i - 1) % len(polys)] * (1.0 + 0.1 * ((i - 1) // len(polys)))
+            mi = np.fft.ifft2(pk * f)
             modes.append(mi / np.sqrt((np.abs(mi) ** 2).sum()))
         modes = np.stack(modes)
         modes[0] *= math.sqrt(1.0 - extra_power)
@@ -301,7 +303,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
     mean /= total
 
     # object field: all probe windows plus padding; pixel 0 at origin_A in the sample frame
-    pad = (int(math.ceil(p.object_padding_A / s[0])), int(math.ceil(p.object_padding_A / s[1])))
+    pad = (max(1, int(math.ceil(p.object_padding_A / s[0]))), max(1, int(math.ceil(p.object_padding_A / s[1]))))
     if init is not None:
         v = xp.asarray(init.potentials_VA, dtype=xp.complex64).copy()
         if v.shape[0] != p.n_slices:

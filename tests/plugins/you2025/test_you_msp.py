@@ -90,8 +90,9 @@ def test_probe_modes_stay_orthogonal_and_intensity_is_unchanged():
 def test_modes_orthogonal_after_refinement(two_slice):
     grid = scan_grid(step_A=0.6).reshape(-1, 2)
     patterns, geo = simulate(two_slice, grid, n_modes=3)
-    r = reconstruct_msp(patterns, grid, geo, MSPParams(n_iterations=3, n_probe_modes=3, start_probe_iter=0,
-                                                       **{k: v for k, v in FAST.items() if k != "start_probe_iter"}))
+    kw = {k: v for k, v in FAST.items() if k != "start_probe_iter"}
+    r = reconstruct_msp(patterns, grid, geo, MSPParams(n_iterations=4, n_probe_modes=3, start_probe_iter=0,
+                                                       extra_mode_power=0.1, **kw))
     flat = r.probe.reshape(3, -1).astype(np.complex128)
     unit = flat / np.linalg.norm(flat, axis=1)[:, None]
     np.testing.assert_allclose(unit @ unit.conj().T, np.eye(3), atol=1e-4)
@@ -108,6 +109,14 @@ def test_initial_probe_matches_the_true_probe(clean_scan):
     overlap = abs(np.vdot(true, p0)) / np.linalg.norm(true) / np.linalg.norm(p0)
     assert overlap > 0.999  # measured 0.99994
     assert np.sum(np.abs(p0) ** 2) == pytest.approx(1.0, rel=1e-5)
+    # the extra modes of a mixed state start inside the bright-field disc: no spurious dark-field intensity
+    modes = initial_probe(mean, (0.2, 0.2), geo.energy_keV, geo.aberrations_A, 3, 0.1, np.random.default_rng(0), np)
+    spectrum = (np.abs(np.fft.fftshift(np.fft.fft2(modes), axes=(-2, -1))) ** 2).sum(0)
+    outside = mean < 1e-4 * mean.max()  # truly dark pixels (the aperture edge is partly covered)
+    print(f"initial mixed-state power in dark pixels: {spectrum[outside].sum() / spectrum.sum():.1e}")
+    assert spectrum[outside].sum() < 1e-5 * spectrum.sum()
+    assert np.sum(np.abs(modes) ** 2) == pytest.approx(1.0, rel=1e-5)
+    assert (np.abs(modes[0]) ** 2).sum() == pytest.approx(0.9, abs=0.03)
 
 
 def _measurement(patterns, geo, grid):
