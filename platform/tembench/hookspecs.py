@@ -36,12 +36,24 @@ def tembench_register_noise_models() -> list[type[NoiseModel]]:
 
 @hookspec
 def tembench_register_reconstructors() -> list[type[Reconstructor]]:
-    """Return the reconstructor component classes this plugin provides."""
+    """Return the reconstructor component classes this plugin provides.
+
+    If the noise chain ends with ``half_sets``, the runner also calls ``reconstruct`` on each half
+    (see :func:`tembench.types.half_measurement`). A class that honours
+    ``measurement.extras["pattern_mask"]`` (scattered probe positions) sets
+    ``supports_pattern_mask = True``; otherwise ``split: positions`` is refused for it.
+    """
 
 
 @hookspec
 def tembench_register_quantifiers() -> list[type[Quantifier]]:
-    """Return the quantifier component classes this plugin provides."""
+    """Return the quantifier component classes this plugin provides.
+
+    ``score`` finds the reconstructions of the two half sets (if any) in
+    ``reconstruction.extras["half_sets"]``. A class with ``aggregates = True`` also gets
+    ``aggregate(repeats, sample, params)`` once all repeats of a (point, reconstructor) are
+    finished; its results go to the run's ``aggregates.parquet`` (docs/runner.md).
+    """
 
 
 # --- lifecycle ----------------------------------------------------------------------------
