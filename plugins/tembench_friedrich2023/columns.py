@@ -309,6 +309,13 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
         np.clip(mm.y_A, ylo, yhi, out=mm.y_A)
         return mm
 
+    if loss == "poisson":
+        # the least-squares start can dip to ≤ 0 between columns; λ must be > 0 for the likelihood
+        m.height = np.maximum(m.height, 1e-3 * max(float(np.max(m.height)), 1e-12))
+        fmin = float(np.min(ev.model(m)))
+        floor = 1e-3 * max(float(np.mean(yv)), 1e-12)
+        if fmin < floor:
+            m.background[0] += floor - fmin
     f, J = ev.model_and_jacobian(m)
     cost = _cost(yv, f, loss)
     if not np.isfinite(cost):

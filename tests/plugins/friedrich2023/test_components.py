@@ -121,3 +121,22 @@ def test_plugin_registers_components():
     assert reg.get("reconstructor", "column_fit") is ColumnFit
     assert reg.get("quantifier", "column_fit") is ColumnFitScore
     assert reg.get("quantifier", "crlb") is CRLBPrecision
+
+
+@pytest.mark.parametrize("kw", [{"loss": "poisson"}, {"background": "planar", "common_width": True}])
+def test_reconstructor_options_poisson_and_planar(kw):
+    sample, m, model, counts = _sample_and_image()
+    noisy = _noisy(m, 1e5, 3)
+    rec = ColumnFit().reconstruct(noisy, ColumnFit.Params(**kw), np)
+    cols = rec.extras["columns"]
+    assert cols["converged"] and cols["background"][0] == pytest.approx(BG * 1e5 * STEP ** 2, rel=0.05)
+    q = ColumnFitScore()
+    out = q.score(rec, noisy, sample, q.Params(border_A=0.5, counting="none"))
+    assert out["pct_columns_found"] == 100 and out["position_mae_A"] < 0.03
+
+
+def test_noise_free_measurement_has_no_crlb():
+    sample, m, model, counts = _sample_and_image()
+    rec = ColumnFit().reconstruct(m, ColumnFit.Params(), np)
+    out = CRLBPrecision().score(rec, m, sample, CRLBPrecision.Params())
+    assert np.isnan(out["crlb_position_median_pm"]) and np.all(np.isnan(out["crlb_x_A2"]))
