@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from tembench.components import accepts_kind
 from tembench.errors import KindMismatchError, ScenarioError
@@ -95,6 +95,14 @@ class ExecutorSpec(_Strict):
     address: str | None = Field(None, description="dask scheduler address; None starts a LocalCluster")
 
 
+class SaveSpec(_Strict):
+    """Files written next to the results: ``save: {reconstructions: emd, measurements: false}``."""
+
+    reconstructions: Literal["emd"] | None = Field(
+        "emd", description="write every reconstruction as HDF5 in the EMD 1.0 layout (run folder, emd/)")
+    measurements: bool = Field(False, description="also write the noisy measurement into each file")
+
+
 class ScenarioSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -109,6 +117,15 @@ class ScenarioSpec(_Strict):
     reconstructors: list[ComponentSpec] = Field(min_length=1)
     quantifiers: list[ComponentSpec] = Field(default_factory=list)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    save: SaveSpec | None = Field(None, description="files to write besides the results table (tembench.emd)")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_save(self, handler):
+        # a scenario without `save` dumps (and so hashes) exactly as before the option existed
+        out = handler(self)
+        if isinstance(out, dict) and out.get("save", 0) is None:
+            out.pop("save")
+        return out
 
     @model_validator(mode="before")
     @classmethod
