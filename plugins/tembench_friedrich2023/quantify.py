@@ -430,6 +430,7 @@ class CRLBPrecision(Quantifier):
     aggregates: ClassVar[bool] = True
 
     class Params(_ScoringParams):
+        scs: Literal["gauss"] = Field("gauss", description="the bound is that of the Gaussian volume (eq 2.28)")
         min_repeats: int = Field(3, ge=2, description="a column needs this many matched repeats to be scored")
         window_sigmas: float = Field(6.0, ge=3, le=10, description="Gaussian window of the Fisher matrix (ρ)")
 
@@ -445,13 +446,12 @@ class CRLBPrecision(Quantifier):
         full = {k: np.full(nt, np.nan) for k in ("x_A", "y_A", "scs", "crlb_x_A2", "crlb_y_A2", "crlb_scs")}
         full["x_A"][it] = cols["x_A"][iq]
         full["y_A"][it] = cols["y_A"][iq]
-        scs_key = "scs_gauss" if p.scs == "gauss" else "scs_voronoi"
-        full["scs"][it] = np.asarray(cols[scs_key])[iq]
+        full["scs"][it] = np.asarray(cols["scs_gauss"])[iq]
         if math.isfinite(alpha) and alpha > 0 and len(cols["x_A"]):
             cr = C.crlb(model_of(cols), grid, alpha, p.window_sigmas)
             full["crlb_x_A2"][it] = cr.var_x_A2[iq]
             full["crlb_y_A2"][it] = cr.var_y_A2[iq]
-            full["crlb_scs"][it] = cr.var_scs[iq]   # the CRLB of the Gaussian volume; Voronoi SCS have no model
+            full["crlb_scs"][it] = cr.var_scs[iq]
         pos = np.sqrt(0.5 * (full["crlb_x_A2"] + full["crlb_y_A2"]))
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.sqrt(full["crlb_scs"]) / np.abs(full["scs"])
