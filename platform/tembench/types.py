@@ -260,7 +260,8 @@ class Reconstruction:
 # with ``split`` and either
 #   * ``split: "dose"``: ``data_a`` — half A's counts (smallest unsigned dtype); B = data − A, so
 #     the full counts and A are kept, never three copies. For ``eer`` data: ``events_a``, a bool
-#     per electron event (True = the event belongs to A).
+#     per electron event (True = the event belongs to A). ``noise_free: True`` at an infinite
+#     dose: both halves are the (noise-free) data.
 #   * ``split: "positions"``: ``mask_a`` — bool (scan_y, scan_x), True where half A has its
 #     pattern (a checkerboard); B has the others. The data array is shared, not copied.
 # :func:`half_measurement` builds half 0 (A) or 1 (B) on demand. The runner reconstructs both
@@ -309,7 +310,9 @@ def half_measurement(measurement: Measurement, index: int) -> Measurement:
         for name in ("electrons_per_unit_intensity", "dose_total_e_per_A2"):
             if isinstance(extra.get(name), (int, float)) and not isinstance(extra.get(name), bool):
                 extra[name] = extra[name] / 2
-        if "events_a" in spec:
+        if spec.get("noise_free"):
+            pass  # infinite dose: both halves are the noise-free data
+        elif "events_a" in spec:
             from tembench.eer import ElectronEvents
 
             ev = measurement.extras["events"]

@@ -175,6 +175,10 @@ def test_half_measurement_geometry_and_refusals():
     # not counted, non-integer counts, an image split by positions, a second split
     with pytest.raises(TembenchError, match="not counted.*poisson_dose"):
         HalfSets().apply(m.replace(counted=False), HalfSets.Params(), np.random.default_rng(1))
+    # the noise-free point of a dose sweep (poisson_dose at .inf): both halves are the noise-free data
+    inf_geo = geo.replace(dose_e_per_A2=float("inf"), extra={"electrons_per_unit_intensity": float("inf")})
+    clean = HalfSets().apply(m.replace(counted=False, geometry=inf_geo), HalfSets.Params(), np.random.default_rng(1))
+    assert all(half_measurement(clean, i).data is counts for i in (0, 1))
     with pytest.raises(TembenchError, match="not whole electron counts"):
         HalfSets().apply(m.replace(data=counts + 0.5), HalfSets.Params(), np.random.default_rng(1))
     with pytest.raises(TembenchError, match="no scan_y, scan_x.*split: dose"):

@@ -10,7 +10,8 @@ quantifiers ``reconstruction.extras["half_sets"] = [reconstruction of A, reconst
 For Poisson counts n ~ P(λ), A and B are independent Poisson variables of mean λ/2 each (exact),
 so each half is the same acquisition at half the dose. Needs whole-number electron counts
 (``poisson_dose`` earlier in the chain); works for every measurement kind, and for ``eer``
-electron events (each event goes to A with probability ½).
+electron events (each event goes to A with probability ½). At an infinite dose
+(``dose_e_per_A2: .inf``, the noise-free point of a dose sweep) both halves are the noise-free data.
 
 ``split: positions`` — You 2025's sub-sampling: the probe positions of a scan are split into two
 disjoint sets by a checkerboard over the scan grid, so each half covers the field uniformly with
@@ -101,6 +102,10 @@ class HalfSets(NoiseModel):
 
     @staticmethod
     def _dose(m: Measurement, rng: np.random.Generator):
+        if not m.counted and _infinite_dose(m):
+            # the noise-free limit of a dose sweep (`dose_e_per_A2: .inf`): both halves are the
+            # noise-free data (half of infinity is infinity), so an FSC of them is 1
+            return {"split": "dose", "noise_free": True}, {"noise_free": True}
         if not m.counted:
             raise TembenchError(
                 f"half_sets (split: dose): measurement {m.kind!r} is not counted (intensities, not electrons). "
@@ -135,6 +140,13 @@ class HalfSets(NoiseModel):
         mask_a = (yy + xx) % 2 == 0
         return {"split": "positions", "mask_a": mask_a}, {"n_patterns_a": int(mask_a.sum()),
                                                            "n_patterns_b": int((~mask_a).sum())}
+
+
+def _infinite_dose(m: Measurement) -> bool:
+    """True if a dose step ran with an infinite dose (the data stay noise-free intensities)."""
+    n_e = m.geometry.extra.get("electrons_per_unit_intensity")
+    dose = m.geometry.dose_e_per_A2
+    return any(isinstance(v, (int, float)) and np.isinf(v) and v > 0 for v in (n_e, dose))
 
 
 @hookimpl
