@@ -338,8 +338,9 @@ def run_unit(task: UnitTask) -> UnitResult:
                     t_halves += t_i
                     peak_halves = peak_i if math.isnan(peak_halves) else max(peak_halves, peak_i)
                     hits.append(hit_i)
+                # recon_cache_hit: the full reconstruction and both halves came from the cache
                 row.update(time_reconstruct_halves_s=t_halves, peak_memory_reconstruct_halves_MB=peak_halves,
-                           halves_cache_hit=all(hits))
+                           recon_cache_hit=hit and all(hits))
                 recon = dataclasses.replace(recon, extras={**recon.extras, HALF_SETS: half_recons})
             for hk, hv in recon.history.items():
                 if len(hv):

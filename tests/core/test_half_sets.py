@@ -124,8 +124,8 @@ def test_runner_reconstructs_independent_half_dose_halves(reg, tmp_path):
     res = run_scenario(sc, out=tmp_path / "a", progress=False, report=False)
     t = res.table
     assert (t["status"] == "ok").all(), t.get("error")
-    assert {"time_reconstruct_halves_s", "halves_cache_hit"} <= set(t.columns)
-    assert not t["halves_cache_hit"].any()
+    assert {"time_reconstruct_halves_s", "peak_memory_reconstruct_halves_MB"} <= set(t.columns)
+    assert not t["recon_cache_hit"].any()
     assert dummy_plugin.CALLS["reconstruct"] == 2 * 3  # per repeat: full + A + B
     lam = _expected_counts()
     for arr in _arrays(res.run_dir, t):
@@ -152,7 +152,7 @@ def test_runner_reconstructs_independent_half_dose_halves(reg, tmp_path):
     calls = dummy_plugin.CALLS["reconstruct"]
     resumed = run_scenario(sc, out=tmp_path / "a", progress=False, report=False)
     assert dummy_plugin.CALLS["reconstruct"] == calls
-    assert resumed.table["halves_cache_hit"].sum() == 1
+    assert resumed.table["recon_cache_hit"].sum() == 1  # the full reconstruction and both halves
     for x, y in zip(_arrays(res.run_dir, t), _arrays(resumed.run_dir, resumed.table)):
         assert all(x[k].tobytes() == y[k].tobytes() for k in x)
 
@@ -287,5 +287,5 @@ def test_tables_equal_with_and_without_cache_hits(reg, tmp_path):
     other = parse_scenario(SCENARIO.replace("[halves_probe, dummy_mean]", "[dummy_mean, halves_probe]"))
     calls = dummy_plugin.CALLS["reconstruct"]
     b = run_scenario(other, out=tmp_path, progress=False, report=False).table
-    assert dummy_plugin.CALLS["reconstruct"] == calls and b["halves_cache_hit"].all()
+    assert dummy_plugin.CALLS["reconstruct"] == calls and b["recon_cache_hit"].all()
     pd.testing.assert_series_equal(a["mean"], b["mean"])
