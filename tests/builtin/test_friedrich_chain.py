@@ -233,4 +233,3 @@ def test_pt_nanoparticle_scenario_uses_the_table_2_1_particle_source_size():
     assert dict(scenario_chain("friedrich_pt_nanoparticle.yaml"))["source_size"]["fwhm_A"] == 0.75
     fwd = spec["forward"]["params"]
     assert fwd["semiangle_mrad"] == 21.0 and fwd["detectors"]["haadf"][0] == 42
-    assert fwd["defocus_A"] == pytest.approx(108.68)                 # C10 = −10.868 nm
