@@ -65,6 +65,10 @@ from tembench.physics.optics import aberration_function, fourier_shift_phase, no
 from tembench.physics.stem import stem_loss_and_gradient
 
 
+#: Tikhonov term of the position Newton step, relative to the batch's mean curvature trace
+POSITION_MU = 1e-3
+
+
 class MSPParams(Params):
     """Parameters of :func:`reconstruct_msp` (units in the names; defaults for a few-Å-thick crystal)."""
 
@@ -383,7 +387,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
                 probe = orthogonalize_modes(probe.astype(xp.complex64), xp)
             if refine_pos:
                 g_pos, h_pos = out[3], out[4]
-                mu = 1e-3 * float(np.mean(np.trace(h_pos, axis1=1, axis2=2))) + 1e-30
+                mu = POSITION_MU * float(np.mean(np.trace(h_pos, axis1=1, axis2=2))) + 1e-30
                 d = -damp * p.position_step_size * np.linalg.solve(h_pos + mu * np.eye(2), g_pos[..., None])[..., 0]
                 cap = 0.5 * np.asarray(s)
                 d = np.clip(d, -cap, cap)
@@ -409,8 +413,6 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
             progress(it + 1, p.n_iterations)
     return MSPResult(potentials_VA=asnumpy(v), probe=asnumpy(probe), positions_A=pos, sampling_A=s,
                      origin_A=origin, slice_thickness_A=dz, pattern_scale=float(scale), history=hist)
-
-
 
 
 # --- the reconstructor ---------------------------------------------------------------------------
