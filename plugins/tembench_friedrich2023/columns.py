@@ -543,23 +543,93 @@ def inverse_entries(F: sp.spmatrix, rows: np.ndarray, cols: np.ndarray, dense_li
     return out * rows_sc
 
 
-def crlb(model: ColumnModel, grid: ImageGrid, electrons_per_unit: float, window_sigmas: float = 6.0) -> CRLB:
-    """CRLB of every column's position, height, width and SCS (eqs 2.25–2.29), full model with background."""
+def crlb(model: ColumnModel, grid: ImageGrid, electrons_per_unit: float, window_sigmas: float = 6.0,
+         method: Literal["auto", "exact", "local"] = "auto", local_radius_nn: float = 3.0) -> CRLB:
+    """CRLB of every column's position, height, width and SCS (eqs 2.25–2.29), full model with background.
+
+    ``exact`` inverts the whole Fisher matrix (dense up to 1500 parameters, else sparse LU solves:
+    ~20 s for 1000 columns). ``local`` inverts, for tiles of columns, the Fisher matrix restricted
+    to the columns within ``local_radius_nn`` nearest-neighbour distances plus the global
+    parameters, whose information from all other columns is kept exactly (a Schur complement):
+    only the direct coupling to columns farther away is dropped, which is of the order of their
+    Gaussians' overlap and its propagation along chains of neighbours (< 3e-4 relative at 3 nn in the
+    tests). ``auto``: exact up to 1500 parameters, else local.
+    """
     F = fisher_information(model, grid, electrons_per_unit, window_sigmas)
+    n = len(model)
     ix, iy, ih, isg = (model.index(k) for k in (_X, _Y, _H, _S))
     nb = len(model.background)
     ib = np.arange(model.n_params - nb, model.n_params)
-    rows = np.concatenate([ix, iy, ih, isg, ih, ib])
-    cols = np.concatenate([ix, iy, ih, isg, isg, ib])
-    e = inverse_entries(F, rows, cols)
-    n = len(model)
-    vx, vy, vh, vs, chs = (e[i * n:(i + 1) * n] for i in range(5))
-    vb = e[5 * n:]
+    if method == "auto":
+        method = "exact" if model.n_params <= 1500 else "local"
+    if method == "exact" or n < 2:
+        rows = np.concatenate([ix, iy, ih, isg, ih, ib])
+        cols = np.concatenate([ix, iy, ih, isg, isg, ib])
+        e = inverse_entries(F, rows, cols)
+        vx, vy, vh, vs, chs = (e[i * n:(i + 1) * n] for i in range(5))
+        vb = e[5 * n:]
+    elif method == "local":
+        vx, vy, vh, vs, chs, vb = _local_inverse(model, F, local_radius_nn)
+    else:
+        raise TembenchError(f"crlb: method {method!r} is not 'auto', 'exact' or 'local'")
     # eq 2.29: ∂SCS/∂ρ = 4π η ρ, ∂SCS/∂η = 2π ρ²
     gs = 4.0 * np.pi * model.height * model.sigma_A
     gh = 2.0 * np.pi * model.sigma_A ** 2
     vscs = gs * gs * vs + 2.0 * gs * gh * chs + gh * gh * vh
     return CRLB(vx, vy, vh, vs, vscs, vb, F)
+
+
+def _local_inverse(model: ColumnModel, F: sp.spmatrix, radius_nn: float):
+    """Diagonal blocks of F⁻¹ per column from neighbourhood-restricted Fisher matrices (see :func:`crlb`).
+
+    The global parameters (background, common width) couple every column; what the columns outside
+    a neighbourhood R contribute to them is kept exactly by a Schur complement, F_gR F_RR⁻¹ F_Rg =
+    S_all − S_L with S = F_gc F_cc⁻¹ F_cg (one sparse solve with a few right-hand sides).
+    """
+    from scipy.linalg import cho_factor, cho_solve
+    from scipy.spatial import cKDTree
+
+    n = len(model)
+    k = 3 if model.common_width else 4
+    nc = k * n
+    glob = np.arange(nc, model.n_params)                    # common width and background
+    F = F.tocsc()
+    Fcc, Fcg, Fgg = F[:nc, :nc], F[:nc, nc:].toarray(), F[nc:, nc:].toarray()
+    s_all = Fcg.T @ _spd_lu(Fcc).solve(Fcg)
+    nn = nearest_neighbour_distance(model.x_A, model.y_A)
+    xy = np.stack([model.x_A, model.y_A], 1)
+    t_idx = np.floor((xy - xy.min(0)) / (2.0 * nn)).astype(np.int64)
+    keys, owner = np.unique(t_idx, axis=0, return_inverse=True)
+    owner = owner.ravel()
+    tree = cKDTree(xy)
+    F = F.tocsr()
+    out = np.full((5, n), np.nan)
+    vb = None
+    for t in range(len(keys)):
+        members = np.flatnonzero(owner == t)
+        centre = xy[members].mean(0)
+        reach = np.max(np.hypot(*(xy[members] - centre).T)) + radius_nn * nn
+        hood = np.array(sorted(tree.query_ball_point(centre, reach)))
+        Lc = (hood[:, None] * k + np.arange(k)[None, :]).ravel()
+        FLL = F[Lc][:, Lc].toarray()
+        FLg = Fcg[Lc]
+        try:
+            s_L = FLg.T @ cho_solve(cho_factor(FLL), FLg)
+            M = np.block([[FLL, FLg], [FLg.T, Fgg - (s_all - s_L)]])
+            d = np.sqrt(np.diag(M))
+            inv = cho_solve(cho_factor(M / d[:, None] / d[None, :]), np.eye(len(M))) / d[:, None] / d[None, :]
+        except np.linalg.LinAlgError as exc:
+            raise TembenchError("CRLB: a local Fisher matrix is singular (columns on top of each other, or a "
+                                "column mostly off the image)") from exc
+        pos = {c: i for i, c in enumerate(hood)}
+        for c in members:
+            b = pos[c] * k
+            s_i = b + 3 if not model.common_width else len(Lc)
+            out[0, c], out[1, c], out[2, c] = inv[b, b], inv[b + 1, b + 1], inv[b + 2, b + 2]
+            out[3, c], out[4, c] = inv[s_i, s_i], inv[b + 2, s_i]
+        if vb is None:
+            vb = np.diag(inv)[-len(model.background):].copy()
+    return out[0], out[1], out[2], out[3], out[4], vb
 
 
 def lsq_covariance(model: ColumnModel, grid: ImageGrid, electrons_per_unit: float,

@@ -102,3 +102,15 @@ def test_crlb_matches_monte_carlo_of_ml_and_lsq_estimators_for_one_gaussian():
         assert np.all(np.abs(r - 1) < 0.2), (loss, r)
     eff = bound / sand_d
     assert np.all(eff > 0.5) and np.all(eff <= 1 + 1e-9)
+
+
+@pytest.mark.parametrize("common", [False, True])
+def test_local_crlb_matches_the_exact_inverse(common):
+    true, grid = lattice_model(n=9, spacing_A=1.96, sigma_A=0.5)
+    if common:
+        true = C.ColumnModel(true.x_A, true.y_A, true.height, 0.5, true.background, common_width=True)
+    ex = C.crlb(true, grid, 300.0, method="exact")       # 81 columns: each tile sees ≈ 40 of them
+    lo = C.crlb(true, grid, 300.0, method="local")
+    for a, b in ((lo.var_x_A2, ex.var_x_A2), (lo.var_y_A2, ex.var_y_A2), (lo.var_scs, ex.var_scs),
+                 (lo.var_sigma_A2, ex.var_sigma_A2)):
+        np.testing.assert_allclose(a, b, rtol=3e-4)
