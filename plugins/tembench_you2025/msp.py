@@ -247,7 +247,7 @@ def _slice_thickness(params, geometry) -> float:
 
 # --- Algorithm 1 ---------------------------------------------------------------------------------
 def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | None = None, xp=np,
-                    init: MSPResult | None = None, progress=None) -> MSPResult:
+                    init: MSPResult | None = None, progress=None, frame_positions_A=None) -> MSPResult:
     """Multislice ptychography (You 2025 Alg. 1) of one 4D-STEM data set.
 
     Parameters
@@ -260,6 +260,8 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
         defocus_A (C10 = −Δf), optionally ``extra['detector_centre_px']``.
     init : a previous result (same detector and slices) to continue from — its potentials on its
         field, probe and refined positions (part 2 calls this per tilt).
+    frame_positions_A : positions (M, 2) Å that lay out the object field (default ``positions_A``); pass the
+        whole scan when reconstructing a subset (a half set), so that subsets share one grid.
     """
     p = params if isinstance(params, MSPParams) else MSPParams(**(params or {}))
     pos0 = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
@@ -317,8 +319,9 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
         origin = tuple(init.origin_A)
         field_gpts = v.shape[1:]
     else:
-        lo = pos0.min(axis=0)
-        hi = pos0.max(axis=0)
+        frame = pos0 if frame_positions_A is None else np.asarray(frame_positions_A, np.float64).reshape(-1, 2)
+        lo = np.minimum(frame.min(axis=0), pos0.min(axis=0))
+        hi = np.maximum(frame.max(axis=0), pos0.max(axis=0))
         origin = tuple(float(lo[a] - (shape[1 + a] // 2 + pad[a]) * s[a]) for a in range(2))
         field_gpts = tuple(int(math.ceil((hi[a] - lo[a]) / s[a])) + shape[1 + a] + 2 * pad[a] + 2 for a in range(2))
         v = xp.zeros((p.n_slices,) + field_gpts, dtype=xp.complex64)
@@ -461,8 +464,8 @@ class MSP(Reconstructor):
     """Multislice ptychography (You 2025 Alg. 1): complex slice potentials, mixed-state probe and probe
     positions from one 4D-STEM scan by minibatch gradient steps on the amplitude loss (eq 16).
 
-    Output: the projected potential Σ_n Re V_n (V·Å) over the scanned area on the reconstruction grid
-    (pixel λ/(n_k·Δα)); ``extras`` hold the complex slices on the whole field (``slices_VA``,
+    Output: the projected potential Σ_n Re V_n (V·Å) over the scanned area (the bounding box of the whole
+    scan, also for a masked subset) on the reconstruction grid (pixel λ/(n_k·Δα)); ``extras`` hold the complex slices on the whole field (``slices_VA``,
     ``field_origin_A``), the probe modes, the refined and nominal positions of the patterns used.
     Honours ``extras['pattern_mask']`` (absent patterns are ignored).
     """
@@ -477,9 +480,11 @@ class MSP(Reconstructor):
     def reconstruct(self, measurement, params, xp):
         patterns, pos, present, scan = present_patterns(measurement, self.name)
         t0 = time.perf_counter()
-        res = reconstruct_msp(patterns, pos, measurement.geometry, params, xp=xp)
+        all_pos = np.asarray(measurement.geometry.scan_positions_A, np.float64).reshape(-1, 2)
+        # the whole scan lays out the grid and the output region, so that half sets share them
+        res = reconstruct_msp(patterns, pos, measurement.geometry, params, xp=xp, frame_positions_A=all_pos)
         elapsed = time.perf_counter() - t0
-        yi, xi, org = res.scan_region(pos)
+        yi, xi, org = res.scan_region(all_pos)
         proj = res.projection()[yi, xi]
         return Reconstruction(
             kind="image", data=np.asarray(proj, np.float32), sampling_A=res.sampling_A,

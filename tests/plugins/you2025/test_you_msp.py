@@ -138,10 +138,17 @@ def test_pattern_mask_is_honoured(clean_scan):
     assert np.all(np.isfinite(rec.data))
     assert rec.extras["n_patterns_used"] == mask.sum()
     np.testing.assert_array_equal(rec.extras["pattern_indices"], np.flatnonzero(mask.ravel()))
-    direct = reconstruct_msp(patterns[mask.ravel()], grid.reshape(-1, 2)[mask.ravel()], geo, params)
+    direct = reconstruct_msp(patterns[mask.ravel()], grid.reshape(-1, 2)[mask.ravel()], geo, params,
+                             frame_positions_A=grid.reshape(-1, 2))
     np.testing.assert_allclose(rec.extras["slices_VA"], direct.potentials_VA, rtol=1e-5, atol=1e-3)
     assert rec.extras["slices_VA"].shape[0] == 2 and rec.extras["probe_modes"].shape == (1, 48, 48)
     assert rec.extras["positions_A"].shape == (mask.sum(), 2)
+    # the other half set lands on the same grid and output region (half-set FSC compares them pixel by pixel)
+    other = MSP().reconstruct(m.replace(data=patterns.reshape(sy, sx, 48, 48), extras={"pattern_mask": ~mask}),
+                              params, np)
+    assert other.data.shape == rec.data.shape and other.origin_A == rec.origin_A
+    assert other.extras["field_origin_A"] == rec.extras["field_origin_A"]
+    assert _ncc(other.data, rec.data) > 0.5
 
 
 def test_bad_input_errors(clean_scan):
