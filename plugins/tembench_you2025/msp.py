@@ -42,7 +42,7 @@ and every modelled pattern unchanged.
 
 Conventions: lengths Å, angles mrad, potentials V·Å per slice, phase σ·Re V > 0 for an attractive
 potential (exp(+iσV), as the forward model). Patterns (N, k_y, k_x) fftshifted with the unscattered beam
-at pixel (k_y//2, k_x//2); the reconstruction pixel is λ/(n_k·Δα) per axis (n_k detector pixels of Δα
+at pixel (k_y//2, k_x//2) (within half a pixel: an even detector binning is modelled as a beam tilt); the reconstruction pixel is λ/(n_k·Δα) per axis (n_k detector pixels of Δα
 mrad). Positions (y, x) Å in the sample frame; the object field's pixel 0 sits at ``origin_A``.
 """
 
@@ -150,16 +150,22 @@ def reconstruction_sampling(pattern_shape, detector_sampling_mrad, energy_keV) -
     return lam / (pattern_shape[0] * d[0] * 1e-3), lam / (pattern_shape[1] * d[1] * 1e-3)
 
 
-def _check_detector(geometry, shape):
-    extra = geometry.extra or {}
-    c = extra.get("detector_centre_px")
-    if c is not None:
-        dy, dx = float(c[0]) - shape[0] // 2, float(c[1]) - shape[1] // 2
-        if abs(dy) > 1e-6 or abs(dx) > 1e-6:
-            raise TembenchError(
-                f"msp: the unscattered beam falls at detector pixel {tuple(c)}, not on pixel "
-                f"{(shape[0] // 2, shape[1] // 2)} as the model assumes (an even detector_binning puts it between "
-                "pixels). Use an odd detector_binning (or none), or centre the patterns first.")
+def detector_offset_px(geometry, shape) -> tuple[float, float]:
+    """Where the unscattered beam falls relative to pixel (k_y//2, k_x//2), in pixels (y, x).
+
+    An even detector binning puts it between native pixels (0.5/b binned pixels off, recorded by stem4d in
+    ``extra['detector_centre_px']``). Offsets up to half a pixel are modelled as a beam tilt of the probe
+    (its spectrum is centred there); larger ones are refused.
+    """
+    c = (geometry.extra or {}).get("detector_centre_px")
+    if c is None:
+        return 0.0, 0.0
+    dy, dx = float(c[0]) - shape[0] // 2, float(c[1]) - shape[1] // 2
+    if abs(dy) > 0.5 + 1e-9 or abs(dx) > 0.5 + 1e-9:
+        raise TembenchError(
+            f"msp: the unscattered beam falls at detector pixel {tuple(c)}, more than half a pixel from pixel "
+            f"{(shape[0] // 2, shape[1] // 2)} where the model puts it; centre (crop) the patterns first.")
+    return dy, dx
 
 
 def orthogonalize_modes(modes, xp=None):
@@ -177,9 +183,11 @@ def orthogonalize_modes(modes, xp=None):
     return (u.conj().T @ a).reshape(modes.shape).astype(xp.complex64)
 
 
-def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, extra_power, rng, xp):
+def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, extra_power, rng, xp,
+                  offset_px=(0.0, 0.0)):
     """Probe modes (K, wy, wx) from the mean pattern's bright-field disc: ψ(k) = √Ī(k)·exp(−iχ(k)).
 
+    ``offset_px``: the unscattered beam's position relative to pixel n//2 (:func:`detector_offset_px`).
     The disc is where Ī exceeds 30 % of its maximum, grown by one pixel for the aperture's edge. Unit total
     power; modes 2…K (``extra_power`` of it) are the first mode's spectrum times low-order polynomials of
     k, then orthogonalised.
@@ -191,7 +199,11 @@ def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, ex
     disc = disc | np.roll(disc, 1, 0) | np.roll(disc, -1, 0) | np.roll(disc, 1, 1) | np.roll(disc, -1, 1)
     amp = np.where(disc, np.sqrt(np.maximum(m, 0)), 0.0)
     ky, kx = spatial_frequencies((wy, wx), sampling_A, xp=np, dtype=np.float64)
-    chi = aberration_function(ky, kx, wavelength_A(energy_keV), aberrations)
+    # pixel j holds the beam at angle (j − n//2 − offset)·Δα: the aberrations at the true angles, which
+    # centres the probe's spectrum on the recorded beam (a tilt of ≤ ½ pixel: exact for one slice; over a
+    # thickness z it shifts the probe laterally by λ·offset·Δk·z, negligible for thin samples)
+    chi = aberration_function(ky - offset_px[0] / (wy * sampling_A[0]), kx - offset_px[1] / (wx * sampling_A[1]),
+                              wavelength_A(energy_keV), aberrations)
     centre = ((wy // 2) * sampling_A[0], (wx // 2) * sampling_A[1])
     pk = amp * np.exp(-1j * chi) * np.asarray(fourier_shift_phase(ky, kx, centre))
     p0 = np.fft.ifft2(pk)
@@ -280,7 +292,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
     wy, wx = shape[1:]
     if wy < 8 or wx < 8:
         raise TembenchError(f"msp: patterns of {wy}x{wx} pixels are too small (need >= 8x8)")
-    _check_detector(geometry, (wy, wx))
+    offset_px = detector_offset_px(geometry, (wy, wx))
     energy = float(geometry.energy_keV)
     sigma = interaction_constant(energy)
     s = reconstruction_sampling((wy, wx), geometry.detector_sampling_mrad, energy)
@@ -330,7 +342,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
         if probe.shape[0] != p.n_probe_modes:
             raise TembenchError(f"msp: init probe has {probe.shape[0]} modes, params ask for {p.n_probe_modes}")
     else:
-        probe = initial_probe(mean, s, energy, ab, p.n_probe_modes, p.extra_mode_power, rng, xp)
+        probe = initial_probe(mean, s, energy, ab, p.n_probe_modes, p.extra_mode_power, rng, xp, offset_px)
     pos = pos0.copy() if init is None or init.positions_A is None else np.asarray(init.positions_A, float).copy()
     if pos.shape != pos0.shape:
         raise TembenchError(f"msp: init positions {pos.shape} do not match the patterns' {pos0.shape}")

@@ -165,7 +165,10 @@ def test_bad_input_errors(clean_scan):
     with pytest.raises(TembenchError, match="no pattern"):
         MSP().reconstruct(m.replace(extras={"pattern_mask": np.zeros(grid.shape[:2], bool)}), p, np)
     with pytest.raises(TembenchError, match="detector pixel"):
-        reconstruct_msp(patterns, pos, geo.replace(extra={"detector_centre_px": (24.25, 24.25)}), p)
+        reconstruct_msp(patterns, pos, geo.replace(extra={"detector_centre_px": (25.0, 24.0)}), p)
+    # an even binning's quarter-pixel offset is modelled (beam tilt), not refused
+    r = reconstruct_msp(patterns, pos, geo.replace(extra={"detector_centre_px": (24.25, 24.25)}), p)
+    assert np.all(np.isfinite(r.potentials_VA))
     with pytest.raises(TembenchError, match="detector_sampling_mrad"):
         reconstruct_msp(patterns, pos, geo.replace(detector_sampling_mrad=None), p)
     with pytest.raises(TembenchError, match="N = "):
