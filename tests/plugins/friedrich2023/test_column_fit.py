@@ -59,7 +59,7 @@ def test_find_columns_locates_every_column():
 
 @pytest.mark.parametrize("loss", ["lsq", "poisson"])
 def test_fit_is_unbiased_and_its_spread_approaches_the_crlb_at_high_dose(loss):
-    """60 Poisson repeats of 16 overlapping columns at 1e4 electrons per unit height.
+    """50 Poisson repeats of 16 overlapping columns at 1e4 electrons per unit height.
 
     Unbiased: every parameter's mean is within a few standard errors of the truth (bias ≪ spread).
     Efficient: the spread over repeats / √CRLB is within 20 % of 1 (median over columns), for the
@@ -71,7 +71,7 @@ def test_fit_is_unbiased_and_its_spread_approaches_the_crlb_at_high_dose(loss):
     img = true.image(grid)
     cr = C.crlb(true, grid, alpha)
     rng = np.random.default_rng(11)
-    n_rep = 60
+    n_rep = 50
     out = []
     for _ in range(n_rep):
         counts = rng.poisson(img * alpha).astype(float)
