@@ -405,7 +405,14 @@ class Aggregator:
                            for p in scenario.points for q in p.spec.quantifiers)
 
     def point_finished(self, point_index: int) -> None:
-        if self.enabled and point_index not in self.done and self._point(self.points[point_index]):
+        if not self.enabled or point_index in self.done:
+            return
+        try:
+            if self._point(self.points[point_index]):
+                self.done.add(point_index)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unreadable row file; errors of aggregate() are rows
+            print(f"[tembench] aggregates of point {point_index} not computed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
             self.done.add(point_index)
 
     def finish(self) -> None:
