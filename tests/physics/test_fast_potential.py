@@ -123,9 +123,15 @@ def test_numba_and_numpy_kernels_agree():
     mult = rng.random((21, 25)).astype(np.float32)
     outs = [np.zeros((3, 21, 25), np.complex64) for _ in range(2)]
     for first in (True, False):
-        S.accumulate(z, mult, outs[0], first, use_numba=True)
-        S.accumulate(z, mult, outs[1], first, use_numba=False)
-    assert np.array_equal(outs[0], outs[1])
+        zs = [z.copy(), z.copy()]
+        S.accumulate(zs[0], mult, outs[0], first, use_numba=True)
+        S.accumulate(zs[1], mult, outs[1], first, use_numba=False)
+        assert not np.any(zs[0]) and not np.any(zs[1])  # left zeroed for the next deposit
+    assert np.array_equal(outs[0], outs[1]) and np.any(outs[0])
+    planes = [np.zeros((7, 21, 25), np.float32) for _ in range(2)]
+    S.split_pairs(outs[0], planes[0], np.array([4, 0, 6, 2, 5]), use_numba=True)
+    S.split_pairs(outs[0], planes[1], np.array([4, 0, 6, 2, 5]), use_numba=False)
+    assert np.array_equal(planes[0], planes[1]) and np.array_equal(planes[0][0], outs[0][0].imag)
 
 
 def test_kernel_polynomials_reproduce_the_kernel():
@@ -150,3 +156,34 @@ def test_method_choice_and_override():
     kw = dict(gpts=(40, 40), sampling_A=cell[0] / 40, slice_thickness_A=2.0)
     assert np.array_equal(P.projected_potential(pos, numbers, **kw),
                           P.projected_potential(pos, numbers, method="exact", **kw))
+
+
+@pytest.mark.parametrize("model", ["hrtem", "stem4d"])
+def test_frozen_phonon_prefetch_gives_the_plain_loop_results(model, monkeypatch):
+    """The next configuration's potential is built in a worker thread; the data are bit-identical."""
+    from tembench.builtin import forward_multislice as F
+    from tembench.types import Sample
+
+    rng = np.random.default_rng(3)
+    sample = Sample(positions_A=rng.random((40, 3)) * [10.0, 10.0, 6.0], numbers=rng.choice([14, 79], 40),
+                    cell_A=[10.0, 10.0, 6.0])
+    if model == "hrtem":
+        cls, params = F.HRTEMTiltSeries, dict(sampling_A=0.25, slice_thickness_A=1.5, defocus_values_A=[0.0, 50.0],
+                                              tilt_angles_deg=[0.0, 10.0])
+    else:
+        cls, params = F.STEM4D, dict(sampling_A=0.2, slice_thickness_A=1.5, semiangle_mrad=20.0, scan_step_A=2.5,
+                                     window_gpts=32, output="patterns", detectors={"bf": (0.0, 20.0)})
+    p = cls.Params(frozen_phonons=3, rms_displacement_A=0.1, phonon_seed=4, **params)
+    calls = []
+    real = F._phonon_potentials
+
+    def spy(n_conf, make, prefetch):
+        calls.append(prefetch)
+        return real(n_conf, make, prefetch)
+
+    monkeypatch.setattr(F, "_phonon_potentials", spy)
+    ahead = cls().simulate(sample, p, np)
+    assert calls and all(calls)
+    monkeypatch.setattr(F, "_can_prefetch", lambda *a: False)
+    plain = cls().simulate(sample, p, np)
+    assert np.array_equal(np.asarray(ahead.data), np.asarray(plain.data))

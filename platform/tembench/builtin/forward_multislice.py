@@ -107,6 +107,39 @@ def _explicit_window(p, sampling):
     return None
 
 
+def _phonon_potentials(n_conf: int, make, prefetch: bool):
+    """``make(c)`` for c = 0 … n_conf − 1, in order. With ``prefetch`` the next configuration's potential
+    is built in a worker thread while the caller propagates the current one: configurations are
+    independent (each has its own seed), so the potentials, and everything computed from them in
+    the caller's order, are those of the plain loop."""
+    if not prefetch or n_conf < 2:
+        for c in range(n_conf):
+            yield make(c)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tembench-potential") as pool:
+        ahead = pool.submit(make, 0)
+        for c in range(n_conf):
+            current = ahead.result()
+            if c + 1 < n_conf:
+                ahead = pool.submit(make, c + 1)
+            yield current
+
+
+def _can_prefetch(xp, n_conf: int, potential_bytes: int, peak_bytes: int, limit) -> bool:
+    """Prefetch one potential ahead (CPU only) when a second potential fits the memory limit as well."""
+    from tembench.errors import ResourceError
+
+    if xp is not np or n_conf < 2:
+        return False
+    try:
+        memory.check_memory(peak_bytes + potential_bytes, "prefetch", "", limit)
+    except ResourceError:
+        return False
+    return True
+
+
 def _limit(p):
     return None if p.max_memory_GB is None else int(p.max_memory_GB * 2**30)
 
@@ -223,15 +256,20 @@ class HRTEMTiltSeries(ForwardModel):
         # span puts its centre at i·s, where the Geometry (and every reconstructor) places it
         pixel_shift = np.array([0.5 * (p.simulation_factor - 1) * sim_sampling[1],
                                 0.5 * (p.simulation_factor - 1) * sim_sampling[0], 0.0])
+        prefetch = _can_prefetch(xp, n_conf, n_slices * gpts[0] * gpts[1] * 4, memory.hrtem_tilt_series_bytes(
+            gpts, n_slices, len(angles), len(p.defocus_values_A), len(sample)), limit)
         for i, pos in enumerate(rotated):
             pos = pos + pixel_shift
             acc = None
-            for c in range(n_conf):
+
+            def potential(c, pos=pos, i=i):
                 rng = np.random.default_rng([p.phonon_seed, i, c]) if (p.frozen_phonons and rms is not None) else None
-                v = projected_potential(pos, sample.numbers, gpts=gpts, sampling_A=sim_sampling,
-                                        slice_thickness_A=p.slice_thickness_A,
-                                        z_range_A=(z0, z0 + n_slices * p.slice_thickness_A),
-                                        parametrization=p.parametrization, rms_displacement_A=rms, rng=rng, xp=xp)
+                return projected_potential(pos, sample.numbers, gpts=gpts, sampling_A=sim_sampling,
+                                           slice_thickness_A=p.slice_thickness_A,
+                                           z_range_A=(z0, z0 + n_slices * p.slice_thickness_A),
+                                           parametrization=p.parametrization, rms_displacement_A=rms, rng=rng, xp=xp)
+
+            for v in _phonon_potentials(n_conf, potential, prefetch):
                 if p.focal_spread_A > 0 or p.illumination_rms_mrad > 0:
                     img = partially_coherent_hrtem_images(
                         v, p.slice_thickness_A, focal_spread_A=p.focal_spread_A, n_focal=p.n_focal,
@@ -432,14 +470,21 @@ class STEM4D(ForwardModel):
         rms = _rms(sample, p)
         n_conf = max(1, p.frozen_phonons) if rms is not None else 1
         det_sampling = None
+        limit = None if p.max_memory_GB is None else int(p.max_memory_GB * 2**30)
+        prefetch = _can_prefetch(xp, n_conf, n_slices * gpts[0] * gpts[1] * 4, memory.stem_bytes(
+            gpts, n_slices, window, modes.shape[0], p.batch_size or 64, n_pos * len(angles), ky * kx,
+            keep and p.patterns_path is None), limit)
         # the scan positions are in the untilted sample frame; probes scan the tilted projection in place
         for i, pos in enumerate(rotated):
-            for c in range(n_conf):
+
+            def potential(c, pos=pos, i=i):
                 rng = np.random.default_rng([p.phonon_seed, i, c]) if (p.frozen_phonons and rms is not None) else None
-                v = projected_potential(pos, sample.numbers, gpts=gpts, sampling_A=sampling,
-                                        slice_thickness_A=p.slice_thickness_A,
-                                        z_range_A=(z0, z0 + n_slices * p.slice_thickness_A),
-                                        parametrization=p.parametrization, rms_displacement_A=rms, rng=rng, xp=xp)
+                return projected_potential(pos, sample.numbers, gpts=gpts, sampling_A=sampling,
+                                           slice_thickness_A=p.slice_thickness_A,
+                                           z_range_A=(z0, z0 + n_slices * p.slice_thickness_A),
+                                           parametrization=p.parametrization, rms_displacement_A=rms, rng=rng, xp=xp)
+
+            for v in _phonon_potentials(n_conf, potential, prefetch):
                 res = stem_scan(v, p.slice_thickness_A, energy_keV=p.energy_keV, sampling_A=sampling,
                                 positions_A=grid.reshape(-1, 2), probe=modes, detectors=dict(p.detectors),
                                 return_patterns=False, out=out[i] if keep else None,

@@ -135,13 +135,22 @@ def _source_index(n: int, m: int) -> np.ndarray:
 
 
 def accumulate_numpy(z, mult, out, first: bool):
-    """out (p, n_y, n_x) (=, or += unless ``first``) mult · z at the n_y × n_x lowest frequencies of z (p, M_y, M_x)."""
+    """out (p, n_y, n_x) (=, or += unless ``first``) mult · z at the n_y × n_x lowest frequencies of z (p, M_y, M_x);
+    then z is zeroed (ready for the next deposit)."""
     ny, nx = out.shape[-2:]
     part = z[:, _source_index(ny, z.shape[-2])][:, :, _source_index(nx, z.shape[-1])] * mult
     if first:
         out[...] = part
     else:
         out += part
+    z[...] = 0
+    return out
+
+
+def split_pairs_numpy(res, out, dest):
+    """out[dest[2i]] = res[i].real, out[dest[2i + 1]] = res[i].imag (for as many dest as given)."""
+    out[dest[0::2]] = res.real[: len(dest[0::2])]
+    out[dest[1::2]] = res.imag[: len(dest[1::2])]
     return out
 
 
@@ -202,7 +211,12 @@ if HAVE_NUMBA:
 
     @_nb.njit(cache=True, nogil=True)
     def _accumulate_nb(z, mult, out, src_y, src_x, first):  # pragma: no cover - compiled
+        # zeroing z here, row by row while it is in cache, saves a separate pass over the grid
         nb_, ny, nx = out.shape
+        my, mx = z.shape[1], z.shape[2]
+        used = np.zeros(my, np.bool_)
+        for r in range(ny):
+            used[src_y[r]] = True
         for s in range(nb_):
             for r in range(ny):
                 zs = z[s, src_y[r]]
@@ -214,6 +228,28 @@ if HAVE_NUMBA:
                 else:
                     for c in range(nx):
                         o[c] += zs[src_x[c]] * ms[c]
+                zs[:] = 0
+            for r in range(my):
+                if not used[r]:
+                    z[s, r, :] = 0
+        return out
+
+    @_nb.njit(cache=True, nogil=True)
+    def _split_pairs_nb(res, out, dest):  # pragma: no cover - compiled
+        ny, nx = res.shape[1], res.shape[2]
+        for i in range(dest.size):
+            part = i & 1
+            plane = res[i >> 1]
+            o = out[dest[i]]
+            for r in range(ny):
+                src = plane[r]
+                dst = o[r]
+                if part == 0:
+                    for c in range(nx):
+                        dst[c] = src[c].real
+                else:
+                    for c in range(nx):
+                        dst[c] = src[c].imag
         return out
 
 
@@ -235,8 +271,17 @@ def spread(uy, ux, slot, grid, width: int, beta: float, use_numba: bool | None =
     return spread_numpy(uy, ux, slot, grid, width, beta)
 
 
+def split_pairs(res, out, dest, use_numba: bool | None = None):
+    """Real parts of the complex planes ``res`` to ``out[dest[0::2]]``, imaginary parts to ``out[dest[1::2]]``."""
+    if (HAVE_NUMBA if use_numba is None else use_numba and HAVE_NUMBA) and isinstance(out, np.ndarray) \
+            and out.dtype == np.float32 and out.flags.c_contiguous:
+        return _split_pairs_nb(res, out, np.ascontiguousarray(dest, dtype=np.int64))
+    return split_pairs_numpy(res, out, dest)
+
+
 def accumulate(z, mult, out, first: bool, use_numba: bool | None = None):
-    """out = (or +=) mult · (the frequencies of the oversampled spectrum z that the output grid keeps)."""
+    """out = (or +=) mult · (the frequencies of the oversampled spectrum z that the output grid keeps); z is
+    then zeroed."""
     if (HAVE_NUMBA if use_numba is None else use_numba and HAVE_NUMBA):
         ny, nx = out.shape[-2:]
         return _accumulate_nb(z, mult, out, _source_index(ny, z.shape[-2]), _source_index(nx, z.shape[-1]),
@@ -245,4 +290,4 @@ def accumulate(z, mult, out, first: bool, use_numba: bool | None = None):
 
 
 __all__ = ["HAVE_NUMBA", "SIGMA", "WIDTH", "BETA", "oversampled_size", "kernel_ft", "kernel_polynomials",
-           "spread", "accumulate"]
+           "spread", "accumulate", "split_pairs"]

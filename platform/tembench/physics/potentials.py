@@ -450,6 +450,7 @@ def _spread_potential(yx, numbers, slice_idx, zs, n_compute, gpts, sampling, ker
     chunk = 2 * pairs
     fwd = plan_fft2((pairs, my, mx), tag="potential-spread")
     inv = plan_fft2((pairs, ny, nx), tag="potential-spread")
+    fwd.buffer[...] = 0  # afterwards S.accumulate leaves it zeroed
     for c0 in range(0, filled.size, chunk):
         c1 = min(filled.size, c0 + chunk)
         first = True
@@ -457,15 +458,16 @@ def _spread_potential(yx, numbers, slice_idx, zs, n_compute, gpts, sampling, ker
             a, b = np.searchsorted(key, [r * n_compute + filled[c0], r * n_compute + filled[c1 - 1] + 1])
             if a == b:
                 continue
-            grid = fwd.buffer
-            grid[...] = 0
-            S.spread(uy[a:b], ux[a:b], slot[a:b] - c0, grid, width, beta)
+            S.spread(uy[a:b], ux[a:b], slot[a:b] - c0, fwd.buffer, width, beta)
             S.accumulate(fwd.forward(), mult[z], inv.buffer, first)
             first = False
         res = inv.inverse_unnormalized()
         dest = filled[c0:c1] if target is None else target[filled[c0:c1]]
-        out[dest[0::2]] = xp.asarray(res.real[: len(dest[0::2])])
-        out[dest[1::2]] = xp.asarray(res.imag[: len(dest[1::2])])
+        if xp is np:
+            S.split_pairs(res, out, dest)
+        else:  # pragma: no cover - GPU
+            out[dest[0::2]] = xp.asarray(res.real[: len(dest[0::2])])
+            out[dest[1::2]] = xp.asarray(res.imag[: len(dest[1::2])])
 
 
 def _repeated_slices(pos, numbers, slice_idx, n_slices):
