@@ -378,9 +378,14 @@ def leads(d: pd.DataFrame, metric: str, m: Metric) -> list[Lead]:
             continue
         best, mean = means[0]
         v = by[best]
-        lead = Lead(point, metric, best, mean, float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan"),
-                    len(v))
-        if len(means) > 1:
+        tied = [s for s, val in means if val == mean]
+        rest = [(s, val) for s, val in means if val != mean]
+        lead = Lead(point, metric, " = ".join(tied), mean,
+                    float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan"), len(v))
+        if len(tied) > 1 and not rest:
+            lead.note = "tied"
+        elif rest:
+            means = [(best, mean), rest[0]]
             lead.runner_up = means[1][0]
             w = by[lead.runner_up]
             common = v.index.intersection(w.index)
@@ -410,7 +415,7 @@ def ranking(d: pd.DataFrame, metrics: list[str], catalog: MetricCatalog) -> pd.D
         s = _stats(d, metric, ["_point", "_series"])
         if s.empty:
             continue
-        s["rank"] = s.groupby("_point")["mean"].rank(ascending=(m.direction == "lower"), method="average")
+        s["rank"] = s.groupby("_point")["mean"].rank(ascending=(m.direction == "lower"), method="min")
         wins = s[s["rank"] == 1].groupby("_series").size()
         r = s.groupby("_series", sort=False)["rank"].agg(["mean", "count"])
         for series, row in r.iterrows():
@@ -453,7 +458,7 @@ def verdict_html(d: pd.DataFrame, metrics: list[str], catalog: MetricCatalog, n_
             if ld.runner_up is None:
                 sub, cls, msub = (ld.note if n_methods > 1 else ""), "", ""
             elif ld.significant is None:
-                sub = f"lead {_fmt(ld.diff)} over {ld.runner_up}; {ld.note}"
+                sub = f"lead {_fmt(ld.diff)} over {ld.runner_up} (one repeat: no interval)"
                 cls, msub = "unsure", f" (lead {_fmt(ld.diff)}, n=1)"
             else:
                 ci = _ci(ld.ci[0], ld.ci[1])
@@ -487,7 +492,7 @@ def verdict_html(d: pd.DataFrame, metrics: list[str], catalog: MetricCatalog, n_
                             + f"<td><b>{row['_overall']:.2g}</b></td></tr>")
                 mdr.append(f"| {i + 1}. {series} | " + " | ".join(cells) + f" | {row['_overall']:.2g} |")
             out.append('<h3>Ranking over the sweep</h3><p class="note">Mean rank of each method at the swept points '
-                       '(1 = best; in brackets how often it was best). Sorted by the mean over the headline '
+                       '(1 = best, ties share the better rank; in brackets how often it was best). Sorted by the mean over the headline '
                        'metrics.</p>'
                        f'<table id="ranking" class="verdict"><thead><tr><th>method</th>{hdr}<th>mean rank</th></tr>'
                        f'</thead><tbody>{"".join(body)}</tbody></table>')
@@ -536,7 +541,8 @@ def metric_figure(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, methods:
     s = _stats(d, metric, ["_facet", "_series", "_x"] if facet_col else ["_series", "_x"])
     if not facet_col:
         s["_facet"] = ""
-    series = list(dict.fromkeys(d["_series"]))
+    series = sorted(dict.fromkeys(d["_series"]), key=lambda x: (methods.index(x.split(" · ")[0])
+                                                                 if x.split(" · ")[0] in methods else len(methods), x))
     colors, dashes = _colors(series, methods), _dashes(series)
     ax = x_axis(d.sort_values("point_index")["_x"]) if lay.x else None
     if horizontal and ax is not None:  # configurations top to bottom in sweep order
@@ -592,7 +598,7 @@ def metric_figure(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, methods:
         val_kw: dict[str, Any] = dict(automargin=True, showgrid=True)
         sub = s[s["_facet"] == fct]["mean"].to_numpy(float) if per_method else vals
         if _log_y(sub):
-            val_kw["type"] = "log"
+            val_kw.update(type="log", dtick="D2", exponentformat="power")
         fin = sub[np.isfinite(sub)]
         if len(fin) and np.ptp(fin) <= 1e-9 * max(abs(fin).max(), 1e-300) and fin[0] != 0:  # a constant: show it
             val_kw["range"] = sorted([0.0, 1.25 * float(fin[0])])
@@ -601,13 +607,11 @@ def metric_figure(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, methods:
         val_axis(row=r, col=c, **val_kw)
     height = (max(260, 34 * len(ax.tickvals) + 140) * nrows if horizontal else 330 * nrows + 90)
     fig.update_layout(template="plotly_white", height=height, font=dict(size=13),
-                      margin=dict(l=10, r=10, t=60 if facet_col else 40, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + (0.06 if facet_col else 0.02),
-                                  xanchor="left", x=0, font=dict(size=13)),
-                      showlegend=len(series) > 1, hoverlabel=dict(font_size=13))
+                      margin=dict(l=10, r=10, t=40 if facet_col else 30, b=10),
+                      legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01, font=dict(size=13)),
+                      showlegend=len(series) > 1 and not per_method, hoverlabel=dict(font_size=13))
     if facet_col:
         fig.update_annotations(font_size=13)
-        fig.update_layout(legend_y=1.0 + 0.12 / nrows)
     return fig
 
 
@@ -621,7 +625,7 @@ def history_figure(curves: list[tuple[str, str, int, np.ndarray]], name: str):
     points = list(dict.fromkeys(c[1] for c in sorted(curves, key=lambda c: c[2])))
     ncols = min(len(methods), 3)
     nrows = math.ceil(len(methods) / ncols)
-    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=methods if len(methods) > 1 else None,
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=methods,
                         shared_yaxes=False, horizontal_spacing=0.07)
     cols = sample_colorscale("Viridis", [0.9 * i / max(len(points) - 1, 1) for i in range(len(points))])
     shown: set[str] = set()
@@ -635,11 +639,11 @@ def history_figure(curves: list[tuple[str, str, int, np.ndarray]], name: str):
                       row=i // ncols + 1, col=i % ncols + 1)
         shown.add(point)
     fig.update_xaxes(title_text="iteration", automargin=True)
-    fig.update_yaxes(type="log" if all_pos else "linear", automargin=True)
+    fig.update_yaxes(automargin=True, **({"type": "log", "dtick": "D2", "exponentformat": "power"} if all_pos else {}))
     fig.update_yaxes(title_text=name, row=1, col=1)
     fig.update_layout(template="plotly_white", height=320 * nrows + 110, font=dict(size=13),
-                      margin=dict(l=10, r=10, t=70, b=10), hoverlabel=dict(font_size=13),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + 0.1 / nrows, x=0, font=dict(size=13)))
+                      margin=dict(l=10, r=10, t=40, b=10), hoverlabel=dict(font_size=13),
+                      legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01, font=dict(size=13)))
     return fig
 
 
