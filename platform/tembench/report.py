@@ -162,6 +162,8 @@ class Layout:
 
 
 def _numeric(values: pd.Series) -> bool:
+    if any(isinstance(v, (bool, np.bool_)) for v in values):
+        return False
     v = pd.to_numeric(values.astype(object).where(values.astype(str) != "null"), errors="coerce")
     non_null = values.astype(str) != "null"
     return bool(non_null.any()) and bool(v[non_null].notna().all())
@@ -230,7 +232,7 @@ def x_axis(values: pd.Series, title: str = "") -> Axis:
     nums = pd.to_numeric(pd.Series([None if k == "null" else v for k, v in zip(keys, vals)], dtype=object),
                          errors="coerce")
     non_null = [k != "null" for k in keys]
-    if any(non_null) and all(nums[i] == nums[i] for i in range(len(vals)) if non_null[i]):
+    if any(non_null) and not any(isinstance(v, (bool, np.bool_)) for v in vals) and all(nums[i] == nums[i] for i in range(len(vals)) if non_null[i]):
         f = np.array([nums[i] for i in range(len(vals)) if non_null[i]], float)
         finite = np.unique(f[np.isfinite(f)])
         log = len(finite) >= 2 and finite.min() > 0 and finite.max() / finite.min() >= 50

@@ -83,3 +83,14 @@ def test_quick_report_renders_in_chromium(tmp_path):
 
     img = np.asarray(Image.open(ARTIFACT / "quick.png").convert("L"), float)
     assert img.shape == (2200, 1400) and img.std() > 10  # not a blank page
+
+
+@pytest.mark.parametrize("name", ["quick", "pelz2022_dose", "ren2020", "ren2020_table1"])
+def test_committed_example_reports_render_in_chromium(name):
+    """Every committed example opens as a reader sees it; screenshots go to reports/browser/ too."""
+    exe = chromium()
+    report = ROOT / "reports" / "examples" / name / "report.html"
+    assert report.is_file(), f"no example report {name}; python reports/examples/regenerate.py {name}"
+    source = report.read_text(encoding="utf-8")
+    dom, console = open_report(exe, report, ARTIFACT / f"example_{name}.png")
+    check_rendered(source, dom, console)
