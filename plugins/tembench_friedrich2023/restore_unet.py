@@ -11,7 +11,7 @@ Architecture (widths ``w = (16, 32, 48)`` by default): per level two 3×3 conv +
 down-sampling by a stride-2 3×3 conv; up-sampling by nearest-neighbour ×2 + 3×3 conv;
 skip connections by concatenation; a 1×1 output conv; a global residual (output = input +
 network), as in the thesis' GRDN. Down-sampling factor 4: images are reflect-padded to a
-multiple of 4 plus a margin and cropped back, so any image size works.
+multiple of 16 (≥ 8 px margin) and cropped back, so any image size works.
 
 Normalisation: per image, ``s = mean(clip(x, q0.1 %, q99.9 %))`` (robust to hot/dead pixels);
 the network sees ``x / s`` and its output is multiplied by ``s``, so the restored image is in
@@ -27,6 +27,7 @@ import numpy as np
 
 DOWN = 4          # total down-sampling factor of the U-Net
 MARGIN = 8        # reflect-padding margin (px) so edge effects stay out of the returned image
+BUCKET = 16       # padded sizes are multiples of this (a multiple of DOWN): fewer shapes to compile
 DEFAULT_WIDTHS = (16, 32, 48)
 
 
@@ -115,9 +116,9 @@ def robust_scale(image: np.ndarray) -> float:
 
 
 def pad_amounts(n: int) -> tuple[int, int]:
-    """(before, after) padding of an axis of length n: MARGIN each side, then up to a multiple of DOWN."""
+    """(before, after) padding of an axis of length n: MARGIN each side, then up to a multiple of BUCKET."""
     total = n + 2 * MARGIN
-    extra = (-total) % DOWN
+    extra = (-total) % BUCKET
     return MARGIN, MARGIN + extra
 
 
