@@ -123,7 +123,13 @@ def _fmt_tick(x: float) -> str:
 def _value_text(v: Any) -> str:
     if isinstance(v, (float, np.floating)) and not math.isnan(v):
         return _fmt_tick(float(v)) if math.isinf(v) or abs(v) >= 1e4 else _fmt(float(v))
-    return str(v)
+    text = str(v)
+    if text.startswith("[") and text.endswith("]"):  # a list value (JSON in the table): short form if long
+        items = [i.strip() for i in text[1:-1].split(",") if i.strip()]
+        text = "[" + ", ".join(items) + "]"
+        if len(items) > 4:
+            text = f"[{items[0]}, {items[1]} … {items[-1]}] ({len(items)})"
+    return text
 
 
 def _short(path: str) -> str:
@@ -469,9 +475,10 @@ def verdict_html(d: pd.DataFrame, metrics: list[str], catalog: MetricCatalog, n_
                 sub = f"lead {lead_txt} {ci} over {ld.runner_up}: {mark}" + (f" ({ld.note})" if ld.note else "")
                 cls = "sig" if ld.significant else "ns"
                 msub = f" (lead {lead_txt} {ci} {'✓' if ld.significant else 'n.s.'})"
-            cells.append(f'<td class="{cls}"><b>{_h(ld.best)}</b> {_h(val)}'
+            who = f"<b>{_h(ld.best)}</b> " if n_methods > 1 else ""
+            cells.append(f'<td class="{cls}">{who}{_h(val)}'
                          + (f'<div class="lead">{_h(sub)}</div>' if sub else "") + "</td>")
-            mcells.append(f"**{ld.best}** {val}{msub}")
+            mcells.append((f"**{ld.best}** " if n_methods > 1 else "") + f"{val}{msub}")
         rows_html.append(f'<tr><th class="pt">{_h(p)}</th>{"".join(cells)}</tr>')
         md.append(f"| {p} | " + " | ".join(mcells) + " |")
     out = [f'<table id="verdict" class="verdict"><thead><tr><th>swept point</th>{head}</tr></thead>'
@@ -713,9 +720,13 @@ def plot_metric(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, path: Path
     (axes[0][0].set_xlabel if horizontal else axes[0][0].set_ylabel)(m.axis_label(metric), fontsize=9)
     if len(series) > 1:
         axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # long configuration labels: bbox_inches makes room
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -817,7 +828,7 @@ color:#1d1d1f;font-size:15px;line-height:1.45}
 h1{font-size:26px;margin-bottom:.2em}h2{font-size:21px;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 h3{font-size:17px;margin:1.2em 0 .3em}p.meta{color:#555;margin-top:0}.note{color:#555;font-size:14px;margin:.2em 0 .6em}
 table{border-collapse:collapse;font-size:14px;margin:.5em 0}td,th{padding:5px 10px;border-bottom:1px solid #e3e3e3;
-text-align:right;vertical-align:top}th{font-weight:600;background:#fafafa}th.pt{text-align:left;white-space:nowrap}
+text-align:right;vertical-align:top}th{font-weight:600;background:#fafafa}th.pt{text-align:left;max-width:420px;font-weight:600}
 table.verdict td{text-align:left;min-width:150px}table.verdict td .lead{font-size:12.5px;color:#555;margin-top:2px}
 table.verdict td.sig{background:#eef8f0}table.verdict td.ns{background:#fdf6e9}table.verdict td.unsure{background:#f6f6f6}
 .scroll{overflow-x:auto;max-width:100%}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:18px}
@@ -887,9 +898,11 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
     n_series = d["_series"].nunique() if not d.empty else 0
     v_html, v_md = verdict_html(d, head_metrics, catalog, n_series) if not d.empty else (
         '<table id="verdict" class="verdict"><tr><td>no successful rows</td></tr></table>', ["no successful rows", ""])
-    expl = ("Best method per headline metric at each swept point: mean ± standard error over repeats. "
-            "The line below gives its lead over the runner-up (paired over repeats, which share their noise "
-            "realisation) with a 95 % confidence interval; ✓ when the interval excludes 0. "
+    expl = ("Best method per headline metric at each swept point: mean ± standard error over repeats. " if n_series > 1
+            else "One method: its headline metrics at each swept point, mean ± standard error over repeats. ")
+    expl += (
+            ("The line below gives its lead over the runner-up (paired over repeats, which share their noise "
+             "realisation) with a 95 % confidence interval; ✓ when the interval excludes 0. " if n_series > 1 else "")
             + (f"Configurations are named by what differs from the baseline ({lay.baseline}). " if lay.baseline else ""))
     body += ["<h2>Verdict</h2>", f'<p class="note">{_h(expl)}</p>', f'<div class="scroll">{v_html}</div>']
     md += ["## Verdict", "", expl, "", *v_md]
