@@ -17,8 +17,12 @@ from pydantic import Field
 from tembench import Params, Quantifier, Reconstruction, Reconstructor
 from tembench.errors import TembenchError
 from tembench.metrics import Metric
-from tembench_friedrich2023 import columns as C
-from tembench_friedrich2023 import counting, stats
+from tembench._lazy import lazy_import
+
+# scipy.sparse / scipy.stats load on first use, so `tembench list` and `validate` stay fast
+C = lazy_import("tembench_friedrich2023.columns")
+counting = lazy_import("tembench_friedrich2023.counting")
+stats = lazy_import("tembench_friedrich2023.stats")
 
 
 # --- units ---------------------------------------------------------------------------------------
