@@ -12,8 +12,8 @@ Weights ship in ``tembench_friedrich2023/data/<weights>.npz`` with a JSON sideca
 seed, loss history, held-out metrics); nothing is downloaded.
 
 Determinism: the same image gives the same bits in one environment (XLA's CPU convolutions
-are deterministic for a fixed shape, thread count and jax version); across CPUs or jax
-versions the last bits may differ (float32 summation order).
+are deterministic for a fixed shape; default and single-thread XLA gave identical bits here);
+across CPUs or jax versions the last bits may differ (float32 summation order).
 """
 
 from __future__ import annotations
