@@ -29,10 +29,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _deps import require
 from tembench.errors import TembenchError
 from tembench.types import Geometry, Measurement
 
-pytest.importorskip("jax")
+require("jax")  # skips where jax is absent; fails under CI, which installs the nn extra
 
 from tembench_friedrich2023 import restore_metrics as M  # noqa: E402
 from tembench_friedrich2023.restore import CNNRestore, restore_image, weights_metadata  # noqa: E402
