@@ -7,7 +7,8 @@ on 512², i.e. 0.509 Å pixels; 0.5 Å slices over the whole cell (98 slices, th
 Frozen phonon: one configuration, every atom displaced by N(0, 0.08 Å) per axis (no two slices alike);
 crystal: the undisplaced block (our engine computes each distinct slice once). Both codes get the
 same atoms. abTEM: ``Potential(..., parametrization="lobato", projection="infinite")`` (its default
-infinite projection, atoms deposited bilinearly), eager (dask.lazy False), FFTW with one thread;
+infinite projection, atoms deposited bilinearly), eager (dask.lazy False, synchronous scheduler), FFTW
+with one thread, numba's parallel loops on one thread;
 ours: :func:`projected_potential` with ``method="auto"`` (spreading for these cases), pyFFTW one thread,
 BLAS one thread, numba serial. Each code is timed in its own block (best of 3 after a warm-up;
 ``_timing.block_min``), and the load average is printed beside every ratio. On a loaded machine
@@ -65,10 +66,27 @@ def _block(nxy: int, phonons: bool):
     return atoms, np.diag(atoms.cell.array).copy()
 
 
-def _single_thread():
-    from threadpoolctl import threadpool_limits
+class _single_thread:
+    """BLAS/OpenMP pools, numba's parallel loops (abTEM's atom placement) and dask: one thread each."""
 
-    return threadpool_limits(limits=1)
+    def __enter__(self):
+        import dask
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        self._pools = threadpool_limits(limits=1)
+        self._numba = numba.get_num_threads()
+        numba.set_num_threads(1)
+        self._dask = dask.config.set(scheduler="synchronous")
+        return self
+
+    def __exit__(self, *exc):
+        import numba
+
+        self._dask.__exit__(*exc)
+        numba.set_num_threads(self._numba)
+        self._pools.__exit__(*exc)
+        return False
 
 
 def _versions(abtem) -> str:

@@ -484,8 +484,8 @@ def _spread_potential(yx, numbers, slice_idx, zs, n_compute, gpts, sampling, ker
 def _repeated_slices(pos, numbers, slice_idx, n_slices):
     """For each slice, the first slice whose atoms have bitwise-identical (x, y, Z) (itself if none).
 
-    Slices are candidates only when their atom count and the (atom-order) sums of x, y and Z agree
-    (three bincounts: a frozen-phonon configuration stops here); candidates are then compared atom by
+    Slices are candidates only when their atom count and the (atom-order) sums of x, y, Z, x·y and x²·y
+    agree (bincounts: a frozen-phonon configuration stops here); candidates are then compared atom by
     atom, in input order first (a tiled crystal lists each slice's atoms in the same order) and
     sorted otherwise.
     """
@@ -496,8 +496,11 @@ def _repeated_slices(pos, numbers, slice_idx, n_slices):
     empty = counts == 0
     if empty.any():  # slices without atoms (between atomic planes) repeat the first of them
         rep[empty] = int(np.argmax(empty))
-    sig = np.stack([counts.astype(np.float64), np.bincount(slice_idx, pos[:, 0], n_slices),
-                    np.bincount(slice_idx, pos[:, 1], n_slices), np.bincount(slice_idx, numbers, n_slices)], axis=1)
+    x, y = pos[:, 0], pos[:, 1]
+    # Σx·y and Σx²·y tell apart atomic planes with equal Σx and Σy (diamond [001]: (0,0)+(½,½) vs (½,0)+(0,½))
+    sig = np.stack([counts.astype(np.float64), np.bincount(slice_idx, x, n_slices), np.bincount(slice_idx, y, n_slices),
+                    np.bincount(slice_idx, numbers, n_slices), np.bincount(slice_idx, x * y, n_slices),
+                    np.bincount(slice_idx, x * x * y, n_slices)], axis=1)
     _, first_of, inverse = np.unique(sig, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     candidates = (first_of[inverse] != np.arange(n_slices)) & ~empty
