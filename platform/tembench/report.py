@@ -614,7 +614,7 @@ def metric_figure(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, methods:
         if (horizontal and r == nrows) or (not horizontal and c == 1) or per_method:
             val_kw["title_text"] = label if (c == 1 or horizontal or per_method) else None
         val_axis(row=r, col=c, **val_kw)
-    height = (max(260, 34 * len(ax.tickvals) + 140) * nrows if horizontal else 330 * nrows + 90)
+    height = (max(240, 27 * len(ax.tickvals) + 120) * nrows if horizontal else 330 * nrows + 90)
     fig.update_layout(template="plotly_white", height=height, font=dict(size=13),
                       margin=dict(l=10, r=10, t=40 if facet_col else 30, b=10),
                       legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01, font=dict(size=13)),
@@ -650,9 +650,11 @@ def history_figure(curves: list[tuple[str, str, int, np.ndarray]], name: str):
     fig.update_xaxes(title_text="iteration", automargin=True)
     fig.update_yaxes(automargin=True, **({"type": "log", "dtick": "D2", "exponentformat": "power"} if all_pos else {}))
     fig.update_yaxes(title_text=name, row=1, col=1)
-    fig.update_layout(template="plotly_white", height=320 * nrows + 110, font=dict(size=13),
-                      margin=dict(l=10, r=10, t=40, b=10), hoverlabel=dict(font_size=13),
-                      legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01, font=dict(size=13)))
+    long = max((len(p) for p in points), default=0) > 28
+    legend = (dict(orientation="h", yanchor="top", y=-0.12 - 0.1 / nrows, xanchor="left", x=0, font=dict(size=12)) if long
+              else dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01, font=dict(size=13)))
+    fig.update_layout(template="plotly_white", height=320 * nrows + 110 + (24 * len(points) if long else 0),
+                      margin=dict(l=10, r=10, t=40, b=10), hoverlabel=dict(font_size=13), legend=legend)
     return fig
 
 
@@ -828,7 +830,7 @@ color:#1d1d1f;font-size:15px;line-height:1.45}
 h1{font-size:26px;margin-bottom:.2em}h2{font-size:21px;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 h3{font-size:17px;margin:1.2em 0 .3em}p.meta{color:#555;margin-top:0}.note{color:#555;font-size:14px;margin:.2em 0 .6em}
 table{border-collapse:collapse;font-size:14px;margin:.5em 0}td,th{padding:5px 10px;border-bottom:1px solid #e3e3e3;
-text-align:right;vertical-align:top}th{font-weight:600;background:#fafafa}th.pt{text-align:left;max-width:420px;font-weight:600}
+text-align:right;vertical-align:top}th{font-weight:600;background:#fafafa}thead th:first-child{text-align:left}th.pt{text-align:left;max-width:420px;font-weight:600}
 table.verdict td{text-align:left;min-width:150px}table.verdict td .lead{font-size:12.5px;color:#555;margin-top:2px}
 table.verdict td.sig{background:#eef8f0}table.verdict td.ns{background:#fdf6e9}table.verdict td.unsure{background:#f6f6f6}
 .scroll{overflow-x:auto;max-width:100%}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:18px}
@@ -915,8 +917,8 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
         m = catalog.get(metric)
         fig = metric_figure(d, metric, m, lay, methods)
         badge = ("" if m is not UNKNOWN else '<span class="badge">no metadata</span>') + (
-            '<span class="badge">not comparable across methods: one panel per method</span>' if not m.comparable
-            else "")
+            '<span class="badge">not comparable across methods: one panel per method</span>'
+            if not m.comparable and len(methods) > 1 else "")
         wide = " wide" if (lay.facet or (not m.comparable and len(methods) > 1) or lay.x == CONFIG) else ""
         if fig is not None:
             panels.append(f'<div class="panel{wide}"><h3>{_h(metric)}{badge}</h3>'
@@ -959,7 +961,8 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
             fig = metric_figure(d, metric, m, lay, methods)
             if fig is not None:
                 fig.update_layout(height=min(fig.layout.height or 360, 360 if lay.x != CONFIG else 600))
-                dpanels.append(f'<div class="panel"><h3>{_h(metric)}</h3><p class="desc">{_h(m.description)}</p>'
+                dwide = " wide" if (lay.x == CONFIG or lay.facet) else ""
+                dpanels.append(f'<div class="panel{dwide}"><h3>{_h(metric)}</h3><p class="desc">{_h(m.description)}</p>'
                                f'{_fig_html(fig, f"diag-{k}")}</div>')
             pv = pivot(table, metric, swept, lay)
             if not pv.empty:
