@@ -116,15 +116,29 @@ def _phonon_potentials(n_conf: int, make, prefetch: bool):
         for c in range(n_conf):
             yield make(c)
         return
+    pool = _prefetch_pool()
+    ahead = pool.submit(make, 0)
+    for c in range(n_conf):
+        current = ahead.result()
+        if c + 1 < n_conf:
+            ahead = pool.submit(make, c + 1)
+        yield current
+
+
+_PREFETCH: dict = {}
+
+
+def _prefetch_pool():
+    """One worker thread per process, kept between calls (its FFT plans are reused); a forked child
+    (the `processes` executor) makes its own, as the parent's thread does not exist there."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tembench-potential") as pool:
-        ahead = pool.submit(make, 0)
-        for c in range(n_conf):
-            current = ahead.result()
-            if c + 1 < n_conf:
-                ahead = pool.submit(make, c + 1)
-            yield current
+    pid = os.getpid()
+    pool = _PREFETCH.get(pid)
+    if pool is None:
+        _PREFETCH.clear()
+        pool = _PREFETCH[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tembench-potential")
+    return pool
 
 
 def _can_prefetch(xp, n_conf: int, potential_bytes: int, peak_bytes: int, limit) -> bool:
