@@ -969,6 +969,11 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
                 md += [f"### {metric}", "", pv.to_markdown(), ""]
         body.append(f'<div class="grid diag">{"".join(dpanels)}</div>')
 
+    # 4b. metrics over a point's repeats (aggregating quantifiers: aggregates.parquet)
+    agg_html, agg_md = _aggregates_section(run_dir, swept, zipped, catalog, methods)
+    body += agg_html
+    md += agg_md
+
     # 5. cost, failures, plugin sections, scenario
     ct = cost_table(table)
     if not ct.empty:
@@ -996,6 +1001,44 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
     atomic_write_text(md_path, "\n".join(md))
     atomic_write_bytes(html_path, page.encode())
     return md_path, html_path
+
+
+def _aggregates_section(run_dir: Path, swept: list[str], zipped: list[str], catalog: MetricCatalog,
+                        methods: list[str]) -> tuple[list[str], list[str]]:
+    """Panels and tables of ``aggregates.parquet`` (one row per point × method × aggregating quantifier)."""
+    path = run_dir / "aggregates.parquet"
+    if not path.exists():
+        return [], []
+    try:
+        agg = pd.read_parquet(path)
+        if agg.empty or "point_index" not in agg:
+            return [], []
+        agg = agg.assign(repeat=0)
+        if "artifacts" not in agg:
+            agg["artifacts"] = None
+        sw = [c for c in swept if c in agg]
+        cols = [c for c in metric_columns(agg, sw) if c not in ("quantifier_version",)]
+        lay = sweep_layout(agg, sw, zipped)
+        d = prepared(agg, sw, lay)
+        if d.empty or not cols:
+            return [], []
+        html_out = ["<h2>Over the repeats of each point</h2>", '<p class="note">Metrics that need every repeat of a '
+                    "point (e.g. the spread of an estimate over noise realisations), from aggregates.parquet.</p>"]
+        md_out = ["## Over the repeats of each point", ""]
+        panels = []
+        for k, metric in enumerate(cols):
+            m = catalog.get(metric)
+            fig = metric_figure(d, metric, m, lay, methods)
+            if fig is not None:
+                panels.append(f'<div class="panel{" wide" if lay.facet or lay.x == CONFIG else ""}"><h3>{_h(metric)}'
+                              f'</h3><p class="desc">{_h(m.description)}</p>{_fig_html(fig, f"agg-{k}")}</div>')
+            pv = pivot(agg, metric, sw, lay)
+            if not pv.empty:
+                md_out += [f"### {metric}", "", pv.to_markdown(), ""]
+        html_out.append(f'<div class="grid">{"".join(panels)}</div>')
+        return html_out, md_out
+    except Exception as exc:  # noqa: BLE001 - the rest of the report still renders
+        return [f"<h2>Over the repeats of each point</h2><p>aggregates.parquet could not be shown: {_h(exc)}</p>"], []
 
 
 def _plotly_js() -> str:

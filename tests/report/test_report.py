@@ -144,3 +144,29 @@ def test_list_verbose_shows_metric_metadata(capsys):
     out = capsys.readouterr().out
     assert "metrics:" in out and "ncc: dimensionless, ↑ higher is better, range -1 … 1, headline" in out
     assert "gt_std: unit 'truth units'" in out and "not comparable across methods" in out
+
+
+def test_report_of_a_synthetic_run_with_aggregates(tmp_path):
+    """A run folder with a grid sweep, an undeclared metric and aggregates.parquet renders every part."""
+    rng = np.random.default_rng(0)
+    rows = [{"point_index": i, "repeat": r, "reconstructor": m, "status": "ok", "artifacts": None, "dose": d,
+             "defocus_A": f, "ncc": 0.5 + 0.1 * (m == "a") + rng.normal(0, 0.01), "mystery": rng.random(),
+             "final_cost": 1.0, "time_reconstruct_s": 0.1}
+            for i, (d, f) in enumerate([(d, f) for f in (0.0, 50.0) for d in (10.0, math.inf)])
+            for r in range(3) for m in ("a", "b")]
+    run = tmp_path / "run-x"
+    run.mkdir()
+    pd.DataFrame(rows).to_parquet(run / "results.parquet")
+    agg = pd.DataFrame([{"point_index": i, "dose": d, "defocus_A": f, "reconstructor": m, "quantifier": "q",
+                         "status": "ok", "spread": 0.01 * (i + 1)}
+                        for i, (d, f) in enumerate([(d, f) for f in (0.0, 50.0) for d in (10.0, math.inf)])
+                        for m in ("a", "b")])
+    agg.to_parquet(run / "aggregates.parquet")
+    (run / "manifest.json").write_text(json.dumps({"scenario": "synthetic", "swept": ["dose", "defocus_A"],
+                                                   "repeats": 3, "status": "complete"}))
+    md, html_path = report.render_report(run)
+    page = html_path.read_text()
+    assert 'id="verdict"' in page and 'id="ranking"' in page and "no metadata" in page
+    assert "Diagnostics" in page and 'id="agg-0"' in page and "defocus_A = 50" in page
+    text = md.read_text()
+    assert "## ncc" in text and "### spread" in text and "(figures/metric_ncc.png)" in text
