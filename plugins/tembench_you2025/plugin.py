@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from tembench import hookimpl
 from tembench_you2025.msp import MSP
+from tembench_you2025.positions import MSPPositions, MSPState
 
 
 @hookimpl
 def tembench_register_reconstructors():
     return [MSP]
+
+
+@hookimpl
+def tembench_register_quantifiers():
+    return [MSPPositions, MSPState]
+
+
+@hookimpl
+def tembench_report_sections(table, scenario, run_dir):
+    from tembench_you2025.report import report_sections
+
+    return report_sections(table, scenario, run_dir)

@@ -341,6 +341,8 @@ class STEM4D(ForwardModel):
 
     name = "stem4d"
     produces = "4dstem"
+    # position_jitter_A is additive (default 0 = the same data bit for bit), so the version stays 1; the stage
+    # cache keys change anyway with any core file (identity.component_fingerprint)
     version = "1"
 
     class Params(_Common):
@@ -365,6 +367,11 @@ class STEM4D(ForwardModel):
         source_size_A: float = Field(0.0, ge=0, description="rms source size (Å) represented by the probe modes")
         patterns_path: str | None = Field(None, description="stream patterns to this .npy file (memory-mapped)")
         batch_size: int | None = Field(None, ge=1, description="probes per batch (default: from a 32 MB budget)")
+        position_jitter_A: float = Field(0.0, ge=0, le=5, description="rms random offset (Å, per axis) of the true "
+                                         "probe positions from the nominal grid, independent per position and tilt; "
+                                         "the geometry records the nominal grid, the truth goes to the provenance "
+                                         "(true_scan_positions_A)")
+        position_jitter_seed: int = Field(0, ge=0, description="seed of the position jitter")
 
     @classmethod
     def output_kind(cls, params) -> str:
@@ -488,6 +495,9 @@ class STEM4D(ForwardModel):
         prefetch = _can_prefetch(xp, n_conf, n_slices * gpts[0] * gpts[1] * 4, memory.stem_bytes(
             gpts, n_slices, window, modes.shape[0], p.batch_size or 64, n_pos * len(angles), ky * kx,
             keep and p.patterns_path is None), limit)
+        # true probe positions: the nominal grid plus the jitter (geometry keeps the nominal grid)
+        true_pos = grid.reshape(1, -1, 2) + position_jitter_offsets(len(angles), n_pos, p.position_jitter_A,
+                                                                    p.position_jitter_seed)
         # the scan positions are in the untilted sample frame; probes scan the tilted projection in place
         for i, pos in enumerate(rotated):
 
@@ -500,7 +510,7 @@ class STEM4D(ForwardModel):
 
             for v in _phonon_potentials(n_conf, potential, prefetch):
                 res = stem_scan(v, p.slice_thickness_A, energy_keV=p.energy_keV, sampling_A=sampling,
-                                positions_A=grid.reshape(-1, 2), probe=modes, detectors=dict(p.detectors),
+                                positions_A=true_pos[i], probe=modes, detectors=dict(p.detectors),
                                 return_patterns=False, out=out[i] if keep else None,
                                 out_weight=1.0 / n_conf, detector_binning=p.detector_binning, detector_gpts=det_n,
                                 batch_size=p.batch_size, propagator=p.propagator, band_limit=p.band_limit,
@@ -525,12 +535,19 @@ class STEM4D(ForwardModel):
                    "frozen_phonons": n_conf if rms is not None else 0})
         extras = {"virtual_images": {k: v.reshape(len(angles), sy, sx).squeeze(0) if len(angles) == 1 else
                                      v.reshape(len(angles), sy, sx) for k, v in images.items()}}
+        provenance = []
+        if p.position_jitter_A > 0:
+            # ground truth for quantifiers (true_scan_positions_A); reconstructors get only the nominal grid
+            d = true_pos - grid.reshape(1, -1, 2)
+            provenance.append({"component": "stem4d_position_jitter", "rms_A": p.position_jitter_A,
+                               "seed": p.position_jitter_seed, "realised_rms_A": float(np.sqrt((d**2).mean())),
+                               "true_positions_A": true_pos.astype(np.float64)})
         if p.output == "image":
             first = next(iter(p.detectors))
             img = images[first].reshape(len(angles), sy, sx)
             data, axes = (img[0], ("scan_y", "scan_x")) if len(angles) == 1 else (img, ("tilt", "scan_y", "scan_x"))
             geometry.extra["image_detector"] = first
-            return Measurement(kind=kind, data=data, axes=axes, geometry=geometry, extras=extras)
+            return Measurement(kind=kind, data=data, axes=axes, geometry=geometry, extras=extras, provenance=provenance)
         if tmp_path is not None:
             out.flush()
             del out
@@ -539,9 +556,27 @@ class STEM4D(ForwardModel):
         data = out.reshape(len(angles), sy, sx, ky, kx)
         if kind == "4dstem":
             return Measurement(kind=kind, data=data[0], axes=("scan_y", "scan_x", "k_y", "k_x"), geometry=geometry,
-                               extras=extras)
+                               extras=extras, provenance=provenance)
         return Measurement(kind=kind, data=data, axes=("tilt", "scan_y", "scan_x", "k_y", "k_x"), geometry=geometry,
-                           extras=extras)
+                           extras=extras, provenance=provenance)
+
+
+def position_jitter_offsets(n_tilts: int, n_pos: int, rms_A: float, seed: int) -> np.ndarray:
+    """(n_tilts, n_pos, 2) offsets (y, x) Å of the true probe positions from the nominal grid: i.i.d. normal,
+    ``rms_A`` per axis (zeros when 0)."""
+    if rms_A <= 0:
+        return np.zeros((n_tilts, n_pos, 2))
+    return np.random.default_rng([int(seed), 0x5CA7]).normal(0.0, rms_A, (n_tilts, n_pos, 2))
+
+
+def true_scan_positions_A(measurement) -> np.ndarray | None:
+    """Ground truth for quantifiers: the true probe positions (n_tilts, N, 2) Å of a ``stem4d`` measurement
+    simulated with ``position_jitter_A > 0`` (from its provenance), else None (true = nominal). Reconstructors
+    must not call this: they get the nominal grid in ``geometry.scan_positions_A``."""
+    for rec in reversed(getattr(measurement, "provenance", None) or []):
+        if rec.get("component") == "stem4d_position_jitter":
+            return np.asarray(rec["true_positions_A"], np.float64)
+    return None
 
 
 @hookimpl
