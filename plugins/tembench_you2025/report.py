@@ -66,7 +66,7 @@ def _state_key(arrs: dict, name: str) -> str | None:
     return next((k for k in arrs if k.endswith("." + name)), None)
 
 
-def slices_and_probes(table, swept, run_dir, max_rows: int = 8) -> str | None:
+def slices_and_probes(table, swept, run_dir, max_rows: int = 12) -> str | None:
     """Each msp row (repeat 0): its slices (Re V, V·Å) and probe-mode amplitudes with power fractions."""
     plt = _mpl()
     blocks = []
@@ -153,7 +153,8 @@ def comparison(table, swept) -> tuple[str, str] | None:
     """Metric vs the first swept parameter, one line per method (NCC, RMSE, FRC resolution, position error)."""
     plt = _mpl()
     ok = table[table.get("status") == "ok"]
-    metrics = [c for c in ("ncc", "rmse_scaled", "fsc_gt_resolution_A", "fsc_half_resolution_A",
+    # (rmse_scaled is left out: it is in each method's own units — V·Å for msp, rad for ssb/icom)
+    metrics = [c for c in ("ncc", "fsc_gt_resolution_A", "fsc_half_resolution_A",
                            "position_error_before_A", "position_error_after_A") if c in ok.columns and pd.to_numeric(ok[c], errors="coerce").notna().any()]
     if not metrics or not swept:
         return None
@@ -168,9 +169,12 @@ def comparison(table, swept) -> tuple[str, str] | None:
             d = d.groupby(x, dropna=False)[metrics].mean(numeric_only=True).reset_index()
             xv = pd.to_numeric(d[x], errors="coerce").to_numpy(float)
             xv = np.where(np.isinf(xv), np.nan, xv)
+            categorical = np.isnan(xv).any()  # e.g. an infinite dose: points at their rank, labelled
             for ax, m in zip(axes[0], metrics):
-                ax.plot(np.arange(len(xv)) if np.isnan(xv).any() else xv, d[m], marker="o",
+                ax.plot(np.arange(len(xv)) if categorical else xv, d[m], marker="o",
                         label=f"{meth}" + (f" ({gl})" if gl else ""))
+                if categorical:
+                    ax.set_xticks(np.arange(len(xv)), [f"{v:g}" if isinstance(v, float) else str(v) for v in d[x]])
             for _, rr in d.iterrows():
                 rows_md.append([gl, meth, rr[x]] + [rr[m] for m in metrics])
     for ax, m in zip(axes[0], metrics):
@@ -188,7 +192,10 @@ def comparison(table, swept) -> tuple[str, str] | None:
     tab = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{v:.4g}</td>" if isinstance(v, (float, np.floating)) else f"<td>{html.escape(str(v))}</td>"
                          for v in r) + "</tr>" for r in rows_md) + "</table>"
-    return _img(_uri(fig), "metrics vs sweep") + tab, md
+    note = ("<p>Mean over repeats, one line per method. NCC is taken on each method's own grid (msp: the "
+            "reconstruction pixel; ssb/icom: the scan step); FRC resolutions at Nyquist are bounds set by that grid "
+            "(flags <code>*_not_reached</code> in the table).</p>")
+    return note + _img(_uri(fig), "metrics vs sweep") + tab, md
 
 
 def report_sections(table, scenario, run_dir) -> list[dict]:
