@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tembench import hookimpl
+from tembench_friedrich2023.dislocation import DislocationField
 from tembench_friedrich2023.quantify import ColumnFit, ColumnFitScore, CRLBPrecision
 from tembench_friedrich2023.restore import CNNRestore  # imports jax only when the step runs
 
@@ -14,9 +15,16 @@ def tembench_register_reconstructors():
 
 @hookimpl
 def tembench_register_quantifiers():
-    return [ColumnFitScore, CRLBPrecision]
+    return [ColumnFitScore, CRLBPrecision, DislocationField]
 
 
 @hookimpl
 def tembench_register_noise_models():
     return [CNNRestore]
+
+
+@hookimpl
+def tembench_report_sections(table, scenario, run_dir):
+    from tembench_friedrich2023.report import report_sections
+
+    return report_sections(table, scenario, run_dir)
