@@ -119,7 +119,16 @@ def precision_section(agg: pd.DataFrame, swept: list[str]) -> tuple[str, str] | 
             "precision_ratio_position", "precision_ratio_position_pooled", "precision_ratio_position_ci_low",
             "precision_ratio_position_ci_high", "precision_ratio_scs", "precision_ratio_scs_pooled",
             "std_position_median_pm", "crlb_position_median_pm"]
-    tab = a[[c for c in cols if c in a]].sort_values([c for c in cols[:1 + len(swept)] if c in a])
+    tab = a[[c for c in cols if c in a]].sort_values([c for c in cols[:1 + len(swept)] if c in a]).copy()
+    for k in ("position", "scs"):
+        pc = f"precision_ratio_{k}_pooled"
+        if pc in tab and f"precision_ratio_{k}_ci_low" in tab:
+            tab[pc] = [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
+                       zip(tab[pc], tab[f"precision_ratio_{k}_ci_low"], tab[f"precision_ratio_{k}_ci_high"])]
+            tab = tab.drop(columns=[f"precision_ratio_{k}_ci_low", f"precision_ratio_{k}_ci_high"], errors="ignore")
+    tab = tab.rename(columns={c: _short(c) if "." in c else c.replace("precision_ratio_", "ratio ")
+                              .replace("_median_pm", " (pm)").replace("n_repeats_scored", "repeats")
+                              .replace("n_columns_scored", "columns") for c in tab.columns})
     note = ("<p>Standard deviation of each column's fitted position / SCS over the noise repeats divided by the "
             "square root of its Cramér–Rao lower bound (Friedrich eqs 2.25–2.29), pooled over columns with a 95 % "
             "χ² interval; grey band: within 10 % of the bound. Right: the same in pm, measured (markers) "
@@ -163,14 +172,17 @@ def count_maps(table, swept, run_dir, max_rows: int = 4) -> str | None:
         gmm = z.get("column_fit.gmm_counts")
         if np.all(np.asarray(lib) < 0):
             lib, gmm = gmm, None
-        vmin, vmax = float(np.nanmin(n_true)), float(np.nanmax(n_true))
+        allc = np.concatenate([np.ravel(v) for v in (n_true, lib, gmm) if v is not None]).astype(float)
+        allc = allc[np.isfinite(allc) & (allc >= 0)]
+        vmin, vmax = float(allc.min()) - 0.5, float(allc.max()) + 0.5
+        cmap = plt.get_cmap("viridis", int(vmax - vmin))
         panels = [("truth", z["column_fit.true_x_A"], z["column_fit.true_y_A"], n_true),
-                  ("library" if "column_fit.counts_library" in z else "counts", z["column_fit.fit_x_A"],
+                  ("library" if gmm is not None else "counts", z["column_fit.fit_x_A"],
                    z["column_fit.fit_y_A"], lib)]
         if gmm is not None:
             panels.append(("GMM/ICL", z["column_fit.fit_x_A"], z["column_fit.fit_y_A"], gmm))
         for a_, (name, xx, yy, cc) in zip(ax, panels):
-            sc = a_.scatter(xx, yy, c=cc, cmap="viridis", vmin=vmin, vmax=vmax, s=38, edgecolors="k", linewidths=0.3)
+            sc = a_.scatter(xx, yy, c=cc, cmap=cmap, vmin=vmin, vmax=vmax, s=38, edgecolors="k", linewidths=0.3)
             if name != "truth":
                 wrong = np.asarray(cc) != np.asarray(n_true)
                 a_.scatter(np.asarray(xx)[wrong], np.asarray(yy)[wrong], s=90, facecolors="none", edgecolors="r")
@@ -180,7 +192,8 @@ def count_maps(table, swept, run_dir, max_rows: int = 4) -> str | None:
             a_.set_aspect("equal")
             a_.invert_yaxis()
             a_.set_xlabel("x (Å)")
-            fig.colorbar(sc, ax=a_, fraction=0.046, label="atoms")
+            cb = fig.colorbar(sc, ax=a_, fraction=0.046, label="atoms per column")
+            cb.set_ticks(np.arange(vmin + 0.5, vmax))
         for a_ in ax[len(panels):]:
             a_.axis("off")
     fig.tight_layout()
