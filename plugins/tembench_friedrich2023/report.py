@@ -255,18 +255,22 @@ def displacement_section(table, swept, run_dir) -> str | None:
     fig, axs = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 5), squeeze=False)
     for (r, z), a_ in zip(rows, axs[0]):
         x0, y0 = z["dislocation_field.ref_x_A"], z["dislocation_field.ref_y_A"]
-        s = 1.0
+        s = 3.0
+        du = np.hypot(z["dislocation_field.u_fit_x_A"] - z["dislocation_field.u_true_x_A"],
+                      z["dislocation_field.u_fit_y_A"] - z["dislocation_field.u_true_y_A"])
+        sc = a_.scatter(x0, y0, c=du * 100, cmap="magma_r", vmin=0, vmax=40, s=60, zorder=0)
+        fig.colorbar(sc, ax=a_, fraction=0.046, label="|u_fit − u_true| (pm)")
         a_.quiver(x0, y0, z["dislocation_field.u_true_x_A"] * s, z["dislocation_field.u_true_y_A"] * s,
-                  angles="xy", scale_units="xy", scale=1, color="k", width=0.004, label="true u ")
+                  angles="xy", scale_units="xy", scale=1, color="k", width=0.004, label="true u (×3)")
         a_.quiver(x0, y0, z["dislocation_field.u_fit_x_A"] * s, z["dislocation_field.u_fit_y_A"] * s,
-                  angles="xy", scale_units="xy", scale=1, color="r", width=0.003, alpha=0.8, label="fitted u ")
+                  angles="xy", scale_units="xy", scale=1, color="r", width=0.003, alpha=0.8, label="fitted u (×3)")
         a_.set_aspect("equal")
         a_.invert_yaxis()
         a_.set_title(f"{_label(r, swept)}: |Δu| MAE {r.get('disp_error_mae_A', np.nan) * 100:.1f} pm", fontsize=9)
         a_.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return ("<p>Displacement of each column from its perfect-lattice site: the elastic field the sample was built "
-            "with (black) and the fitted one (red), arrows to scale.</p>" + _img(_uri(fig), "displacement field"))
+            "with (black) and the fitted one (red), arrows × 3; dots coloured by the error |u_fit − u_true|.</p>" + _img(_uri(fig), "displacement field"))
 
 
 def report_sections(table, scenario, run_dir) -> list[dict]:
