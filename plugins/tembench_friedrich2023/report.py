@@ -88,7 +88,7 @@ def precision_section(agg: pd.DataFrame, swept: list[str]) -> tuple[str, str] | 
     others = [k for k in swept if k != xkey and k in a]
     a["_line"] = a.apply(lambda r: r["reconstructor"] + (", " + _label(r, others) if others else ""), axis=1)
     plt = _mpl()
-    fig, axs = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axs = plt.subplots(1, 3, figsize=(16, 5.4))
     x = (lambda d: d[xkey]) if xkey else (lambda d: d["point_index"])
     cmap = plt.get_cmap("tab10")
     for i, (name, d) in enumerate(sorted(a.groupby("_line"), key=lambda t: t[0])):
@@ -113,8 +113,9 @@ def precision_section(agg: pd.DataFrame, swept: list[str]) -> tuple[str, str] | 
     axs[2].set_ylabel("pm")
     for ax in axs:
         ax.set_xlabel("thickness (unit cells)" if xkey else "point")
-    axs[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12 + 0.03 * (a["_line"].nunique() // 4), 1, 1))
+    h, lab = axs[0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=4, fontsize=9, frameon=False)
     cols = ["reconstructor", *[k for k in swept if k in a], "n_repeats_scored", "n_columns_scored",
             "precision_ratio_position", "precision_ratio_position_pooled", "precision_ratio_position_ci_low",
             "precision_ratio_position_ci_high", "precision_ratio_scs", "precision_ratio_scs_pooled",
