@@ -26,9 +26,30 @@ def load_4d(measurement: Measurement, method: str):
         if x.ndim != 4:
             raise TembenchError(f"{method}: 4D-STEM data must be (scan_y, scan_x, k_y, k_x), got shape {x.shape}")
         det_shape = x.shape[2:]
+        check_finite(x, method)
     else:
         raise TembenchError(f"{method}: accepts measurement kinds {ACCEPTS}, got {measurement.kind!r}")
     return x, DetectorGrid.from_geometry(measurement.geometry, det_shape)
+
+
+def check_finite(x: np.ndarray, method: str) -> None:
+    """Refuse data holding NaN or ±inf, naming the first bad frame (scan y, x) and detector pixel.
+
+    One non-finite pixel otherwise turns the whole DPC/iCOM image (and, for inf, SSB) into NaN,
+    or makes SSB report a misleading "no signal".
+    """
+    if np.issubdtype(x.dtype, np.integer):
+        return
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return
+    n = int(bad.sum())
+    frames = int(bad.any(axis=(2, 3)).sum())
+    sy, sx, ky, kx = (int(i) for i in np.argwhere(bad)[0])
+    raise TembenchError(f"{method}: the 4D-STEM data hold {n} non-finite value(s) in {frames} frame(s); first at "
+                        f"scan (y={sy}, x={sx}), detector pixel (ky={ky}, kx={kx}) = {x[sy, sx, ky, kx]!r}. "
+                        "Replace or mask them (e.g. set dead/hot detector pixels to the frame's local median) "
+                        "before reconstructing")
 
 
 def scan_shape_of(x) -> tuple[int, int]:
