@@ -52,6 +52,32 @@ def check_finite(x: np.ndarray, method: str) -> None:
                         "before reconstructing")
 
 
+def check_disc_calibration(x, grid, semiangle_mrad: float, method: str, tolerance: float = 2.0) -> None:
+    """Refuse dense data whose measured bright-field disc radius (px) disagrees with semiangle / sampling.
+
+    A 10x wrong detector calibration otherwise passes silently. Skipped when the expected disc does not
+    fit inside the detector or is under 2 px (the measurement would not be reliable).
+    """
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        return
+    sy, sx = grid.sampling_mrad
+    expected = semiangle_mrad / math.sqrt(float(sy) * float(sx))
+    mean = x.mean(axis=(0, 1), dtype=np.float64)
+    peak = float(mean.max())
+    if not peak > 0:
+        return
+    measured = math.sqrt(float((mean > 0.5 * peak).sum()) / math.pi)
+    fits = 0.45 * min(x.shape[2:])
+    if expected <= fits:
+        bad = not (max(expected, 1.5) / tolerance <= measured <= max(expected, 1.5) * tolerance)
+    else:  # the disc should (nearly) fill the detector
+        bad = measured * tolerance < fits
+    if bad:
+        raise TembenchError(f"{method}: the measured bright-field disc radius is {measured:.1f} px, but "
+                            f"semiangle {semiangle_mrad:g} mrad / detector sampling {math.sqrt(sy * sx):.4g} mrad/px "
+                            f"gives {expected:.1f} px; check Geometry.detector_sampling_mrad and semiangle_mrad")
+
+
 def scan_shape_of(x) -> tuple[int, int]:
     return x.scan_shape if isinstance(x, ElectronEvents) else tuple(np.shape(x)[:2])
 

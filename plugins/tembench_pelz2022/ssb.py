@@ -32,7 +32,7 @@ from tembench.backend import fft_workers
 from tembench.eer import ElectronEvents
 from tembench.errors import TembenchError
 from tembench.physics import optics
-from tembench_pelz2022.common import (ACCEPTS, ProbeOptics, load_4d, phase_image, probe_optics, rotation_matrix,
+from tembench_pelz2022.common import (ACCEPTS, check_disc_calibration, ProbeOptics, load_4d, phase_image, probe_optics, rotation_matrix,
                                       scan_step)
 from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin
 
@@ -94,8 +94,9 @@ class SSBData:
         if not bf.any():
             raise TembenchError("SSB: no detector pixel lies inside the bright-field disc; check "
                                 "detector_sampling_mrad and semiangle_mrad")
-        if data.shape[0] < 2 or data.shape[1] < 2:
-            raise TembenchError(f"SSB needs at least a 2x2 scan, got {data.shape[:2]}")
+        if data.shape[0] < 4 or data.shape[1] < 4:
+            raise TembenchError(f"SSB needs at least a 4x4 scan (a 2x2 scan has no trotter frequencies "
+                                f"and returns zeros), got {data.shape[:2]}")
         mean_bf = float(data[:, :, bf].mean(dtype=np.float64))
         if not mean_bf > 0:
             raise TembenchError("SSB: the bright-field disc holds no signal (mean ≤ 0)")
@@ -261,6 +262,7 @@ class SSB(Reconstructor):
         opt = probe_optics(g, self.name, params.aberrations_A, params.defocus_A)
         if not params.correct_aberrations:
             opt = ProbeOptics(opt.energy_keV, opt.wavelength_A, opt.semiangle_mrad, {})
+        check_disc_calibration(x, grid, opt.semiangle_mrad, self.name)
         data = prepare(x, grid, opt, scan_step(g, self.name), params.max_detector_px, params.bin_factor,
                        params.crop_margin, params.rotation_deg)
         phase = data.phase(numba=params.numba, normalization=params.normalization)

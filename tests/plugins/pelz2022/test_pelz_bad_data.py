@@ -24,3 +24,24 @@ def test_non_finite_pixel_is_refused_naming_frame_and_pixel(focused, bad):
 def test_finite_data_pass(focused):
     x, _ = load_4d(focused.measurement, "ssb")
     assert np.isfinite(x).all()
+
+
+def test_ten_times_wrong_detector_calibration_is_refused_with_the_numbers(focused):
+    from tembench_pelz2022 import ssb
+    meas = focused.measurement
+    g = meas.geometry
+    s = g.detector_sampling_mrad
+    wrong = (np.asarray(s, dtype=float) * 10).tolist() if np.ndim(s) else float(s) * 10
+    g2 = g.model_copy(update={"detector_sampling_mrad": wrong}) if hasattr(g, "model_copy") else dataclasses.replace(g, detector_sampling_mrad=wrong)
+    m = meas.model_copy(update={"geometry": g2}) if hasattr(meas, "model_copy") else dataclasses.replace(meas, geometry=g2)
+    with pytest.raises(TembenchError, match="measured bright-field disc radius"):
+        ssb.SSB().reconstruct(m, ssb.SSB.Params(), np)
+
+
+def test_too_small_scan_is_refused(focused):
+    from tembench_pelz2022 import ssb
+    meas = focused.measurement
+    data = np.asarray(meas.data)[:2, :2]
+    m = meas.model_copy(update={"data": data}) if hasattr(meas, "model_copy") else dataclasses.replace(meas, data=data)
+    with pytest.raises(TembenchError, match="4x4 scan"):
+        ssb.SSB().reconstruct(m, ssb.SSB.Params(), np)
