@@ -45,3 +45,13 @@ def test_too_small_scan_is_refused(focused):
     m = meas.model_copy(update={"data": data}) if hasattr(meas, "model_copy") else dataclasses.replace(meas, data=data)
     with pytest.raises(TembenchError, match="4x4 scan"):
         ssb.SSB().reconstruct(m, ssb.SSB.Params(), np)
+
+
+@pytest.mark.parametrize("rotation_deg", [17.0])
+def test_dpc_and_icom_estimate_the_rotation_by_default_and_report_it(phase_object, rotation_deg):
+    # convention pinned: synthetic rotation θ is found as +θ (ours = −py4DSTEM's: +16.93° vs −17.0°)
+    from tembench_pelz2022 import dpc, synthetic
+    m = synthetic.simulate(phase_object[::2, ::2], 0.5, 1, 200.0, 25.0, rotation_deg=rotation_deg).measurement
+    for cls in (dpc.ICOM, dpc.DPC):
+        rec = cls().reconstruct(m, cls.Params(), np)
+        assert abs((rec.extras["rotation_deg"] - rotation_deg + 180) % 360 - 180) < 1.0

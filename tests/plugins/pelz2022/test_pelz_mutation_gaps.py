@@ -74,10 +74,10 @@ def test_icom_reconstructor_integrates_with_the_requested_padding(focused):
     gy, gx = dpc.gradient_field(x, grid, probe_optics(crop.geometry, "t").wavelength_A)
     step = crop.geometry.scan_step_A
     for pad in (1.0, 2.0):
-        rec = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=pad), np)
+        rec = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=pad, rotation_deg=0.0), np)
         np.testing.assert_allclose(rec.data, dpc.icom(gy, gx, step, pad), atol=1e-6)
-    p1 = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=1.0), np).data
-    p2 = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=2.0), np).data
+    p1 = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=1.0, rotation_deg=0.0), np).data
+    p2 = dpc.ICOM().reconstruct(crop, dpc.ICOM.Params(padding_factor=2.0, rotation_deg=0.0), np).data
     assert np.abs(p1 - p2).max() > 1e-3 * np.abs(p1).max()
 
 
