@@ -248,7 +248,7 @@ class SSB(Reconstructor):
         max_detector_px: int = Field(32, ge=4, le=256, description="bin the cropped detector to at most this many pixels per side")
         bin_factor: int | None = Field(None, ge=1, description="detector bin factor (default: from max_detector_px)")
         crop_margin: float = Field(1.1, ge=1.0, le=3.0, description="crop window half-width in units of the semiangle")
-        rotation_deg: float = Field(0.0, ge=-360, le=360, description="detector rotation relative to the scan (deg)")
+        rotation_deg: float | None = Field(0.0, ge=-360, le=360, description="detector rotation relative to the scan (deg); None = estimate from the COM field as DPC does (min curl, positive-skew branch)")
         defocus_A: float | None = Field(None, description="reconstruct at this defocus Δf (Å) instead of the recorded one")
         aberrations_A: dict[str, float] | None = Field(None, description="probe aberrations to correct (Å/rad); default: the geometry's")
         correct_aberrations: bool = Field(True, description="False: assume an aberration-free probe")
@@ -263,8 +263,13 @@ class SSB(Reconstructor):
         if not params.correct_aberrations:
             opt = ProbeOptics(opt.energy_keV, opt.wavelength_A, opt.semiangle_mrad, {})
         check_disc_calibration(x, grid, opt.semiangle_mrad, self.name)
+        rot = params.rotation_deg
+        if rot is None:
+            from tembench_pelz2022 import dpc
+            gy, gx = dpc.gradient_field(x, grid, opt.wavelength_A)
+            rot = dpc.resolve_rotation(gy, gx, scan_step(g, self.name), None)[0]
         data = prepare(x, grid, opt, scan_step(g, self.name), params.max_detector_px, params.bin_factor,
-                       params.crop_margin, params.rotation_deg)
+                       params.crop_margin, rot)
         phase = data.phase(numba=params.numba, normalization=params.normalization)
-        return phase_image(phase, g, self.name, detector_shape_used=data.grid.shape,
+        return phase_image(phase, g, self.name, detector_shape_used=data.grid.shape, rotation_deg=float(rot),
                            aberrations_corrected=dict(opt.aberrations))

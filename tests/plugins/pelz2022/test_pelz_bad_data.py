@@ -55,3 +55,11 @@ def test_dpc_and_icom_estimate_the_rotation_by_default_and_report_it(phase_objec
     for cls in (dpc.ICOM, dpc.DPC):
         rec = cls().reconstruct(m, cls.Params(), np)
         assert abs((rec.extras["rotation_deg"] - rotation_deg + 180) % 360 - 180) < 1.0
+
+
+def test_ssb_accepts_rotation_none_and_estimates_it(phase_object):
+    from tembench_pelz2022 import ssb, synthetic
+    m = synthetic.simulate(phase_object[::2, ::2], 0.5, 1, 200.0, 25.0, rotation_deg=17.0).measurement
+    rec = ssb.SSB().reconstruct(m, ssb.SSB.Params(rotation_deg=None), np)
+    assert abs((rec.extras["rotation_deg"] - 17.0 + 180) % 360 - 180) < 1.0
+    assert np.isfinite(rec.data).all()
