@@ -26,6 +26,7 @@ and writes one row per (point, repeat, reconstructor).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import platform as _platform
@@ -181,10 +182,22 @@ def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, step_keys:
     return measurement
 
 
-def _reconstruct_half(r_cls, r, noisy, index: int, xp):
+def reconstructor_params(r_cls, r, seed: int, repeat: int):
+    """The reconstructor's validated params; a ``seed`` param left null (``None``) is set to a seed derived
+    from the scenario seed, the repeat and the reconstructor key, so random choices inside a reconstructor
+    (tilt order, minibatch order) follow the scenario's seed and differ between repeats."""
+    params = r_cls.parse_params(r.params)
+    if "seed" in type(params).model_fields and getattr(params, "seed") is None:
+        tag = int.from_bytes(hashlib.blake2b(r.key.encode(), digest_size=8).digest(), "little")
+        derived = int(np.random.SeedSequence([int(seed), int(repeat), tag]).generate_state(1)[0])
+        params = params.model_copy(update={"seed": derived})
+    return params
+
+
+def _reconstruct_half(r_cls, r, params, noisy, index: int, xp):
     if noisy.extras[HALF_SETS].get("split") == "positions" and not r_cls.supports_pattern_mask:
         raise TembenchError(_positions_refusal(r.name))
-    return r_cls().reconstruct(half_measurement(noisy, index), r_cls.parse_params(r.params), xp)
+    return r_cls().reconstruct(half_measurement(noisy, index), params, xp)
 
 
 def _positions_refusal(name: str) -> str:
@@ -324,16 +337,19 @@ def run_unit(task: UnitTask) -> UnitResult:
                "time_sample_s": t_sample, "time_simulate_s": t_sim, "peak_memory_simulate_MB": peak_sim,
                "time_noise_s": t_noise}
         try:
+            r_params = reconstructor_params(r_cls, r, spec.seed, task.repeat)
+            if "seed" in type(r_params).model_fields:
+                row["reconstructor_seed"] = r_params.seed
             recon, t_rec, peak_rec, hit = _cached_stage(
                 cache, "recon", keys.recon[r.key],
-                lambda: r_cls().reconstruct(full, r_cls.parse_params(r.params), xp), task.track_memory)
+                lambda: r_cls().reconstruct(full, r_params, xp), task.track_memory)
             row.update(time_reconstruct_s=t_rec, peak_memory_reconstruct_MB=peak_rec, recon_cache_hit=hit)
             if halves:
                 half_recons, t_halves, peak_halves, hits = [], 0.0, float("nan"), []
                 for i in (0, 1):
                     rec_i, t_i, peak_i, hit_i = _cached_stage(
                         cache, "recon", half_recon_key(keys.recon[r.key], i),
-                        lambda i=i: _reconstruct_half(r_cls, r, noisy, i, xp), task.track_memory)
+                        lambda i=i: _reconstruct_half(r_cls, r, r_params, noisy, i, xp), task.track_memory)
                     half_recons.append(rec_i)
                     t_halves += t_i
                     peak_halves = peak_i if math.isnan(peak_halves) else max(peak_halves, peak_i)

@@ -37,7 +37,7 @@ class MultisliceAET(Reconstructor):
     name = "ren2020_multislice_aet"
     accepts = ("hrtem_tilt_series",)
     produces = "volume"
-    version = "1"
+    version = "2"  # 2: tilt-order seed derived from the scenario seed and repeat
 
     class Params(Params):
         n_iterations: int = Field(40, ge=1, le=10000, description="outer iterations N_s (Ren: 40)")
@@ -62,7 +62,8 @@ class MultisliceAET(Reconstructor):
             None, gt=0, description="propagator band limit as a fraction of Nyquist; None keeps every frequency "
                                     "(Ren: no anti-aliasing mask; 2/3 would cap 0.5 Å voxels at 1.5 Å)")
         random_order: bool = Field(True, description="visit the tilts in a new random order each sweep (Ren's code)")
-        seed: int = Field(0, ge=0, description="seed of the tilt order")
+        seed: int | None = Field(None, ge=0, description="seed of the tilt order; null: derived by the runner "
+                                                         "from the scenario seed and the repeat")
         momentum_restart: bool = Field(True, description="if a sweep's cost rises, restart the momentum from the "
                                        "last prox output (Ren's code)")
 
@@ -82,7 +83,7 @@ class MultisliceAET(Reconstructor):
         alpha = p.step_size / lip                                       # V² (loss is dimensionless)
         tau_V = DEFAULT_TAU_V[p.regularizer] if p.tau_V is None else p.tau_V
         total_intensity = float(sum(float(np.sum(_model.measured_intensities(measurement, k, np))) for k in range(n_tilt)))
-        rng = np.random.default_rng(p.seed)
+        rng = np.random.default_rng(0 if p.seed is None else p.seed)  # direct calls: fixed; runs: derived
 
         axis = problem.tilt_axis
         nz, ny, nx = problem.shape
