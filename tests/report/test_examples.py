@@ -24,7 +24,7 @@ def test_example_report_matches_current_scenario_and_code(name):
 
     folder = ROOT / "reports" / "examples" / name
     hint = f"regenerate it: python reports/examples/regenerate.py {name}"
-    for f in ("report.html", "report.md", "results.csv", "manifest.json", "screenshot.png"):
+    for f in ("report.html.gz", "report.md", "results.csv", "manifest.json", "screenshot.png"):
         assert (folder / f).is_file(), f"example {name} has no {f}; {hint}"
     manifest = json.loads((folder / "manifest.json").read_text())
     registry = get_registry()
@@ -39,5 +39,7 @@ def test_example_report_matches_current_scenario_and_code(name):
         version = registry.get(kind, comp).version
         assert fingerprint.split(":")[0] == str(version), (
             f"{kind} {comp!r} is at version {version}, example {name} was made with {fingerprint.split(':')[0]}; {hint}")
-    head = (folder / "report.html").read_text(encoding="utf-8")[:2000]
+    import gzip
+
+    head = gzip.decompress((folder / "report.html.gz").read_bytes()).decode("utf-8")[:2000]
     assert f"name='tembench-report-format' content='{REPORT_FORMAT}'" in head, f"report format changed; {hint}"
