@@ -32,13 +32,14 @@ from typing import Any
 HASHED_SUFFIXES = (".py", ".json", ".npz", ".npy", ".txt", ".csv", ".yaml", ".yml", ".cif", ".xyz", ".h5",
                    ".hdf5", ".dat")
 #: core modules (relative to platform/tembench/) that only render or print results
-PRESENTATION_ONLY = frozenset({"cli.py", "report.py"})
+PRESENTATION_ONLY = frozenset({"cli.py", "report.py", "metrics.py", "emd.py"})
 #: libraries whose version can change a number (distribution names)
 NUMERIC_LIBRARIES = ("numpy", "scipy", "pyfftw", "numba", "llvmlite", "cupy", "cupy-cuda12x", "cupy-cuda11x",
-                     "scikit-image", "scikit-learn", "ase", "pandas")
+                     "scikit-image", "scikit-learn", "ase", "pandas", "jax", "jaxlib")
 #: environment variables that select numeric kernels (BLAS core type, FFT and thread settings)
 NUMERIC_ENV = ("OPENBLAS_CORETYPE", "NUMBA_NUM_THREADS", "NUMBA_OPT", "NUMBA_FASTMATH", "TEMBENCH_FFT",
-               "TEMBENCH_FFTW_EFFORT", "TEMBENCH_FFTW_WISDOM", "TEMBENCH_FFT_WORKERS", "TEMBENCH_NO_NUMBA")
+               "TEMBENCH_FFTW_EFFORT", "TEMBENCH_FFTW_WISDOM", "TEMBENCH_FFT_WORKERS", "TEMBENCH_NO_NUMBA",
+              "XLA_FLAGS")
 
 
 def _package_root(module_name: str) -> tuple[str, Path | None]:

@@ -96,6 +96,11 @@ UNKNOWN = Metric(description="no metadata declared for this column")
 CORE_METRICS: dict[str, Metric] = {
     "final_*": Metric(diagnostic=True, description="last value of the reconstructor's convergence history "
                                                    "(a solver residual or cost, in the solver's own units)"),
+    # the runner's cost columns (the report shows them apart from results, never in the verdict)
+    "time_*_s": Metric("s", "lower", (0.0, None), description="wall time of one stage of the unit"),
+    "wall_time_s": Metric("s", "lower", (0.0, None), description="wall time of the whole unit"),
+    "peak_memory_*_MB": Metric("MB", "lower", (0.0, None),
+                               description="peak memory traced while the stage ran (tracemalloc; NaN when off)"),
 }
 
 

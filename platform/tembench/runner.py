@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 import tembench
-from tembench import identity
+from tembench import emd, identity
 from tembench.backend import asnumpy, get_array_module
 from tembench.components import accepts_kind
 from tembench.errors import RunDirectoryError, TembenchError
@@ -384,6 +384,9 @@ def run_unit(task: UnitTask) -> UnitResult:
                     del scores[q.key]
             row["time_score_s"] = time.perf_counter() - t0
             row["artifacts"] = store.write_artifacts(rk, arrays)
+            saved = emd.save_outputs(task.run_dir, rk, spec, recon, noisy, task.values, r.key)
+            if saved is not None:
+                row["emd_file"] = saved
             if scores:
                 store.write_scores(rk, scores)
             row["status"] = "ok"
@@ -641,6 +644,9 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     hook = registry.hook()
     env = identity.environment_identity(spec.device)  # one environment for every key of this run
     aggregator = Aggregator(scenario, registry, store, rid, StageCache(cache_root, use_cache), env)
+    from tembench.metrics import catalog_for_spec
+
+    catalog = catalog_for_spec(spec, registry)  # units and directions in results.parquet's column metadata
     with make_executor(kind, n_workers, spec.executor.address) as ex:
         # phase 1: each distinct noise-free measurement once
         fwd_tasks: dict[str, ForwardTask] = {}
@@ -674,12 +680,12 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
             bar.update(1)
             aggregator.point_finished(res.point_index)
             if time.monotonic() - last_table > 5.0:
-                store.write_tables()
+                store.write_tables(catalog)
                 last_table = time.monotonic()
         bar.close()
 
     aggregator.finish()  # also points whose repeats all finished in an earlier session
-    table = store.write_tables()
+    table = store.write_tables(catalog)
     if aggregator.enabled:
         manifest["n_aggregate_rows"] = int(len(store.write_aggregate_tables()))
     manifest["status"] = "complete"

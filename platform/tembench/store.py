@@ -195,11 +195,19 @@ class RunStore:
     def table(self) -> pd.DataFrame:
         return rows_to_table(self.read_rows())
 
-    def write_tables(self) -> pd.DataFrame:
+    def write_tables(self, catalog=None) -> pd.DataFrame:
+        """Write ``results.parquet`` and ``results.csv`` atomically; with a metric ``catalog``
+        (:class:`tembench.metrics.MetricCatalog`) the parquet columns carry units and directions."""
         table = self.table()
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        atomic_write_bytes(self.run_dir / "results.parquet", buf.getvalue())
+        if catalog is not None:
+            from tembench.metrics import parquet_bytes
+
+            data = parquet_bytes(table, catalog)
+        else:
+            buf = io.BytesIO()
+            table.to_parquet(buf, index=False)
+            data = buf.getvalue()
+        atomic_write_bytes(self.run_dir / "results.parquet", data)
         atomic_write_text(self.run_dir / "results.csv", table.to_csv(index=False))
         return table
 

@@ -92,3 +92,35 @@ def test_save_option_leaves_scenario_hash_of_existing_scenarios_alone():
     saved = parse_scenario(text + "save: {reconstructions: emd}\n", check_resources=False).spec
     assert stable_hash(saved.model_dump(mode="json")) != stable_hash(spec.model_dump(mode="json"))
     assert saved.model_dump(mode="json")["save"] == {"reconstructions": "emd", "measurements": False}
+
+
+def test_a_run_with_save_writes_one_emd_per_row_and_units_in_its_parquet(tmp_path):
+    """The runner itself honours ``save:`` and writes units into results.parquet — no report needed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
+    import dummy_plugin
+
+    from tembench.metrics import parquet_units
+    from tembench.registry import Registry, set_registry
+    from tembench.runner import run_scenario
+    from tembench.scenario import parse_scenario
+
+    reg = Registry(load_entry_points=False)
+    reg.register(dummy_plugin, name="dummy_plugin")
+    set_registry(reg)
+    try:
+        res = run_scenario(parse_scenario(dummy_plugin.SCENARIO + "save: {reconstructions: emd}\n"), out=tmp_path,
+                           progress=False, report=False)
+    finally:
+        set_registry(None)
+    t = res.table
+    assert len(t) == 12 and t["emd_file"].notna().all()
+    for rel, key in zip(t["emd_file"], t["reconstructor"]):
+        got = read_emd(res.run_dir / rel)
+        assert got["reconstruction"]["metadata"]["reconstructor"] == key
+        assert got["reconstruction"]["data"].shape == (16, 16)
+    units = parquet_units(res.run_dir / "results.parquet")
+    assert not (res.run_dir / "report.html").exists()
+    assert units["time_reconstruct_s"]["unit"] == "s" and units["peak_memory_reconstruct_MB"]["unit"] == "MB"
+    assert units["final_cost"]["diagnostic"] == "true"

@@ -117,7 +117,7 @@ def test_builtin_quantifiers_declare_their_metrics():
 
     cat = catalog_for(get_registry())
     assert cat.get("ncc").direction == "higher" and cat.get("ncc").range == (-1.0, 1.0)
-    assert not cat.get("rmse").comparable and cat.get("rmse_scaled").comparable
+    assert not cat.get("rmse").comparable and not cat.get("rmse_scaled").comparable  # units follow the quantity
     assert cat.get("gt_std").diagnostic and cat.get("final_residual").diagnostic
     assert cat.get("position_error_mean_pm").unit == "pm" and cat.get("resolution_A").unit == "Å"
     assert cat.get("pct_atoms_found").axis_label("pct_atoms_found") == "pct_atoms_found [%] · ↑ higher is better"
@@ -143,7 +143,7 @@ def test_list_verbose_shows_metric_metadata(capsys):
     assert main(["list", "--kind", "quantifier", "-v"]) == 0
     out = capsys.readouterr().out
     assert "metrics:" in out and "ncc: dimensionless, ↑ higher is better, range -1 … 1, headline" in out
-    assert "gt_std: unit 'truth units'" in out and "not comparable across methods" in out
+    assert "gt_std: unit 'rad | V·Å | V'" in out and "not comparable across methods" in out
 
 
 def test_report_of_a_synthetic_run_with_aggregates(tmp_path):

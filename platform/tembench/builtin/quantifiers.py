@@ -111,15 +111,17 @@ class CrossCorrelation(Quantifier):
     metrics = {
         "ncc": Metric("", "higher", (-1.0, 1.0), headline=True,
                       description="Pearson correlation with the ground truth (1 = identical up to an affine map)"),
-        "rmse_scaled": Metric("truth units", "lower", (0.0, None), headline=True,
+        "rmse_scaled": Metric("rad | V·Å | V", "lower", (0.0, None), comparable=False,
                               description="RMSE after removing the mean and a least-squares scale fit, in the ground "
-                                          "truth's units (rad for phase images, V·Å for potential images, V for "
-                                          "volumes)"),
-        "rmse": Metric("recon. units", "lower", (0.0, None), comparable=False,
+                                          "truth's units: rad for phase images, V·Å for potential and intensity "
+                                          "images, V for volumes — so comparable only between methods returning the "
+                                          "same quantity (e.g. two phase methods); relative to gt_std it equals "
+                                          "sqrt(1 − ncc²)"),
+        "rmse": Metric("reconstruction's units", "lower", (0.0, None), comparable=False,
                        description="RMSE after removing the mean, in the reconstruction's own units: comparable "
                                    "only between methods that return the same quantity on the same scale (a "
                                    "virtual detector's electron fractions are not a phase)"),
-        "gt_std": Metric("truth units", None, (0.0, None), diagnostic=True,
+        "gt_std": Metric("rad | V·Å | V", None, (0.0, None), diagnostic=True,
                          description="standard deviation of the ground truth over the compared region (a property "
                                      "of the sample, the same for every method)"),
     }
@@ -172,9 +174,9 @@ class ImageStatistics(Quantifier):
     accepts = ("image", "volume")
     version = "1"
     metrics = {
-        "mean_value": Metric("recon. units", comparable=False,
+        "mean_value": Metric("reconstruction's units", comparable=False,
                              description="mean of the reconstruction (for ADF images: the scattered fraction)"),
-        "std_value": Metric("recon. units", comparable=False, description="standard deviation of the reconstruction"),
+        "std_value": Metric("reconstruction's units", comparable=False, description="standard deviation of the reconstruction"),
         "contrast": Metric("", comparable=False, description="std / mean"),
     }
 

@@ -86,7 +86,7 @@ class SpectralResolution(Quantifier):
                                description="1 / the highest frequency whose power is above the noise floor (blind)"),
         "spectral_cutoff_A_inv": Metric("1/Å", "higher", (0.0, None), diagnostic=True,
                                         description="the cut-off frequency k_c = 1 / resolution_A"),
-        "spectral_noise_floor": Metric("recon. units²", None, (0.0, None), diagnostic=True,
+        "spectral_noise_floor": Metric("(reconstruction's units)²", None, (0.0, None), diagnostic=True,
                                        description="median ring power in the floor band"),
         "resolution_limited_by_band": Metric("", None, (0.0, 1.0), diagnostic=True,
                                              description="1 = the signal reaches the floor band: the resolution is a "
