@@ -362,6 +362,30 @@ def _linkable_source(arr: np.ndarray) -> str | None:
     return str(arr.filename)
 
 
+def npy_backing_file(arr: Any) -> tuple[str, int] | None:
+    """``(path, data offset)`` of the C-ordered ``.npy`` file that holds exactly ``arr``, else None.
+
+    True for what ``stem4d`` streamed to disk and for big arrays read from this cache: a memmap
+    over the file's whole data whose copy-on-write pages were never written. Streaming consumers
+    (the noise steps) read such a file chunk by chunk with plain reads, so the data never enters
+    the process's resident memory.
+    """
+    src = _linkable_source(arr) if isinstance(arr, np.memmap) else None
+    if src is None:
+        return None
+    try:
+        _, fortran, _, offset = _read_npy_header(Path(src))
+    except (OSError, ValueError):
+        return None
+    return (src, offset) if not fortran else None
+
+
+def cache_entry_of(path: str | Path) -> Path | None:
+    """The entry folder (``.cache/<stage>/<key>``) that holds ``path``, or None for a file outside any entry."""
+    d = Path(path).parent
+    return d if (d / ENTRY_JSON).is_file() and not d.name.startswith(".") else None
+
+
 def _copy_file(src: str, dst: Path) -> None:
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         shutil.copyfileobj(fi, fo, CHUNK_BYTES)

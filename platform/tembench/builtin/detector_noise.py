@@ -17,13 +17,14 @@ if ``output: normalized``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from tembench import NoiseModel, hookimpl
-from tembench.builtin.noise import DoseParams, dose_bookkeeping, poisson_counts
+from tembench.builtin.noise import DoseParams, dose_bookkeeping, iter_chunks, map_chunks, poisson_counts, stream_token
 from tembench.builtin.scan_distortions import noise_chain_names
 from tembench.errors import TembenchError
 from tembench.types import Measurement
@@ -89,7 +90,7 @@ class ScintillatorPMT(NoiseModel):
                                 f"far: {chain}); the smear is the response of this detector to the electrons it "
                                 "detects. Order the chain source_size → scan_jitter → scintillator_pmt → "
                                 "fast_scan_smear.")
-        if m.counted and not np.array_equal(np.asarray(m.data), np.round(np.asarray(m.data))):
+        if m.counted and not all(np.array_equal(c, np.round(c)) for c in iter_chunks(m.data)):
             raise TembenchError(f"scintillator_pmt: the counted input is not whole electron counts (noise chain so "
                                 f"far: {chain}): it was changed after counting. Put scintillator_pmt directly after "
                                 "poisson_dose (or give it the dose itself), before fast_scan_smear.")
@@ -97,8 +98,14 @@ class ScintillatorPMT(NoiseModel):
         m_c = params.photons_per_kV * energy
         rel = single_electron_relative_sigma(m_c, params.quantum_efficiency, params.dynode_gain, params.photon_count_std)
         geometry = m.geometry
+        gain = m_c * params.quantum_efficiency * params.dynode_gain**params.n_dynodes
+        # a disk-backed input (a memory map over a .npy file) is streamed chunk by chunk into new files;
+        # the draws are the same sequential streams either way: every Poisson count first, then every
+        # Gaussian, so the values do not depend on the path or the chunk size
+        token = stream_token(m.data, self.name, self.version, params.model_dump(mode="json"), rng.bit_generator.state)
+        scratch = None
         if m.counted:
-            counts = np.asarray(m.data, dtype=np.float64)
+            counts = m.data
             alpha = float(m.geometry.extra.get("electrons_per_unit_intensity", 1.0))
         else:
             alpha, geometry = dose_bookkeeping(m, params.dose_e_per_A2, params.dose_mode, params.electrons_per_pattern,
@@ -106,20 +113,32 @@ class ScintillatorPMT(NoiseModel):
             if math.isinf(alpha):
                 raise TembenchError("scintillator_pmt needs a finite dose (dose_e_per_A2 or electrons_per_pattern) "
                                     "or an input already counted by poisson_dose: the detector noise is per electron.")
-            counts = poisson_counts(m.data, alpha, rng).astype(np.float64)
-        sigma = rel * np.sqrt(np.clip(counts, 0, None))
-        if params.dark_noise_std_electrons > 0:
-            sigma = np.hypot(sigma, params.dark_noise_std_electrons)
-        signal = counts + rng.standard_normal(counts.shape) * sigma
-        gain = m_c * params.quantum_efficiency * params.dynode_gain**params.n_dynodes
-        if params.output == "normalized":
-            signal = signal / alpha
-        elif params.output == "anode":
-            signal = signal * gain
+            counts = poisson_counts(m.data, alpha, rng, token=token, tag=f"{self.name}-counts")
+            scratch = getattr(counts, "filename", None) if token is not None else None
+        dark = params.dark_noise_std_electrons
+
+        def respond(chunk):
+            c = chunk.astype(np.float64)
+            sigma = rel * np.sqrt(np.clip(c, 0, None))
+            if dark > 0:
+                sigma = np.hypot(sigma, dark)
+            signal = c + rng.standard_normal(c.shape) * sigma
+            if params.output == "normalized":
+                signal = signal / alpha
+            elif params.output == "anode":
+                signal = signal * gain
+            return signal
+
+        try:
+            signal = map_chunks(counts, respond, np.float32, token=token, tag=self.name)
+        finally:
+            if scratch is not None:  # the intermediate counts file (the mapping stays valid until released)
+                del counts
+                os.unlink(scratch)
         record = {"component": self.name, "params": params.model_dump(), "photons_per_electron": m_c,
                   "single_electron_relative_sigma": rel, "electrons_per_unit_intensity": alpha,
                   "anode_gain_per_electron": gain}
-        return m.replace(data=signal.astype(np.float32), counted=True, geometry=geometry,
+        return m.replace(data=signal, counted=True, geometry=geometry,
                          provenance=[*m.provenance, record])
 
 

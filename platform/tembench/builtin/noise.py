@@ -14,7 +14,11 @@ the ``source_size`` model in :mod:`tembench.builtin.scan_distortions`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 from typing import Literal
 
 import numpy as np
@@ -59,18 +63,140 @@ def probe_area_A2(m: Measurement) -> float:
     return sy * sx
 
 
+#: elements per chunk of a noise draw (4 MiB of float32 input; ≈ 30 MiB of float64/int64 temporaries).
+#: Every draw is one sequential stream of the step's generator — numpy's Poisson and normal samplers
+#: take the bit stream one variate at a time — so the chunk size, and whether the data are in RAM or
+#: streamed from disk, never changes the numbers (tests/builtin/test_noise_streaming.py).
+CHUNK_ELEMS = 1 << 20
+
+
+def stream_token(data, *parts) -> str | None:
+    """A name for the streamed output of a step on disk-backed ``data``, else None (the step runs in RAM).
+
+    ``data`` is disk-backed when it is a memory map over a whole ``.npy`` file (what ``stem4d``
+    streamed to ``patterns_path``, a big array read from the stage cache). The token hashes the input
+    file's identity and ``parts`` (step name, parameters, the generator's state before drawing), so a
+    re-run of the same step on the same file replaces its own output instead of piling up copies.
+    """
+    from tembench.cache import npy_backing_file
+
+    backing = npy_backing_file(data)
+    if backing is None:
+        return None
+    st = os.stat(backing[0])
+    text = json.dumps([backing[0], st.st_size, st.st_mtime_ns, *parts], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _stream_path(src: str, tag: str, token: str) -> str:
+    """Where a streamed output goes: next to a user's file, or in a temp folder of the cache it was read from.
+
+    In a cache, ``.cache/<stage>/.tmp-stream-<token>/`` — the noise stage's own cache entry hard-links
+    the file, and ``tembench cache prune`` removes the folder once it is an hour old.
+    """
+    from tembench.cache import TMP_PREFIX, cache_entry_of
+
+    entry = cache_entry_of(src)
+    if entry is not None:
+        folder = entry.parent / f"{TMP_PREFIX}stream-{token}"
+        folder.mkdir(exist_ok=True)
+        return str(folder / f"{tag}.npy")
+    base = os.path.basename(src)
+    base = base[:-4] if base.endswith(".npy") else base
+    return os.path.join(os.path.dirname(os.path.abspath(src)), f"{base}.{tag}-{token}.npy")
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
+    mv = memoryview(buf).cast("B")
+    got = 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if n <= 0:
+            raise TembenchError(f"streamed input ended early at byte {offset + got} (the file was truncated?)")
+        got += n
+
+
+def iter_chunks(data, chunk_elems: int = CHUNK_ELEMS):
+    """Flat C-order chunks of ``data``: views in RAM, or plain reads of its ``.npy`` file if disk-backed.
+
+    Reads (not memory-map page faults) keep a streamed file out of the process's resident memory;
+    a yielded buffer is reused for the next chunk.
+    """
+    from tembench.cache import npy_backing_file
+
+    backing = npy_backing_file(data)
+    if backing is None:
+        flat = np.asarray(data).reshape(-1)
+        for start in range(0, flat.size, chunk_elems):
+            yield flat[start:start + chunk_elems]
+        return
+    src, offset = backing
+    n = int(np.prod(np.shape(data), dtype=np.int64))
+    buf = np.empty(min(chunk_elems, max(n, 1)), dtype=data.dtype)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for start in range(0, n, chunk_elems):
+            view = buf[:min(chunk_elems, n - start)]
+            _pread_into(fd, view, offset + start * data.dtype.itemsize)
+            yield view
+    finally:
+        os.close(fd)
+
+
+def map_chunks(data, fn, dtype, *, token: str | None = None, tag: str = "noise",
+               chunk_elems: int = CHUNK_ELEMS) -> np.ndarray:
+    """``fn`` applied to flat chunks of ``data`` in order, into a new array of ``dtype`` and ``data``'s shape.
+
+    In RAM unless ``token`` (from :func:`stream_token`) is given: then the input is read chunk by
+    chunk from its file and the output written chunk by chunk to a new ``.npy`` file (a temp name
+    renamed into place, as ``stem4d`` does) and returned memory-mapped copy-on-write — the stage cache
+    hard-links that file instead of copying it. Both paths call ``fn`` on the same chunks in the same
+    order, so the values are identical.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(np.shape(data))
+    if token is None:
+        out = np.empty(shape, dtype)
+        flat_out = out.reshape(-1)
+        start = 0
+        for chunk in iter_chunks(data, chunk_elems):
+            flat_out[start:start + chunk.size] = fn(chunk)
+            start += chunk.size
+        return out
+    from tembench.cache import npy_backing_file
+
+    src = npy_backing_file(data)[0]
+    final = _stream_path(src, tag, token)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fo:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(fo, header)
+            for chunk in iter_chunks(data, chunk_elems):
+                fo.write(np.ascontiguousarray(np.asarray(fn(chunk)).astype(dtype, copy=False)).data)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return np.load(final, mmap_mode="c")  # copy-on-write: the file stays as written
+
+
 def poisson_counts(intensity: np.ndarray, electrons_per_unit: float, rng: np.random.Generator,
-                   chunk_elems: int = 1 << 22) -> np.ndarray:
-    """Counts ~ Poisson(max(I, 0) × electrons_per_unit) as float32, drawn chunk by chunk (bounded int64 memory)."""
-    data = np.asarray(intensity)
-    if not np.all(np.isfinite(data)):
-        raise TembenchError("poisson_dose: the measurement contains NaN or inf intensities; check the forward model.")
-    out = np.empty(data.shape, dtype=np.float32)
-    flat_in, flat_out = data.reshape(-1), out.reshape(-1)
-    for start in range(0, flat_in.size, chunk_elems):
-        lam = np.clip(flat_in[start:start + chunk_elems].astype(np.float64), 0.0, None) * electrons_per_unit
-        flat_out[start:start + chunk_elems] = rng.poisson(lam)
-    return out
+                   chunk_elems: int = CHUNK_ELEMS, token: str | None = None, tag: str = "poisson_dose") -> np.ndarray:
+    """Counts ~ Poisson(max(I, 0) × electrons_per_unit) as float32, drawn chunk by chunk (bounded int64 memory).
+
+    With a ``token`` (disk-backed input, :func:`stream_token`) the counts are streamed to a new file.
+    """
+
+    def draw(chunk):
+        if not np.all(np.isfinite(chunk)):
+            raise TembenchError("poisson_dose: the measurement contains NaN or inf intensities; check the "
+                                "forward model.")
+        lam = np.clip(chunk.astype(np.float64), 0.0, None) * electrons_per_unit
+        return rng.poisson(lam)
+
+    return map_chunks(intensity, draw, np.float32, token=token, tag=tag, chunk_elems=chunk_elems)
 
 
 class DoseParams(Params):
@@ -124,7 +250,9 @@ class PoissonDose(NoiseModel):
                   "n_exposures": geometry.extra["n_exposures"], "electrons_per_unit_intensity": n_e}
         if math.isinf(n_e):  # noise-free: keep intensities as they are
             return m.replace(geometry=geometry, provenance=[*m.provenance, record])
-        counts = poisson_counts(m.data, n_e, rng)
+        token = stream_token(m.data, self.name, self.version, params.model_dump(mode="json"),
+                             rng.bit_generator.state)
+        counts = poisson_counts(m.data, n_e, rng, token=token, tag=self.name)
         extras = dict(m.extras)
         if "virtual_images" in extras:
             # noise-free detector images simulated alongside the 4D data would hand reconstructors
