@@ -37,7 +37,7 @@ class MultisliceAET(Reconstructor):
     name = "ren2020_multislice_aet"
     accepts = ("hrtem_tilt_series",)
     produces = "volume"
-    version = "1"
+    version = "2"  # 2: the tilt-order seed defaults to null (derived per scenario seed and repeat)
 
     class Params(Params):
         n_iterations: int = Field(40, ge=1, le=10000, description="outer iterations N_s (Ren: 40)")
@@ -62,8 +62,9 @@ class MultisliceAET(Reconstructor):
             None, gt=0, description="propagator band limit as a fraction of Nyquist; None keeps every frequency "
                                     "(Ren: no anti-aliasing mask; 2/3 would cap 0.5 Å voxels at 1.5 Å)")
         random_order: bool = Field(True, description="visit the tilts in a new random order each sweep (Ren's code)")
-        seed: int | None = Field(0, ge=0, description="seed of the tilt order; null: derived by the runner from "
-                                                      "the scenario seed and the repeat")
+        seed: int | None = Field(None, ge=0, description="seed of the tilt order; null (default): derived by the "
+                                                         "runner from the scenario seed, the repeat and the "
+                                                         "reconstructor's key (a direct call uses 0)")
         momentum_restart: bool = Field(True, description="if a sweep's cost rises, restart the momentum from the "
                                        "last prox output (Ren's code)")
 

@@ -49,3 +49,14 @@ def test_ren_reconstructor_seed_can_be_derived():
 
     cls = get_registry().get("reconstructor", "ren2020_multislice_aet")
     assert reconstructor_params(cls, _r({"seed": None}, key="ren2020"), seed=2020, repeat=0).seed is not None
+
+
+def test_ren_tilt_order_follows_the_scenario_seed_and_repeat_by_default():
+    """Issue 12 §4: with no seed in the scenario, each repeat visits the tilts in its own order."""
+    from tembench.registry import get_registry
+
+    cls = get_registry().get("reconstructor", "ren2020_multislice_aet")
+    assert cls.Params().seed is None
+    s0 = reconstructor_params(cls, _r(key="ren2020"), seed=2020, repeat=0).seed
+    s1 = reconstructor_params(cls, _r(key="ren2020"), seed=2020, repeat=1).seed
+    assert None not in (s0, s1) and s0 != s1
