@@ -7,6 +7,7 @@ use ``scipy.fft`` with worker threads on the CPU and ``cupy.fft`` on the GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 from typing import Any
@@ -151,9 +152,11 @@ def fftw_effort() -> str:
                      "(unset for the default, 'wisdom': measured once per machine, then reproducible)")
 
 
+@functools.lru_cache(maxsize=1)
 def _machine_key() -> str:
     """Short hash of what decides which FFTW codelets exist and how fast they are: CPU model and
-    flags, architecture, FFTW build. Machines that share it can share one wisdom file."""
+    flags, architecture, FFTW build. Machines that share it can share one wisdom file. Read once
+    per process: every plan lookup asks for the wisdom path (reading /proc/cpuinfo cost ~0.5 ms)."""
     import hashlib
     import platform
 
