@@ -307,14 +307,16 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
     # normalise: mean total per pattern = 1 (the engine's unit-power probe); one streaming pass
     total = 0.0
     mean = np.zeros((wy, wx), np.float64)
-    for b in _adjacent_batches(n_pos, 256):
-        chunk = np.asarray(patterns[b], dtype=np.float64)
-        if not np.all(np.isfinite(chunk)):
+    for b in _adjacent_batches(n_pos, 32):  # small float32 chunks (sums in float64): little working memory
+        chunk = np.asarray(patterns[b], dtype=np.float32)
+        lo = float(chunk.min())
+        if not math.isfinite(lo) or not math.isfinite(float(chunk.max())):
             raise TembenchError("msp: the patterns contain NaN or inf (mask dead pixels / absent patterns first)")
-        if (chunk < 0).any():
+        if lo < 0:
             raise TembenchError("msp: the patterns contain negative intensities (subtract the dark level properly)")
-        mean += chunk.sum(axis=0)
-        total += chunk.sum()
+        part = chunk.sum(axis=0, dtype=np.float64)
+        mean += part
+        total += float(part.sum())
     if not total > 0:
         raise TembenchError("msp: the patterns hold no signal (sum 0)")
     scale = total / n_pos
@@ -379,7 +381,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
             if not p.reconstruct_absorption:
                 sub = sub.real
             local = q - np.array([y0 * s[0], x0 * s[1]])
-            out = stem_loss_and_gradient(sub, meas, dz, positions_A=local, probe=probe, batch_size=len(idx),
+            out = stem_loss_and_gradient(sub, meas, dz, positions_A=local, probe=probe,
                                          return_position_curvature=refine_pos, **kw)
             loss_b, g_v, g_p = out[:3]
             loss_it += loss_b
@@ -485,7 +487,7 @@ class MSP(Reconstructor):
     name = "msp"
     accepts = ("4dstem",)
     produces = "image"
-    version = "1"
+    version = "2"
     supports_pattern_mask = True
     Params = MSPParams
 

@@ -37,9 +37,10 @@ from tembench.physics.optics import fourier_shift_phase, probe_fourier
 from tembench.physics.propagation import DEFAULT_BAND_LIMIT
 
 # Per-batch working memory: small for scans (the FFT buffer stays in cache; measured 0.22 ms per
-# 216² FFT pair alone vs 0.32 ms in batches of 16), larger when waves are kept for gradients.
+# 216² FFT pair alone vs 0.32 ms in batches of 16); for gradients the kept waves count too (chunks of
+# 2-16 MB measured alike for 96² windows x 2 modes x 4 slices, 32 MB 15 % slower, 64 patterns at once 1.6x).
 BATCH_BYTES = 2 * 2**20
-GRADIENT_BATCH_BYTES = 32 * 2**20
+GRADIENT_BATCH_BYTES = 4 * 2**20
 
 STANDARD_DETECTORS_MRAD = {"bf": (0.0, None), "abf": (None, None), "adf": (None, 200.0), "haadf": (60.0, 200.0)}
 
@@ -436,6 +437,24 @@ def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, p
     return StemResult(patterns=patterns, images=images, detector_sampling_mrad=det, window_gpts=(wy, wx))
 
 
+def _shift_ramp(ky, kx, shift_A, xp):
+    """exp(−2πi k·s) (B, wy, wx) complex64 for shifts (B, 2) Å, as :func:`fourier_shift_phase`, from the
+    separable factors (ky (wy, 1), kx (1, wx)): two small exponentials and one complex64 product."""
+    s = xp.asarray(shift_A, dtype=xp.float64)
+    ey = xp.exp((-2j * math.pi) * (s[:, 0, None, None] * ky)).astype(xp.complex64)
+    ex = xp.exp((-2j * math.pi) * (s[:, 1, None, None] * kx)).astype(xp.complex64)
+    return ey * ex
+
+
+def _gradient_chunk(n_pos: int, per_pattern_bytes: int, batch_size: int | None) -> int:
+    """Patterns per chunk of :func:`stem_loss_and_gradient`: ``batch_size`` or what fits
+    ``GRADIENT_BATCH_BYTES``, evened out so that padding the last chunk (one FFT plan for all) wastes least."""
+    bs = int(batch_size) if batch_size else max(1, int(GRADIENT_BATCH_BYTES // per_pattern_bytes))
+    bs = max(1, min(bs, n_pos))
+    n_chunks = -(-n_pos // bs)
+    return -(-n_pos // n_chunks)
+
+
 def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, energy_keV: float, sampling_A,
                            positions_A, probe, propagator: str = "fresnel",
                            band_limit: float | None = DEFAULT_BAND_LIMIT, bandlimit_transmission: bool = False,
@@ -457,65 +476,135 @@ def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, 
     ``return_position_curvature`` also appends the Gauss–Newton matrix H_b = 2 Σ_k ∇_ρ√Î ∇_ρ√Îᵀ
     (N, 2, 2) float64, per Å²: two more (linear) multislice passes of ∂ψ_b/∂ρ per batch, for
     Newton-like position steps Δρ = −H⁻¹∂L/∂ρ.
+
+    Work layout: the patterns run in chunks of ``batch_size`` (default: what fits ``GRADIENT_BATCH_BYTES``
+    with the waves kept for the back-propagation, so the working set stays in cache; the result does not
+    depend on it) through one planned in-place FFT buffer: 2·n_slices FFTs forward (the last inverse/forward
+    pair cancels) and 2·n_slices backward per pattern and mode, plus the incident wave's. The slice gradient
+    is accumulated as Σ_b window_b(Σ_i conj(ψ_i)·g_i) and multiplied by −iσ·conj(t) once on the field
+    (that factor is pointwise on the field, so it commutes with the window sum).
     """
     xp = xp or get_array_module(potentials)
+    if bandlimit_transmission:
+        raise TembenchError("stem_loss_and_gradient: bandlimit_transmission=True is not supported for gradients")
     potentials = xp.asarray(potentials)
     modes = xp.asarray(probe, dtype=xp.complex64)
     modes = modes[None] if modes.ndim == 2 else modes
     sc = _Scanner(potentials, slice_thickness_A, energy_keV, sampling_A, modes, None, propagator, band_limit,
                   bandlimit_transmission, xp)
-    if bandlimit_transmission:
-        raise TembenchError("stem_loss_and_gradient: bandlimit_transmission=True is not supported for gradients")
     pos = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
-    meas = xp.asarray(measured_patterns, dtype=xp.float32).reshape(len(pos), *sc.window)
-    meas = xp.fft.ifftshift(meas, axes=(-2, -1))
+    n_pos = len(pos)
     wy, wx = sc.window
+    meas_all = xp.asarray(measured_patterns, dtype=xp.float32).reshape(n_pos, wy, wx)
     norm = 1.0 / (wy * wx)
-    grad_pad = sc.gradient_buffer(complex_potential)
-    grad_k = xp.zeros(modes.shape, dtype=xp.complex64)
-    loss = 0.0
-    want_pos = return_position_gradient or return_position_curvature
     eps = float(amplitude_eps)
     if eps < 0:
         raise TembenchError(f"stem_loss_and_gradient: amplitude_eps must be >= 0, got {amplitude_eps}")
-    grad_pos = np.zeros((len(pos), 2), np.float64) if want_pos else None
-    curv_pos = np.zeros((len(pos), 2, 2), np.float64) if return_position_curvature else None
+    n_sl, n_m = sc.n_slices, sc.n_modes
+    want_pos = return_position_gradient or return_position_curvature
+    grad_pos = np.zeros((n_pos, 2), np.float64) if want_pos else None
+    curv_pos = np.zeros((n_pos, 2, 2), np.float64) if return_position_curvature else None
     two_pi_k = ((-2j * math.pi) * sc.ky.astype(xp.float32), (-2j * math.pi) * sc.kx.astype(xp.float32))
-    bs = min(batch_size or sc.batch_size(True), len(pos))
-    for start in range(0, len(pos), bs):
-        chunk = pos[start:start + bs]
+    per = n_m * wy * wx * 8 * (n_sl + 3)
+    bs = _gradient_chunk(n_pos, per, batch_size)
+    plan = sc.plan((bs, n_m, wy, wx))
+    waves = xp.empty((n_sl, bs, n_m, wy, wx), xp.complex64)
+    g_t = xp.empty((bs, wy, wx), xp.complex64)
+    tmp = xp.empty((bs, wy, wx), xp.complex64)
+    acc = xp.zeros(sc.t.shape, xp.complex64)  # Σ_b window_b(Σ_i conj(ψ_i)·g_i) on the wrap-padded field
+    grad_k = xp.zeros(modes.shape, dtype=xp.complex64)
+    # propagators: forward with the inverse FFT's 1/N folded in; backward their adjoints (the last slice's
+    # far field P·F(tψ) has adjoint F^H(P*·g) = unnormalised inverse of P*·g)
+    fwd = [sc.props.scaled(sc.dz[m], norm) for m in range(n_sl)]
+    bwd = [xp.conj(sc.props(sc.dz[m])) * (np.float32(1.0) if m == n_sl - 1 else np.float32(norm))
+           for m in range(n_sl)]
+    t_conj = sc.t.conj()
+    loss = 0.0
+    for start in range(0, n_pos, bs):
+        nb = min(bs, n_pos - start)
+        chunk = pos[start:start + nb]
+        if nb < bs:  # pad with the last position (its gradient is zeroed) so that one FFT plan serves all
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - nb, axis=0)])
         origins, frac = _window_origins(chunk, sc.sampling, sc.window, sc.field_gpts)
-        psi, ramp = sc.incident(frac)
-        far, waves = sc.forward(psi, origins, keep_waves=True)
-        far = far.copy()
-        inten = (far.real**2 + far.imag**2).sum(axis=1) * norm
-        m_b = meas[start:start + len(chunk)]
-        lb, dl_di = intensity_amplitude_loss(inten + eps, m_b + eps) if eps else intensity_amplitude_loss(inten, m_b)
+        ramp = _shift_ramp(sc.ky, sc.kx, frac, xp)  # (B, wy, wx)
+        buf = plan.buffer
+        xp.multiply(ramp[:, None], sc.modes_k[None], out=buf)
+        buf = plan.inverse()
+        # forward, keeping the wave entering each slice
+        for m in range(n_sl):
+            xp.conjugate(buf, out=waves[m])  # kept conjugated: the backward pass needs conj(ψ_m)
+            sc._transmit(buf, m, origins)
+            buf = plan.forward_pruned()
+            if m == n_sl - 1:
+                xp.multiply(buf, sc.props(sc.dz[m]), out=buf)
+            else:
+                xp.multiply(buf, fwd[m], out=buf)
+                buf = plan.inverse_pruned()
+        if n_sl == 0:
+            buf = plan.forward()
+        far = buf  # (B, M, wy, wx) far field, in the plan's buffer
+        inten = (far.real**2 + far.imag**2).sum(axis=1) * np.float32(norm)
+        m_b = xp.fft.ifftshift(meas_all[start:start + nb], axes=(-2, -1))
+        i_b = inten[:nb]
+        lb, dl_di = intensity_amplitude_loss(i_b + eps, m_b + eps) if eps else intensity_amplitude_loss(i_b, m_b)
         loss += lb
-        g_far = (2.0 * norm) * dl_di[:, None] * far  # 2∂L/∂Ψ* for I = Σ|Ψ|²/N
-        g_in = sc.backward(g_far, waves, origins, grad_pad, complex_potential)
-        g_in_k = fft2(g_in)
+        far_saved = far.copy() if return_position_curvature else None
+        scale = xp.zeros((bs, wy, wx), xp.float32)
+        scale[:nb] = dl_di * np.float32(2.0 * norm)
+        xp.multiply(far, scale[:, None], out=far)  # 2∂L/∂Ψ* for I = Σ|Ψ|²/N (zero for the padding)
+        # back-propagation through the slices
+        for m in range(n_sl - 1, -1, -1):
+            # the propagators' band limit zeroes the columns the pruned transforms skip (as forward)
+            if m != n_sl - 1:
+                buf = plan.forward_pruned()
+            xp.multiply(buf, bwd[m], out=buf)
+            buf = plan.inverse_pruned()  # unnormalised: 2∂L/∂(t_m ψ_m)* in real space
+            w_m = waves[m]  # conj(ψ_m)
+            xp.multiply(w_m[:, 0], buf[:, 0], out=g_t)
+            for i in range(1, n_m):
+                xp.multiply(w_m[:, i], buf[:, i], out=tmp)
+                g_t += tmp
+            if sc.full:
+                acc[m] += g_t[:nb].sum(axis=0)
+            else:
+                for b in range(nb):
+                    oy, ox = origins[b]
+                    acc[m, oy:oy + wy, ox:ox + wx] += g_t[b]
+            if sc.full:
+                xp.multiply(buf, t_conj[m], out=buf)
+            else:
+                for b in range(bs):
+                    oy, ox = origins[b]
+                    xp.multiply(buf[b], t_conj[m, oy:oy + wy, ox:ox + wx], out=buf[b])
+        if n_sl:
+            g_in_k = plan.forward()  # F{2∂L/∂ψ_incident*} (B, M, wy, wx)
+        else:  # no slices: far = F(ψ), so F{F^H g} = N·g
+            g_in_k = buf
+            g_in_k *= np.float32(wy * wx)
         # ψ_b = ifft(fft(p)·r_b) is a unitary circulant of the centred modes p: adjoint ifft(conj(r_b)·fft(g_b))
-        grad_k += (ramp.conj()[:, None] * g_in_k).sum(axis=0)
+        grad_k += xp.einsum("byx,bmyx->myx", ramp.conj(), g_in_k)
         if want_pos:
             shifted_k = sc.modes_k[None] * ramp[:, None]  # F{ψ_b} (B, M, wy, wx)
             w = (g_in_k.conj() * shifted_k).sum(axis=1)  # (B, wy, wx)
             for a in range(2):
-                grad_pos[start:start + len(chunk), a] = asnumpy((w * two_pi_k[a]).sum(axis=(-2, -1)).real) * norm
+                grad_pos[start:start + nb, a] = asnumpy((w[:nb] * two_pi_k[a]).sum(axis=(-2, -1)).real) * norm
         if return_position_curvature:
-            del waves
-            amp = xp.sqrt(inten + eps) if eps else xp.sqrt(xp.maximum(inten, 1e-30))
+            amp = xp.sqrt(i_b + eps) if eps else xp.sqrt(xp.maximum(i_b, 1e-30))
             d_amp = []
             for a in range(2):
                 d_far, _ = sc.forward(ifft2(shifted_k * two_pi_k[a]), origins)
-                d_int = (2.0 * norm) * (far.real * d_far.real + far.imag * d_far.imag).sum(axis=1)
-                d_amp.append(d_int / (2.0 * amp))
+                d_int = (2.0 * norm) * (far_saved.real * d_far.real + far_saved.imag * d_far.imag).sum(axis=1)
+                d_amp.append(d_int[:nb] / (2.0 * amp))
             for a in range(2):
                 for b in range(a, 2):
                     h = asnumpy(2.0 * (d_amp[a] * d_amp[b]).sum(axis=(-2, -1)).astype(xp.float64))
-                    curv_pos[start:start + len(chunk), a, b] = h
-                    curv_pos[start:start + len(chunk), b, a] = h
-    out = (loss, sc.fold(grad_pad), ifft2(grad_k).astype(xp.complex64))
+                    curv_pos[start:start + nb, a, b] = h
+                    curv_pos[start:start + nb, b, a] = h
+    # chain rule through t = exp(iσv): ∂L/∂v = −iσ·conj(t)·Σ (pointwise on the field, after folding the padding)
+    acc = sc.fold(acc)
+    t = sc.t[:, :sc.field_gpts[0], :sc.field_gpts[1]]
+    grad_v = transmission_gradient(acc, t, sc.sigma, complex_potential)
+    out = (loss, grad_v.astype(xp.complex64 if complex_potential else xp.float32), ifft2(grad_k).astype(xp.complex64))
     if want_pos:
         out = out + (grad_pos,)
     if return_position_curvature:
