@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +18,16 @@ ACCEPTS = ("4dstem", "eer")
 
 
 def load_4d(measurement: Measurement, method: str):
-    """(dense array or ElectronEvents, DetectorGrid) of a ``4dstem`` or ``eer`` measurement."""
+    """(dense array or ElectronEvents, DetectorGrid) of a ``4dstem`` or ``eer`` measurement.
+
+    Dense data are returned as they are (a memory-mapped array stays mapped: nothing is read
+    here but the finite check, which streams the data a bounded number of scan rows at a time).
+    """
     if measurement.kind == "eer":
         x: np.ndarray | ElectronEvents = events_of(measurement)
         det_shape = x.detector_shape
     elif measurement.kind == "4dstem":
-        x = np.asarray(measurement.data)
+        x = measurement.data if isinstance(measurement.data, np.ndarray) else np.asarray(measurement.data)
         if x.ndim != 4:
             raise TembenchError(f"{method}: 4D-STEM data must be (scan_y, scan_x, k_y, k_x), got shape {x.shape}")
         det_shape = x.shape[2:]
@@ -32,24 +37,312 @@ def load_4d(measurement: Measurement, method: str):
     return x, DetectorGrid.from_geometry(measurement.geometry, det_shape)
 
 
-def check_finite(x: np.ndarray, method: str) -> None:
+# --- chunked reading (issue 19): a bounded number of scan rows at a time ------------------------
+#: bytes of dense data held at once by the chunked readers (whole scan rows; at least one row)
+CHUNK_BYTES = 16 * 2**20
+
+
+def _file_backing(x: np.ndarray) -> tuple[str, int] | None:
+    """(path, byte offset) of the file region that holds C-contiguous ``x``, if ``x`` is (a view of) a
+    file-backed ``np.memmap`` whose file still holds what the array holds, else None.
+
+    A copy-on-write mapping (``mmap_mode="c"``, what the stage cache and ``stem4d`` return) whose
+    private pages were written no longer matches its file: then None (the array is sliced instead).
+    """
+    if not x.flags.c_contiguous:
+        return None
+    mm_arr = x
+    while mm_arr is not None and getattr(mm_arr, "_mmap", None) is None:
+        mm_arr = getattr(mm_arr, "base", None)
+        if mm_arr is not None and not isinstance(mm_arr, np.ndarray):
+            return None
+    if mm_arr is None or not isinstance(mm_arr, np.memmap) or not getattr(mm_arr, "filename", None):
+        return None
+    try:
+        import mmap as _mmap
+        base = np.frombuffer(mm_arr._mmap, dtype=np.uint8).ctypes.data
+        start = int(mm_arr.offset) - int(mm_arr.offset) % _mmap.ALLOCATIONGRANULARITY
+        pos = start + (x.ctypes.data - base)
+        if pos < 0 or pos + x.nbytes > os.path.getsize(mm_arr.filename):
+            return None
+        if mm_arr.mode == "c":
+            from tembench.cache import _private_pages_untouched
+            if not _private_pages_untouched(mm_arr):
+                return None
+    except (OSError, ValueError, TypeError, BufferError, AttributeError):
+        return None
+    return str(mm_arr.filename), int(pos)
+
+
+def rows_per_chunk(x, max_bytes: int = CHUNK_BYTES) -> int:
+    row = max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize)
+    return max(1, min(int(x.shape[0]), int(max_bytes) // row))
+
+
+def scan_row_chunks(x: np.ndarray, max_bytes: int = CHUNK_BYTES):
+    """Yield ``(row0, row1, block)`` over dense (scan_y, scan_x, k_y, k_x) data, whole scan rows at a time
+    (at most ``max_bytes`` of data, at least one row).
+
+    An in-RAM array yields views. A file-backed memory map (``stem4d``'s ``patterns_path``, a stage-cache
+    hit) is read with ``pread`` into one reused buffer, so the file's pages sit in the page cache, never in
+    the process's resident memory: the peak RAM of a reduction over the data does not grow with its size.
+    The caller must not keep ``block`` past the next iteration (it is overwritten).
+    """
+    n = rows_per_chunk(x, max_bytes)
+    backing = _file_backing(x)
+    if backing is None:
+        for r0 in range(0, x.shape[0], n):
+            yield r0, min(r0 + n, x.shape[0]), x[r0:r0 + n]
+        return
+    path, pos = backing
+    row_bytes = int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize
+    buf = np.empty((n,) + tuple(x.shape[1:]), dtype=x.dtype)
+    with open(path, "rb", buffering=0) as fh:
+        fd = fh.fileno()
+        for r0 in range(0, x.shape[0], n):
+            r1 = min(r0 + n, x.shape[0])
+            block = buf[:r1 - r0]
+            view = memoryview(block.reshape(-1).view(np.uint8))
+            done, want, off = 0, (r1 - r0) * row_bytes, pos + r0 * row_bytes
+            while done < want:
+                got = os.preadv(fd, [view[done:want]], off + done)
+                if got <= 0:
+                    raise TembenchError(f"{path}: the data file ended {want - done} bytes early (truncated?)")
+                done += got
+            yield r0, r1, block
+
+
+def check_finite(x: np.ndarray, method: str, max_bytes: int = CHUNK_BYTES) -> None:
     """Refuse data holding NaN or ±inf, naming the first bad frame (scan y, x) and detector pixel.
 
     One non-finite pixel otherwise turns the whole DPC/iCOM image (and, for inf, SSB) into NaN,
-    or makes SSB report a misleading "no signal".
+    or makes SSB report a misleading "no signal". Streams the data in row chunks (bounded memory).
     """
-    if np.issubdtype(x.dtype, np.integer):
+    if np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.bool_):
         return
-    bad = ~np.isfinite(x)
-    if not bad.any():
+    n = frames = 0
+    first = None
+    for r0, _, block in scan_row_chunks(x, max_bytes):
+        if first is None and np.isfinite(block.sum(dtype=np.float64)):
+            continue  # a non-finite value makes the sum NaN/inf; a finite sum proves the block finite
+        bad = ~np.isfinite(block)
+        if not bad.any():
+            continue
+        n += int(bad.sum())
+        frames += int(bad.any(axis=(2, 3)).sum())
+        if first is None:
+            sy, sx, ky, kx = (int(i) for i in np.argwhere(bad)[0])
+            first = (sy + r0, sx, ky, kx, block[sy, sx, ky, kx].item())
+    if first is None:
         return
-    n = int(bad.sum())
-    frames = int(bad.any(axis=(2, 3)).sum())
-    sy, sx, ky, kx = (int(i) for i in np.argwhere(bad)[0])
+    sy, sx, ky, kx, v = first
     raise TembenchError(f"{method}: the 4D-STEM data hold {n} non-finite value(s) in {frames} frame(s); first at "
-                        f"scan (y={sy}, x={sx}), detector pixel (ky={ky}, kx={kx}) = {x[sy, sx, ky, kx]!r}. "
+                        f"scan (y={sy}, x={sx}), detector pixel (ky={ky}, kx={kx}) = {v!r}. "
                         "Replace or mask them (e.g. set dead/hot detector pixels to the frame's local median) "
                         "before reconstructing")
+
+
+# --- bad detector pixels (issue 12 §1): detect over the whole scan, repair frame by frame ----------
+#: a pixel whose mean over the scan differs from the 5x5 median of the mean pattern by more than this
+#: many times the bright-field level (the largest value of that median-filtered mean pattern) is hot
+#: (above) or negative (below); physical patterns never exceed their own bright-field level 3x
+OUTLIER_FACTOR = 3.0
+#: a pixel that never changes over the scan while the 5x5 median of its neighbours changes in at least
+#: this many frames is dead / stuck (for counted data: chance of a live pixel never changing ≈ e^-20)
+DEAD_MIN_CHANGES = 20
+#: more flagged pixels than this fraction of the detector: refuse (the detector or the thresholds are off)
+MAX_BAD_FRACTION = 0.05
+#: the 5x5 median must keep the bright-field disc: detection needs a disc radius of at least this (px)
+MIN_DISC_RADIUS_PX = 3.0
+BAD_KINDS = {1: "hot", 2: "negative", 3: "dead"}
+
+
+@dataclass(frozen=True)
+class BadPixels:
+    """Detector pixels found defective over the whole scan (see :func:`find_bad_pixels`)."""
+
+    kind: np.ndarray             # int8 (k_y, k_x): 0 good, 1 hot, 2 negative, 3 dead/stuck
+    mean: np.ndarray             # float64 (k_y, k_x): each pixel's mean over the scan
+    worst_frame: np.ndarray      # int64 (k_y, k_x, 2): scan (y, x) of the pixel's extreme value
+    level: float                 # the bright-field level the thresholds refer to
+    checked: bool = True         # False: detection was skipped (``note`` says why)
+    note: str = ""
+    neighbours: tuple = ()       # ((ky, kx, ys, xs), …): the good pixels each bad one is replaced by
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.kind > 0
+
+    def __bool__(self) -> bool:
+        return bool(self.kind.any())
+
+    def counts(self) -> dict:
+        return {name: int((self.kind == k).sum()) for k, name in BAD_KINDS.items()}
+
+    def listing(self, limit: int = 20) -> list[dict]:
+        out = []
+        for ky, kx in np.argwhere(self.kind > 0)[:limit]:
+            k = int(self.kind[ky, kx])
+            d = {"kind": BAD_KINDS[k], "ky": int(ky), "kx": int(kx), "mean": float(self.mean[ky, kx])}
+            if k in (1, 2):
+                d["scan_y"], d["scan_x"] = (int(v) for v in self.worst_frame[ky, kx])
+            out.append(d)
+        return out
+
+    def describe(self, limit: int = 3) -> str:
+        parts = []
+        for d in self.listing(limit):
+            s = f"{d['kind']} pixel (ky={d['ky']}, kx={d['kx']}), mean {d['mean']:.4g}"
+            if "scan_y" in d:
+                s += f", most extreme in frame scan (y={d['scan_y']}, x={d['scan_x']})"
+            parts.append(s)
+        n = int(self.mask.sum())
+        more = f" and {n - len(parts)} more" if n > len(parts) else ""
+        return "; ".join(parts) + more
+
+    def report(self) -> dict:
+        """What goes into ``Reconstruction.extras``: counts per kind, the mask and the first pixels."""
+        return {"bad_pixel_counts": self.counts(), "bad_pixel_mask": self.mask.copy(),
+                "bad_pixels": self.listing(), "bad_pixel_level": self.level,
+                **({"bad_pixel_note": self.note} if self.note else {})}
+
+    def refuse(self, method: str) -> None:
+        """Raise naming the kind, detector pixel and frame of the first bad pixels (if any)."""
+        if self:
+            c = self.counts()
+            raise TembenchError(f"{method}: the detector has {int(self.mask.sum())} bad pixel(s) "
+                                f"({', '.join(f'{v} {k}' for k, v in c.items() if v)}): {self.describe()}. "
+                                "Use bad_pixels: repair to replace them by the mean of their good neighbours in "
+                                "every frame, or fix the data")
+
+
+def _no_bad_pixels(shape, mean, note: str) -> BadPixels:
+    return BadPixels(np.zeros(shape, np.int8), mean, np.zeros(shape + (2,), np.int64), 0.0, False, note)
+
+
+def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier_factor: float = OUTLIER_FACTOR,
+                    max_fraction: float = MAX_BAD_FRACTION, max_bytes: int = CHUNK_BYTES) -> BadPixels:
+    """Hot, negative and dead/stuck detector pixels of dense 4D-STEM data, from one chunked pass.
+
+    Per detector pixel: the mean, minimum and maximum over every frame (and where they occur).
+    With m the mean pattern, M its 5x5 median filter and L = max(M) (the bright-field level; the
+    median removes clusters of up to 12 defective pixels and keeps a disc of radius >= 3 px):
+
+    - hot:      m - M >  ``outlier_factor`` * L   (a stuck-high pixel, or one frame's huge value)
+    - negative: m - M < -``outlier_factor`` * L   (a large negative value in some frame)
+    - dead:     the pixel's value never changes over the scan while the 5x5 median of the number of
+                frames in which each pixel differs from its first frame is >= ``DEAD_MIN_CHANGES``
+                (a live counted pixel whose neighbours change that often never changes with chance ≈ e^-20)
+
+    Refuses (``TembenchError``) when more than ``max_fraction`` of the detector is flagged, or a bad
+    pixel has no good pixel within 5x5 to be repaired from. Electron events and data whose disc is
+    under 3 px are not checked (``checked=False``, with a note).
+    """
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        shape = tuple(getattr(x, "detector_shape", (1, 1)))
+        return _no_bad_pixels(shape, np.zeros(shape), "electron events: bad-pixel detection covers dense data only")
+    sy, sx, ky, kx = x.shape
+    K, F = ky * kx, sy * sx
+    total = np.zeros(K, np.float64)
+    hi = np.full(K, -np.inf)
+    lo = np.full(K, np.inf)
+    ihi = np.zeros(K, np.int64)
+    ilo = np.zeros(K, np.int64)
+    changes = np.zeros(K, np.int64)
+    first = None
+    cols = np.arange(K)
+    for r0, _, block in scan_row_chunks(x, max_bytes):
+        b = block.reshape(-1, K)
+        if first is None:
+            first = b[0].copy()
+        changes += (b != first).sum(axis=0)
+        total += b.sum(axis=0, dtype=np.float64)
+        for arg, best, ibest, better in ((b.argmax(axis=0), hi, ihi, np.greater), (b.argmin(axis=0), lo, ilo, np.less)):
+            v = b[arg, cols].astype(np.float64)
+            upd = better(v, best)
+            best[upd] = v[upd]
+            ibest[upd] = arg[upd] + r0 * sx
+    mean = (total / F).reshape(ky, kx)
+    if disc_radius_px is not None and disc_radius_px < MIN_DISC_RADIUS_PX:
+        return _no_bad_pixels((ky, kx), mean, f"bright-field disc radius {disc_radius_px:.1f} px < "
+                              f"{MIN_DISC_RADIUS_PX:g} px: bad-pixel detection skipped")
+    from scipy import ndimage
+    med = ndimage.median_filter(mean, size=5, mode="nearest")
+    level = float(med.max())
+    if not level > 0:
+        return _no_bad_pixels((ky, kx), mean, "the mean pattern holds no signal: bad-pixel detection skipped")
+    resid = mean - med
+    kind = np.zeros((ky, kx), np.int8)
+    kind[resid > outlier_factor * level] = 1
+    kind[resid < -outlier_factor * level] = 2
+    changes = changes.reshape(ky, kx)
+    dead = (changes == 0) & (ndimage.median_filter(changes, size=5, mode="nearest") >= DEAD_MIN_CHANGES)
+    kind[(kind == 0) & dead] = 3
+    worst = np.where((kind == 2).reshape(-1), ilo, ihi)
+    worst_frame = np.stack([worst // sx, worst % sx], axis=-1).reshape(ky, kx, 2)
+    bad = np.argwhere(kind > 0)
+    found = BadPixels(kind, mean, worst_frame, level)
+    if len(bad) > max_fraction * K:
+        raise TembenchError(f"{method}: {len(bad)} of {K} detector pixels ({100 * len(bad) / K:.1f} % > "
+                            f"{100 * max_fraction:g} %) look defective ({found.describe()}); the detector or the "
+                            "data are broken, or the bad-pixel thresholds do not fit them (bad_pixels: ignore "
+                            "skips the check)")
+    neighbours = []
+    for y, xx in bad:
+        for r in (1, 2):
+            y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, ky), max(xx - r, 0), min(xx + r + 1, kx)
+            ys, xs = np.nonzero(kind[y0:y1, x0:x1] == 0)
+            if len(ys):
+                neighbours.append((int(y), int(xx), ys + y0, xs + x0))
+                break
+        else:
+            raise TembenchError(f"{method}: bad detector pixel (ky={y}, kx={xx}) has no good pixel within 5x5 to be "
+                                f"repaired from ({found.describe()})")
+    return BadPixels(kind, mean, worst_frame, level, True, "", tuple(neighbours))
+
+
+def repair_block(block: np.ndarray, bad: BadPixels) -> np.ndarray:
+    """A copy of (…, k_y, k_x) ``block`` with every bad pixel replaced, frame by frame, by the mean of its
+    good neighbours (3x3, else 5x5); integer data become float64. Returns ``block`` itself if none is bad."""
+    if not bad.neighbours:
+        return block
+    out = np.array(block, dtype=np.result_type(block.dtype, np.float32) if block.dtype.kind == "f" else np.float64)
+    for y, xx, ys, xs in bad.neighbours:
+        out[..., y, xx] = out[..., ys, xs].mean(axis=-1)
+    return out
+
+
+def repaired(x, bad: BadPixels):
+    """Dense data with the bad pixels repaired (a full copy, only when there are any) — for in-RAM users like SSB."""
+    if not bad.neighbours or not isinstance(x, np.ndarray):
+        return x
+    return repair_block(x, bad)
+
+
+def clean_row_chunks(x: np.ndarray, bad: BadPixels | None = None, max_bytes: int = CHUNK_BYTES):
+    """:func:`scan_row_chunks` with the bad pixels repaired in each block."""
+    for r0, r1, block in scan_row_chunks(x, max_bytes):
+        yield r0, r1, (repair_block(block, bad) if bad is not None else block)
+
+
+def expected_disc_radius_px(grid, semiangle_mrad: float | None) -> float | None:
+    if semiangle_mrad is None:
+        return None
+    sy, sx = grid.sampling_mrad
+    return float(semiangle_mrad) / math.sqrt(float(sy) * float(sx))
+
+
+def bad_pixel_check(x, grid, semiangle_mrad: float | None, policy: str, method: str) -> BadPixels | None:
+    """The ``bad_pixels`` parameter of the Pelz reconstructors: ``"repair"`` (detect, repair, report),
+    ``"refuse"`` (detect, raise naming pixel and frame) or ``"ignore"`` (None: no check)."""
+    if policy == "ignore":
+        return None
+    if policy not in ("repair", "refuse"):
+        raise TembenchError(f"{method}: bad_pixels must be 'repair', 'refuse' or 'ignore', got {policy!r}")
+    bad = find_bad_pixels(x, method, expected_disc_radius_px(grid, semiangle_mrad))
+    if policy == "refuse":
+        bad.refuse(method)
+    return bad
 
 
 def check_disc_calibration(x, grid, semiangle_mrad: float, method: str, tolerance: float = 2.0) -> None:

@@ -14,6 +14,13 @@ frequency, is ⟨k⟩(R) = (1/2π) ∫ |P(r − R)|² ∇φ(r) dr, so g = 2π⟨
   so the θ minimising Σ curl² is the smallest eigenvector of [[Σcurl², Σcurl·div], [Σcurl·div,
   Σdiv²]] — exact, no search. The remaining 180° ambiguity is resolved by the sign that makes the
   integrated phase positively skewed (atoms are positive phase peaks on a flatter background).
+- Transpose: a detector read out transposed relative to the scan swaps (k_y, k_x). Then
+  COM_scan = R(θ) T COM_det with T the swap, a reflection: no rotation makes T·∇φ curl-free, so the
+  orientation (T or not) whose best rotation leaves the smaller fraction of curl energy,
+  λ_min / (Σcurl² + Σdiv²), is the right one (py4DSTEM 0.14 compares the minimum curl of both too).
+- Dense data are read a bounded number of scan rows at a time (``common.scan_row_chunks``; a
+  memory-mapped data set is read with pread, so its pages never count in the process's RAM), with
+  bad detector pixels (``common.find_bad_pixels``) repaired frame by frame before the COM.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from tembench import Params, Reconstructor
 from tembench._lazy import lazy_import
 from tembench.backend import fft_workers
 from tembench.errors import TembenchError
-from tembench_pelz2022.common import ACCEPTS, load_4d, phase_image, probe_optics, rotation_matrix, scan_step
+from tembench_pelz2022 import _kernels
+from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, bad_pixel_check, clean_row_chunks, load_4d,
+                                      phase_image, probe_optics, rotation_matrix, scan_step)
 from tembench_pelz2022.eer_ops import center_of_mass
 
 scipy = lazy_import("scipy")  # scipy.fft is imported on first transform (fast start-up)
@@ -40,10 +49,32 @@ def _freqs(shape, step_A):
     return qy, qx
 
 
+def center_of_mass_chunked(x, grid, normalize: str = "frame", bad: BadPixels | None = None, numba: bool | None = None,
+                           max_bytes: int = CHUNK_BYTES):
+    """:func:`eer_ops.center_of_mass` reading dense data a bounded number of scan rows at a time (bad pixels
+    repaired per block); the per-frame sums are the same arithmetic as the whole-array path. Events: as is."""
+    if not isinstance(x, np.ndarray):
+        return center_of_mass(x, grid, normalize=normalize, numba=numba)
+    if normalize not in ("frame", "mean"):
+        raise TembenchError(f"center_of_mass: normalize must be 'frame' or 'mean', got {normalize!r}")
+    sy, sx, ny, nx = x.shape
+    if (ny, nx) != tuple(grid.shape):
+        raise TembenchError(f"detector grid {grid.shape} does not match the data's detector {(ny, nx)}")
+    sums = np.empty((sy * sx, 3), np.float64)
+    for r0, r1, block in clean_row_chunks(x, bad, max_bytes):
+        d3 = block.reshape(-1, ny, nx)
+        if d3.dtype not in (np.float32, np.float64):
+            d3 = d3.astype(np.float64)
+        sums[r0 * sx:r1 * sx] = _kernels.dense_moments(d3, numba=numba)
+    com_y, com_x, counts = _kernels.com_finish(sums, normalize, grid.centre_px, grid.sampling_mrad, numba=numba)
+    return com_y.reshape(sy, sx), com_x.reshape(sy, sx), counts.reshape(sy, sx)
+
+
 def gradient_field(x, grid, wavelength_A: float, normalize: str = "frame", reference: str = "center",
-                   numba: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   numba: bool | None = None, bad: BadPixels | None = None,
+                   max_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Phase gradient (g_y, g_x) in rad/Å in the detector frame from COM of dense data or events."""
-    com_y, com_x, _ = center_of_mass(x, grid, normalize=normalize, numba=numba)
+    com_y, com_x, _ = center_of_mass_chunked(x, grid, normalize, bad, numba, max_bytes)
     if reference == "mean":
         com_y, com_x = com_y - com_y.mean(), com_x - com_x.mean()
     elif reference != "center":
@@ -66,14 +97,50 @@ def curl_div(gy, gx, step_A):
     return curl, div
 
 
-def estimate_rotation_deg(gy, gx, step_A) -> float:
-    """θ in [0°, 180°) minimising the curl of R(θ)·g (closed form; see the module docstring)."""
+def _min_curl(gy, gx, step_A) -> tuple[float, float]:
+    """(θ in [0°, 180°) minimising the curl of R(θ)·g, the curl energy fraction left at that θ)."""
     curl, div = curl_div(gy, gx, step_A)
     # curl of R(θ)g = cos θ · curl + sin θ · div, with θ counter-clockwise in the (x, y) plane
     a, b, d = float((curl * curl).sum()), float((curl * div).sum()), float((div * div).sum())
     w, v = np.linalg.eigh(np.array([[a, b], [b, d]]))
     c, s = v[:, 0]
-    return math.degrees(math.atan2(s, c)) % 180.0
+    frac = float(w[0]) / (a + d) if a + d > 0 else 0.5
+    return math.degrees(math.atan2(s, c)) % 180.0, max(frac, 0.0)
+
+
+def estimate_rotation_deg(gy, gx, step_A) -> float:
+    """θ in [0°, 180°) minimising the curl of R(θ)·g (closed form; see the module docstring)."""
+    return _min_curl(gy, gx, step_A)[0]
+
+
+def _curl_fraction_at(gy, gx, step_A, rotation_deg: float) -> float:
+    curl, div = curl_div(*rotate_field(gy, gx, rotation_deg), step_A)
+    a, d = float((curl * curl).sum()), float((div * div).sum())
+    return a / (a + d) if a + d > 0 else 0.5
+
+
+def _oriented(gy, gx, transpose: bool):
+    return (gx, gy) if transpose else (gy, gx)
+
+
+def estimate_orientation(gy, gx, step_A, rotation_deg: float | None = None, transpose: bool | None = None) -> dict:
+    """Scan–detector orientation from the COM field: ``{"rotation_deg", "transpose", "curl_fraction": {…}}``.
+
+    For each transpose option (or the given one): the rotation of minimum curl (or the given rotation)
+    and the fraction of curl energy it leaves; the option with the smaller fraction wins. The 180°
+    branch is resolved afterwards (:func:`resolve_orientation`).
+    """
+    options = (False, True) if transpose is None else (bool(transpose),)
+    found = {}
+    for t in options:
+        fy, fx = _oriented(gy, gx, t)
+        if rotation_deg is None:
+            found[t] = _min_curl(fy, fx, step_A)
+        else:
+            found[t] = (float(rotation_deg), _curl_fraction_at(fy, fx, step_A, rotation_deg))
+    best = min(options, key=lambda t: found[t][1])
+    return {"rotation_deg": found[best][0], "transpose": best,
+            "curl_fraction": {("transposed" if t else "as_read"): found[t][1] for t in options}}
 
 
 def icom(gy, gx, step_A, padding_factor: float = 1.0) -> np.ndarray:
@@ -167,23 +234,37 @@ def _skew(a) -> float:
     return float((a ** 3).mean() / s ** 3) if s > 0 else 0.0
 
 
-def resolve_rotation(gy, gx, step_A, rotation_deg: float | None):
-    """(rotation θ in degrees, rotated gy, gx); None → curl estimate + positive-skew branch."""
+def resolve_orientation(gy, gx, step_A, rotation_deg: float | None, transpose: bool | None = False) -> dict:
+    """Orientation (given, or estimated: minimum curl, transpose by the smaller curl fraction, 180°
+    branch by positive skew of the integrated phase) and the field in the scan frame: a dict with
+    ``rotation_deg``, ``transpose``, ``curl_fraction`` and ``gy``, ``gx`` (rotated)."""
+    if rotation_deg is not None and transpose is None:
+        transpose = False  # a given rotation is a calibration: the transpose is estimated only with the rotation
+    est = estimate_orientation(gy, gx, step_A, rotation_deg, transpose)
+    fy, fx = _oriented(gy, gx, est["transpose"])
     if rotation_deg is not None:
-        ry, rx = rotate_field(gy, gx, rotation_deg)
-        return float(rotation_deg), ry, rx
-    theta = estimate_rotation_deg(gy, gx, step_A)
+        ry, rx = rotate_field(fy, fx, rotation_deg)
+        return {**est, "rotation_deg": float(rotation_deg), "gy": ry, "gx": rx}
     best = None
-    for t in (theta, theta + 180.0):
-        ry, rx = rotate_field(gy, gx, t)
+    for t in (est["rotation_deg"], est["rotation_deg"] + 180.0):
+        ry, rx = rotate_field(fy, fx, t)
         sk = _skew(icom(ry, rx, step_A))
         if best is None or sk > best[0]:
             best = (sk, t % 360.0, ry, rx)
-    return best[1], best[2], best[3]
+    return {**est, "rotation_deg": best[1], "gy": best[2], "gx": best[3]}
+
+
+def resolve_rotation(gy, gx, step_A, rotation_deg: float | None, transpose: bool | None = False):
+    """(rotation θ in degrees, rotated gy, gx); None → curl estimate + positive-skew branch (no transpose
+    unless asked: ``transpose=None`` estimates it too, see :func:`resolve_orientation`)."""
+    o = resolve_orientation(gy, gx, step_A, rotation_deg, transpose)
+    return o["rotation_deg"], o["gy"], o["gx"]
 
 
 class _COMParams(Params):
-    rotation_deg: float | None = Field(None, ge=-360, le=360, description="detector rotation vs scan (deg, COM_scan = R(θ) COM_det); None (default) = estimate by minimum curl, 180° branch by positive phase skew. Sign: ours = −py4DSTEM's (measured +16.93° vs −17.0° on the same data)")
+    rotation_deg: float | None = Field(None, ge=-360, le=360, description="detector rotation vs scan (deg, COM_scan = R(θ) T COM_det); None (default) = estimate by minimum curl, 180° branch by positive phase skew. Sign: ours = −py4DSTEM's (measured +16.93° vs −17.0° on the same data)")
+    transpose: bool | None = Field(None, description="detector read out transposed vs the scan (T swaps k_y, k_x before the rotation); None (default) = estimate with the rotation (the orientation whose best rotation leaves less curl); with rotation_deg given, None = False")
+    bad_pixels: Literal["repair", "refuse", "ignore"] = Field("repair", description="hot / negative / dead detector pixels (found over the whole scan, thresholds in docs/pelz2022.md): repair = replace by the mean of good neighbours in every frame and report in extras; refuse = error naming pixel and frame; ignore = no check")
     normalize: Literal["frame", "mean"] = Field("frame", description="COM denominator: each pattern's counts, or the mean counts (linear; better below ~1 e/pattern)")
     reference: Literal["center", "mean"] = Field("center", description="COM origin: the detector centre, or the mean COM of the scan (removes descan / a uniform field)")
     padding_factor: float = Field(1.0, ge=1.0, le=4.0, description="zero-pad the scan by this factor before integration (1 = periodic)")
@@ -191,13 +272,17 @@ class _COMParams(Params):
 
 
 def _gradients(self, measurement, params):
+    """(gy, gx in the scan frame, scan step, extras: orientation estimate and bad-pixel report)."""
     x, grid = load_4d(measurement, self.name)
     g = measurement.geometry
     opt = probe_optics(g, self.name)
-    gy, gx = gradient_field(x, grid, opt.wavelength_A, params.normalize, params.reference, params.numba)
+    bad = bad_pixel_check(x, grid, opt.semiangle_mrad, params.bad_pixels, self.name)
+    gy, gx = gradient_field(x, grid, opt.wavelength_A, params.normalize, params.reference, params.numba, bad)
     step = scan_step(g, self.name)
-    theta, gy, gx = resolve_rotation(gy, gx, step, params.rotation_deg)
-    return gy, gx, step, theta
+    o = resolve_orientation(gy, gx, step, params.rotation_deg, params.transpose)
+    extras = {"rotation_deg": o["rotation_deg"], "transpose": o["transpose"], "curl_fraction": o["curl_fraction"],
+              **(bad.report() if bad is not None else {})}
+    return o["gy"], o["gx"], step, extras
 
 
 class ICOM(Reconstructor):
@@ -210,15 +295,15 @@ class ICOM(Reconstructor):
     name = "icom"
     accepts = ACCEPTS
     produces = "image"
-    version = "2"
+    version = "3"
 
     class Params(_COMParams):
         pass
 
     def reconstruct(self, measurement, params, xp):
-        gy, gx, step, theta = _gradients(self, measurement, params)
+        gy, gx, step, extras = _gradients(self, measurement, params)
         phase = icom(gy, gx, step, params.padding_factor)
-        return phase_image(phase, measurement.geometry, self.name, rotation_deg=theta)
+        return phase_image(phase, measurement.geometry, self.name, **extras)
 
 
 class DPC(Reconstructor):
@@ -231,7 +316,7 @@ class DPC(Reconstructor):
     name = "dpc"
     accepts = ACCEPTS
     produces = "image"
-    version = "2"
+    version = "3"
 
     class Params(_COMParams):
         step_size: float = Field(0.5, gt=0, le=1.0, description="gradient step μ (paper: 0.5)")
@@ -242,9 +327,9 @@ class DPC(Reconstructor):
         tol: float = Field(1e-6, gt=0, description="stop when the relative update is below this")
 
     def reconstruct(self, measurement, params, xp):
-        gy, gx, step, theta = _gradients(self, measurement, params)
+        gy, gx, step, extras = _gradients(self, measurement, params)
         phase, hist = iterative_dpc(gy, gx, step, params.step_size, params.n_iter, params.lambda1_per_A2,
                                     params.lambda2_A2, params.padding_factor, params.tol)
-        rec = phase_image(phase, measurement.geometry, self.name, rotation_deg=theta)
+        rec = phase_image(phase, measurement.geometry, self.name, **extras)
         rec.history["residual"] = hist
         return rec

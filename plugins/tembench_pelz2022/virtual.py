@@ -9,7 +9,8 @@ from pydantic import Field
 
 from tembench import Params, Reconstruction, Reconstructor
 from tembench.errors import TembenchError
-from tembench_pelz2022.common import ACCEPTS, load_4d, scan_origin, scan_step
+from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, bad_pixel_check, clean_row_chunks, load_4d,
+                                      scan_origin, scan_step)
 from tembench_pelz2022.eer_ops import annular_mask, detector_response
 
 # inner, outer in units of the convergence semiangle α (HAADF outer: the detector edge)
@@ -28,6 +29,21 @@ def detector_angles(kind: str, semiangle_mrad: float, inner_mrad: float | None, 
     return float(inner), float(outer)
 
 
+def detector_image(x, mask: np.ndarray, bad: BadPixels | None = None, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
+    """Σ_k I(k, R)·w(k) per probe position: events as they are (O(C)); dense data a bounded number of scan
+    rows at a time (a memory-mapped data set is read with pread, not paged into RAM), bad pixels repaired."""
+    if not isinstance(x, np.ndarray):
+        return detector_response(x, mask)
+    sy, sx = x.shape[:2]
+    out = None
+    for r0, r1, block in clean_row_chunks(x, bad, max_bytes):
+        part = detector_response(block, mask)
+        if out is None:
+            out = np.empty((sy, sx), dtype=part.dtype)
+        out[r0:r1] = part
+    return out
+
+
 class VirtualDetector(Reconstructor):
     """Virtual annular detector image: Σ counts with inner ≤ θ < outer (O(C) on electron events).
 
@@ -41,13 +57,14 @@ class VirtualDetector(Reconstructor):
     name = "virtual_detector"
     accepts = ACCEPTS
     produces = "image"
-    version = "1"
+    version = "2"
 
     class Params(Params):
         detector: Literal["bf", "abf", "adf", "haadf"] = Field("adf", description="preset annulus")
         inner_mrad: float | None = Field(None, ge=0, description="inner angle (mrad), overrides the preset")
         outer_mrad: float | None = Field(None, gt=0, description="outer angle (mrad), overrides the preset")
         score_as_phase: bool = Field(False, description="label the image quantity phase_rad for NCC scoring against σV")
+        bad_pixels: Literal["repair", "refuse", "ignore"] = Field("repair", description="hot / negative / dead detector pixels (found over the whole scan, thresholds in docs/pelz2022.md): repair = replace by the mean of good neighbours in every frame and report in extras; refuse = error naming pixel and frame; ignore = no check")
 
     def reconstruct(self, measurement, params, xp):
         x, grid = load_4d(measurement, self.name)
@@ -58,7 +75,9 @@ class VirtualDetector(Reconstructor):
         inner, outer = detector_angles(params.detector, g.semiangle_mrad or 0.0, params.inner_mrad,
                                        params.outer_mrad, max_mrad)
         mask = annular_mask(grid, inner, outer)
-        image = detector_response(x, mask).astype(np.float32)
+        bad = bad_pixel_check(x, grid, g.semiangle_mrad, params.bad_pixels, self.name)
+        image = detector_image(x, mask, bad).astype(np.float32)
         return Reconstruction(kind="image", data=image, sampling_A=scan_step(g, self.name),
                               quantity="phase_rad" if params.score_as_phase else "intensity",
-                              origin_A=scan_origin(g), extras={"inner_mrad": inner, "outer_mrad": outer})
+                              origin_A=scan_origin(g), extras={"inner_mrad": inner, "outer_mrad": outer,
+                                                               **(bad.report() if bad is not None else {})})
