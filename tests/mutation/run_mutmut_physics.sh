@@ -9,6 +9,7 @@
 #   bash tests/mutation/run_mutmut_physics.sh extra            # multislice.py stem.py + Ren prox.py model.py
 #   MUTMUT_ONLY=optics bash tests/mutation/run_mutmut_physics.sh physics     # one module of a group
 #   MUTMUT_PATTERNS='*spatial_envelope*' bash tests/mutation/run_mutmut_physics.sh physics  # some functions
+#   MUTMUT_REV=HEAD bash tests/mutation/run_mutmut_physics.sh extra   # the committed version, not the working tree
 #   MUTMUT_ONLY=common MUTMUT_TESTS='tests/plugins/pelz2022/test_pelz_energy_geometry.py ...' \
 #       bash tests/mutation/run_mutmut_physics.sh reconstructors   # a narrower (faster, weaker) selection
 #
@@ -32,7 +33,8 @@
 # unusual exit code of the forked test run, seen with numba in a forked child) are re-run in a
 # fresh process and get the verdict of that run. The per-module summary is printed at the end
 # and kept in <workdir>/summary.txt, every verdict in results.txt, and one line per survivor
-# (original || mutated) in survivors.diff. Delete the scratch folder when done:
+# (original || mutated) in survivors.diff. New tests are checked against the survivors without a
+# second run by tests/mutation/recheck.py (see there). Delete the scratch folder when done:
 # rm -rf /tmp/tembench_mutmut_physics
 set -euo pipefail
 GROUP=${1:-physics}
@@ -59,7 +61,7 @@ case "$GROUP" in
   potentials)
     modules=($P/potentials.py $P/rotation.py)
     tests=($T/test_potentials.py $T/test_scattering_factors.py $T/test_rotation_coherence.py
-           $T/test_fast_paths.py $T/test_forward_multislice.py $T/test_stem.py $T/test_physics_mutation_gaps.py
+           $T/test_fast_potential.py $T/test_physics_v2.py $T/test_fast_paths.py $T/test_forward_multislice.py $T/test_stem.py $T/test_physics_mutation_gaps.py
            --deselect=$T/test_fast_paths.py::test_wisdom_planner_gives_the_same_bits_in_every_process
            --deselect=$T/test_stem.py::test_patterns_match_abtem) ;;
   extra)
@@ -74,10 +76,22 @@ if [[ -n "${MUTMUT_TESTS:-}" ]]; then read -r -a tests <<< "$MUTMUT_TESTS"; fi
 case "$BASE" in "$ROOT"|"$ROOT"/*) echo "MUTMUT_WORKDIR must be outside the checkout" >&2; exit 2;; esac
 rm -rf "$WORK"
 mkdir -p "$WORK/src"
-cp -r "$ROOT/platform/tembench" "$WORK/src/tembench"
-for pkg in "$ROOT"/plugins/tembench_*/; do cp -r "$pkg" "$WORK/src/"; done
-cp -r "$ROOT/tests" "$WORK/tests"
-cp -r "$ROOT/scenarios" "$WORK/scenarios"
+# MUTMUT_REV=<commit>: mutate and test that commit (git archive) instead of the working tree, e.g.
+# while someone else edits a file; the commit is recorded in $WORK/source.txt
+SRC=$ROOT
+if [[ -n "${MUTMUT_REV:-}" ]]; then
+  SRC=$WORK/.rev
+  mkdir -p "$SRC"
+  git -C "$ROOT" archive "$MUTMUT_REV" platform plugins tests scenarios | tar -x -C "$SRC"
+  echo "commit $(git -C "$ROOT" rev-parse "$MUTMUT_REV")" > "$WORK/source.txt"
+else
+  echo "working tree of $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo '?') (uncommitted edits included)" > "$WORK/source.txt"
+fi
+cp -r "$SRC/platform/tembench" "$WORK/src/tembench"
+for pkg in "$SRC"/plugins/tembench_*/; do cp -r "$pkg" "$WORK/src/"; done
+cp -r "$SRC/tests" "$WORK/tests"
+cp -r "$SRC/scenarios" "$WORK/scenarios"
+rm -rf "$WORK/.rev"
 find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$WORK/tests/mutation"
 # pytest settings (markers, addopts) without the packaging sections
@@ -142,35 +156,7 @@ open("results.txt", "w").write("\n".join(out) + "\n")
 PY
 
 # one line per survivor, read from the mutated sources: "name [verdict]: - original || + mutated"
-python - <<'PY' > survivors.diff
-import ast, difflib, re
-from pathlib import Path
-cache = {}
-def functions(mod):
-    if mod not in cache:
-        src = (Path("mutants/src") / (mod.replace(".", "/") + ".py")).read_text()
-        lines = src.splitlines()
-        cache[mod] = {n.name: lines[n.lineno - 1:n.end_lineno]
-                      for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and "__mutmut_" in n.name}
-    return cache[mod]
-for line in open("results.txt"):
-    m = re.match(r"\s*(\S+): (survived|no tests|suspicious)$", line)
-    if not m:
-        continue
-    mod, fn = re.match(r"(.+?)\.(x[_ǁ].*)$", m.group(1)).groups()
-    f = functions(mod)
-    a, b = f.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", fn)), f.get(fn)
-    if a is None or b is None:  # methods: defined in the class under their own name
-        fn = fn.split("ǁ")[-1]
-        a, b = f.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", fn)), f.get(fn)
-    if a is None or b is None:
-        print(f"{m.group(1)} [{m.group(2)}]: (source not found)")
-        continue
-    a = [re.sub(r"\S*__mutmut_orig", "f", a[0])] + a[1:]
-    b = [re.sub(r"\S*__mutmut_\d+", "f", b[0])] + b[1:]
-    d = [x.strip() for x in difflib.unified_diff(a, b, lineterm="", n=0) if x[:1] in "+-" and x[:3] not in ("+++", "---")]
-    print(f"{m.group(1)} [{m.group(2)}]: " + " || ".join(d))
-PY
+python "$ROOT/tests/mutation/survivors.py" results.txt > survivors.diff
 
 python - <<'PY' | tee summary.txt
 import collections, re

@@ -548,3 +548,175 @@ def test_transmission_gradient_of_a_complex_potential_keeps_the_imaginary_part()
     g_real = M.transmission_gradient(w, t, sigma)
     assert np.isrealobj(g_real) or np.all(np.imag(g_real) == 0)
     np.testing.assert_allclose(np.real(g_real), g.real)
+
+
+# ------------------------------------------------------------- potentials: guards and the method rule
+
+def test_projected_potential_memory_guard_is_the_output_stack_plus_three_complex_planes():
+    """The up-front estimate of :func:`projected_potential` is the float32 output (n_slices·ny·nx·4 B)
+    plus three complex64 work planes (3·ny·nx·8 B); a limit of exactly that passes, one byte less
+    raises (before anything is allocated), and the message states both sizes in GiB."""
+    from tembench.errors import ResourceError
+    from tembench.physics.potentials import projected_potential
+
+    g, n = (6, 10), 3
+    need = n * g[0] * g[1] * 4 + 3 * g[0] * g[1] * 8
+    kw = dict(gpts=g, sampling_A=0.4, slice_thickness_A=1.0, z_range_A=(0.0, 3.0))
+    v = projected_potential([[1.0, 1.0, 0.5]], [6], max_bytes=need, **kw)
+    assert v.shape == (n,) + g
+    with pytest.raises(ResourceError):
+        projected_potential([[1.0, 1.0, 0.5]], [6], max_bytes=need - 1, **kw)
+    # a large grid: refused up front (nothing allocated), 4·2¹⁴·2¹⁴·4 B + 3·2¹⁴·2¹⁴·8 B = 10 GiB
+    with pytest.raises(ResourceError, match=r"4 slices x 16384x16384 needs 10\.00 GiB > limit 1\.50 GiB"):
+        projected_potential([[1.0, 1.0, 0.5]], [6], gpts=2**14, sampling_A=0.1, slice_thickness_A=1.0,
+                            z_range_A=(0.0, 4.0), max_bytes=int(1.5 * 2**30))
+
+
+def test_potential_volume_memory_guard_is_the_padded_complex_spectrum_twice_plus_the_output():
+    """:func:`potential_volume` pads z by ⌈5 Å / s⌉ voxels on each side to an FFT-friendly nzp and
+    estimates 2 complex64 volumes of nzp·ny·nx plus the float32 output nz·ny·nx."""
+    from types import SimpleNamespace
+
+    from tembench.errors import ResourceError
+    from tembench.physics.potentials import potential_volume
+
+    s = 0.5
+    sample = SimpleNamespace(cell_A=(3.0, 4.0, 2.0), positions_A=np.array([[1.5, 2.0, 1.0]]), numbers=np.array([8]))
+    nx, ny, nz = 6, 8, 4
+    pad = 10                        # ⌈5 / 0.5⌉
+    nzp = 24                        # 4 + 2·10 = 24 = 2³·3 is already FFT-friendly
+    need = nzp * ny * nx * 8 * 2 + nz * ny * nx * 4
+    vol = potential_volume(sample, s, max_bytes=need)
+    assert vol.shape == (nz, ny, nx) and vol.dtype == np.float32
+    with pytest.raises(ResourceError, match=r"4x8x6 \(padded 24 in z\)"):
+        potential_volume(sample, s, max_bytes=need - 1)
+    assert pad == math.ceil(5.0 / s)
+    big = SimpleNamespace(cell_A=(1024.0, 1024.0, 10.0), positions_A=np.zeros((1, 3)), numbers=np.array([8]))
+    # 0.5 Å: 2048² × 20 voxels, nzp = fft_friendly(40) = 40: 2·40·2048²·8 B + 20·2048²·4 B = 2.5 + 0.3125 GiB
+    with pytest.raises(ResourceError, match=r"needs 2\.81 GiB > limit 1\.00 GiB"):
+        potential_volume(big, s, max_bytes=2**30)
+    with pytest.raises(TembenchError, match="sampling_A"):
+        potential_volume(sample, 0.0)
+
+
+def test_choose_method_follows_its_documented_cost_rule():
+    """The docstring's rule, written out: exact ≈ 1 ns·atoms·ny·(nx//2 + 1); spread ≈ 150 ns·atoms +
+    0.3 ns·slices·max(1, elements)·My·Mx·log2(My·Mx) on the oversampled My × Mx grid; "spread" iff the
+    exact estimate exceeds both the spread estimate and 20 ms; "exact" without atoms or off the CPU."""
+    from tembench.physics import _spread as S
+    from tembench.physics.potentials import choose_method
+
+    def rule(n_atoms, gpts, n_slices, n_elements):
+        ny, nx = gpts
+        my, mx = S.oversampled_size(ny), S.oversampled_size(nx)
+        exact = 1.0 * n_atoms * ny * (nx // 2 + 1)
+        spread = 150.0 * n_atoms + 0.3 * n_slices * max(1, n_elements) * my * mx * math.log2(max(2, my * mx))
+        return "spread" if exact > max(spread, 20e6) else "exact"
+
+    assert choose_method(41472, (256, 256), 98, 1) == "spread"     # the docstring's frozen-phonon Si block
+    assert choose_method(288, (96, 96), 4, 1) == "exact"           # its 3×3×4-cell crystal
+    assert choose_method(0, (512, 512), 10, 1) == "exact"
+    assert choose_method(10**6, (512, 512), 1, 1, xp=object()) == "exact"   # not numpy: exact
+    cases = [(a, (ny, nx), s, e) for a in (100, 2000, 3000, 20000, 300000) for ny, nx in ((64, 64), (128, 96), (256, 250))
+             for s in (1, 20, 200) for e in (0, 1, 3)]
+    got = [choose_method(a, g, s, e) for a, g, s, e in cases]
+    assert got == [rule(*c) for c in cases]
+    assert {"spread", "exact"} <= set(got)   # the grid crosses the boundary
+    # near the boundary in each variable: the rule's constants and comparisons are pinned
+    for a in range(1, 40000, 997):
+        for s in (1, 5, 50):
+            assert choose_method(a, (160, 160), s, 2) == rule(a, (160, 160), s, 2)
+
+
+@pytest.mark.parametrize("parametrization", ["lobato", "kirkland"])
+def test_projected_scattering_kernel_times_the_structure_factor_is_the_projected_potential(parametrization):
+    """Public kernel K·f_e(|q|)/(sy·sx), float32: on an odd grid (no Nyquist ambiguity) ifft2(kernel · S),
+    S = Σ_j exp(−2πi q·r_j) written out here, equals :func:`projected_potential` of the same atoms, and
+    its q = 0 value is K·f_e(0)/(sy·sx) from the scattering factor."""
+    from tembench.physics.constants import SCATTERING_FACTOR_TO_POTENTIAL_V_A2 as K
+    from tembench.physics.potentials import projected_potential, projected_scattering_kernel, scattering_factor
+
+    g, s = (15, 21), (0.31, 0.27)
+    ker = projected_scattering_kernel(14, g, s, parametrization)
+    assert ker.dtype == np.float32 and ker.shape == g
+    assert ker[0, 0] == pytest.approx(K * scattering_factor(14, 0.0, parametrization) / (s[0] * s[1]), rel=1e-6)
+    ky = np.fft.fftfreq(g[0], d=s[0])[:, None]
+    kx = np.fft.fftfreq(g[1], d=s[1])[None, :]
+    pos = np.array([[1.3, 2.2, 0.0], [4.1, 0.7, 0.3]])   # (x, y, z)
+    S = sum(np.exp(-2j * np.pi * (ky * y + kx * x)) for x, y, _ in pos)
+    v = np.fft.ifft2(ker * S).real
+    ref = projected_potential(pos, [14, 14], gpts=g, sampling_A=s, parametrization=parametrization)[0]
+    np.testing.assert_allclose(v, ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_potential_volume_does_not_wrap_along_z_and_projects_to_the_projected_potential():
+    """Along z the volume is padded so tails do not wrap: the voxels of a cell do not change when empty
+    space is added above it (a 12 Å and a 27.5 Å cell agree on their common 24 voxels); and, as
+    documented, Σ_z V·s is the projected potential of the same atoms (odd lateral grids: no Nyquist)."""
+    from tembench.physics.potentials import potential_volume, projected_potential
+    from tembench.types import Sample
+
+    s = 0.5
+    pos = np.array([[2.0, 2.6, 1.5], [3.1, 0.9, 2.0]])
+    for Z in (6, 14):
+        a = potential_volume(Sample(pos, [Z, Z], (4.5, 4.5, 12.0)), s)
+        b = potential_volume(Sample(pos, [Z, Z], (4.5, 4.5, 27.5)), s)
+        assert a.shape == (24, 9, 9) and b.shape == (55, 9, 9)
+        np.testing.assert_allclose(a, b[:24], atol=1e-3 * a.max())
+    mid = pos + [0.0, 0.0, 4.5]   # well inside a 12 Å cell: the tails beyond its faces are negligible
+    vol = potential_volume(Sample(mid, [14, 8], (4.5, 4.0, 12.0)), s)
+    assert vol.shape == (24, 8, 9)
+    proj = projected_potential(mid, [14, 8], gpts=(8, 9), sampling_A=s)[0]
+    np.testing.assert_allclose(vol.sum(axis=0) * s, proj, atol=2e-3 * proj.max())
+
+
+def test_sliced_potential_passes_every_option_to_projected_potential():
+    """sliced_potential(sample, ...) is projected_potential over z ∈ [0, cell_z) with the same options:
+    parametrisation, frozen-phonon displacements (same rng stream), band limit — each option changes the
+    result, so one silently dropped fails."""
+    from tembench.physics.potentials import projected_potential, sliced_potential
+    from tembench.types import Sample
+
+    pos = np.array([[1.0, 1.2, 0.4], [2.5, 2.0, 1.7], [0.6, 2.9, 2.6]])
+    sample = Sample(pos, [14, 8, 79], (3.3, 3.6, 3.1))
+    kw = dict(gpts=(12, 11), sampling_A=(0.3, 0.3), slice_thickness_A=1.0)
+    opts = dict(parametrization="kirkland", rms_displacement_A=0.1, band_limit=0.5)
+    v, dz = sliced_potential(sample, rng=np.random.default_rng(7), **kw, **opts)
+    np.testing.assert_allclose(dz, [1.0, 1.0, 1.0, 0.1], atol=1e-12)
+    ref = projected_potential(pos, sample.numbers, z_range_A=(0.0, 3.1), rng=np.random.default_rng(7), **kw, **opts)
+    np.testing.assert_array_equal(v, ref)
+    plain, _ = sliced_potential(sample, **kw)
+    for name in opts:   # each option on its own changes the potential
+        one = {k: val for k, val in opts.items() if k == name}
+        w, _ = sliced_potential(sample, rng=np.random.default_rng(7), **kw, **one)
+        assert np.abs(w - plain).max() > 2e-4 * np.abs(plain).max(), name   # kirkland vs lobato: 8e-4
+
+
+def test_structure_factors_are_the_same_in_one_chunk_and_in_many(monkeypatch):
+    """Chunked matrix products sum every chunk: with a work budget small enough for a few atoms per
+    chunk, the 2D/3D structure factors equal Σ_j exp(−2πi k·r_j) written out, and the projected
+    potential (both packing paths) equals the one computed in a single chunk."""
+    from tembench.physics import potentials as P
+
+    rng = np.random.default_rng(11)
+    ky, kx, kz = np.fft.fftfreq(10, 0.4), np.fft.fftfreq(10, 0.35), np.fft.fftfreq(6, 0.5)
+    yx = rng.uniform(0, 4, (9, 2))
+    xyz = rng.uniform(0, 3, (9, 3))
+    s2 = np.exp(-2j * np.pi * (ky[None, :, None] * yx[:, 0, None, None] + kx[None, None, :] * yx[:, 1, None, None])).sum(0)
+    s3 = np.exp(-2j * np.pi * (kz[None, :, None, None] * xyz[:, 2, None, None, None]
+                               + ky[None, None, :, None] * xyz[:, 1, None, None, None]
+                               + kx[None, None, None, :] * xyz[:, 0, None, None, None])).sum(0)
+    pos = np.column_stack([rng.uniform(0, 4, 30), rng.uniform(0, 4, 30), np.repeat([0.5, 1.5, 2.5], 10)])
+    kw = dict(gpts=(12, 12), sampling_A=0.35, slice_thickness_A=1.0, z_range_A=(0.0, 3.0))
+    whole = P.projected_potential(pos, [6] * 30, **kw)
+    lone = P.projected_potential(np.vstack([pos, [[1.0, 1.0, 3.5]] * 40]), [6] * 30 + [8] * 40,
+                                 **dict(kw, z_range_A=(0.0, 4.0)))   # 40 atoms in one slice: slice-by-slice path
+    monkeypatch.setattr(P, "_CHUNK_BYTES", 8 * 3 * (10 + 10) + 8)   # 3 atoms per 2D chunk
+    np.testing.assert_allclose(P._structure_factor_2d(yx, ky, kx, np), s2, atol=2e-5)
+    monkeypatch.setattr(P, "_CHUNK_BYTES", 8 * 2 * (6 * 10 + 10))   # 2 atoms per 3D chunk
+    np.testing.assert_allclose(P._structure_factor_3d(xyz, kz, ky, kx, np), s3, atol=3e-5)
+    monkeypatch.setattr(P, "_CHUNK_BYTES", 8 * 4 * (7 + 7))        # 4 atoms per chunk of a slice
+    np.testing.assert_allclose(P.projected_potential(pos, [6] * 30, **kw), whole, atol=1e-4 * whole.max())
+    lone2 = P.projected_potential(np.vstack([pos, [[1.0, 1.0, 3.5]] * 40]), [6] * 30 + [8] * 40,
+                                  **dict(kw, z_range_A=(0.0, 4.0)))
+    np.testing.assert_allclose(lone2, lone, atol=1e-4 * lone.max())

@@ -1,0 +1,119 @@
+"""Re-run the survivors of a finished mutmut run against new or changed test files.
+
+After a run of run_mutmut_physics.sh, new tests written to kill survivors are checked without a
+second full run (which would also re-run every killed mutant):
+
+    python tests/mutation/recheck.py /tmp/tembench_mutmut_physics/potentials \\
+        tests/physics/test_physics_mutation_gaps.py [more test files] [--only 'GLOB' ...]
+
+The given test files are copied from this checkout into <workdir>/mutants/tests/ (the same relative
+paths), then every mutant that results.txt lists as "survived" or "no tests" (optionally only those
+whose name matches a --only glob) is activated (MUTANT_UNDER_TEST, as mutmut does) and the files'
+tests are run in a forked child of a process that imported tembench once: exit 1 (a test failed)
+= killed, 0 = still survived, a run over --timeout s = timeout (counts as killed, as in mutmut),
+anything else (collection error ...) = error. Verdicts go to <workdir>/recheck.txt (one line per
+mutant, "name: verdict") and the per-module table (mutants, killed, survived, score) counting the
+original verdicts of results.txt with the rechecked ones replaced is printed and kept in
+<workdir>/summary_rechecked.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workdir")
+    ap.add_argument("tests", nargs="+")
+    ap.add_argument("--only", action="append", default=[])
+    ap.add_argument("--timeout", type=float, default=60.0)
+    args = ap.parse_args()
+    work = Path(args.workdir).resolve()
+    mutants = work / "mutants"
+    for t in args.tests:
+        src = ROOT / t.split("::")[0]
+        dst = mutants / t.split("::")[0]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+
+    results = {}
+    for line in (work / "results.txt").read_text().splitlines():
+        m = re.match(r"\s*(\S+): (\w[\w ]*)$", line)
+        if m:
+            results[m.group(1)] = m.group(2).strip()
+    previous = {}
+    rc_file = work / "recheck.txt"
+    if rc_file.exists():  # earlier rechecks: their verdicts stand, their survivors are tried again
+        for line in rc_file.read_text().splitlines():
+            name, _, verdict = line.partition(": ")
+            previous[name] = verdict
+    todo = [n for n, v in results.items()
+            if previous.get(n, v) in ("survived", "no tests", "error")
+            and (not args.only or any(fnmatch.fnmatch(n, g) for g in args.only))]
+
+    os.chdir(mutants)
+    sys.path.insert(0, str(mutants / "src"))
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    import numpy  # noqa: F401  (imported once; every child inherits it)
+    import pytest
+    import tembench  # noqa: F401
+    import tembench.physics  # noqa: F401
+    assert tembench.__file__.startswith(str(mutants / "src")), tembench.__file__
+
+    verdicts = dict(previous)
+    t0 = time.time()
+    for i, name in enumerate(todo):
+        pid = os.fork()
+        if pid == 0:
+            os.environ["MUTANT_UNDER_TEST"] = name
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args.tests])
+            os._exit(int(rc))
+        deadline = time.time() + args.timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                rc = os.waitstatus_to_exitcode(status)
+                verdict = {0: "survived", 1: "killed"}.get(rc, f"error")
+                break
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                verdict = "timeout"
+                break
+            time.sleep(0.02)
+        verdicts[name] = verdict
+        print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f} s] {name}: {verdict}", flush=True)
+    rc_file.write_text("".join(f"{n}: {v}\n" for n, v in sorted(verdicts.items())))
+
+    per = collections.defaultdict(collections.Counter)
+    for name, v in results.items():
+        mod = re.match(r"(\S+?)\.x[ǁ_]", name)
+        if mod:
+            per[mod.group(1)][verdicts.get(name, v)] += 1
+    lines = []
+    for mod, c in sorted(per.items()):
+        total = sum(c.values())
+        killed = c["killed"] + c["timeout"] + c["segfault"]
+        lines.append(f"{mod:40s} {dict(c)}  score {killed}/{total} = {100 * killed / max(total, 1):.1f} %")
+    text = "\n".join(lines) + "\n"
+    (work / "summary_rechecked.txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

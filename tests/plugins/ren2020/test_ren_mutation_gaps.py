@@ -1,0 +1,96 @@
+"""Gaps in the Ren 2020 plugin's tests found by mutation testing of prox.py and model.py (issue 18 part 6,
+tests/mutation/run_mutmut_physics.sh extra). Each test checks a closed form or a documented definition
+written out here, never the current output of the function under test. Fast and deterministic."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tembench.errors import TembenchError
+from tembench.physics.constants import interaction_constant
+from tembench_ren2020 import model as M
+from tembench_ren2020 import prox as P
+
+
+def _volume(seed=0, shape=(4, 5, 6)):
+    return np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+
+
+def test_apply_prox_dispatches_to_the_closed_forms_with_positivity_by_default():
+    x, lam = _volume(), 0.3
+    # "none": Table 1's "Positive" row is the projection onto v >= 0 (the default); without it, a copy
+    np.testing.assert_array_equal(P.apply_prox(x, "none", lam), np.maximum(x, 0))
+    plain = P.apply_prox(x, "none", lam, positivity=False)
+    np.testing.assert_array_equal(plain, x)
+    assert plain is not x
+    # LASSO: max(x − λ, 0) with positivity (default), soft threshold sign(x)·max(|x| − λ, 0) without
+    np.testing.assert_allclose(P.apply_prox(x, "lasso", lam), np.maximum(x - lam, 0), atol=1e-7)
+    np.testing.assert_allclose(P.apply_prox(x, "lasso", lam, positivity=False),
+                               np.sign(x) * np.maximum(np.abs(x) - lam, 0), atol=1e-7)
+    # TV: Ren's 15 FGP iterations by default, the given count otherwise, the positivity flag passed on
+    np.testing.assert_array_equal(P.apply_prox(x, "tv", lam), P.prox_tv(x, lam, n_iter=15, positivity=True))
+    np.testing.assert_array_equal(P.apply_prox(x, "tv", lam, positivity=False, tv_iterations=3),
+                                  P.prox_tv(x, lam, n_iter=3, positivity=False))
+    assert (P.apply_prox(x, "tv", lam, positivity=False) < 0).any()
+    assert not np.array_equal(P.prox_tv(x, lam, n_iter=15), P.prox_tv(x, lam, n_iter=16))
+    with pytest.raises(TembenchError, match="regularizer"):
+        P.apply_prox(x, "TV", lam)
+
+
+def test_prox_lasso_and_positivity_write_into_out_and_default_to_positivity():
+    x, lam = _volume(1), 0.25
+    np.testing.assert_allclose(P.prox_lasso(x, lam), np.maximum(x - lam, 0), atol=1e-7)
+    for positivity, ref in ((True, np.maximum(x - lam, 0)), (False, np.sign(x) * np.maximum(np.abs(x) - lam, 0))):
+        out = np.empty_like(x)
+        assert P.prox_lasso(x, lam, positivity, out=out) is out
+        np.testing.assert_allclose(out, ref, atol=1e-7)
+    out = np.empty_like(x)
+    assert P.prox_positivity(x, out=out) is out
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+
+
+def test_tv_norm_of_hand_built_arrays():
+    # forward differences, Neumann boundary (no difference out of the last voxel): |3| + |−2| = 5
+    assert P.tv_norm(np.array([0.0, 3.0, 1.0], np.float32)) == pytest.approx(5.0)
+    # (0,0): dy = 2, dx = 1 → √5; (0,1): dy = −1 → 1; (1,0): dx = −2 → 2; (1,1): 0
+    assert P.tv_norm(np.array([[0.0, 1.0], [2.0, 0.0]], np.float32)) == pytest.approx(math.sqrt(5.0) + 3.0)
+
+
+def test_measured_intensities_divide_counts_by_the_dose_and_refuse_counts_without_it():
+    data = np.arange(2 * 2 * 3 * 4, dtype=np.float64).reshape(2, 2, 3, 4) * 8.0
+
+    def meas(counted, extra):
+        return SimpleNamespace(data=data, counted=counted, geometry=SimpleNamespace(extra=extra))
+
+    img = M.measured_intensities(meas(False, None), 1)
+    assert img.dtype == np.float32
+    np.testing.assert_array_equal(img, data[1])
+    np.testing.assert_allclose(M.measured_intensities(meas(True, {"electrons_per_unit_intensity": 4.0}), 1),
+                               data[1] / 4.0, rtol=1e-7)
+    for extra in (None, {}, {"electrons_per_unit_intensity": 0.0}, {"electrons_per_unit_intensity": -2.0},
+                  {"electrons_per_unit_intensity": math.inf}, {"electrons_per_unit_intensity": math.nan}):
+        with pytest.raises(TembenchError, match="electrons_per_unit_intensity"):
+            M.measured_intensities(meas(True, extra), 0)
+    # below one electron per unit intensity is a valid (low) dose
+    np.testing.assert_allclose(M.measured_intensities(meas(True, {"electrons_per_unit_intensity": 0.5}), 0),
+                               data[0] * 2.0, rtol=1e-7)
+
+
+def test_lipschitz_bound_uses_the_slice_thickness_and_operator_bytes_sum_the_cached_matrices(toy_series):
+    problem = M.build_problem(toy_series, slice_binning=2)
+    p = dataclasses.replace(problem, voxel_A=(0.7, 0.5, 0.4), _operators={})
+    # 2·N_f·(σ s_z)²·N_B, s_z = voxel_A[0]
+    expected = 2.0 * len(p.defocus_A) * (interaction_constant(p.energy_keV) * 0.7) ** 2 * 2
+    assert p.lipschitz_per_tilt() == pytest.approx(expected, rel=1e-12)
+    assert p.operator_bytes() == 0
+    mats = [p.rotate_bin_operator(k) for k in (0, 3)]
+    assert p.operator_bytes() == sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in mats)
+    assert p.operator_bytes() > 0
+    p._operators[("other", "numpy")] = mats[0]        # not a tilt index: not counted
+    p._operators[(5, "cupy")] = mats[0]               # device copies: not counted
+    assert p.operator_bytes() == sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in mats)
