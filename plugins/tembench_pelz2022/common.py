@@ -39,7 +39,7 @@ def load_4d(measurement: Measurement, method: str):
 
 # --- chunked reading (issue 19): a bounded number of scan rows at a time ------------------------
 #: bytes of dense data held at once by the chunked readers (whole scan rows; at least one row)
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 
 def _file_backing(x: np.ndarray) -> tuple[str, int] | None:
@@ -150,6 +150,10 @@ OUTLIER_FACTOR = 3.0
 #: a pixel that never changes over the scan while the 5x5 median of its neighbours changes in at least
 #: this many frames is dead / stuck (for counted data: chance of a live pixel never changing ≈ e^-20)
 DEAD_MIN_CHANGES = 20
+#: … and only where the 5x5 median of the mean pattern exceeds this fraction of the bright-field level
+#: (the edge of a region that never sees electrons — a beam stop, the zero fill of a rotated pattern — is
+#: not a dead pixel; a dead pixel out there costs the COM and the detectors next to nothing)
+DEAD_MIN_LEVEL = 0.01
 #: more flagged pixels than this fraction of the detector: refuse (the detector or the thresholds are off)
 MAX_BAD_FRACTION = 0.05
 #: the 5x5 median must keep the bright-field disc: detection needs a disc radius of at least this (px)
@@ -233,6 +237,7 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     - dead:     the pixel's value never changes over the scan while the 5x5 median of the number of
                 frames in which each pixel differs from its first frame is >= ``DEAD_MIN_CHANGES``
                 (a live counted pixel whose neighbours change that often never changes with chance ≈ e^-20)
+                and M > ``DEAD_MIN_LEVEL`` * L (its neighbourhood sees at least 1 % of the bright-field level)
 
     Refuses (``TembenchError``) when more than ``max_fraction`` of the detector is flagged, or a bad
     pixel has no good pixel within 5x5 to be repaired from. Electron events and data whose disc is
@@ -246,22 +251,16 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     total = np.zeros(K, np.float64)
     hi = np.full(K, -np.inf)
     lo = np.full(K, np.inf)
-    ihi = np.zeros(K, np.int64)
-    ilo = np.zeros(K, np.int64)
     changes = np.zeros(K, np.int64)
     first = None
-    cols = np.arange(K)
-    for r0, _, block in scan_row_chunks(x, max_bytes):
+    for _, _, block in scan_row_chunks(x, max_bytes):
         b = block.reshape(-1, K)
         if first is None:
             first = b[0].copy()
         changes += (b != first).sum(axis=0)
         total += b.sum(axis=0, dtype=np.float64)
-        for arg, best, ibest, better in ((b.argmax(axis=0), hi, ihi, np.greater), (b.argmin(axis=0), lo, ilo, np.less)):
-            v = b[arg, cols].astype(np.float64)
-            upd = better(v, best)
-            best[upd] = v[upd]
-            ibest[upd] = arg[upd] + r0 * sx
+        np.maximum(hi, b.max(axis=0), out=hi)  # reductions over the frame axis: no copy of the block
+        np.minimum(lo, b.min(axis=0), out=lo)
     mean = (total / F).reshape(ky, kx)
     if disc_radius_px is not None and disc_radius_px < MIN_DISC_RADIUS_PX:
         return _no_bad_pixels((ky, kx), mean, f"bright-field disc radius {disc_radius_px:.1f} px < "
@@ -276,10 +275,24 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     kind[resid > outlier_factor * level] = 1
     kind[resid < -outlier_factor * level] = 2
     changes = changes.reshape(ky, kx)
-    dead = (changes == 0) & (ndimage.median_filter(changes, size=5, mode="nearest") >= DEAD_MIN_CHANGES)
+    dead = ((changes == 0) & (ndimage.median_filter(changes, size=5, mode="nearest") >= DEAD_MIN_CHANGES)
+            & (med > DEAD_MIN_LEVEL * level))
     kind[(kind == 0) & dead] = 3
-    worst = np.where((kind == 2).reshape(-1), ilo, ihi)
-    worst_frame = np.stack([worst // sx, worst % sx], axis=-1).reshape(ky, kx, 2)
+    worst_frame = np.zeros((ky, kx, 2), np.int64)
+    extreme = np.flatnonzero((kind == 1) | (kind == 2))
+    if len(extreme):  # a second pass over the few outlying pixels only: the frame of each one's extreme value
+        want = np.where(kind.reshape(-1)[extreme] == 2, lo[extreme], hi[extreme])
+        where = np.full(len(extreme), -1, np.int64)
+        for r0, _, block in scan_row_chunks(x, max_bytes):
+            cols = block.reshape(-1, K)[:, extreme]
+            hit = (cols == want) & (where < 0)
+            f, j = np.nonzero(hit)
+            first_f = np.full(len(extreme), -1, np.int64)
+            first_f[j[::-1]] = f[::-1]  # the earliest frame per pixel in this block
+            new = (where < 0) & (first_f >= 0)
+            where[new] = first_f[new] + r0 * sx
+        where = np.maximum(where, 0)
+        worst_frame.reshape(-1, 2)[extreme] = np.stack([where // sx, where % sx], axis=-1)
     bad = np.argwhere(kind > 0)
     found = BadPixels(kind, mean, worst_frame, level)
     if len(bad) > max_fraction * K:
