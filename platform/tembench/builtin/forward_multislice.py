@@ -10,6 +10,7 @@ vacuum; a diffraction pattern is the fraction of the probe's electrons per detec
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -27,6 +28,7 @@ from tembench.physics.grid import fft_friendly
 from tembench.physics.multislice import hrtem_images
 from tembench.physics.optics import normalize_aberrations
 from tembench.physics.potentials import PARAMETRIZATIONS, projected_potential
+from tembench.physics.prism import prism_scan, prism_window
 from tembench.physics.rotation import axis_rotation_matrix, rotate_points
 from tembench.physics.stem import (
     _check_probe_in_window,
@@ -57,6 +59,17 @@ def _field(sample, sampling_A: float, factor: int = 1):
 def _field_of_cell(cell_A, sampling_A: float, factor: int = 1):
     ny = max(1, int(round(cell_A[1] / sampling_A))) * factor
     nx = max(1, int(round(cell_A[0] / sampling_A))) * factor
+    return (ny, nx), (cell_A[1] / ny, cell_A[0] / nx)
+
+
+def _stem_field(cell_A, p):
+    """stem4d's grid: :func:`_field_of_cell`, except that PRISM rounds each side to a multiple of its
+    interpolation factor f (the nearest one; the sampling becomes cell/n as always)."""
+    if p.algorithm != "prism":
+        return _field_of_cell(cell_A, p.sampling_A)
+    fy, fx = (int(v) for v in np.broadcast_to(np.asarray(p.prism_interpolation), (2,)))
+    ny = max(fy, fy * int(round(cell_A[1] / (p.sampling_A * fy))))
+    nx = max(fx, fx * int(round(cell_A[0] / (p.sampling_A * fx))))
     return (ny, nx), (cell_A[1] / ny, cell_A[0] / nx)
 
 
@@ -306,6 +319,21 @@ class HRTEMTiltSeries(ForwardModel):
         return Measurement(kind="hrtem_tilt_series", data=data, axes=("tilt", "defocus", "y", "x"), geometry=geometry)
 
 
+def _smatrix_bytes(p, gpts, sampling, window) -> int:
+    """PRISM's scattering matrix: one complex64 field per plane wave inside the aperture (0 for multislice).
+
+    The plane waves lie on the window's frequency grid (pixel 1/(w·s)), inside the disc of radius α/λ."""
+    if p.algorithm != "prism":
+        return 0
+    from tembench.physics.constants import wavelength_A
+
+    k_max = p.semiangle_mrad * 1e-3 / wavelength_A(p.energy_keV)
+    n_k = math.pi * k_max**2 * (window[0] * sampling[0]) * (window[1] * sampling[1]) * 1.1 + 8  # + the soft edge
+    from tembench.physics.prism import SMATRIX_BATCH_BYTES
+
+    return int(n_k * gpts[0] * gpts[1] * 8 + 2 * SMATRIX_BATCH_BYTES)  # the matrix, a batch of plane waves
+
+
 def _auto_window(field_gpts, sampling, energy_keV, semiangle_mrad, aberrations, xp):
     """Smallest FFT-friendly window (from a geometric estimate, grown ×1.25) that holds the probe."""
     lam_mrad = semiangle_mrad * 1e-3
@@ -372,6 +400,25 @@ class STEM4D(ForwardModel):
                                          "the geometry records the nominal grid, the truth goes to the provenance "
                                          "(true_scan_positions_A)")
         position_jitter_seed: int = Field(0, ge=0, description="seed of the position jitter")
+        algorithm: Literal["multislice", "prism"] = Field(
+            "multislice", description="multislice: every probe through every slice; prism: the plane-wave "
+                                      "scattering matrix (Ophus 2017), propagated once per plane wave in the "
+                                      "aperture — faster for many probes; its window is the field / "
+                                      "prism_interpolation")
+        prism_interpolation: int | tuple[int, int] = Field(
+            1, description="PRISM interpolation factor f (y, x): plane waves every f-th reciprocal pixel, "
+                           "the probe window is the field / f (must divide it); f = 1 is exact multislice")
+
+        @model_validator(mode="after")
+        def _prism_window(self):
+            if self.algorithm == "prism" and (self.window_gpts is not None or self.detector_sampling_mrad is not None):
+                raise ValueError("algorithm: prism fixes the probe window to the field / prism_interpolation; "
+                                 "leave window_gpts and detector_sampling_mrad unset (the detector pixel is "
+                                 "λ/(window·sampling_A))")
+            f = np.broadcast_to(np.asarray(self.prism_interpolation), (2,))
+            if np.any(f < 1):
+                raise ValueError(f"prism_interpolation must be >= 1, got {self.prism_interpolation}")
+            return self
 
     @classmethod
     def output_kind(cls, params) -> str:
@@ -389,10 +436,16 @@ class STEM4D(ForwardModel):
         p = params
         if upstream is None or upstream.cell_A is None:
             return None
-        gpts, sampling = _field_of_cell(upstream.cell_A, p.sampling_A)
+        gpts, sampling = _stem_field(upstream.cell_A, p)
         angles = _tilt_angles(p)
         n_slices = _footprint_slices(upstream, angles, p.tilt_axis, p.slice_thickness_A)
-        window = _explicit_window(p, sampling) or (min(64, gpts[0]), min(64, gpts[1]))  # the probe's: ≥ this
+        if p.algorithm == "prism":
+            try:
+                window = prism_window(gpts, p.prism_interpolation)
+            except TembenchError:
+                return None  # simulate() gives the precise error
+        else:
+            window = _explicit_window(p, sampling) or (min(64, gpts[0]), min(64, gpts[1]))  # the probe's: ≥ this
         start = (0.0, 0.0) if p.scan_start_A is None else p.scan_start_A
         end = (upstream.cell_A[1], upstream.cell_A[0]) if p.scan_end_A is None else p.scan_end_A
         if np.any(np.asarray(p.scan_step_A, dtype=float) <= 0):
@@ -405,7 +458,7 @@ class STEM4D(ForwardModel):
             det = (window[0] // p.detector_binning, window[1] // p.detector_binning)
         keep = p.output == "patterns" and p.patterns_path is None
         nbytes = memory.stem_bytes(gpts, n_slices, window, p.n_probe_modes, p.batch_size or 64, n_pos * len(angles),
-                                   det[0] * det[1], keep)
+                                   det[0] * det[1], keep) + _smatrix_bytes(p, gpts, sampling, window)
         out_bytes = n_pos * len(angles) * (det[0] * det[1] if p.output == "patterns" else 1) * 4
         return Footprint(
             peak_bytes=nbytes, limit_bytes=_limit(p), output_bytes=out_bytes,
@@ -419,7 +472,7 @@ class STEM4D(ForwardModel):
         _check_common(sample, p, self.name)
         angles = _tilt_angles(p)
         kind = self.output_kind(p)
-        gpts, sampling = _field(sample, p.sampling_A)
+        gpts, sampling = _stem_field(sample.cell_A, p)
         ab = normalize_aberrations(p.aberrations)
         if p.defocus_A is not None:
             ab["C10"] = -float(p.defocus_A)
@@ -438,7 +491,11 @@ class STEM4D(ForwardModel):
                     f"only up to {amax:.1f} mrad (2/3 band limit); use sampling_A <= "
                     f"{p.sampling_A * amax / outer:.4f} Å, or outer angle null (= up to {amax:.0f} mrad)"
                 )
-        window = _explicit_window(p, sampling) or _auto_window(gpts, sampling, p.energy_keV, p.semiangle_mrad, ab, xp)
+        if p.algorithm == "prism":
+            window = prism_window(gpts, p.prism_interpolation)
+        else:
+            window = _explicit_window(p, sampling) or _auto_window(gpts, sampling, p.energy_keV, p.semiangle_mrad,
+                                                                   ab, xp)
         if window[0] > gpts[0] or window[1] > gpts[1]:
             raise TembenchError(
                 f"stem4d: the probe window {window} px is larger than the field of view {gpts} px "
@@ -460,7 +517,7 @@ class STEM4D(ForwardModel):
         limit = None if p.max_memory_GB is None else int(p.max_memory_GB * 2**30)
         memory.check_memory(
             memory.stem_bytes(gpts, n_slices, window, modes.shape[0], p.batch_size or 64, n_pos * len(angles), ky * kx,
-                              keep and p.patterns_path is None),
+                              keep and p.patterns_path is None) + _smatrix_bytes(p, gpts, sampling, window),
             f"stem4d ({len(angles)} tilts x {n_pos} probes, {window[0]}x{window[1]} window, {n_slices} slices)",
             "Stream the patterns to disk (patterns_path), ask for output: image, bin/crop the detector, or scan fewer "
             "positions.", limit)
@@ -509,7 +566,9 @@ class STEM4D(ForwardModel):
                                            parametrization=p.parametrization, rms_displacement_A=rms, rng=rng, xp=xp)
 
             for v in _phonon_potentials(n_conf, potential, prefetch):
-                res = stem_scan(v, p.slice_thickness_A, energy_keV=p.energy_keV, sampling_A=sampling,
+                scan = stem_scan if p.algorithm == "multislice" else functools.partial(
+                    prism_scan, interpolation=p.prism_interpolation)
+                res = scan(v, p.slice_thickness_A, energy_keV=p.energy_keV, sampling_A=sampling,
                                 positions_A=true_pos[i], probe=modes, detectors=dict(p.detectors),
                                 return_patterns=False, out=out[i] if keep else None,
                                 out_weight=1.0 / n_conf, detector_binning=p.detector_binning, detector_gpts=det_n,
@@ -531,7 +590,8 @@ class STEM4D(ForwardModel):
                    "detectors_mrad": {k: list(v) for k, v in p.detectors.items()}, "n_probe_modes": modes.shape[0],
                    "focal_spread_A": p.focal_spread_A, "source_size_A": p.source_size_A,
                    "rotation_centre_A": (sample.cell_A / 2).tolist(), "n_slices_simulated": n_slices,
-                   "propagator": p.propagator, "parametrization": p.parametrization,
+                   "propagator": p.propagator, "parametrization": p.parametrization, "algorithm": p.algorithm,
+                   "prism_interpolation": p.prism_interpolation if p.algorithm == "prism" else None,
                    "frozen_phonons": n_conf if rms is not None else 0})
         extras = {"virtual_images": {k: v.reshape(len(angles), sy, sx).squeeze(0) if len(angles) == 1 else
                                      v.reshape(len(angles), sy, sx) for k, v in images.items()}}
