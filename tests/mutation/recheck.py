@@ -11,7 +11,9 @@ paths), then every mutant that results.txt lists as "survived" or "no tests" (op
 whose name matches a --only glob) is activated (MUTANT_UNDER_TEST, as mutmut does) and the files'
 tests are run in a forked child of a process that imported tembench once: exit 1 (a test failed)
 = killed, 0 = still survived, a run over --timeout s = timeout (counts as killed, as in mutmut),
-anything else (collection error ...) = error. Verdicts go to <workdir>/recheck.txt (one line per
+anything else (collection error ...) = error. With --status 'not checked' --sample N it also
+runs a random sample of the mutants a stopped (too slow) mutmut run never reached, which estimates
+the score of the rest. Verdicts go to <workdir>/recheck.txt (one line per
 mutant, "name: verdict") and the per-module table (mutants, killed, survived, score) counting the
 original verdicts of results.txt with the rechecked ones replaced is printed and kept in
 <workdir>/summary_rechecked.txt.
@@ -39,29 +41,48 @@ def main() -> None:
     ap.add_argument("tests", nargs="+")
     ap.add_argument("--only", action="append", default=[])
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--status", default="survived,no tests",
+                    help="comma-separated verdicts of results.txt to (re)run; 'not checked' runs mutants a "
+                         "stopped mutmut run never reached (with --sample: a random sample of them)")
+    ap.add_argument("--sample", type=int, default=0, help="run only this many of them, drawn at random")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default="results.txt",
+                    help="verdict list in the workdir; for 'not checked': mutmut results --all true > all.txt")
+    ap.add_argument("--out", default="recheck.txt", help="verdict file in the workdir (earlier verdicts there stand)")
+    ap.add_argument("--also", action="append", default=[],
+                    help="more verdict files of earlier rechecks to fold in (their verdicts stand too)")
+    ap.add_argument("--pytest-arg", action="append", default=[], help="e.g. --pytest-arg=--deselect=tests/x.py::t")
     args = ap.parse_args()
+    statuses = {s.strip() for s in args.status.split(",")}
     work = Path(args.workdir).resolve()
     mutants = work / "mutants"
     for t in args.tests:
+        if not (ROOT / t.split("::")[0]).is_file():
+            continue
         src = ROOT / t.split("::")[0]
         dst = mutants / t.split("::")[0]
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
 
     results = {}
-    for line in (work / "results.txt").read_text().splitlines():
+    for line in (work / args.results).read_text().splitlines():
         m = re.match(r"\s*(\S+): (\w[\w ]*)$", line)
         if m:
             results[m.group(1)] = m.group(2).strip()
     previous = {}
-    rc_file = work / "recheck.txt"
-    if rc_file.exists():  # earlier rechecks: their verdicts stand, their survivors are tried again
-        for line in rc_file.read_text().splitlines():
-            name, _, verdict = line.partition(": ")
-            previous[name] = verdict
+    rc_file = work / args.out
+    for f in [*(work / a for a in args.also), rc_file]:
+        if f.exists():  # earlier rechecks: their verdicts stand, their survivors are tried again
+            for line in f.read_text().splitlines():
+                name, _, verdict = line.partition(": ")
+                previous[name] = verdict
     todo = [n for n, v in results.items()
-            if previous.get(n, v) in ("survived", "no tests", "error")
+            if previous.get(n, v) in statuses
             and (not args.only or any(fnmatch.fnmatch(n, g) for g in args.only))]
+    if args.sample and len(todo) > args.sample:
+        import random
+
+        todo = sorted(random.Random(args.seed).sample(todo, args.sample))
 
     os.chdir(mutants)
     sys.path.insert(0, str(mutants / "src"))
@@ -70,7 +91,14 @@ def main() -> None:
     import pytest
     import tembench  # noqa: F401
     import tembench.physics  # noqa: F401
+    import scipy.ndimage, scipy.fft, scipy.special  # noqa: F401,E401  (test modules' heavy imports, once)
     assert tembench.__file__.startswith(str(mutants / "src")), tembench.__file__
+    # one unmutated run in this process first: the tests must pass, and every child inherits the
+    # imported test modules, compiled numba kernels, FFT plans and session-wide caches
+    os.environ.pop("MUTANT_UNDER_TEST", None)
+    base = pytest.main(["-q", "-p", "no:cacheprovider", *args.pytest_arg, *args.tests])
+    if base != 0:
+        sys.exit(f"the tests fail without a mutant (pytest exit {base}); fix them first")
 
     verdicts = dict(previous)
     t0 = time.time()
@@ -81,7 +109,7 @@ def main() -> None:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args.tests])
+            rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args.pytest_arg, *args.tests])
             os._exit(int(rc))
         deadline = time.time() + args.timeout
         while True:

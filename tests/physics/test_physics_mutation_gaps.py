@@ -668,6 +668,18 @@ def test_potential_volume_does_not_wrap_along_z_and_projects_to_the_projected_po
     assert vol.shape == (24, 8, 9)
     proj = projected_potential(mid, [14, 8], gpts=(8, 9), sampling_A=s)[0]
     np.testing.assert_allclose(vol.sum(axis=0) * s, proj, atol=2e-3 * proj.max())
+    # n = round(cell/s) voxels per axis, at least one: a 0.4 Å thin cell at 0.5 Å is one voxel thick
+    assert potential_volume(Sample(pos[:1] * [1, 1, 0], [6], (4.5, 4.0, 0.4)), s).shape == (1, 8, 9)
+
+
+def test_analytic_potentials_default_to_lobato():
+    """The documented default parameterisation (Lobato & Van Dyck) of the analytic single-atom functions."""
+    from tembench.physics.potentials import atom_potential, atom_projected_potential, scattering_factor
+
+    r = np.array([0.1, 0.5, 1.5])
+    for f in (atom_potential, atom_projected_potential, scattering_factor):
+        np.testing.assert_array_equal(f(14, r), f(14, r, "lobato"))
+        assert not np.allclose(f(14, r), f(14, r, "kirkland"), rtol=1e-4)
 
 
 def test_sliced_potential_passes_every_option_to_projected_potential():
