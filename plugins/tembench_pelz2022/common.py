@@ -150,10 +150,6 @@ OUTLIER_FACTOR = 3.0
 #: a pixel that never changes over the scan while the 5x5 median of its neighbours changes in at least
 #: this many frames is dead / stuck (for counted data: chance of a live pixel never changing ≈ e^-20)
 DEAD_MIN_CHANGES = 20
-#: … and only where the 5x5 median of the mean pattern exceeds this fraction of the bright-field level
-#: (the edge of a region that never sees electrons — a beam stop, the zero fill of a rotated pattern — is
-#: not a dead pixel; a dead pixel out there costs the COM and the detectors next to nothing)
-DEAD_MIN_LEVEL = 0.01
 #: more flagged pixels than this fraction of the detector: refuse (the detector or the thresholds are off)
 MAX_BAD_FRACTION = 0.05
 #: the 5x5 median must keep the bright-field disc: detection needs a disc radius of at least this (px)
@@ -237,7 +233,8 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     - dead:     the pixel's value never changes over the scan while the 5x5 median of the number of
                 frames in which each pixel differs from its first frame is >= ``DEAD_MIN_CHANGES``
                 (a live counted pixel whose neighbours change that often never changes with chance ≈ e^-20)
-                and M > ``DEAD_MIN_LEVEL`` * L (its neighbourhood sees at least 1 % of the bright-field level)
+                (the edge pixels of a region that never sees electrons — a beam stop, the zero fill of
+                rotated patterns — count as dead too: they are repaired from their live neighbours)
 
     Refuses (``TembenchError``) when more than ``max_fraction`` of the detector is flagged, or a bad
     pixel has no good pixel within 5x5 to be repaired from. Electron events and data whose disc is
@@ -275,8 +272,7 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     kind[resid > outlier_factor * level] = 1
     kind[resid < -outlier_factor * level] = 2
     changes = changes.reshape(ky, kx)
-    dead = ((changes == 0) & (ndimage.median_filter(changes, size=5, mode="nearest") >= DEAD_MIN_CHANGES)
-            & (med > DEAD_MIN_LEVEL * level))
+    dead = (changes == 0) & (ndimage.median_filter(changes, size=5, mode="nearest") >= DEAD_MIN_CHANGES)
     kind[(kind == 0) & dead] = 3
     worst_frame = np.zeros((ky, kx, 2), np.int64)
     extreme = np.flatnonzero((kind == 1) | (kind == 2))
