@@ -101,7 +101,9 @@ class SMatrix:
         y = np.arange(ny) * self.sampling[0]
         x = np.arange(nx) * self.sampling[1]
         n_k = len(self.index)
-        self.columns = xp.empty((n_k, ny, nx), dtype=xp.complex64)
+        # pixel-major layout (NY, NX, n_k): a probe's window is then a few rectangular views whose
+        # contraction with its coefficients is one strided matrix product, no gather
+        self.columns_t = xp.empty((ny, nx, n_k), dtype=xp.complex64)
         bs = batch_size or max(1, min(n_k, SMATRIX_BATCH_BYTES // (8 * ny * nx)))
         for b0 in range(0, n_k, bs):
             b1 = min(n_k, b0 + bs)
@@ -111,7 +113,12 @@ class SMatrix:
             waves = xp.asarray((ey[:, :, None] * ex[:, None, :]).astype(np.complex64))
             res = multislice(waves, slice_thickness_A, energy_keV=energy_keV, sampling_A=self.sampling,
                              transmissions=transmissions, propagator=propagator, band_limit=band_limit, xp=xp)
-            self.columns[b0:b1] = res.exit_wave
+            self.columns_t[:, :, b0:b1] = res.exit_wave.transpose(1, 2, 0)
+
+    @property
+    def columns(self):
+        """S as (n_k, NY, NX): the exit wave of each plane wave (a transposed view)."""
+        return self.columns_t.transpose(2, 0, 1)
 
     @property
     def n_waves(self) -> int:
@@ -134,15 +141,24 @@ class SMatrix:
         if out is None:
             out = xp.empty((b, m, wy, wx), dtype=xp.complex64)
         if (wy, wx) == (ny, nx):  # f = 1: one product for the whole batch
-            flat = self.columns.reshape(n_k, ny * nx)
-            out.reshape(b * m, ny * nx)[...] = coeffs.reshape(b * m, n_k) @ flat
+            flat = self.columns_t.reshape(ny * nx, n_k)
+            out.reshape(b * m, ny * nx)[...] = coeffs.reshape(b * m, n_k) @ flat.T
             return out
         for i, (oy, ox) in enumerate(np.asarray(origins)):
-            iy = xp.asarray((oy + np.arange(wy)) % ny)
-            ix = xp.asarray((ox + np.arange(wx)) % nx)
-            window = self.columns[:, iy[:, None], ix[None, :]].reshape(n_k, wy * wx)
-            out[i].reshape(m, wy * wx)[...] = coeffs[i] @ window
+            ct = coeffs[i].T  # (n_k, M)
+            # the window wraps around the periodic field: at most 2 x 2 rectangular pieces
+            for ys, dy in _pieces(int(oy), wy, ny):
+                for xs, dx in _pieces(int(ox), wx, nx):
+                    part = self.columns_t[ys, xs] @ ct  # (hy, hx, M)
+                    out[i, :, dy:dy + part.shape[0], dx:dx + part.shape[1]] = part.transpose(2, 0, 1)
         return out
+
+
+def _pieces(o: int, w: int, n: int):
+    """(slice of the field, offset in the window) of the window [o, o + w) wrapped on a field of n."""
+    if o + w <= n:
+        return [(slice(o, o + w), 0)]
+    return [(slice(o, n), 0), (slice(0, o + w - n), n - o)]
 
 
 def prism_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, positions_A, interpolation=1,
