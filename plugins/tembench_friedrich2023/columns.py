@@ -240,7 +240,7 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
                 background: Literal["constant", "planar"] = "constant", loss: Literal["lsq", "poisson"] = "lsq",
                 window_sigmas: float = 5.0, max_iter: int = 100, rtol: float = 1e-9,
                 max_shift_A: float | None = None, sigma_bounds_A: tuple[float, float] | None = None,
-                init: ColumnModel | None = None) -> FitResult:
+                init: ColumnModel | None = None, nonnegative: bool = False) -> FitResult:
     """Fit eq 2.19 to ``image`` (ny, nx) from initial column positions (Å, sample frame).
 
     ``sigma_init_A``: starting width(s); default 0.3 × the median nearest-neighbour distance
@@ -248,7 +248,9 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
     linear least-squares solution at the starting positions and widths. ``max_shift_A`` limits
     how far a column may move from its start (default 0.5 × the nearest-neighbour distance) and
     columns stay on the image; widths stay within ``sigma_bounds_A`` (default max(0.02 × the
-    nearest-neighbour distance, half a pixel) … the nearest-neighbour distance).
+    nearest-neighbour distance, half a pixel) … the nearest-neighbour distance). ``nonnegative``
+    keeps heights and the constant background ≥ 0 (a physically valid model: no column or
+    background takes electrons away), e.g. for the model a Cramér–Rao bound is evaluated at.
     """
     t0 = time.perf_counter()
     y = np.asarray(image, np.float64)
@@ -307,6 +309,9 @@ def fit_columns(image: np.ndarray, grid: ImageGrid | None = None, x_A=None, y_A=
         np.clip(mm.sigma_A, lo_s, hi_s, out=mm.sigma_A)
         np.clip(mm.x_A, xlo, xhi, out=mm.x_A)       # a column stays on the image
         np.clip(mm.y_A, ylo, yhi, out=mm.y_A)
+        if nonnegative:
+            np.maximum(mm.height, 0.0, out=mm.height)
+            mm.background[0] = max(mm.background[0], 0.0)
         return mm
 
     if loss == "poisson":

@@ -399,13 +399,57 @@ class ColumnFitScore(Quantifier):
         return out
 
 
+def reference_model(cols: dict, measurement, grid: C.ImageGrid, alpha: float,
+                    max_iter: int = 100) -> tuple[C.ColumnModel, bool, bool]:
+    """The model at which the CRLB of a measurement is evaluated, in electrons: (model, refitted, restored).
+
+    The bound is a property of the measured counts, so it is evaluated at the Poisson maximum-likelihood
+    fit of the *measured* image (eqs 2.25–2.27 at the ML estimate of the true parameters), whichever
+    estimator is being judged:
+
+    - a ``column_fit(loss='poisson')`` fit of the raw image is that model already (reused when its
+      heights and background are ≥ 0);
+    - a least-squares fit is refitted by Poisson ML from its own columns: at low dose a least-squares
+      fit may end with a negative background (negative expected counts, no Poisson model), while the
+      ML fit keeps λ > 0 everywhere by construction (its cost is +∞ otherwise). The reference fit
+      also keeps every height and the background ≥ 0 (``nonnegative``): at a few counts per pixel an
+      unconstrained fit can give a column a negative height, compensated by its neighbours, whose
+      model dips below zero just outside the fit's window;
+    - a fit of a restored image (``cnn_restore`` kept the measured image in
+      ``extras["unrestored_data"]``) is judged against the bound of the measured image: the restored
+      image's own fitted columns are wider and would give a looser bound. The raw image is refitted by
+      Poisson ML starting from the restored fit's columns.
+
+    The median over repeats (``aggregate``) of bounds at per-repeat ML estimates approximates the bound
+    at the true parameters (the error is second order in the estimates' spread).
+    """
+    from tembench_friedrich2023.restore import UNRESTORED
+
+    extras = getattr(measurement, "extras", None) or {}
+    restored = UNRESTORED in extras
+    raw = np.asarray(extras[UNRESTORED] if restored else measurement.data, np.float64)
+    m = model_of(cols)
+    m_e = C.ColumnModel(m.x_A, m.y_A, m.height * alpha, m.sigma_A, np.asarray(m.background) * alpha,
+                        m.common_width)
+    if (not restored and cols.get("loss") == "poisson" and np.all(m_e.height >= 0)
+            and m_e.background[0] >= 0):
+        return m_e, False, False
+    if raw.shape != tuple(grid.shape):
+        raise TembenchError(f"crlb: the measured image {raw.shape} and the fit's grid {tuple(grid.shape)} differ")
+    res = C.fit_columns(raw * alpha, grid, init=m_e, loss="poisson", window_sigmas=float(cols["window_sigmas"]),
+                        max_iter=max_iter, nonnegative=True)
+    return res.model, True, restored
+
+
 class CRLBPrecision(Quantifier):
     """Precision over noise repeats vs the Cramér–Rao lower bound (Friedrich 2023 eqs 2.25–2.29, Fig. 2.7).
 
     Per repeat (``score``): the fitted columns matched to the sample's columns, and the CRLB of
-    every column's x, y and SCS from the Fisher information of the fitted Gaussian model under
-    Poisson counting at the measurement's dose (λ = electrons per image unit × model; full model
-    with neighbours and background). Over the repeats (``aggregate``): the standard deviation of
+    every column's x, y and SCS from the Fisher information of the Gaussian model under Poisson
+    counting at the measurement's dose (full model with neighbours and background), evaluated at
+    the Poisson-ML fit of the *measured* image (:func:`reference_model`): the bound is a property
+    of the measurement, the same for every estimator of it — a least-squares fit (whose background
+    can be negative at low dose) and a fit of a CNN-restored image are judged against it. Over the repeats (``aggregate``): the standard deviation of
     each true column's fitted x, y, SCS divided by √CRLB (CRLB: median over repeats), reported as
     the median over columns and pooled with a χ² interval (eq 2.24), the position MAE (eq 2.21)
     with its t interval (eq 2.23), and per-column curves. 1 = efficient; the thesis sees < 1 only
@@ -415,7 +459,8 @@ class CRLBPrecision(Quantifier):
 
     name = "crlb"
     accepts = ("image",)
-    version = "1"
+    # 2: the bound at the Poisson-ML fit of the measured (unrestored) image, not at the judged fit
+    version = "2"
     metrics = {
         "crlb_position_median_pm": Metric("pm", None, (0.0, None), diagnostic=True,
                                           description="√CRLB of a column coordinate, median over columns"),
@@ -429,7 +474,12 @@ class CRLBPrecision(Quantifier):
         "position_mae_A": Metric("Å", "lower", (0.0, None), description="eq 2.21 over repeats × columns"),
         "position_mae_ci_*_A": Metric("Å", None, (0.0, None), diagnostic=True, description="eq 2.23 interval"),
         "electrons_per_unit": Metric("e", None, (0.0, None), diagnostic=True, description="electrons per image unit"),
-        "n_*": Metric("", None, (0, None), diagnostic=True, description="columns and repeats scored"),
+        "n_*": Metric("", None, (0, None), diagnostic=True, description="columns and repeats scored; columns whose "
+                      "reference height is 0 (no bound in that repeat)"),
+        "crlb_reference_refit": Metric("", None, diagnostic=True, description="the bound's model is a Poisson-ML "
+                                       "refit of the measured image (else the judged Poisson fit itself)"),
+        "crlb_input_restored": Metric("", None, diagnostic=True, description="the judged fit is of a restored image; "
+                                      "the bound is the measured (raw) image's"),
     }
     aggregates: ClassVar[bool] = True
 
@@ -451,11 +501,23 @@ class CRLBPrecision(Quantifier):
         full["x_A"][it] = cols["x_A"][iq]
         full["y_A"][it] = cols["y_A"][iq]
         full["scs"][it] = np.asarray(cols["scs_gauss"])[iq]
+        refit, restored, n_dead = False, False, 0
         if math.isfinite(alpha) and alpha > 0 and len(cols["x_A"]):
-            cr = C.crlb(model_of(cols), grid, alpha, p.window_sigmas)
-            full["crlb_x_A2"][it] = cr.var_x_A2[iq]
-            full["crlb_y_A2"][it] = cr.var_y_A2[iq]
-            full["crlb_scs"][it] = cr.var_scs[iq]
+            ref, refit, restored = reference_model(cols, measurement, grid, alpha)
+            # a column of height 0 adds nothing to λ and carries no information on its position or
+            # width: it leaves the model (the same λ) and its bound is NaN in this repeat
+            live = ref.height > 0
+            n_dead = int((~live).sum())
+            if live.any():
+                sub = C.ColumnModel(ref.x_A[live], ref.y_A[live], ref.height[live], ref.sigma_A[live],
+                                    ref.background, ref.common_width)
+                cr = C.crlb(sub, grid, 1.0, p.window_sigmas)       # ref is in electrons: λ = ref
+                v = {k: np.full(len(ref), np.nan) for k in ("x", "y", "scs")}
+                v["x"][live], v["y"][live], v["scs"][live] = cr.var_x_A2, cr.var_y_A2, cr.var_scs
+                # the reference fit starts at the estimator's columns and keeps their order
+                full["crlb_x_A2"][it] = v["x"][iq]
+                full["crlb_y_A2"][it] = v["y"][iq]
+                full["crlb_scs"][it] = v["scs"][iq] / alpha ** 2     # SCS in image units × Å², as cols
         pos = np.sqrt(0.5 * (full["crlb_x_A2"] + full["crlb_y_A2"]))
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.sqrt(full["crlb_scs"]) / np.abs(full["scs"])
@@ -464,6 +526,7 @@ class CRLBPrecision(Quantifier):
             "crlb_position_median_pm": float(np.nanmedian(pos) * 100) if np.isfinite(pos).any() else float("nan"),
             "crlb_scs_rel_median_pct": float(np.nanmedian(rel) * 100) if np.isfinite(rel).any() else float("nan"),
             "electrons_per_unit": alpha, "n_columns_matched": len(it),
+            "crlb_reference_refit": refit, "crlb_input_restored": restored, "n_columns_zero_height": n_dead,
         }
 
     def aggregate(self, repeats: list[dict], sample, params) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from tembench.types import Measurement
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_WEIGHTS = "restore_unet_v1"
+#: measurement.extras key of the image as it was before restoration (the CRLB is that measurement's)
+UNRESTORED = "unrestored_data"
 INSTALL_HINT = 'pip install -e ".[nn]"  (installs jax and optax)'
 ACCEPTED_KINDS = ("adf_image",)
 
@@ -122,13 +124,17 @@ class CNNRestore(NoiseModel):
     synthetic pairs (``nn_train_restore``), keeping the raw image's intensity units. The
     target of the restoration is the source-size-broadened noise-free image (the source size
     is not deconvolved). ``enabled: false`` passes the data through unchanged, so a sweep over
-    ``enabled`` scores raw and restored images of the same noise realisation. Needs the ``nn``
+    ``enabled`` scores raw and restored images of the same noise realisation. The unrestored
+    image stays in ``extras["unrestored_data"]``: the ``crlb`` quantifier judges a fit of the
+    restored image against the bound of the measured (raw) data. Needs the ``nn``
     extra (``pip install -e ".[nn]"``).
     """
 
     name = "cnn_restore"
     accepts = ACCEPTED_KINDS
-    version = "1"
+    # 2: keeps the unrestored image in extras["unrestored_data"] (the crlb quantifier's bound is that of
+    # the raw measurement, not of the restored image's fitted model)
+    version = "2"
 
     class Params(Params):
         enabled: bool = Field(True, description="false: identity (raw image), for raw-vs-restored sweeps")
@@ -154,6 +160,7 @@ class CNNRestore(NoiseModel):
         record = {"component": self.name, "params": params.model_dump(), "jax_version": jax.__version__,
                   "weights_version": meta.get("version"), "weights_sha256": _sha256(path)}
         extras = dict(m.extras)
+        extras[UNRESTORED] = np.asarray(m.data).copy()   # what was measured: the CRLB is a property of it
         if "virtual_images" in extras:
             # companion detector images were not restored: drop them so nobody scores them as restored
             extras.pop("virtual_images")

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from tembench import Params, Quantifier, hookimpl
 from tembench.errors import TembenchError
+from tembench.metrics import Metric
 from tembench.builtin.quantifiers import _overlap, _periodic_at, _truth_sampling, ground_truth_like
 
 HALF_SETS = "half_sets"  # reconstruction.extras key the runner fills with [A, B]
@@ -123,6 +124,22 @@ class FourierShellCorrelation(Quantifier):
     name = "fsc"
     accepts = ("image", "volume")
     version = "1"
+    metrics = {
+        "fsc_gt_resolution_A": Metric("Å", "lower", (0.0, None), headline=True,
+                                      description="resolution where the FSC/FRC vs ground truth drops below "
+                                                  "gt_threshold (default 0.5); Nyquist when never crossed"),
+        "fsc_gt_resolution_0143_A": Metric("Å", "lower", (0.0, None),
+                                           description="resolution where the FSC/FRC vs ground truth drops below 0.143"),
+        "fsc_half_resolution_A": Metric("Å", "lower", (0.0, None), headline=True,
+                                        description="half-set FSC/FRC resolution at the scenario's criterion "
+                                                    "(default ½-bit, van Heel & Schatz 2005)"),
+        "fsc_half_resolution_*_A": Metric("Å", "lower", (0.0, None),
+                                          description="half-set FSC/FRC resolution at the one-bit, half-bit, "
+                                                      "0.143 or 0.5 criterion"),
+        "fsc_*not_reached": Metric("", None, diagnostic=True,
+                                   description="True when the curve never drops below the threshold (the "
+                                               "resolution is then reported at Nyquist)"),
+    }
 
     class Params(Params):
         ground_truth: bool = Field(True, description="compute the FSC against the sample's ground truth")

@@ -105,6 +105,9 @@ def test_enabled_false_is_the_identity_and_apply_keeps_units(pt7):
     assert on.kind == m.kind and on.data.shape == m.data.shape
     assert on.provenance[-1]["component"] == "cnn_restore"
     assert abs(on.data.mean() / m.data.mean() - 1) < 0.04
+    # the measured image goes on beside the restored one: the crlb quantifier's bound is its bound
+    assert on.extras["unrestored_data"].tobytes() == m.data.tobytes()
+    assert "unrestored_data" not in off.extras
 
 
 def test_wrong_kind_is_a_clear_error():
