@@ -58,6 +58,7 @@ class ScintillatorPMT(NoiseModel):
 
     name = "scintillator_pmt"
     accepts = ("*",)
+    streams_disk_data = True  # a memory-mapped input is read and written chunk by chunk
 
     class Params(DoseParams):
         dose_e_per_A2: float = Field(math.inf, gt=0, description="dose in e/Å² per image (ignored if the input "

@@ -228,6 +228,8 @@ class PoissonDose(NoiseModel):
 
     name = "poisson_dose"
     accepts = ("*",)
+    #: on data in a file (a memory map), reads and writes chunk by chunk (tembench.preflight counts a chunk)
+    streams_disk_data = True
 
     class Params(DoseParams):
         pass

@@ -61,11 +61,21 @@ def hrtem_tilt_series_bytes(gpts, n_slices: int, n_tilts: int, n_defocus: int, n
     return potential + work + images + structure
 
 
-def stem_bytes(field_gpts, n_slices: int, window_gpts, n_modes: int, batch: int, n_positions: int,
+def stem_bytes(field_gpts, n_slices: int, window_gpts, n_modes: int, batch: int | None, n_positions: int,
                pattern_pixels: int, keep_patterns: bool) -> int:
-    """Peak bytes of a 4D-STEM scan: transmissions, one batch of waves, and the kept patterns."""
+    """Peak bytes of a 4D-STEM scan: transmissions, one batch of waves, and the kept patterns.
+
+    ``batch`` is counted up to the scan's own default batch (``physics.stem.BATCH_BYTES`` of waves;
+    ``None`` = that default): ``stem4d`` passes 64 when its ``batch_size`` is unset, while the scan
+    then runs batches of 2 MiB of waves (4 patterns of a 256² window) — the 64 made the estimate of
+    a 256² window 130 MiB too large (measured: 26 MiB of working memory beyond the patterns).
+    """
+    from tembench.physics.stem import BATCH_BYTES
+
     fy, fx = field_gpts
     wy, wx = window_gpts
+    default = max(1, int(BATCH_BYTES // max(1, n_modes * wy * wx * COMPLEX64)))
+    batch = default if batch is None else min(int(batch), default)
     trans = n_slices * fy * fx * (COMPLEX64 + FLOAT32)
     waves = 4 * batch * n_modes * wy * wx * COMPLEX64
     pats = n_positions * pattern_pixels * FLOAT32 if keep_patterns else 0
