@@ -12,7 +12,9 @@ import math
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, field_validator
 
 from tembench import Params, Quantifier, Reconstruction, Reconstructor
 from tembench.errors import TembenchError
@@ -111,6 +113,33 @@ def match_columns(true_x, true_y, fit_x, fit_y, radius_A: float) -> tuple[np.nda
     t = np.stack([true_x, true_y, np.zeros(len(true_x))], 1)
     q = np.stack([fit_x, fit_y, np.zeros(len(fit_x))], 1)
     return match_sites(t, q, radius_A)
+
+
+# --- shipped data ----------------------------------------------------------------------------------
+DATA = Path(__file__).parent / "data"
+_DATA_PREFIX = ("plugins", "tembench_friedrich2023", "data")
+
+
+def resolve_library_path(path: str) -> Path:
+    """A library file or run folder: absolute as given; relative to the package's ``data/`` folder.
+
+    A relative path never depends on the working directory (the same scenario must give the same
+    table wherever it is run from): ``scs_library_pt001.csv`` is the shipped library; the
+    repository spelling ``plugins/tembench_friedrich2023/data/<name>`` is read from the package data
+    too. Anything else needs an absolute path.
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        if not p.exists():
+            raise ValueError(f"library_path {path!r} does not exist")
+        return p
+    rel = Path(*p.parts[len(_DATA_PREFIX):]) if p.parts[:len(_DATA_PREFIX)] == _DATA_PREFIX else p
+    if str(rel) not in ("", ".") and (DATA / rel).exists():
+        return DATA / rel
+    shipped = sorted(q.name for q in DATA.glob("scs_library_*.csv"))
+    raise ValueError(f"library_path {path!r}: a relative path is looked up in the plugin's data folder ({DATA}), "
+                     f"which ships {shipped or '(nothing)'}; give one of those names, or an absolute path to your "
+                     "own library (csv / parquet / run folder). The working directory is not searched.")
 
 
 # --- the fit ----------------------------------------------------------------------------------------
@@ -275,7 +304,8 @@ class ColumnFitScore(Quantifier):
 
     name = "column_fit"
     accepts = ("image",)
-    version = "1"
+    # 2: library_path relative to the plugin's data folder, never the working directory
+    version = "2"
     metrics = {
         "position_mae_A": Metric("Å", "lower", (0.0, None), headline=True,
                                  description="eq 2.21: mean Euclidean distance of matched fitted to true columns"),
@@ -308,7 +338,8 @@ class ColumnFitScore(Quantifier):
             "auto", description="atom counting: auto = library if one is given, else gmm")
         library: list[tuple[float, float]] | None = Field(None, description="SCS library [(n_atoms, scs)] in the "
                                                           "normalised units (fraction of the probe × Å²)")
-        library_path: str | None = Field(None, description="SCS library from a run folder / csv / parquet")
+        library_path: str | None = Field(None, description="SCS library from a run folder / csv / parquet: absolute, "
+                                         "or relative to the plugin's data folder (e.g. scs_library_pt001.csv)")
         library_n_column: str = Field("n_atoms_true_median", description="library_path: column of atoms per column")
         library_scs_column: str = Field("scs_normalized_median", description="library_path: column of the SCS")
         library_scs_scale: float = Field(1.0, gt=0, description="multiply the library's SCS column by this")
@@ -319,11 +350,18 @@ class ColumnFitScore(Quantifier):
         fit: dict[str, Any] | None = Field(default_factory=dict, description="column_fit parameters for "
                                            "reconstructions without fitted columns; null to skip those")
 
+        @field_validator("library_path")
+        @classmethod
+        def _library_exists(cls, v):
+            if v is not None:
+                resolve_library_path(v)   # refused at validation, before anything runs
+            return v
+
     def _library(self, p):
         if p.library is not None:
             return counting.load_scs_library(np.asarray(p.library, float), scs_scale=p.library_scs_scale)
         if p.library_path is not None:
-            return counting.load_scs_library(p.library_path, p.library_n_column, p.library_scs_column,
+            return counting.load_scs_library(resolve_library_path(p.library_path), p.library_n_column, p.library_scs_column,
                                              scs_scale=p.library_scs_scale)
         return None
 

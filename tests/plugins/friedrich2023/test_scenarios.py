@@ -27,10 +27,30 @@ def test_scenario_validates(name):
 def test_counting_library_ships_with_the_plugin():
     spec = yaml.safe_load((ROOT / "scenarios" / "friedrich2023_counting.yaml").read_text())
     lib = spec["quantifiers"][0]["params"]["library_path"]
-    assert (ROOT / lib).is_file()
     from tembench_friedrich2023.counting import load_scs_library
-    n, scs = load_scs_library(str(ROOT / lib))
+    from tembench_friedrich2023.quantify import resolve_library_path
+    path = resolve_library_path(lib)
+    assert path.is_file() and path.parent.name == "data" and path.parent.parent.name == "tembench_friedrich2023"
+    n, scs = load_scs_library(str(path))
     assert len(n) >= 4 and np.all(np.diff(scs) > 0)
+
+
+def test_library_path_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from tembench_friedrich2023.quantify import ColumnFitScore
+
+    monkeypatch.chdir(tmp_path)
+    lib_abs = ROOT / "plugins" / "tembench_friedrich2023" / "data" / "scs_library_pt001.csv"
+    want = ColumnFitScore()._library(ColumnFitScore.Params(library_path=str(lib_abs)))
+    for spelling in ("scs_library_pt001.csv", "plugins/tembench_friedrich2023/data/scs_library_pt001.csv"):
+        got = ColumnFitScore()._library(ColumnFitScore.Params(library_path=spelling))
+        np.testing.assert_array_equal(got[1], want[1])
+    # the scenario validates from another directory too
+    parse_scenario((ROOT / "scenarios" / "friedrich2023_counting.yaml").read_text())
+    # a file only in the working directory is refused, at validation, with the rule in the message
+    (tmp_path / "mine.csv").write_text(lib_abs.read_text())
+    with pytest.raises(Exception, match="working directory is not searched"):
+        ColumnFitScore.Params(library_path="mine.csv")
+    ColumnFitScore.Params(library_path=str(tmp_path / "mine.csv"))   # absolute: fine
 
 
 def test_quick_crlb_scenario_shrunk_runs_and_aggregates(tmp_path):
