@@ -1,0 +1,74 @@
+"""Gaps in the 4D-STEM engine's tests found by mutation testing of physics/stem.py (issue 18 part 6,
+tests/mutation/run_mutmut_physics.sh extra). Each test checks an identity between two public code paths
+or a documented definition written out here, not the current output. Fast and deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tembench.errors import TembenchError
+from tembench.physics import potentials as P
+from tembench.physics import stem as S
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(12)
+    n, s = 32, 0.2
+    v = P.projected_potential(rng.uniform(0, 6.4, (8, 3)), [14] * 8, gpts=(n, n), sampling_A=s, slice_thickness_A=2.0,
+                              z_range_A=(0, 4.0))
+    probe = S.make_probe_modes((24, 24), s, 200, 20, {"C10": -20.0}, n_modes=2, defocus_spread_A=20.0)
+    pos = np.array([[2.0, 2.1], [2.53, 2.88], [3.1, 1.7]])
+    kw = dict(energy_keV=200, sampling_A=s, positions_A=pos)
+    meas = S.stem_scan(v * 1.3, 2.0, probe=probe, bandlimit_transmission=False, **kw).patterns
+    return v, probe, meas, kw
+
+
+def _patterns(v, probe, kw):
+    return S.stem_scan(v, 2.0, probe=probe, bandlimit_transmission=False, **kw).patterns.astype(np.float64)
+
+
+def test_stem_loss_is_the_amplitude_loss_of_the_scanned_patterns(problem):
+    """L = Σ(√Î − √I)² with Î the patterns stem_scan gives for the same probe and potential (no band
+    limit on t, the gradient engine's default); with ε > 0, You eq 16: Σ(√(Î+ε) − √(I+ε))²."""
+    v, probe, meas, kw = problem
+    pred = _patterns(v, probe, kw)
+    m = meas.astype(np.float64)
+    loss, gv, gp = S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, **kw)
+    assert loss == pytest.approx(np.sum((np.sqrt(pred) - np.sqrt(m)) ** 2), rel=1e-4)
+    eps = 0.05 * float(m.max())
+    loss_eps, _, _ = S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, amplitude_eps=eps, **kw)
+    assert loss_eps == pytest.approx(np.sum((np.sqrt(pred + eps) - np.sqrt(m + eps)) ** 2), rel=1e-4)
+    # a real potential by default: a float32 gradient, the real part of the complex-potential gradient
+    assert gv.dtype == np.float32 and gv.shape == v.shape and gp.shape == probe.shape
+    _, gc, _ = S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, complex_potential=True, **kw)
+    assert gc.dtype == np.complex64
+    np.testing.assert_allclose(gc.real, gv, rtol=1e-5, atol=1e-6 * np.abs(gv).max())
+    assert np.abs(gc.imag).max() > 1e-3 * np.abs(gv).max()
+
+
+def test_a_single_2d_probe_is_a_one_mode_stack_and_the_chunking_does_not_matter(problem):
+    v, probe, meas, kw = problem
+    one = probe[0] / np.sqrt(np.sum(np.abs(probe[0]) ** 2)) * np.sqrt(np.sum(np.abs(probe) ** 2))
+    one = one.astype(np.complex64)
+    l2, g2, p2 = S.stem_loss_and_gradient(v, meas, 2.0, probe=one, **kw)
+    l3, g3, p3 = S.stem_loss_and_gradient(v, meas, 2.0, probe=one[None], **kw)
+    assert p2.shape == (1,) + one.shape
+    assert l2 == l3
+    np.testing.assert_array_equal(g2, g3)
+    # "the result does not depend on" batch_size (documented)
+    ref = S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, **kw)
+    for bs in (1, 2):
+        lb, gb, pb = S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, batch_size=bs, **kw)
+        assert lb == pytest.approx(ref[0], rel=1e-5)
+        np.testing.assert_allclose(gb, ref[1], rtol=1e-4, atol=1e-5 * np.abs(ref[1]).max())
+        np.testing.assert_allclose(pb, ref[2], rtol=1e-4, atol=1e-5 * np.abs(ref[2]).max())
+
+
+def test_stem_loss_refuses_band_limited_transmissions_and_negative_eps(problem):
+    v, probe, meas, kw = problem
+    with pytest.raises(TembenchError, match="bandlimit_transmission=True is not supported"):
+        S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, bandlimit_transmission=True, **kw)
+    with pytest.raises(TembenchError, match="amplitude_eps must be >= 0"):
+        S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, amplitude_eps=-1e-3, **kw)
