@@ -680,6 +680,9 @@ def test_analytic_potentials_default_to_lobato():
     for f in (atom_potential, atom_projected_potential, scattering_factor):
         np.testing.assert_array_equal(f(14, r), f(14, r, "lobato"))
         assert not np.allclose(f(14, r), f(14, r, "kirkland"), rtol=1e-4)
+    from tembench.physics.potentials import projected_scattering_kernel
+
+    np.testing.assert_array_equal(projected_scattering_kernel(14, 9, 0.3), projected_scattering_kernel(14, 9, 0.3, "lobato"))
 
 
 def test_sliced_potential_passes_every_option_to_projected_potential():
@@ -781,3 +784,39 @@ def test_hrtem_loss_is_the_amplitude_loss_of_hrtem_images_with_the_same_options(
         ref = float(np.sum((np.sqrt(ref.astype(np.float64)) - np.sqrt(meas.astype(np.float64))) ** 2))
         assert lo == pytest.approx(ref, rel=1e-5), opts
         assert lo != l0, opts   # exact vs Fresnel: ~5e-7 relative here, deterministic
+
+
+def test_intensity_amplitude_loss_closed_form_below_one():
+    """L = Σ(√Î − √I)², dL/dÎ = (√Î − √I)/√Î (float32), for intensities below 1 as well (dose-normalised
+    images); negative values count as 0."""
+    from tembench.physics import multislice as M
+
+    pred = np.array([[0.04, 0.25], [1.0, 2.25]], np.float32)
+    meas = np.array([[0.01, 0.36], [-0.5, 4.0]], np.float32)
+    loss, g = M.intensity_amplitude_loss(pred, meas)
+    r = np.array([[0.2 - 0.1, 0.5 - 0.6], [1.0 - 0.0, 1.5 - 2.0]])
+    assert loss == pytest.approx(float(np.sum(r**2)), rel=1e-6)
+    assert g.dtype == np.float32
+    np.testing.assert_allclose(g, r / np.sqrt(pred.astype(np.float64)), rtol=1e-6)
+
+
+def test_hrtem_gradient_of_an_absorptive_potential_matches_finite_differences():
+    """Complex (absorptive) slices through the whole HRTEM loss: the gradient 2∂L/∂v* (real part ∂L/∂Re v,
+    imaginary part ∂L/∂Im v) against central differences, with and without band-limited transmissions."""
+    from tembench.physics import multislice as M
+
+    rng = np.random.default_rng(9)
+    v = (rng.uniform(0, 30, (2, 12, 10)) + 1j * rng.uniform(0, 3, (2, 12, 10))).astype(np.complex64)
+    meas = rng.uniform(0.5, 1.5, (2, 12, 10)).astype(np.float32)
+    kw = dict(energy_keV=80.0, sampling_A=0.3, defocus_values_A=[40.0, 200.0], complex_potential=True)
+    for blt in (True, False):
+        loss, g = M.hrtem_loss_and_gradient(v, meas, 1.5, bandlimit_transmission=blt, **kw)
+        assert g.dtype == np.complex64
+        d = rng.normal(size=v.shape)
+        for part, du in (("re", d), ("im", 1j * d)):
+            h = 0.05
+            lp, _ = M.hrtem_loss_and_gradient((v + h * du).astype(np.complex64), meas, 1.5, bandlimit_transmission=blt, **kw)
+            lm, _ = M.hrtem_loss_and_gradient((v - h * du).astype(np.complex64), meas, 1.5, bandlimit_transmission=blt, **kw)
+            fd = (lp - lm) / (2 * h)
+            an = float(np.sum((g.real if part == "re" else g.imag) * d))
+            assert fd == pytest.approx(an, rel=2e-2), (blt, part)
