@@ -1,13 +1,14 @@
 """Worker run in a separate process: multislice ptychography of saved 4D-STEM data by one implementation.
 
-    python you2025_peer_worker.py {ours|py4dstem} DATA.npz OUT.npz
+    python you2025_peer_worker.py {ours|py4dstem} DATA.npz OUT.npz [OURS_OPTIONS_JSON]
 
-Both implementations get the same patterns, positions, probe guess (aperture + defocus), slices, slice
-thickness, probe modes, minibatch size and iteration count; positions are not refined; the probe is
+Both implementations get the same patterns, positions, defocus, slices, slice thickness, probe modes,
+minibatch size and iteration count (the initial probe: py4DSTEM's from the aperture ``semiangle_cutoff``,
+ours from the mean pattern's bright-field disc as Alg. 1); positions are not refined; the probe is
 refined from the first iteration; no regularising filters (py4DSTEM: Gaussian/Butterworth/kz/TV filters,
 positivity and baseline fixing off); real potential (py4DSTEM ``object_type="potential"``, ours
 ``reconstruct_absorption: false``). Prints one JSON line: setup/preprocess time, reconstruction time,
-time per iteration (an untraced run), and memory above the state after import and data load of runs
+time per iteration (an untraced run; wall and CPU time of this process), and memory above the state after import and data load of runs
 of 2 iterations: ``peak_MB`` = ``traced_MB`` = tracemalloc's peak (numpy and Python allocations, pyFFTW
 buffers included), ``rss_peak_MB`` = the kernel's resident high-water mark above the RSS before the run
 (reset through ``/proc/self/clear_refs``; includes FFT library scratch and allocator slack). One thread:
@@ -44,6 +45,9 @@ def _reset_hwm() -> bool:
         return False
 
 
+OURS_OPTIONS: dict = {}
+
+
 def run_ours(d):
     from tembench.types import Geometry
     from tembench_you2025.msp import MSPParams, reconstruct_msp
@@ -54,7 +58,8 @@ def run_ours(d):
                    defocus_A=[float(d["defocus_A"])])
     p = MSPParams(n_slices=int(d["n_slices"]), slice_thickness_A=float(d["slice_A"]),
                   n_iterations=int(d["n_iter"]), batch_size=int(d["batch"]), n_probe_modes=int(d["n_modes"]),
-                  start_probe_iter=0, start_position_iter=None, reconstruct_absorption=False, seed=0)
+                  start_probe_iter=0, start_position_iter=None, reconstruct_absorption=False, seed=0,
+                  **OURS_OPTIONS)
     pats = d["data"].reshape(-1, *d["data"].shape[-2:])
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -95,7 +100,9 @@ def run_py4dstem(d):
 
 
 def main(argv):
-    impl, data_path, out_path = argv
+    impl, data_path, out_path = argv[:3]
+    if len(argv) > 3:
+        OURS_OPTIONS.update(json.loads(argv[3]))
     d = dict(np.load(data_path))
     fn = run_ours if impl == "ours" else run_py4dstem
     if impl == "ours":
@@ -103,7 +110,9 @@ def main(argv):
     else:
         import py4DSTEM  # noqa: F401
     # 1) timed run, untraced (tracemalloc would slow both codes unevenly)
+    c0 = time.process_time()
     proj, setup, total, info = fn(d)
+    cpu = time.process_time() - c0 - setup
     np.savez(out_path, projection=np.asarray(proj, dtype=np.float64))
     # 2) memory: a run of 2 iterations (the peak is reached in the first), twice: the resident high-water
     #    mark above the RSS before it (everything, FFT internals included), then traced by tracemalloc
@@ -122,6 +131,7 @@ def main(argv):
     tracemalloc.stop()
     n_iter = int(d["n_iter"])
     print(json.dumps({"impl": impl, "setup_s": setup, "reconstruct_s": total, "per_iteration_s": total / n_iter,
+                      "cpu_per_iteration_s": cpu / n_iter, "options": OURS_OPTIONS if impl == "ours" else {},
                       "peak_MB": traced, "traced_MB": traced, "rss_peak_MB": rss_peak, **info}))
 
 

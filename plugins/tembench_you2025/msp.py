@@ -10,9 +10,17 @@ Model (You eqs 5–10), evaluated by the core engine :func:`tembench.physics.ste
 Algorithm 1 as implemented (:func:`reconstruct_msp`): V⁰ = 0; ψ⁰ from the mean pattern's bright-field
 disc amplitude with the recorded aberrations, ψ⁰(k) = √Ī(k)·exp(−iχ(k)) (the paper's
 a_max/√‖Ī‖₁ scale becomes unit probe power here because the patterns are normalised to unit mean
-total); batches of ``batch_size`` adjacent scan indices, visited in a reshuffled order every iteration;
-per batch one gradient step on all slices, then (after ``start_probe_iter``) on the probe modes and
-(after ``start_position_iter``) on the batch's positions, then the L1 shrinkage of Im V (eq 17).
+total); batches of ``batch_size`` adjacent scan indices, visited in a reshuffled order every iteration
+(``batch_order='random'``: random subsets instead, as py4DSTEM; measured better with small batches, see
+below); per batch one gradient step on all slices, then (after ``start_probe_iter``) on the probe modes and
+(after ``start_position_iter``) on the batch's positions, then the L1 shrinkage of Im V (eq 17). After each
+iteration an optional Butterworth low-pass of the slices (``q_lowpass_invA``, ``butterworth_order``; the
+paper's regulariser for noisy data, 1.51 1/Å, order 2 there).
+
+Batch order, measured (Si [001] 10.9 Å, 576 noise-free patterns, 4 slices, 2 modes, batches of 64, 4
+iterations, NCC of the projection vs truth): adjacent 0.946, random 0.961 (γ₁ = 1); 0.966 / 0.970 with
+γ₁ = 3. The paper's batches are large (5 per 220² scan); 64 adjacent indices are 2.7 scan rows, and a
+step from such a strip pulls the shared probe towards that strip.
 
 Step sizes. Alg. 1 takes plain gradient steps with constant γ₁ (object) and γ₂ (probe, positions); the
 paper's runs use "a step size of 1", which only makes sense with a normalised gradient. We use the
@@ -57,7 +65,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from tembench import Params, Reconstruction, Reconstructor
-from tembench.backend import asnumpy
+from tembench.backend import asnumpy, fft2, ifft2
 from tembench.errors import TembenchError
 from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.grid import spatial_frequencies
@@ -98,6 +106,14 @@ class MSPParams(Params):
     max_position_shift_A: float = Field(2.0, gt=0, description="refined positions stay within this of nominal (Å)")
     extra_mode_power: float = Field(0.02, ge=0, lt=1, description="initial power fraction in modes 2…K")
     seed: int = Field(0, ge=0, description="seed of the batch order and the initial extra modes")
+    batch_order: Literal["adjacent", "random"] = Field(
+        "adjacent", description="minibatches of adjacent scan indices in a reshuffled order (Alg. 1), or random "
+        "subsets of the positions, drawn once (as py4DSTEM's shuffled batches; with small batches every step then "
+        "spans the whole field)")
+    q_lowpass_invA: float | None = Field(None, gt=0, description="Butterworth low-pass of every slice after each "
+                                         "iteration: gain 1/(1 + (q/q_c)^(2·order)) (½ at q_c, 1/Å; py4DSTEM's "
+                                         "q_lowpass, the paper's 1.51 1/Å); None: no filter")
+    butterworth_order: float = Field(2.0, gt=0, le=32, description="order of the Butterworth low-pass")
     defocus_A: float | None = Field(None, description="initial probe defocus Δf = −C10 (Å); default: geometry's")
     band_limit: float | None = Field(None, gt=0, le=1.5, description="propagator band limit (fraction of Nyquist); "
                                      "None: none, so every detector pixel is modelled")
@@ -247,6 +263,23 @@ def _adjacent_batches(n: int, batch_size: int) -> list[np.ndarray]:
     return [np.asarray(b) for b in np.array_split(np.arange(n), n_b)]
 
 
+def _random_batches(n: int, batch_size: int, rng) -> list[np.ndarray]:
+    """A random partition of the scan indices into batches of (as equal as possible) ``batch_size``."""
+    n_b = max(1, -(-n // batch_size))
+    return [np.sort(b) for b in np.array_split(rng.permutation(n), n_b)]
+
+
+def butterworth_lowpass(shape, sampling_A, q_lowpass_invA: float, order: float, xp=np):
+    """Gain 1/(1 + (|q|/q_c)^(2·order)) on the FFT grid of ``shape`` (float32): 1 at q = 0, ½ at q_c.
+
+    This is py4DSTEM's ``q_lowpass``/``butterworth_order`` kernel (the square of the textbook amplitude
+    response 1/√(1 + (q/q_c)^(2n))), so its parameters carry over; You 2025 use q_c = 1.51 1/Å, order 2.
+    """
+    ky, kx = spatial_frequencies(tuple(shape), sampling_A, xp=np, dtype=np.float64)
+    q2 = (ky**2 + kx**2) / float(q_lowpass_invA) ** 2
+    return xp.asarray((1.0 / (1.0 + q2 ** float(order))).astype(np.float32))
+
+
 def _slice_thickness(params, geometry) -> float:
     if params.slice_thickness_A is not None:
         return float(params.slice_thickness_A)
@@ -357,7 +390,10 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
     if np.any(pos0 - org < lo_ok - 1e-9) or np.any(pos0 - org > hi_ok + 1e-9):
         raise TembenchError("msp: probe windows of the given positions do not fit the init's object field")
 
-    batches = _adjacent_batches(n_pos, p.batch_size)
+    batches = (_adjacent_batches(n_pos, p.batch_size) if p.batch_order == "adjacent"
+               else _random_batches(n_pos, p.batch_size, rng))
+    lowpass = (butterworth_lowpass(field_gpts, s, p.q_lowpass_invA, p.butterworth_order, xp)
+               if p.q_lowpass_invA is not None else None)
     hist: dict[str, list[float]] = {"loss": [], "loss_relative": [], "position_update_rms_A": [],
                                     "probe_power_mode0": [], "step_scale": [], "time_s": []}
     damp = 1.0
@@ -410,6 +446,10 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
                 d = np.clip(d, -cap, cap)
                 dpos[idx] = d
                 pos[idx] += d
+        if lowpass is not None:
+            v = ifft2(fft2(v) * lowpass).astype(xp.complex64)
+            if not p.reconstruct_absorption:
+                v = v.real.astype(xp.complex64)
         if refine_pos:
             off = _remove_global_part(pos - pos0, pos0, p.position_frame)
             dpos += off - (pos - pos0)

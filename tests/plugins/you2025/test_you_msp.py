@@ -218,3 +218,53 @@ def test_continue_from_a_previous_result(clean_scan):
     assert more.history["loss"][0] < first.history["loss"][0]
     with pytest.raises(TembenchError, match="slices"):
         reconstruct_msp(patterns, pos, geo, MSPParams(n_iterations=1, **{**FAST, "n_slices": 3}), init=first)
+
+
+def test_butterworth_lowpass_closed_form_and_on_a_cosine():
+    from tembench_you2025.msp import butterworth_lowpass
+
+    s = (0.2, 0.25)
+    g = butterworth_lowpass((64, 80), s, q_lowpass_invA=1.0, order=2)
+    assert g.dtype == np.float32 and g[0, 0] == 1.0
+    # a cosine of frequency q (an FFT bin) comes out scaled by 1/(1 + (q/q_c)^4), computed here independently
+    y = np.arange(64)[:, None] * s[0]
+    x = np.arange(80)[None, :] * s[1]
+    for ky_bin, kx_bin in ((0, 20), (8, 0), (7, 9)):
+        q = np.hypot(ky_bin / (64 * s[0]), kx_bin / (80 * s[1]))
+        img = np.cos(2 * np.pi * (ky_bin * y / (64 * s[0]) + kx_bin * x / (80 * s[1]))) + 0 * x
+        out = np.fft.ifft2(np.fft.fft2(img) * g).real
+        assert np.allclose(out, img / (1 + q**4), atol=1e-5)
+    # half gain at q_c: x bin 20 of 80 × 0.25 Å is 1.0 1/Å
+    assert abs(g[0, 20] - 0.5) < 1e-6
+
+
+def test_lowpass_removes_high_frequencies_from_the_slices(two_slice, clean_scan):
+    patterns, geo, grid = clean_scan
+    pos = grid.reshape(-1, 2)
+    free = reconstruct_msp(patterns, pos, geo, MSPParams(n_iterations=2, **FAST))
+    low = reconstruct_msp(patterns, pos, geo, MSPParams(n_iterations=2, q_lowpass_invA=0.5, butterworth_order=4,
+                                                        **FAST))
+
+    def high_fraction(v):
+        f = np.abs(np.fft.fft2(v - v.mean())) ** 2
+        ky = np.fft.fftfreq(v.shape[0], free.sampling_A[0])[:, None]
+        kx = np.fft.fftfreq(v.shape[1], free.sampling_A[1])[None, :]
+        return f[np.hypot(ky, kx) > 1.0].sum() / f.sum()
+
+    hf_free, hf_low = high_fraction(free.projection()), high_fraction(low.projection())
+    assert hf_low < 0.01 * hf_free  # gain ≤ 1/(1 + 2^8) beyond 2 q_c
+    assert np.all(np.isfinite(low.potentials_VA))
+
+
+def test_random_batches_partition_the_scan(clean_scan):
+    from tembench_you2025.msp import _adjacent_batches, _random_batches
+
+    b = _random_batches(103, 16, np.random.default_rng(0))
+    assert sorted(np.concatenate(b).tolist()) == list(range(103))
+    assert {len(x) for x in b} <= {14, 15} and len(b) == 7
+    assert len(b) == len(_adjacent_batches(103, 16))
+    # the random order reconstructs as well (one iteration each, same seed)
+    patterns, geo, grid = clean_scan
+    pos = grid.reshape(-1, 2)
+    r = reconstruct_msp(patterns, pos, geo, MSPParams(n_iterations=3, batch_order="random", **FAST))
+    assert r.history["loss"][-1] < r.history["loss"][0]
