@@ -146,3 +146,65 @@ def test_rotation_operators_are_built_once_and_the_optics_options_reach_the_prop
     fresnel = M.build_problem(toy_series, slice_binning=4, propagator="fresnel")
     assert problem.propagator == "exact"
     assert M.tilt_loss_and_gradient(v, img, 0, fresnel, want_gradient=False)[0] != base
+
+
+def _with_geometry(series, **changes):
+    return series.replace(geometry=series.geometry.replace(**changes))
+
+
+def test_transfer_functions_refer_the_defocus_to_the_recorded_plane(toy_series):
+    """ctfs = H_j for the Geometry's aberrations ∪ {C10: −(exit plane − z_ref)} (Δf = −C10): the measured
+    defocus refers to ``defocus_reference_z_A``; moving that plane by +δ along z while adding δ to every
+    defocus describes the same optics, so the transfer functions are the same."""
+    from tembench.physics.multislice import defocus_ctfs
+
+    g = toy_series.geometry
+    p = M.build_problem(toy_series, slice_binning=2)
+    ab = {"C30": 5e5}
+    pa = M.build_problem(_with_geometry(toy_series, aberrations_A=ab), slice_binning=2)
+    sz = p.voxel_A[0]
+    nz = p.shape[0]
+    cz = float(g.extra["rotation_centre_A"][2])
+    bottom = cz - nz * sz / 2.0 - sz / 2.0 + nz * sz          # the bottom face of the last slab
+    z_ref = float(g.extra["defocus_reference_z_A"])
+    assert pa.extra["exit_plane_z_A"] == pytest.approx(bottom)
+    want = defocus_ctfs(p.shape[1:], p.sampling_yx, g.energy_keV, p.defocus_A, {"C30": 5e5, "C10": -(bottom - z_ref)},
+                        g.semiangle_mrad)
+    np.testing.assert_allclose(pa.ctfs, want, rtol=1e-5, atol=1e-6)
+    delta = 37.0
+    extra = dict(g.extra, defocus_reference_z_A=z_ref + delta)
+    moved = M.build_problem(_with_geometry(toy_series, extra=extra, defocus_A=[d + delta for d in g.defocus_A]),
+                            slice_binning=2)
+    np.testing.assert_allclose(moved.ctfs, p.ctfs, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(pa.ctfs, p.ctfs, atol=1e-3)
+
+
+def test_problem_geometry_rules(toy_series):
+    g = toy_series.geometry
+    assert M.build_problem(toy_series).slice_binning == 10          # the documented default N_B
+    # the depth voxel is the pixel along the in-plane axis the tilt mixes with z (x for a y tilt axis)
+    for axis, voxel in (("y", (0.4, 0.5, 0.4)), ("x", (0.5, 0.5, 0.4))):
+        extra = dict(g.extra, rotation_centre_A=(g.extra["rotation_centre_A"][0] * 0.8, g.extra["rotation_centre_A"][1],
+                                                 g.extra["rotation_centre_A"][2]))
+        p = M.build_problem(_with_geometry(toy_series, sampling_A=(0.5, 0.4), tilt_axis=axis, extra=extra))
+        assert p.voxel_A == pytest.approx(voxel)
+    # a scalar sampling is the same square pixel
+    assert M.build_problem(_with_geometry(toy_series, sampling_A=0.5)).voxel_A == (0.5, 0.5, 0.5)
+    # the rotation centre must sit on the field-of-view centre within a quarter pixel
+    c = list(g.extra["rotation_centre_A"])
+    M.build_problem(_with_geometry(toy_series, extra=dict(g.extra, rotation_centre_A=(c[0] + 0.2 * 0.5, c[1], c[2]))))
+    with pytest.raises(TembenchError, match="turns about x"):
+        M.build_problem(_with_geometry(toy_series, extra=dict(g.extra, rotation_centre_A=(c[0] + 0.3 * 0.5, c[1], c[2]))))
+    # both optics fields are required
+    for missing in ("energy_keV", "sampling_A"):
+        with pytest.raises(TembenchError, match="lacks energy_keV or sampling_A"):
+            M.build_problem(_with_geometry(toy_series, **{missing: None}))
+    # without a recorded rotation centre: a cube of nx·s_z, or the given thickness, from z = 0
+    bare = {k: v for k, v in g.extra.items() if k != "rotation_centre_A"}
+    p = M.build_problem(_with_geometry(toy_series, extra=bare))
+    assert p.shape[0] == p.shape[2] and p.origin_A[0] == pytest.approx(0.0)
+    p = M.build_problem(_with_geometry(toy_series, extra=bare), thickness_A=6.0)
+    assert p.shape[0] == 12 and p.origin_A[0] == pytest.approx(0.0)
+    # detector pixels at i·s unless the Geometry says otherwise
+    assert M.detector_offset_A(SimpleNamespace(extra=None)) == (0.0, 0.0)
+    assert M.detector_offset_A(SimpleNamespace(extra={"detector_pixel_offset_A": (0.1, -0.2)})) == (0.1, -0.2)
