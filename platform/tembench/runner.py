@@ -49,7 +49,7 @@ from tembench import emd, identity
 from tembench.backend import asnumpy, get_array_module
 from tembench.components import accepts_kind
 from tembench.errors import RunDirectoryError, TembenchError
-from tembench.executors import make_executor
+from tembench.executors import TaskLost, make_executor, print_dashboard
 from tembench.registry import Registry, get_registry
 from tembench.scenario import Scenario, ScenarioSpec, check_executor, stable_hash
 from tembench.store import RunStore, StageCache, check_output_folder, check_output_root, dumps
@@ -243,6 +243,7 @@ class UnitTask:
     use_cache: bool
     track_memory: bool
     forward_error: str | None = None
+    worker_error: str | None = None  # set by the main process when the task's worker died repeatedly
 
 
 @dataclass
@@ -308,6 +309,15 @@ def run_unit(task: UnitTask) -> UnitResult:
 
     if task.forward_error:
         return error_rows("forward", task.forward_error)
+    if task.worker_error:
+        return error_rows("worker", task.worker_error)
+    keys_rows = [row_key(task.point_index, task.point_id, task.repeat, r.key) for r in spec.reconstructors]
+    if all(store.has_row(k) for k in keys_rows):
+        # a task run again (its worker died after writing the rows): report the finished rows, compute nothing
+        result.rows = [store.read_row(k) for k in keys_rows]
+        result.error = next((r.get("traceback") or r.get("error") for r in result.rows if r.get("status") != "ok"),
+                            None)
+        return result
     t_unit = time.perf_counter()
     try:
         if keys.forward in _last_forward:
@@ -596,7 +606,7 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     spec = scenario.spec
     kind = executor or scenario.executor or spec.executor.kind
     n_workers = workers or scenario.workers or spec.executor.workers
-    check_executor(kind, n_workers)  # before anything is written
+    check_executor(kind, n_workers, options=spec.executor)  # before anything is written
     check_half_sets(scenario, registry)
     root = check_output_folder(Path(out) if out is not None else scenario.output_root)
     ident = run_identity(scenario, registry)
@@ -610,10 +620,25 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
             f"run folder {str(run_dir)!r} holds a run of a different scenario "
             f"({existing.get('scenario')!r}, hash {str(existing.get('scenario_hash'))[:12]}). Nothing was changed. "
             f"Choose another --run-id or output folder.")
-    root.mkdir(parents=True, exist_ok=True)
-    check_output_root(root, spec.name)
-    cache_root = root / ".cache"
+    # a dask cluster is started (or connected to, and its resources checked) before anything is written
+    ex = make_executor(kind, n_workers, spec.executor.address, options=spec.executor, device=spec.device)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        check_output_root(root, spec.name)
+        cache_root = root / ".cache"
+        manifest = _start_session(store, existing, scenario, spec, scenario_hash, rid, ident, kind, n_workers)
+    except BaseException:
+        ex.close()
+        raise
+    try:
+        return _run(scenario, spec, registry, store, ex, manifest, rid, run_dir, cache_root, kind, use_cache,
+                    track_memory, progress, report)
+    finally:
+        ex.close()
 
+
+def _start_session(store: RunStore, existing, scenario: Scenario, spec: ScenarioSpec, scenario_hash: str, rid: str,
+                   ident, kind: str, n_workers: int) -> dict[str, Any]:
     manifest = existing or {
         "scenario": spec.name, "scenario_hash": scenario_hash, "run_id": rid,
         "scenario_file": str(scenario.path) if scenario.path else None, "scenario_text": scenario.source,
@@ -628,7 +653,28 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
         {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
          "executor": kind, "workers": n_workers if kind != "serial" else 1})
     store.write_manifest(manifest)
+    return manifest
 
+
+def _forward_weight(spec: ScenarioSpec, registry: Registry) -> float:
+    """Estimated size of a noise-free simulation (its preflight peak bytes; 0 when unknown): heavy ones go first."""
+    try:
+        s_cls, f_cls = registry.get("sample", spec.sample.name), registry.get("forward_model", spec.forward.name)
+        s_fp = s_cls.preflight(s_cls.parse_params(spec.sample.params), None) if hasattr(s_cls, "preflight") else None
+        f_fp = f_cls.preflight(f_cls.parse_params(spec.forward.params), s_fp) if hasattr(f_cls, "preflight") else None
+        return float(getattr(f_fp, "peak_bytes", None) or 0)
+    except Exception:  # noqa: BLE001 - only an ordering hint
+        return 0.0
+
+
+def _lost_message(lost: TaskLost) -> str:
+    return (f"WorkerLost: {lost}. The task was run again on other workers and each of them died; this usually "
+            "means the unit needs more memory than a worker has (memory_limit) or crashes the interpreter.")
+
+
+def _run(scenario: Scenario, spec: ScenarioSpec, registry: Registry, store: RunStore, ex, manifest: dict[str, Any],
+         rid: str, run_dir: Path, cache_root: Path, kind: str, use_cache: bool, track_memory: bool, progress: bool,
+         report: bool) -> RunResult:
     units: list[UnitTask] = []
     for point in scenario.points:
         spec_dict = point.spec.model_dump(mode="python")
@@ -647,19 +693,27 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     from tembench.metrics import catalog_for_spec
 
     catalog = catalog_for_spec(spec, registry)  # units and directions in results.parquet's column metadata
-    with make_executor(kind, n_workers, spec.executor.address) as ex:
-        # phase 1: each distinct noise-free measurement once
+    print_dashboard(ex, progress)
+    with ex:
+        # phase 1: each distinct noise-free measurement once, the heaviest first; workers write it
+        # to the stage cache (a shared folder) and units read it from there, never through the scheduler
         fwd_tasks: dict[str, ForwardTask] = {}
+        fwd_weights: dict[str, float] = {}
         forward_key: dict[int, str] = {}
         for u in units:
             s = ScenarioSpec.model_validate(u.spec)
             fk = forward_key[id(u)] = stage_keys(s, registry, 0, env).forward
             if fk not in fwd_tasks and not StageCache(cache_root, use_cache).has("forward", fk):
                 fwd_tasks[fk] = ForwardTask(u.spec, str(cache_root), use_cache, track_memory)
+                fwd_weights[fk] = _forward_weight(s, registry) if kind != "serial" else 0.0
         fwd_errors: dict[str, str] = {}
         if fwd_tasks and kind != "serial":  # serially, phase 2 simulates on first use
             bar = _bar(len(fwd_tasks), 0, f"{spec.name}: simulate", progress)
-            for fk, err in ex.map_unordered(run_forward_task, list(fwd_tasks.values())):
+            fwd_keys = list(fwd_tasks)
+            for fk, err in ex.map_unordered(
+                    run_forward_task, [fwd_tasks[k] for k in fwd_keys], weights=[fwd_weights[k] for k in fwd_keys],
+                    on_lost=lambda lost: (stage_keys(ScenarioSpec.model_validate(lost.task.spec), registry, 0,
+                                                     env).forward, _lost_message(lost))):
                 if err:
                     fwd_errors[fk] = err
                 bar.update(1)
@@ -670,7 +724,10 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
         # phase 2: noise → reconstruct → score, one (point, repeat) at a time
         bar = _bar(scenario.n_units, n_done, f"{spec.name}: points", progress)
         last_table = time.monotonic()
-        for res in ex.map_unordered(run_unit, units):
+        # serially no worker can be lost (and test doubles of the serial executor take no options)
+        lost = {} if kind == "serial" else {
+            "on_lost": lambda lost: run_unit(dataclasses.replace(lost.task, worker_error=_lost_message(lost)))}
+        for res in ex.map_unordered(run_unit, units, **lost):
             if res.error:
                 n_errors += 1
                 bar.write(f"[tembench] point {res.point_index} repeat {res.repeat} failed: "

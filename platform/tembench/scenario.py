@@ -89,10 +89,26 @@ class SweepSpec(_Strict):
         return list(self.grid) + list(self.zip)
 
 
+class ClusterSpec(BaseModel):
+    """``executor.cluster``: dask workers started as batch jobs by dask-jobqueue. Keys other than
+    ``kind`` and ``jobs`` (cores, memory, processes, queue, account, walltime, job_extra_directives,
+    worker_extra_args, local_directory, ...) are passed to the jobqueue cluster class."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["slurm", "pbs", "sge"]
+    jobs: int = Field(1, ge=1, le=10_000, description="batch jobs to submit (each starts `processes` workers)")
+
+
 class ExecutorSpec(_Strict):
     kind: Literal["serial", "processes", "dask"] = "serial"
     workers: int = Field(2, ge=1, le=512, description="worker processes (processes / dask LocalCluster)")
     address: str | None = Field(None, description="dask scheduler address; None starts a LocalCluster")
+    threads_per_worker: int = Field(1, ge=1, le=512, description="threads per dask LocalCluster worker")
+    memory_limit: str | float | None = Field(
+        "auto", description="memory per dask LocalCluster worker ('4GB', bytes, 'auto' = share of RAM, null = none)")
+    cluster: ClusterSpec | None = Field(None, description="dask workers started through an HPC batch system")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="dask resources every task needs, e.g. {gpu: 1} (device: gpu implies it)")
 
 
 class SaveSpec(_Strict):
@@ -301,7 +317,7 @@ def parse_scenario(text: str, path: Path | None = None, registry: Registry | Non
     _check_labels(spec, where)
     kind = executor or spec.executor.kind
     n_workers = workers if workers is not None else spec.executor.workers
-    check_executor(kind, n_workers, where)
+    check_executor(kind, n_workers, where, spec.executor)
     preflight.check_point_count(spec, where, max_points)
     points = expand_points(spec, where)
     for point in points:
@@ -310,8 +326,11 @@ def parse_scenario(text: str, path: Path | None = None, registry: Registry | Non
     estimates = []
     if check_resources:
         estimates = preflight.check_resources(points, registry, where,
-                                              concurrent=n_workers if kind == "processes" else 1)
-    if spec.device == "gpu":
+                                              concurrent=n_workers if kind == "processes" or (
+                                                  kind == "dask" and spec.executor.address is None
+                                                  and spec.executor.cluster is None) else 1)
+    remote = kind == "dask" and (spec.executor.address is not None or spec.executor.cluster is not None)
+    if spec.device == "gpu" and not remote:  # a remote cluster's GPUs are checked when connecting
         from tembench.backend import get_array_module
 
         try:
@@ -322,15 +341,33 @@ def parse_scenario(text: str, path: Path | None = None, registry: Registry | Non
                     executor=kind, workers=n_workers)
 
 
-def check_executor(kind: str, workers: int, where: str = "<scenario>") -> None:
-    """Refuse an executor that is not available here or a worker count below 1 — before anything is written."""
-    if kind == "dask":
-        raise ScenarioError(f"{where}: executor: 'dask' is not available yet in this version of tembench; use "
-                            "`executor: {kind: processes, workers: N}` (or --executor processes) for a local pool")
-    if kind not in ("serial", "processes"):
-        raise ScenarioError(f"{where}: executor: unknown executor {kind!r}; choose serial or processes")
+def check_executor(kind: str, workers: int, where: str = "<scenario>", options: ExecutorSpec | None = None) -> None:
+    """Refuse an executor that is not available here, a worker count below 1, or dask settings that
+    cannot work (a malformed scheduler address, both an address and a cluster, dask not installed)
+    — before anything is written. ``options`` is the scenario's ``executor`` section."""
+    if kind not in ("serial", "processes", "dask"):
+        raise ScenarioError(f"{where}: executor: unknown executor {kind!r}; choose serial, processes or dask")
     if workers < 1:
         raise ScenarioError(f"{where}: executor: workers must be ≥ 1, got {workers}")
+    if kind != "dask":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        raise ScenarioError(f"{where}: executor: 'dask' needs dask.distributed, which is not installed; "
+                            "pip install 'tembench[dask]'")
+    if options is None:
+        return
+    if options.address is not None and options.cluster is not None:
+        raise ScenarioError(f"{where}: executor: give either `address` (an existing scheduler) or `cluster` "
+                            "(workers started by a batch system), not both")
+    if options.address is not None:
+        from tembench.executors import check_address
+
+        check_address(options.address, where)
+    if options.cluster is not None and importlib.util.find_spec("dask_jobqueue") is None:
+        raise ScenarioError(f"{where}: executor.cluster needs dask-jobqueue, which is not installed; "
+                            "pip install 'tembench[dask]'")
 
 
 def _sections(spec: ScenarioSpec):

@@ -109,8 +109,37 @@ class RunStore:
     def has_row(self, row_key: str) -> bool:
         return self.row_path(row_key).exists()
 
-    def write_row(self, row_key: str, row: dict[str, Any]) -> None:
-        atomic_write_text(self.row_path(row_key), dumps(row))
+    def write_row(self, row_key: str, row: dict[str, Any]) -> bool:
+        """Write a row once: the first writer wins, a later one (a task that a distributed scheduler
+        ran again after its worker died, or two attempts racing) leaves the finished row untouched.
+        The row appears whole (written to a temporary file, then hard-linked in place only if the
+        name is free). Returns True when this call wrote the row."""
+        path = self.row_path(row_key)
+        if path.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(dumps(row).encode("utf-8"))
+            try:
+                os.link(tmp, path)  # atomic and fails if the name exists, also on NFS
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: claim the name exclusively instead
+                try:
+                    with open(path, "xb"):
+                        pass
+                except FileExistsError:
+                    return False
+                os.replace(tmp, path)
+                return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
     def read_row(self, row_key: str) -> dict[str, Any]:
         return json.loads(self.row_path(row_key).read_text())

@@ -45,8 +45,16 @@ CASES = {
                                "about 192,000,000 atoms"),  # 16 atoms per oriented [110] cell (2a³)
     "4·10⁶-point sweep": (_grid(2000, 2000), [], "4,000,000 points"),
     "sweep over --max-points": (_grid(10, 10), ["--max-points", "50"], "more than the limit of 50"),
-    "dask executor on the command line": (QUICK, ["--executor", "dask"], "'dask' is not available yet"),
-    "dask executor in the scenario": (QUICK + "executor: {kind: dask}\n", [], "'dask' is not available yet"),
+    "dask scheduler address without a protocol": (
+        QUICK + "executor: {kind: dask, address: 'localhost:8786'}\n", [], "is not a dask scheduler address"),
+    "dask address given to --executor dask": (
+        QUICK + "executor: {kind: serial, address: 'scheduler:8786'}\n", ["--executor", "dask"],
+        "is not a dask scheduler address"),
+    "dask cluster of an unknown batch system": (
+        QUICK + "executor: {kind: dask, cluster: {kind: lsf}}\n", [], "executor.cluster.kind: Input should be 'slurm'"),
+    "dask address and cluster together": (
+        QUICK + "executor: {kind: dask, address: 'tcp://10.0.0.5:8786', cluster: {kind: slurm}}\n", [],
+        "either `address`"),
     "4D-STEM that cannot fit with 4 workers": (
         QUICK.replace("forward: {name: phase_object, params: {energy_keV: 300, sampling_A: 0.2, defocus_A: 60}}",
                       "forward: {name: stem4d, params: {sampling_A: 0.05, scan_step_A: 0.01, window_gpts: 256, "
