@@ -17,11 +17,12 @@ from tembench_pelz2022.eer_ops import DetectorGrid
 ACCEPTS = ("4dstem", "eer")
 
 
-def load_4d(measurement: Measurement, method: str):
+def load_4d(measurement: Measurement, method: str, check: bool = True):
     """(dense array or ElectronEvents, DetectorGrid) of a ``4dstem`` or ``eer`` measurement.
 
     Dense data are returned as they are (a memory-mapped array stays mapped: nothing is read
     here but the finite check, which streams the data a bounded number of scan rows at a time).
+    ``check=False`` leaves the finite check to the caller (:func:`stream_pass` does it in its pass).
     """
     if measurement.kind == "eer":
         x: np.ndarray | ElectronEvents = events_of(measurement)
@@ -31,7 +32,8 @@ def load_4d(measurement: Measurement, method: str):
         if x.ndim != 4:
             raise TembenchError(f"{method}: 4D-STEM data must be (scan_y, scan_x, k_y, k_x), got shape {x.shape}")
         det_shape = x.shape[2:]
-        check_finite(x, method)
+        if check:
+            check_finite(x, method)
     else:
         raise TembenchError(f"{method}: accepts measurement kinds {ACCEPTS}, got {measurement.kind!r}")
     return x, DetectorGrid.from_geometry(measurement.geometry, det_shape)
@@ -112,6 +114,58 @@ def scan_row_chunks(x: np.ndarray, max_bytes: int = CHUNK_BYTES):
             yield r0, r1, block
 
 
+@dataclass
+class PixelStats:
+    """Per detector pixel over every frame (flattened k_y·k_x): the float64 sum and the number of frames in
+    which the pixel differs from its first frame."""
+
+    total: np.ndarray
+    changes: np.ndarray
+    n_frames: int
+
+
+def stream_pass(x: np.ndarray, method: str, consumer=None, stats: bool = True,
+                max_bytes: int = CHUNK_BYTES) -> PixelStats | None:
+    """One pass over dense data in row chunks: the finite check (raising as :func:`check_finite` does),
+    the per-pixel statistics of :func:`find_bad_pixels` (if ``stats``) and ``consumer(row0, row1, block)``
+    (e.g. the COM sums), so a reconstructor reads the data once when no pixel is bad."""
+    sy, sx = x.shape[:2]
+    K = int(np.prod(x.shape[2:], dtype=np.int64))
+    finite_dtype = not (x.dtype.kind in "f" or x.dtype.kind == "c")
+    total = np.zeros(K, np.float64) if stats else None
+    changes = np.zeros(K, np.int64) if stats else None
+    first = None
+    n = frames = 0
+    where = None
+    for r0, r1, block in scan_row_chunks(x, max_bytes):
+        b = block.reshape(-1, K)
+        if stats:
+            t = b.sum(axis=0, dtype=np.float64)
+            total += t
+            if first is None:
+                first = b[0].copy()
+            changes += (b != first).sum(axis=0)
+            ok = finite_dtype or np.isfinite(t).all()
+        else:  # a non-finite value makes the sum NaN/inf; a finite sum proves the block finite
+            ok = finite_dtype or np.isfinite(b.sum(dtype=np.float64))
+        if not ok:
+            bad = ~np.isfinite(block)
+            n += int(bad.sum())
+            frames += int(bad.any(axis=(2, 3)).sum())
+            if where is None:
+                a, c, ky, kx = (int(i) for i in np.argwhere(bad)[0])
+                where = (a + r0, c, ky, kx, block[a, c, ky, kx].item())
+        if consumer is not None:
+            consumer(r0, r1, block)
+    if where is not None:
+        y, xx, ky, kx, v = where
+        raise TembenchError(f"{method}: the 4D-STEM data hold {n} non-finite value(s) in {frames} frame(s); first at "
+                            f"scan (y={y}, x={xx}), detector pixel (ky={ky}, kx={kx}) = {v!r}. "
+                            "Replace or mask them (e.g. set dead/hot detector pixels to the frame's local median) "
+                            "before reconstructing")
+    return PixelStats(total, changes, sy * sx) if stats else None
+
+
 def check_finite(x: np.ndarray, method: str, max_bytes: int = CHUNK_BYTES) -> None:
     """Refuse data holding NaN or ±inf, naming the first bad frame (scan y, x) and detector pixel.
 
@@ -120,26 +174,7 @@ def check_finite(x: np.ndarray, method: str, max_bytes: int = CHUNK_BYTES) -> No
     """
     if np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.bool_):
         return
-    n = frames = 0
-    first = None
-    for r0, _, block in scan_row_chunks(x, max_bytes):
-        if first is None and np.isfinite(block.sum(dtype=np.float64)):
-            continue  # a non-finite value makes the sum NaN/inf; a finite sum proves the block finite
-        bad = ~np.isfinite(block)
-        if not bad.any():
-            continue
-        n += int(bad.sum())
-        frames += int(bad.any(axis=(2, 3)).sum())
-        if first is None:
-            sy, sx, ky, kx = (int(i) for i in np.argwhere(bad)[0])
-            first = (sy + r0, sx, ky, kx, block[sy, sx, ky, kx].item())
-    if first is None:
-        return
-    sy, sx, ky, kx, v = first
-    raise TembenchError(f"{method}: the 4D-STEM data hold {n} non-finite value(s) in {frames} frame(s); first at "
-                        f"scan (y={sy}, x={sx}), detector pixel (ky={ky}, kx={kx}) = {v!r}. "
-                        "Replace or mask them (e.g. set dead/hot detector pixels to the frame's local median) "
-                        "before reconstructing")
+    stream_pass(x, method, stats=False, max_bytes=max_bytes)
 
 
 # --- bad detector pixels (issue 12 §1): detect over the whole scan, repair frame by frame ----------
@@ -221,7 +256,8 @@ def _no_bad_pixels(shape, mean, note: str) -> BadPixels:
 
 
 def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier_factor: float = OUTLIER_FACTOR,
-                    max_fraction: float = MAX_BAD_FRACTION, max_bytes: int = CHUNK_BYTES) -> BadPixels:
+                    max_fraction: float = MAX_BAD_FRACTION, max_bytes: int = CHUNK_BYTES,
+                    stats: PixelStats | None = None) -> BadPixels:
     """Hot, negative and dead/stuck detector pixels of dense 4D-STEM data, from one chunked pass.
 
     Per detector pixel: the mean, minimum and maximum over every frame (and where they occur).
@@ -238,26 +274,17 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
 
     Refuses (``TembenchError``) when more than ``max_fraction`` of the detector is flagged, or a bad
     pixel has no good pixel within 5x5 to be repaired from. Electron events and data whose disc is
-    under 3 px are not checked (``checked=False``, with a note).
+    under 3 px are not checked (``checked=False``, with a note). ``stats``: the statistics of a
+    :func:`stream_pass` already made (else one pass is made here, with the finite check).
     """
     if not isinstance(x, np.ndarray) or x.ndim != 4:
         shape = tuple(getattr(x, "detector_shape", (1, 1)))
         return _no_bad_pixels(shape, np.zeros(shape), "electron events: bad-pixel detection covers dense data only")
     sy, sx, ky, kx = x.shape
     K, F = ky * kx, sy * sx
-    total = np.zeros(K, np.float64)
-    hi = np.full(K, -np.inf)
-    lo = np.full(K, np.inf)
-    changes = np.zeros(K, np.int64)
-    first = None
-    for _, _, block in scan_row_chunks(x, max_bytes):
-        b = block.reshape(-1, K)
-        if first is None:
-            first = b[0].copy()
-        changes += (b != first).sum(axis=0)
-        total += b.sum(axis=0, dtype=np.float64)
-        np.maximum(hi, b.max(axis=0), out=hi)  # reductions over the frame axis: no copy of the block
-        np.minimum(lo, b.min(axis=0), out=lo)
+    if stats is None:
+        stats = stream_pass(x, method, max_bytes=max_bytes)
+    total, changes = stats.total, stats.changes
     mean = (total / F).reshape(ky, kx)
     if disc_radius_px is not None and disc_radius_px < MIN_DISC_RADIUS_PX:
         return _no_bad_pixels((ky, kx), mean, f"bright-field disc radius {disc_radius_px:.1f} px < "
@@ -277,17 +304,15 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     worst_frame = np.zeros((ky, kx, 2), np.int64)
     extreme = np.flatnonzero((kind == 1) | (kind == 2))
     if len(extreme):  # a second pass over the few outlying pixels only: the frame of each one's extreme value
-        want = np.where(kind.reshape(-1)[extreme] == 2, lo[extreme], hi[extreme])
-        where = np.full(len(extreme), -1, np.int64)
+        sign = np.where(kind.reshape(-1)[extreme] == 2, -1.0, 1.0)
+        best = np.full(len(extreme), -np.inf)
+        where = np.zeros(len(extreme), np.int64)
         for r0, _, block in scan_row_chunks(x, max_bytes):
-            cols = block.reshape(-1, K)[:, extreme]
-            hit = (cols == want) & (where < 0)
-            f, j = np.nonzero(hit)
-            first_f = np.full(len(extreme), -1, np.int64)
-            first_f[j[::-1]] = f[::-1]  # the earliest frame per pixel in this block
-            new = (where < 0) & (first_f >= 0)
-            where[new] = first_f[new] + r0 * sx
-        where = np.maximum(where, 0)
+            cols = block.reshape(-1, K)[:, extreme].astype(np.float64) * sign
+            f = cols.argmax(axis=0)
+            v = cols[f, np.arange(len(extreme))]
+            upd = v > best
+            best[upd], where[upd] = v[upd], f[upd] + r0 * sx
         worst_frame.reshape(-1, 2)[extreme] = np.stack([where // sx, where % sx], axis=-1)
     bad = np.argwhere(kind > 0)
     found = BadPixels(kind, mean, worst_frame, level)
@@ -310,12 +335,16 @@ def find_bad_pixels(x, method: str, disc_radius_px: float | None = None, outlier
     return BadPixels(kind, mean, worst_frame, level, True, "", tuple(neighbours))
 
 
-def repair_block(block: np.ndarray, bad: BadPixels) -> np.ndarray:
-    """A copy of (…, k_y, k_x) ``block`` with every bad pixel replaced, frame by frame, by the mean of its
-    good neighbours (3x3, else 5x5); integer data become float64. Returns ``block`` itself if none is bad."""
+def repair_block(block: np.ndarray, bad: BadPixels, in_place: bool = False) -> np.ndarray:
+    """``block`` (…, k_y, k_x) with every bad pixel replaced, frame by frame, by the mean of its good neighbours
+    (3x3, else 5x5): a copy (integer data become float64), or ``block`` itself when ``in_place`` and it is
+    floating point. Returns ``block`` unchanged if no pixel is bad."""
     if not bad.neighbours:
         return block
-    out = np.array(block, dtype=np.result_type(block.dtype, np.float32) if block.dtype.kind == "f" else np.float64)
+    if in_place and block.dtype.kind == "f" and block.flags.writeable:
+        out = block
+    else:
+        out = np.array(block, dtype=block.dtype if block.dtype.kind == "f" else np.float64)
     for y, xx, ys, xs in bad.neighbours:
         out[..., y, xx] = out[..., ys, xs].mean(axis=-1)
     return out
@@ -329,9 +358,25 @@ def repaired(x, bad: BadPixels):
 
 
 def clean_row_chunks(x: np.ndarray, bad: BadPixels | None = None, max_bytes: int = CHUNK_BYTES):
-    """:func:`scan_row_chunks` with the bad pixels repaired in each block."""
+    """:func:`scan_row_chunks` with the bad pixels repaired in each block (in place in the pread buffer of a
+    memory-mapped file, in a copy of the block for in-RAM data: the input is never changed)."""
     for r0, r1, block in scan_row_chunks(x, max_bytes):
-        yield r0, r1, (repair_block(block, bad) if bad is not None else block)
+        if bad is not None:
+            block = repair_block(block, bad, in_place=not np.may_share_memory(block, x))
+        yield r0, r1, block
+
+
+def dense_pass(x: np.ndarray, grid, semiangle_mrad: float | None, policy: str, method: str, consumer,
+               max_bytes: int = CHUNK_BYTES) -> BadPixels | None:
+    """Feed ``consumer(row0, row1, block)`` every row block of dense data with the finite check and the
+    bad-pixel statistics made in the same pass; when bad pixels are found and repaired, feed it again with
+    the repaired blocks (the second pass overwrites what the first gave). Returns the bad-pixel result."""
+    stats = stream_pass(x, method, consumer, stats=policy != "ignore", max_bytes=max_bytes)
+    bad = bad_pixel_check(x, grid, semiangle_mrad, policy, method, stats=stats)
+    if bad is not None and bad.neighbours:
+        for r0, r1, block in clean_row_chunks(x, bad, max_bytes):
+            consumer(r0, r1, block)
+    return bad
 
 
 def expected_disc_radius_px(grid, semiangle_mrad: float | None) -> float | None:
@@ -341,14 +386,15 @@ def expected_disc_radius_px(grid, semiangle_mrad: float | None) -> float | None:
     return float(semiangle_mrad) / math.sqrt(float(sy) * float(sx))
 
 
-def bad_pixel_check(x, grid, semiangle_mrad: float | None, policy: str, method: str) -> BadPixels | None:
+def bad_pixel_check(x, grid, semiangle_mrad: float | None, policy: str, method: str,
+                    stats: PixelStats | None = None) -> BadPixels | None:
     """The ``bad_pixels`` parameter of the Pelz reconstructors: ``"repair"`` (detect, repair, report),
     ``"refuse"`` (detect, raise naming pixel and frame) or ``"ignore"`` (None: no check)."""
     if policy == "ignore":
         return None
     if policy not in ("repair", "refuse"):
         raise TembenchError(f"{method}: bad_pixels must be 'repair', 'refuse' or 'ignore', got {policy!r}")
-    bad = find_bad_pixels(x, method, expected_disc_radius_px(grid, semiangle_mrad))
+    bad = find_bad_pixels(x, method, expected_disc_radius_px(grid, semiangle_mrad), stats=stats)
     if policy == "refuse":
         bad.refuse(method)
     return bad

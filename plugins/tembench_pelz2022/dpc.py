@@ -36,7 +36,7 @@ from tembench._lazy import lazy_import
 from tembench.backend import fft_workers
 from tembench.errors import TembenchError
 from tembench_pelz2022 import _kernels
-from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, bad_pixel_check, clean_row_chunks, load_4d,
+from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, clean_row_chunks, dense_pass, load_4d,
                                       phase_image, probe_optics, rotation_matrix, scan_step)
 from tembench_pelz2022.eer_ops import center_of_mass
 
@@ -49,25 +49,47 @@ def _freqs(shape, step_A):
     return qy, qx
 
 
+def _block_moments(block, numba: bool | None = None):
+    """(frames, 3) Σ I·iy, Σ I·ix, Σ I of a (rows, scan_x, k_y, k_x) block (float64)."""
+    d3 = block.reshape(-1, *block.shape[2:])
+    if d3.dtype not in (np.float32, np.float64):
+        d3 = d3.astype(np.float64)
+    return _kernels.dense_moments(d3, numba=numba)
+
+
+def _com_from_sums(sums, scan_shape, grid, normalize: str, numba: bool | None = None):
+    com_y, com_x, counts = _kernels.com_finish(sums, normalize, grid.centre_px, grid.sampling_mrad, numba=numba)
+    return com_y.reshape(scan_shape), com_x.reshape(scan_shape), counts.reshape(scan_shape)
+
+
+def _check_dense(x, grid, normalize: str):
+    if normalize not in ("frame", "mean"):
+        raise TembenchError(f"center_of_mass: normalize must be 'frame' or 'mean', got {normalize!r}")
+    if tuple(x.shape[2:]) != tuple(grid.shape):
+        raise TembenchError(f"detector grid {grid.shape} does not match the data's detector {tuple(x.shape[2:])}")
+
+
 def center_of_mass_chunked(x, grid, normalize: str = "frame", bad: BadPixels | None = None, numba: bool | None = None,
                            max_bytes: int = CHUNK_BYTES):
     """:func:`eer_ops.center_of_mass` reading dense data a bounded number of scan rows at a time (bad pixels
     repaired per block); the per-frame sums are the same arithmetic as the whole-array path. Events: as is."""
     if not isinstance(x, np.ndarray):
         return center_of_mass(x, grid, normalize=normalize, numba=numba)
-    if normalize not in ("frame", "mean"):
-        raise TembenchError(f"center_of_mass: normalize must be 'frame' or 'mean', got {normalize!r}")
-    sy, sx, ny, nx = x.shape
-    if (ny, nx) != tuple(grid.shape):
-        raise TembenchError(f"detector grid {grid.shape} does not match the data's detector {(ny, nx)}")
+    _check_dense(x, grid, normalize)
+    sy, sx = x.shape[:2]
     sums = np.empty((sy * sx, 3), np.float64)
     for r0, r1, block in clean_row_chunks(x, bad, max_bytes):
-        d3 = block.reshape(-1, ny, nx)
-        if d3.dtype not in (np.float32, np.float64):
-            d3 = d3.astype(np.float64)
-        sums[r0 * sx:r1 * sx] = _kernels.dense_moments(d3, numba=numba)
-    com_y, com_x, counts = _kernels.com_finish(sums, normalize, grid.centre_px, grid.sampling_mrad, numba=numba)
-    return com_y.reshape(sy, sx), com_x.reshape(sy, sx), counts.reshape(sy, sx)
+        sums[r0 * sx:r1 * sx] = _block_moments(block, numba)
+    return _com_from_sums(sums, (sy, sx), grid, normalize, numba)
+
+
+def _to_gradient(com_y, com_x, wavelength_A: float, reference: str):
+    if reference == "mean":
+        com_y, com_x = com_y - com_y.mean(), com_x - com_x.mean()
+    elif reference != "center":
+        raise TembenchError(f"dpc: reference must be 'center' or 'mean', got {reference!r}")
+    f = 2 * np.pi * 1e-3 / wavelength_A
+    return com_y * f, com_x * f
 
 
 def gradient_field(x, grid, wavelength_A: float, normalize: str = "frame", reference: str = "center",
@@ -75,12 +97,26 @@ def gradient_field(x, grid, wavelength_A: float, normalize: str = "frame", refer
                    max_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Phase gradient (g_y, g_x) in rad/Å in the detector frame from COM of dense data or events."""
     com_y, com_x, _ = center_of_mass_chunked(x, grid, normalize, bad, numba, max_bytes)
-    if reference == "mean":
-        com_y, com_x = com_y - com_y.mean(), com_x - com_x.mean()
-    elif reference != "center":
-        raise TembenchError(f"dpc: reference must be 'center' or 'mean', got {reference!r}")
-    f = 2 * np.pi * 1e-3 / wavelength_A
-    return com_y * f, com_x * f
+    return _to_gradient(com_y, com_x, wavelength_A, reference)
+
+
+def checked_gradient_field(x, grid, wavelength_A: float, semiangle_mrad: float | None, method: str,
+                           normalize: str = "frame", reference: str = "center", numba: bool | None = None,
+                           bad_pixels: str = "repair", max_bytes: int = CHUNK_BYTES):
+    """(g_y, g_x, bad-pixel result): dense data read once — finite check, bad-pixel statistics and COM sums
+    in one chunked pass, a second pass only when bad pixels are repaired. Events: COM as is (no check)."""
+    if not isinstance(x, np.ndarray):
+        return (*gradient_field(x, grid, wavelength_A, normalize, reference, numba), None)
+    _check_dense(x, grid, normalize)
+    sy, sx = x.shape[:2]
+    sums = np.empty((sy * sx, 3), np.float64)
+
+    def consume(r0, r1, block):
+        sums[r0 * sx:r1 * sx] = _block_moments(block, numba)
+
+    bad = dense_pass(x, grid, semiangle_mrad, bad_pixels, method, consume, max_bytes)
+    com_y, com_x, _ = _com_from_sums(sums, (sy, sx), grid, normalize, numba)
+    return (*_to_gradient(com_y, com_x, wavelength_A, reference), bad)
 
 
 def rotate_field(gy, gx, rotation_deg: float):
@@ -273,11 +309,11 @@ class _COMParams(Params):
 
 def _gradients(self, measurement, params):
     """(gy, gx in the scan frame, scan step, extras: orientation estimate and bad-pixel report)."""
-    x, grid = load_4d(measurement, self.name)
+    x, grid = load_4d(measurement, self.name, check=False)  # the finite check is made in the COM pass
     g = measurement.geometry
     opt = probe_optics(g, self.name)
-    bad = bad_pixel_check(x, grid, opt.semiangle_mrad, params.bad_pixels, self.name)
-    gy, gx = gradient_field(x, grid, opt.wavelength_A, params.normalize, params.reference, params.numba, bad)
+    gy, gx, bad = checked_gradient_field(x, grid, opt.wavelength_A, opt.semiangle_mrad, self.name, params.normalize,
+                                         params.reference, params.numba, params.bad_pixels)
     step = scan_step(g, self.name)
     o = resolve_orientation(gy, gx, step, params.rotation_deg, params.transpose)
     extras = {"rotation_deg": o["rotation_deg"], "transpose": o["transpose"], "curl_fraction": o["curl_fraction"],

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tembench import Params, Reconstruction, Reconstructor
 from tembench.errors import TembenchError
-from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, bad_pixel_check, clean_row_chunks, load_4d,
+from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, clean_row_chunks, dense_pass, load_4d,
                                       scan_origin, scan_step)
 from tembench_pelz2022.eer_ops import annular_mask, detector_response
 
@@ -44,6 +44,25 @@ def detector_image(x, mask: np.ndarray, bad: BadPixels | None = None, max_bytes:
     return out
 
 
+def checked_detector_image(x, grid, mask: np.ndarray, semiangle_mrad: float | None, policy: str, method: str,
+                           max_bytes: int = CHUNK_BYTES):
+    """(image, bad-pixel result): dense data read once — finite check, bad-pixel statistics and the detector
+    sums in one chunked pass, a second only when bad pixels are repaired. Events: as is (no check)."""
+    if not isinstance(x, np.ndarray):
+        return detector_response(x, mask), None
+    sy, sx = x.shape[:2]
+    out = {}
+
+    def consume(r0, r1, block):
+        part = detector_response(block, mask)
+        if "image" not in out:
+            out["image"] = np.empty((sy, sx), dtype=part.dtype)
+        out["image"][r0:r1] = part
+
+    bad = dense_pass(x, grid, semiangle_mrad, policy, method, consume, max_bytes)
+    return out["image"], bad
+
+
 class VirtualDetector(Reconstructor):
     """Virtual annular detector image: Σ counts with inner ≤ θ < outer (O(C) on electron events).
 
@@ -67,7 +86,7 @@ class VirtualDetector(Reconstructor):
         bad_pixels: Literal["repair", "refuse", "ignore"] = Field("repair", description="hot / negative / dead detector pixels (found over the whole scan, thresholds in docs/pelz2022.md): repair = replace by the mean of good neighbours in every frame and report in extras; refuse = error naming pixel and frame; ignore = no check")
 
     def reconstruct(self, measurement, params, xp):
-        x, grid = load_4d(measurement, self.name)
+        x, grid = load_4d(measurement, self.name, check=False)  # the finite check is made in the detector pass
         g = measurement.geometry
         if g.semiangle_mrad is None and (params.inner_mrad is None or params.outer_mrad is None):
             raise TembenchError("virtual_detector: Geometry.semiangle_mrad is missing; give inner_mrad and outer_mrad")
@@ -75,8 +94,8 @@ class VirtualDetector(Reconstructor):
         inner, outer = detector_angles(params.detector, g.semiangle_mrad or 0.0, params.inner_mrad,
                                        params.outer_mrad, max_mrad)
         mask = annular_mask(grid, inner, outer)
-        bad = bad_pixel_check(x, grid, g.semiangle_mrad, params.bad_pixels, self.name)
-        image = detector_image(x, mask, bad).astype(np.float32)
+        image, bad = checked_detector_image(x, grid, mask, g.semiangle_mrad, params.bad_pixels, self.name)
+        image = image.astype(np.float32)
         return Reconstruction(kind="image", data=image, sampling_A=scan_step(g, self.name),
                               quantity="phase_rad" if params.score_as_phase else "intensity",
                               origin_A=scan_origin(g), extras={"inner_mrad": inner, "outer_mrad": outer,
