@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--out", default="recheck.txt", help="verdict file in the workdir (earlier verdicts there stand)")
     ap.add_argument("--also", action="append", default=[],
                     help="more verdict files of earlier rechecks to fold in (their verdicts stand too)")
+    ap.add_argument("--direct", action="store_true",
+                    help="call the test functions (module.py::name, no fixtures but monkeypatch, parametrize "
+                         "expanded) in the forked child instead of a pytest session: no pytest start-up per mutant")
     ap.add_argument("--pytest-arg", action="append", default=[], help="e.g. --pytest-arg=--deselect=tests/x.py::t")
     args = ap.parse_args()
     statuses = {s.strip() for s in args.status.split(",")}
@@ -82,7 +85,7 @@ def main() -> None:
     if args.sample and len(todo) > args.sample:
         import random
 
-        todo = sorted(random.Random(args.seed).sample(todo, args.sample))
+        todo = random.Random(args.seed).sample(todo, args.sample)   # random order: a stopped run is a random sample
 
     os.chdir(mutants)
     sys.path.insert(0, str(mutants / "src"))
@@ -100,6 +103,60 @@ def main() -> None:
     if base != 0:
         sys.exit(f"the tests fail without a mutant (pytest exit {base}); fix them first")
 
+    calls = []
+    if args.direct:  # the test functions, resolved once in this process (pytest imported the modules above)
+        import importlib.util
+        import itertools
+
+        supported = {"monkeypatch", "tmp_path"}
+        for t in args.tests:
+            path, _, name = t.partition("::")
+            mod = next((m for m in list(sys.modules.values())
+                        if getattr(m, "__file__", None) and os.path.abspath(m.__file__) == os.path.abspath(path)), None)
+            if mod is None:
+                spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+            fns = [getattr(mod, name)] if name else [f for n, f in vars(mod).items()
+                                                      if n.startswith("test_") and callable(f)]
+            for fn in fns:
+                marks = list(getattr(fn, "pytestmark", []))
+                if any(m.name == "skipif" and m.args and m.args[0] for m in marks) or \
+                        any(m.name in ("skip", "abtem") for m in marks):
+                    continue
+                grids = []
+                for m in marks:
+                    if m.name != "parametrize":
+                        continue
+                    names = [n.strip() for n in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])]
+                    rows = []
+                    for v in m.args[1]:
+                        v = getattr(v, "values", v)          # pytest.param(...)
+                        rows.append(dict(zip(names, v if len(names) > 1 else (v,))))
+                    grids.append(rows)
+                params = set(fn.__code__.co_varnames[:fn.__code__.co_argcount])
+                given = {n for g in grids for n in g[0]} if grids else set()
+                if params - given - supported:
+                    print(f"direct: {fn.__name__} skipped (fixtures {sorted(params - given - supported)})")
+                    continue
+                for combo in itertools.product(*grids) if grids else [()]:
+                    calls.append((fn, {k: v for d in combo for k, v in d.items()}))
+        print(f"direct: {len(calls)} test calls per mutant", flush=True)
+
+    def run_direct():
+        import tempfile
+
+        for fn, kwargs in calls:
+            kw = dict(kwargs)
+            names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+            if "tmp_path" in names:
+                kw["tmp_path"] = Path(tempfile.mkdtemp())
+            if "monkeypatch" in names:
+                with pytest.MonkeyPatch.context() as mp:
+                    fn(monkeypatch=mp, **kw)
+            else:
+                fn(**kw)
+
     verdicts = dict(previous)
     t0 = time.time()
     for i, name in enumerate(todo):
@@ -109,7 +166,14 @@ def main() -> None:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args.pytest_arg, *args.tests])
+            if args.direct:
+                try:
+                    run_direct()
+                    rc = 0
+                except BaseException:  # noqa: BLE001 - any failure of a test under the mutant kills it
+                    rc = 1
+            else:
+                rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args.pytest_arg, *args.tests])
             os._exit(int(rc))
         deadline = time.time() + args.timeout
         while True:
@@ -125,6 +189,8 @@ def main() -> None:
                 break
             time.sleep(0.02)
         verdicts[name] = verdict
+        with open(rc_file, "a") as fh:   # kept as it goes: a run stopped early keeps its verdicts
+            fh.write(f"{name}: {verdict}\n")
         print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f} s] {name}: {verdict}", flush=True)
     rc_file.write_text("".join(f"{n}: {v}\n" for n, v in sorted(verdicts.items())))
 

@@ -4,6 +4,8 @@ or a documented definition written out here, not the current output. Fast and de
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pytest
 
@@ -12,8 +14,8 @@ from tembench.physics import potentials as P
 from tembench.physics import stem as S
 
 
-@pytest.fixture(scope="module")
-def problem():
+@lru_cache(maxsize=1)
+def _problem():   # cached in the module: tests/mutation/recheck.py --direct reuses it across mutants
     rng = np.random.default_rng(12)
     n, s = 32, 0.2
     v = P.projected_potential(rng.uniform(0, 6.4, (8, 3)), [14] * 8, gpts=(n, n), sampling_A=s, slice_thickness_A=2.0,
@@ -29,10 +31,10 @@ def _patterns(v, probe, kw):
     return S.stem_scan(v, 2.0, probe=probe, bandlimit_transmission=False, **kw).patterns.astype(np.float64)
 
 
-def test_stem_loss_is_the_amplitude_loss_of_the_scanned_patterns(problem):
+def test_stem_loss_is_the_amplitude_loss_of_the_scanned_patterns():
     """L = Σ(√Î − √I)² with Î the patterns stem_scan gives for the same probe and potential (no band
     limit on t, the gradient engine's default); with ε > 0, You eq 16: Σ(√(Î+ε) − √(I+ε))²."""
-    v, probe, meas, kw = problem
+    v, probe, meas, kw = _problem()
     pred = _patterns(v, probe, kw)
     m = meas.astype(np.float64)
     loss, gv, gp = S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, **kw)
@@ -48,8 +50,8 @@ def test_stem_loss_is_the_amplitude_loss_of_the_scanned_patterns(problem):
     assert np.abs(gc.imag).max() > 1e-3 * np.abs(gv).max()
 
 
-def test_a_single_2d_probe_is_a_one_mode_stack_and_the_chunking_does_not_matter(problem):
-    v, probe, meas, kw = problem
+def test_a_single_2d_probe_is_a_one_mode_stack_and_the_chunking_does_not_matter():
+    v, probe, meas, kw = _problem()
     one = probe[0] / np.sqrt(np.sum(np.abs(probe[0]) ** 2)) * np.sqrt(np.sum(np.abs(probe) ** 2))
     one = one.astype(np.complex64)
     l2, g2, p2 = S.stem_loss_and_gradient(v, meas, 2.0, probe=one, **kw)
@@ -66,8 +68,8 @@ def test_a_single_2d_probe_is_a_one_mode_stack_and_the_chunking_does_not_matter(
         np.testing.assert_allclose(pb, ref[2], rtol=1e-4, atol=1e-5 * np.abs(ref[2]).max())
 
 
-def test_stem_loss_refuses_band_limited_transmissions_and_negative_eps(problem):
-    v, probe, meas, kw = problem
+def test_stem_loss_refuses_band_limited_transmissions_and_negative_eps():
+    v, probe, meas, kw = _problem()
     with pytest.raises(TembenchError, match="bandlimit_transmission=True is not supported"):
         S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, bandlimit_transmission=True, **kw)
     with pytest.raises(TembenchError, match="amplitude_eps must be >= 0"):
