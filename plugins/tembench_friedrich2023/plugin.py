@@ -6,11 +6,12 @@ from tembench import hookimpl
 from tembench_friedrich2023.dislocation import DislocationField
 from tembench_friedrich2023.quantify import ColumnFit, ColumnFitScore, CRLBPrecision
 from tembench_friedrich2023.restore import CNNRestore  # imports jax only when the step runs
+from tembench_friedrich2023.ricom_recon import RiCOMReconstructor
 
 
 @hookimpl
 def tembench_register_reconstructors():
-    return [ColumnFit]
+    return [ColumnFit, RiCOMReconstructor]
 
 
 @hookimpl
