@@ -11,8 +11,10 @@ frequency, is ⟨k⟩(R) = (1/2π) ∫ |P(r − R)|² ∇φ(r) dr, so g = 2π⟨
   integrated without wrap-around. λ1 (1/Å²) slows the lowest, λ2 (Å²) the highest frequencies;
   with the iteration count they act as high- and low-pass filters (Pelz 2022, [28]).
 - Rotation: COM_scan = R(θ) COM_det. The curl of the rotated field is cos θ · curl g + sin θ · div g,
-  so the θ minimising Σ curl² is the smallest eigenvector of [[Σcurl², Σcurl·div], [Σcurl·div,
-  Σdiv²]] — exact, no search. The remaining 180° ambiguity is resolved by the sign that makes the
+  so the θ minimising the solenoidal (curl) energy Σ|ĉurl|²/q² is the smallest eigenvector of
+  [[Σ|ĉ|²/q², Σĉd̂*/q²], [·, Σ|d̂|²/q²]] (ĉ, d̂ the curl and divergence spectra) — exact, no search.
+  The 1/q² weight (the Helmholtz energies rather than Σcurl²) keeps white noise, which the
+  derivatives amplify at high q, from swamping the low-pass signal. The remaining 180° ambiguity is resolved by the sign that makes the
   integrated phase positively skewed (atoms are positive phase peaks on a flatter background).
 - Transpose: a detector read out transposed relative to the scan swaps (k_y, k_x). Then
   COM_scan = R(θ) T COM_det with T the swap, a reflection: no rotation makes T·∇φ curl-free, so the
@@ -133,11 +135,24 @@ def curl_div(gy, gx, step_A):
     return curl, div
 
 
+def _helmholtz_moments(gy, gx, step_A):
+    """(Σ|ĉ|²/q², Re Σ ĉ d̂*/q², Σ|d̂|²/q²) with ĉ, d̂ the spectra of curl g and div g: the energies of the
+    solenoidal and irrotational parts of g and their cross term (Parseval; q = 0 left out). Unlike Σcurl²,
+    these do not weight white noise by q², so a low-pass signal field is seen through the noise."""
+    qy, qx = _freqs(gy.shape, step_A)
+    fy, fx = scipy.fft.fft2(gy), scipy.fft.fft2(gx)
+    c = qx * fy - qy * fx       # i·curl spectrum / i
+    d = qy * fy + qx * fx       # i·div spectrum / i
+    q2 = qy ** 2 + qx ** 2
+    q2[0, 0] = np.inf
+    return (float((np.abs(c) ** 2 / q2).sum()), float((c * np.conj(d) / q2).real.sum()),
+            float((np.abs(d) ** 2 / q2).sum()))
+
+
 def _min_curl(gy, gx, step_A) -> tuple[float, float]:
-    """(θ in [0°, 180°) minimising the curl of R(θ)·g, the curl energy fraction left at that θ)."""
-    curl, div = curl_div(gy, gx, step_A)
+    """(θ in [0°, 180°) minimising the solenoidal energy of R(θ)·g, the fraction of energy it leaves)."""
     # curl of R(θ)g = cos θ · curl + sin θ · div, with θ counter-clockwise in the (x, y) plane
-    a, b, d = float((curl * curl).sum()), float((curl * div).sum()), float((div * div).sum())
+    a, b, d = _helmholtz_moments(gy, gx, step_A)
     w, v = np.linalg.eigh(np.array([[a, b], [b, d]]))
     c, s = v[:, 0]
     frac = float(w[0]) / (a + d) if a + d > 0 else 0.5
@@ -150,8 +165,7 @@ def estimate_rotation_deg(gy, gx, step_A) -> float:
 
 
 def _curl_fraction_at(gy, gx, step_A, rotation_deg: float) -> float:
-    curl, div = curl_div(*rotate_field(gy, gx, rotation_deg), step_A)
-    a, d = float((curl * curl).sum()), float((div * div).sum())
+    a, _, d = _helmholtz_moments(*rotate_field(gy, gx, rotation_deg), step_A)
     return a / (a + d) if a + d > 0 else 0.5
 
 
@@ -159,12 +173,19 @@ def _oriented(gy, gx, transpose: bool):
     return (gx, gy) if transpose else (gy, gx)
 
 
+#: the transposed orientation is chosen only when its curl fraction is below the as-read one by this many
+#: standard deviations of the fraction for pure noise, 1/sqrt(2N) for N probe positions (≈ 0.05 for 55 × 53)
+TRANSPOSE_MARGIN_SIGMAS = 4.0
+
+
 def estimate_orientation(gy, gx, step_A, rotation_deg: float | None = None, transpose: bool | None = None) -> dict:
-    """Scan–detector orientation from the COM field: ``{"rotation_deg", "transpose", "curl_fraction": {…}}``.
+    """Scan–detector orientation from the COM field: ``{"rotation_deg", "transpose", "curl_fraction": {…},
+    "transpose_margin"}``.
 
     For each transpose option (or the given one): the rotation of minimum curl (or the given rotation)
-    and the fraction of curl energy it leaves; the option with the smaller fraction wins. The 180°
-    branch is resolved afterwards (:func:`resolve_orientation`).
+    and the fraction of curl energy it leaves. The transposed option wins only when its fraction is
+    smaller by ``transpose_margin`` = 4/sqrt(2N): a noise-dominated field (≈ 0.5 either way) is read as
+    it is, not flipped by chance. The 180° branch is resolved afterwards (:func:`resolve_orientation`).
     """
     options = (False, True) if transpose is None else (bool(transpose),)
     found = {}
@@ -174,8 +195,12 @@ def estimate_orientation(gy, gx, step_A, rotation_deg: float | None = None, tran
             found[t] = _min_curl(fy, fx, step_A)
         else:
             found[t] = (float(rotation_deg), _curl_fraction_at(fy, fx, step_A, rotation_deg))
-    best = min(options, key=lambda t: found[t][1])
-    return {"rotation_deg": found[best][0], "transpose": best,
+    margin = TRANSPOSE_MARGIN_SIGMAS / math.sqrt(2.0 * max(np.size(gy), 1))
+    if transpose is None:
+        best = found[True][1] < found[False][1] - margin
+    else:
+        best = bool(transpose)
+    return {"rotation_deg": found[best][0], "transpose": best, "transpose_margin": margin,
             "curl_fraction": {("transposed" if t else "as_read"): found[t][1] for t in options}}
 
 
@@ -317,6 +342,7 @@ def _gradients(self, measurement, params):
     step = scan_step(g, self.name)
     o = resolve_orientation(gy, gx, step, params.rotation_deg, params.transpose)
     extras = {"rotation_deg": o["rotation_deg"], "transpose": o["transpose"], "curl_fraction": o["curl_fraction"],
+              "transpose_margin": o["transpose_margin"],
               **(bad.report() if bad is not None else {})}
     return o["gy"], o["gx"], step, extras
 

@@ -106,7 +106,8 @@ def test_dpc_noise_degrades_gracefully(focused, blurred_truth):
     scores = []
     for dose in (1, 100, 10000):
         m = PoissonDose().apply(focused.measurement, PoissonDose.Params(electrons_per_pattern=dose), rng)
-        rec = dpc.DPC().reconstruct(m, dpc.DPC.Params(normalize="mean"), np).data
+        # rotation given (the true 0°): at ≤ 100 e/pattern this weak object leaves nothing to estimate it from
+        rec = dpc.DPC().reconstruct(m, dpc.DPC.Params(normalize="mean", rotation_deg=0.0), np).data
         assert np.all(np.isfinite(rec))
         scores.append(ncc(rec, blurred_truth))
     assert scores[0] < scores[1] < scores[2] and scores[2] > 0.6, scores

@@ -76,3 +76,19 @@ def test_rotated_and_transposed_detector_is_found(phase_object, rotation_deg):
     # an explicit transpose with the rotation still estimated
     given = dpc.ICOM().reconstruct(flipped, dpc.ICOM.Params(transpose=True), np)
     assert _angle_err(given.extras["rotation_deg"], rotation_deg) < 1.0 and ncc(given.data, truth) > 0.999
+
+
+def test_noise_does_not_flip_the_orientation(focused):
+    # pure-noise COM fields have curl fractions ≈ 0.5 either way: without a clear margin the data are read as
+    # they are; with enough signal (this weak object, 0.05 rad peaks, needs ~1e5 e/pattern) a transposed detector
+    # is still found
+    from tembench.builtin.noise import PoissonDose
+    flipped_meas = _detector_permuted(focused.measurement, _transposed)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        low = PoissonDose().apply(focused.measurement, PoissonDose.Params(electrons_per_pattern=0.5), rng)
+        rec = dpc.ICOM().reconstruct(low, dpc.ICOM.Params(), np)
+        f = rec.extras["curl_fraction"]
+        assert rec.extras["transpose"] is False and abs(f["as_read"] - f["transposed"]) < rec.extras["transpose_margin"]
+        flipped = PoissonDose().apply(flipped_meas, PoissonDose.Params(electrons_per_pattern=100_000), rng)
+        assert dpc.ICOM().reconstruct(flipped, dpc.ICOM.Params(), np).extras["transpose"] is True
