@@ -668,6 +668,14 @@ def test_potential_volume_does_not_wrap_along_z_and_projects_to_the_projected_po
     assert vol.shape == (24, 8, 9)
     proj = projected_potential(mid, [14, 8], gpts=(8, 9), sampling_A=s)[0]
     np.testing.assert_allclose(vol.sum(axis=0) * s, proj, atol=2e-3 * proj.max())
+    # the same for the Kirkland parameterisation (which differs from Lobato by more than the tolerance)
+    vol_k = potential_volume(Sample(mid, [14, 8], (4.5, 4.0, 12.0)), s, parametrization="kirkland")
+    proj_k = projected_potential(mid, [14, 8], gpts=(8, 9), sampling_A=s, parametrization="kirkland")[0]
+    np.testing.assert_allclose(vol_k.sum(axis=0) * s, proj_k, atol=5e-4 * proj_k.max())   # agree to 5e-5
+    assert np.abs(proj_k - proj).max() > 2e-3 * proj.max()                                   # differ by 4e-3
+    # the Nyquist plane of an even axis is left out (ny = 8): no (−1)^iy component in any z plane
+    nyq = np.fft.fft(vol.astype(np.float64), axis=1)[:, 4, :]
+    assert np.abs(nyq).max() < 1e-5 * vol.max() * 8
     # n = round(cell/s) voxels per axis, at least one: a 0.4 Å thin cell at 0.5 Å is one voxel thick
     assert potential_volume(Sample(pos[:1] * [1, 1, 0], [6], (4.5, 4.0, 0.4)), s).shape == (1, 8, 9)
 
