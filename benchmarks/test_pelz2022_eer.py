@@ -22,6 +22,18 @@ speed-up vs 1-thread dense, in () vs all-thread dense). Dense COM is a one-pass 
     128² 0.03   17×    71–74×       20.4–20.7×     175×     51–55×
     128² 0.1     5×    23×          6.7–6.8×        41×     15–16×
 
+Re-measured 2026-12-01 (2 vCPU Intel Xeon, load 16–18 from other agents, eer_ops at 6957713), 128²,
+speed-up vs 1-thread dense by CPU time (by wall time in ()) — the wall ratios above were inflated by load:
+
+    e/px  target  COM            ADF            bin4           frame sum
+    0.01   50×     94× (1025×)   112× (889×)    631× (6923×)   122× (994×)
+    0.03   17×     35× (217×)     14× (195×)    181× (1742×)    33× (291×)
+    0.1     5×    3.8× (3.8×)    3.8× (4.1×)     45× (59×)     9.1× (9.1×)
+
+At 0.1 e/px (6.7 M events, 13 MB of 16-bit indices, beyond the 2 MiB L2) the event kernels cost
+0.66 ns/event alone (4.4 ms CPU; 0.23 ns/event at ≤ 2 M events), so COM and ADF miss the 5× target
+there, and ADF (14×) the 17× target at 0.03 e/px.
+
 (before this round: COM 64² 0.01 42–43×; ADF 64² 0.01 44–46×, 128² 0.01 47–51×, 64² 0.03 13×.)
 Event kernels: COM ≈ 0.15 ns/event in one numba call (Σp and Σ⌊p/nx⌋ by multiply-shift, then the
 normalisation in a second loop over frames); virtual detector masks ≈ 0.14–0.16 ns/event (16-way

@@ -139,12 +139,13 @@ def checkout(ref: str, dest: Path) -> str:
     if ref == "worktree":
         return "worktree (uncommitted changes included) on " + _git("rev-parse", "--short", "HEAD")
     commit = _git("rev-parse", "--short", ref)
+    plugin = _git("log", "-1", "--format=%h %cI", commit, "--", "plugins/tembench_pelz2022")
     dest.mkdir(parents=True, exist_ok=True)
     arch = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "platform/tembench", "plugins/tembench_pelz2022"],
                           capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=arch, check=True)
     _OURS_PATH[:] = [str(dest / "platform"), str(dest / "plugins")]
-    return commit
+    return f"{commit} (last plugins/tembench_pelz2022 commit {plugin})"
 
 
 def _git(*args) -> str:
