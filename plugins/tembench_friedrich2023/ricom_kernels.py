@@ -38,21 +38,25 @@ if HAVE_NUMBA:
 
     @_nb.njit(cache=True, nogil=True)
     def _moments_int_nb(d3, out):  # pragma: no cover - compiled
+        # column sums by whole-row vector adds (int32: exact for ≤ 2¹⁵ rows of 16-bit counts), row sums by a
+        # reduction; the first moments from the ≤ 2·256 sums afterwards (one pass over the data, no float copy)
         n_frames, ny, nx = d3.shape
+        col = np.zeros(nx, np.int32)
         for f in range(n_frames):
-            s = 0
+            col[:] = 0
             sy = 0
-            sx = 0
+            s = 0
             for iy in range(ny):
-                row = 0
-                rx = 0
+                row = np.int32(0)
                 for ix in range(nx):
-                    v = np.int64(d3[f, iy, ix])
+                    v = np.int32(d3[f, iy, ix])
+                    col[ix] += v
                     row += v
-                    rx += v * ix
                 s += row
-                sy += row * iy
-                sx += rx
+                sy += np.int64(row) * iy
+            sx = 0
+            for ix in range(nx):
+                sx += np.int64(col[ix]) * ix
             out[f, 0] = sy
             out[f, 1] = sx
             out[f, 2] = s
@@ -86,7 +90,8 @@ def scatter(img, uy, ux, ys, xs, gy, gx, numba: bool | None = None) -> None:
 
 def integer_moments(d3, numba: bool | None = None) -> np.ndarray:
     """(F, 3) float64 (Σ iy·I, Σ ix·I, Σ I) of integer (F, ny, nx) frames, summed exactly in int64."""
-    if use_numba(numba) and d3.flags.c_contiguous:
+    small = d3.dtype.itemsize <= 2 and d3.shape[1] < 2 ** 15 and d3.shape[2] < 2 ** 15  # int32 row/column sums exact
+    if use_numba(numba) and d3.flags.c_contiguous and small:
         out = np.empty((d3.shape[0], 3), np.int64)
         _moments_int_nb(d3, out)
         return out.astype(np.float64)

@@ -1,0 +1,131 @@
+"""riCOM speed (Friedrich 2023 Fig. 3.3, Table 5.1): frames/s of the live update, one thread.
+
+Run: ``python -m pytest benchmarks/test_friedrich_ricom.py -s``. Case of Fig. 3.3: 256² uint16 frames,
+kernel 61×61, one thread (the thesis's C++: ≈ 14–30 kHz; target here ≥ 30 kHz), and electron events at
+≤ 0.01 e/pixel (thesis: > 100 kHz; target ≥ 100 kHz). The whole live path is timed — COM of every
+pattern, gradient, rotation, the 61² patch added to the image (``RiCOM.add_frames`` / ``add_events`` on
+chunks of 512 frames into a 64² scan). Floors measured in the same run, interleaved:
+
+- frames: ``numpy_sum`` — one numpy pass summing every frame (int64), i.e. reading the data once, the
+  least any COM can cost; ``rfft2`` — one 256² real FFT per frame (scipy, 1 worker), for scale.
+- events: ``event_com`` — the Pelz plugin's event COM alone (what riCOM adds is the 61² patch per frame).
+
+Wall-time rates depend on the load of the shared machine; the CPU time of the process (``*_cpu_kHz``,
+best of rounds) and the ratios to the floors are the robust figures. Measured results: docs/ricom.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from tembench.eer import ElectronEvents
+from tembench_friedrich2023.ricom import RiCOM
+from tembench_pelz2022.eer_ops import DetectorGrid, center_of_mass
+
+DET = 256
+CHUNK = 512
+SCAN = (64, 64)
+KERNEL = 61
+
+
+def _pattern():
+    yy, xx = np.mgrid[:DET, :DET]
+    r = np.hypot(yy - DET // 2, xx - DET // 2)
+    p = ((r < DET / 6) + 0.05 * (r >= DET / 6)).astype(float)
+    return p / p.sum()
+
+
+def _best(fns: dict, rounds: int = 5) -> dict:
+    """Best wall and CPU time of each function over ``rounds``, interleaved (after one warm-up each)."""
+    for f in fns.values():
+        f()
+    wall = {k: np.inf for k in fns}
+    cpu = {k: np.inf for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            wall[k] = min(wall[k], time.perf_counter() - t)
+            cpu[k] = min(cpu[k], time.process_time() - c)
+    return {"wall": wall, "cpu": cpu}
+
+
+def _load() -> str:
+    import os
+
+    return "load %.1f %.1f %.1f" % os.getloadavg()
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(0)
+    return rng.poisson(_pattern() * 2000.0, size=(CHUNK, DET, DET)).astype(np.uint16)
+
+
+def test_ricom_frames_256_uint16_kernel61(benchmark, frames):
+    n_frames = SCAN[0] * SCAN[1]
+    reps = n_frames // CHUNK
+
+    def ours():
+        s = RiCOM(SCAN, KERNEL, detector_shape=(DET, DET), rotation_deg=12.0)
+        for k in range(reps):
+            s.add_frames(frames, indices=np.arange(k * CHUNK, (k + 1) * CHUNK))
+        return s
+
+    def numpy_sum():
+        for _ in range(reps):
+            frames.sum(axis=(1, 2), dtype=np.int64)
+
+    def rfft():
+        import scipy.fft
+
+        for _ in range(reps):
+            for i in range(0, CHUNK, 64):
+                scipy.fft.rfft2(frames[i:i + 64], workers=1)
+
+    with threadpool_limits(1):
+        t = _best({"ricom": ours, "numpy_sum": numpy_sum, "rfft2": rfft})
+        benchmark.pedantic(ours, rounds=1, iterations=1)
+    info = {f"{k}_kHz": n_frames / v / 1e3 for k, v in t["wall"].items()}
+    info.update({f"{k}_cpu_kHz": n_frames / v / 1e3 for k, v in t["cpu"].items()})
+    info["ricom_over_numpy_sum_cpu"] = t["cpu"]["ricom"] / t["cpu"]["numpy_sum"]
+    info["ricom_over_rfft2_cpu"] = t["cpu"]["ricom"] / t["cpu"]["rfft2"]
+    info["load"] = _load()
+    benchmark.extra_info.update(info)
+    print("\nriCOM frames 256² uint16, kernel 61, 1 thread:", {k: (round(v, 2) if isinstance(v, float) else v)
+                                                           for k, v in info.items()})
+
+
+@pytest.mark.parametrize("e_per_px", [0.01, 0.001])
+def test_ricom_events_kernel61(benchmark, e_per_px):
+    rng = np.random.default_rng(1)
+    n = SCAN[0] * SCAN[1]
+    counts = rng.poisson(e_per_px * DET * DET, n)
+    off = np.zeros(n + 1, np.int64)
+    off[1:] = np.cumsum(counts)
+    idx = rng.choice(DET * DET, size=int(off[-1]), p=_pattern().ravel()).astype(np.uint16)
+    ev = ElectronEvents(off, idx, SCAN, (DET, DET))
+    grid = DetectorGrid((DET, DET), (DET // 2, DET // 2), (1.0, 1.0))
+
+    def ours():
+        s = RiCOM(SCAN, KERNEL, detector_shape=(DET, DET), rotation_deg=12.0)
+        s.add_events(ev)
+        return s
+
+    def event_com():
+        center_of_mass(ev, grid)
+
+    t = _best({"ricom": ours, "event_com": event_com}, rounds=7)
+    benchmark.pedantic(ours, rounds=1, iterations=1)
+    info = {f"{k}_kHz": n / v / 1e3 for k, v in t["wall"].items()}
+    info.update({f"{k}_cpu_kHz": n / v / 1e3 for k, v in t["cpu"].items()})
+    info["ricom_over_event_com_cpu"] = t["cpu"]["ricom"] / t["cpu"]["event_com"]
+    info["events_per_frame"] = float(counts.mean())
+    info["load"] = _load()
+    benchmark.extra_info.update(info)
+    print(f"\nriCOM events {e_per_px} e/px, kernel 61:", {k: (round(v, 2) if isinstance(v, float) else v)
+                                                       for k, v in info.items()})
