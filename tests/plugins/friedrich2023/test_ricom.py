@@ -273,3 +273,12 @@ def test_memory_is_independent_of_the_number_of_frames():
     for _ in range(4):
         small.add_frames(np.ones((1024, 64, 64), np.uint8))
     assert small.nbytes == before < 64 * 64 * 8 * 4 + 61 * 61 * 8 * 3 + 64 * 64 + 1
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba kernel")
+def test_integer_moments_exact_at_full_16_bit_range():
+    """The numba path sums in int32 per row/column: exact for a 256² detector of saturated uint16 pixels."""
+    rng = np.random.default_rng(4)
+    d = rng.integers(60000, 65536, size=(3, 256, 256), dtype=np.uint16)
+    np.testing.assert_array_equal(ricom_kernels.integer_moments(d, numba=True),
+                                  ricom_kernels.integer_moments(d, numba=False))
