@@ -74,3 +74,20 @@ def test_stem_loss_refuses_band_limited_transmissions_and_negative_eps():
         S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, bandlimit_transmission=True, **kw)
     with pytest.raises(TembenchError, match="amplitude_eps must be >= 0"):
         S.stem_loss_and_gradient(v, meas, 2.0, probe=probe, amplitude_eps=-1e-3, **kw)
+
+
+def test_window_size_gives_the_requested_detector_pixel():
+    """w = λ/(s·Δα) pixels per axis, rounded to an FFT-friendly size not below it, so the window's Fourier
+    pixel λ/(w·s) is the requested detector sampling or a little finer; (y, x) kept apart."""
+    from tembench.physics.constants import wavelength_A
+    from tembench.physics.grid import fft_friendly
+
+    lam = wavelength_A(200.0)
+    for det, s in ((0.5, 0.1), ((0.5, 0.8), (0.1, 0.07)), (1.3, (0.05, 0.2))):
+        dy, dx = np.broadcast_to(np.asarray(det, float), (2,))
+        sy, sx = np.broadcast_to(np.asarray(s, float), (2,))
+        got = S.window_gpts_for(det, s, 200.0)
+        assert got == (fft_friendly(int(round(lam / (sy * dy * 1e-3)))), fft_friendly(int(round(lam / (sx * dx * 1e-3)))))
+        for w, si, d in zip(got, (sy, sx), (dy, dx)):
+            assert lam / (w * si) * 1e3 <= d * 1.02          # the Fourier pixel in mrad
+    assert S.window_gpts_for(0.5, 0.1, 200.0) == (fft_friendly(501), fft_friendly(501))   # 0.02508 Å/(0.1 Å·0.5 mrad)
