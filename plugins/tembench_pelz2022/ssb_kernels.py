@@ -1,0 +1,147 @@
+"""SSB reduction over both double-overlap lunes and the triple overlap (numba, with a numpy twin).
+
+For a weak phase object the scan transform of the normalised data is, pixel by pixel,
+G(k, K) = iΦ(K) γ(k, K) + noise with γ = A*(k)A(k−K) − A(k)A*(k+K), A = aperture·e^{−iχ}.
+With the quadratic aberration χ_q(k) = kᵀQk and θ(K) = KᵀQK:
+
+* lune D−: γ = e^{2ik·QK} e^{−iθ};  lune D+: γ = −e^{2ik·QK} e^{iθ}, |γ| = 1;
+* triple overlap (|k|, |k−K|, |k+K| < k0): γ = e^{2ik·QK}(e^{−iθ} − e^{iθ}), |γ|² = 4 sin²θ. It is
+  zero in focus (why eq 3 uses the lunes only) but carries up to 4× a lune pixel's signal power
+  when the probe is defocused.
+
+The least-squares (maximum-likelihood for uniform pixel noise) estimate is Φ = −i Σ γ* G / Σ|γ|².
+This kernel returns its pieces per K, so the caller can also compare the two sidebands (an
+independent noise estimate): ``Dm`` = Σ_{D−} (−i) e^{iθ} e^{−2ik·QK} G (→ Φ·N−), ``Dp`` = Σ_{D+} i e^{−iθ}
+e^{−2ik·QK} G (→ Φ·N+), ``T`` = Σ_{triple} e^{−2ik·QK} G (→ 2 sinθ Φ·N_t) and the pixel counts
+N−, N+, N_t. Pixels are classified by their centres (uniform detector grid ky0 + iy·dky, kx0 + ix·dkx).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tembench_pelz2022._kernels import HAVE_NUMBA, use_numba
+
+if HAVE_NUMBA:
+    import numba as _nb
+
+
+def reduce_numpy(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, chunk=64):
+    """Numpy twin of :func:`reduce` (same results to rounding)."""
+    n1, n2, _ = G.shape
+    kyv = ky0 + dky * np.arange(nky)
+    kxv = kx0 + dkx * np.arange(nkx)
+    ky = np.repeat(kyv, nkx)
+    kx = np.tile(kxv, nky)
+    kk = ky * ky + kx * kx
+    inside = kk < k0 * k0
+    ky, kx, kk = ky[inside], kx[inside], kk[inside]
+    Gi = G[:, :, inside]
+    sums = np.zeros((3, n1, n2), dtype=np.complex128)
+    counts = np.zeros((3, n1, n2), dtype=np.int64)
+    k02 = k0 * k0
+    for a in range(0, n1, chunk):
+        KYc, KXc = KY[a:a + chunk, :, None], KX[a:a + chunk, :, None]
+        KK = KYc * KYc + KXc * KXc
+        dot = KYc * ky + KXc * kx
+        dm = kk + KK - 2 * dot < k02
+        dp = kk + KK + 2 * dot < k02
+        masks = (dm & ~dp, dp & ~dm, dm & dp)
+        vy = Q[0, 0] * KYc + Q[0, 1] * KXc
+        vx = Q[1, 0] * KYc + Q[1, 1] * KXc
+        theta = (KYc * vy + KXc * vx)[..., 0]
+        g = Gi[a:a + chunk] * np.exp(-2j * (ky * vy + kx * vx))
+        s = [np.where(m, g, 0).sum(-1) for m in masks]
+        sums[0, a:a + chunk] = -1j * np.exp(1j * theta) * s[0]
+        sums[1, a:a + chunk] = 1j * np.exp(-1j * theta) * s[1]
+        sums[2, a:a + chunk] = s[2]
+        for i, m in enumerate(masks):
+            counts[i, a:a + chunk] = m.sum(-1)
+    return sums, counts
+
+
+if HAVE_NUMBA:
+    @_nb.njit(parallel=True, cache=True, nogil=True)
+    def _reduce_nb(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, sums, counts):  # pragma: no cover - compiled
+        n1, n2 = KY.shape
+        k02 = k0 * k0
+        for a in _nb.prange(n1):
+            for b in range(n2):
+                Ky = KY[a, b]
+                Kx = KX[a, b]
+                KK = Ky * Ky + Kx * Kx
+                vy = Q[0, 0] * Ky + Q[0, 1] * Kx
+                vx = Q[1, 0] * Ky + Q[1, 1] * Kx
+                theta = Ky * vy + Kx * vx
+                quad = (vy != 0.0) or (vx != 0.0)
+                ry = np.exp(-2j * dky * vy)
+                rx = np.exp(-2j * dkx * vx)
+                ey = np.exp(-2j * ky0 * vy)
+                ex0 = np.exp(-2j * kx0 * vx)
+                sm = 0j
+                sp = 0j
+                st = 0j
+                nm = 0
+                np_ = 0
+                nt = 0
+                for iy in range(nky):
+                    kyy = ky0 + iy * dky
+                    ex = ex0
+                    base = iy * nkx
+                    for ix in range(nkx):
+                        kxx = kx0 + ix * dkx
+                        kk = kyy * kyy + kxx * kxx
+                        if kk < k02:
+                            dot = kyy * Ky + kxx * Kx
+                            inm = kk + KK - 2.0 * dot < k02
+                            inp = kk + KK + 2.0 * dot < k02
+                            if inm or inp:
+                                g = np.complex128(G[a, b, base + ix])
+                                if quad:
+                                    g = g * (ey * ex)
+                                if inm and inp:
+                                    st += g
+                                    nt += 1
+                                elif inm:
+                                    sm += g
+                                    nm += 1
+                                else:
+                                    sp += g
+                                    np_ += 1
+                        if quad:
+                            ex = ex * rx
+                    if quad:
+                        ey = ey * ry
+                sums[0, a, b] = -1j * np.exp(1j * theta) * sm
+                sums[1, a, b] = 1j * np.exp(-1j * theta) * sp
+                sums[2, a, b] = st
+                counts[0, a, b] = nm
+                counts[1, a, b] = np_
+                counts[2, a, b] = nt
+
+    # the same kernel single-threaded: many small calls (the rotation search) would wait on the thread pool
+    _reduce_serial_nb = _nb.njit(cache=True, nogil=True)(_reduce_nb.py_func)
+
+
+def reduce(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, numba: bool | None = None, parallel: bool = True):
+    """(sums (3, n1, n2) complex128 = Dm, Dp, T; counts (3, n1, n2) int64 = N−, N+, N_t); see the module docstring.
+
+    ``G`` (n1, n2, nky·nkx) is K-major with the flattened detector last; ``KY``, ``KX`` (n1, n2) the
+    scan frequencies in the detector frame (1/Å); ``k0`` = α/λ; ``Q`` the 2×2 quadratic-aberration
+    matrix in the detector frame (rad·Å²). ``parallel=False``: one thread (for many small calls).
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    KY = np.asarray(KY, dtype=np.float64)
+    KX = np.asarray(KX, dtype=np.float64)
+    if not use_numba(numba):
+        return reduce_numpy(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q)
+    sums = np.zeros((3,) + KY.shape, dtype=np.complex128)
+    counts = np.zeros((3,) + KY.shape, dtype=np.int64)
+    (_reduce_nb if parallel else _reduce_serial_nb)(G, float(ky0), float(dky), int(nky), float(kx0), float(dkx), int(nkx), KY, KX, float(k0), Q,
+               sums, counts)
+    return sums, counts
+
+
+def theta_of(KY, KX, Q) -> np.ndarray:
+    """θ(K) = KᵀQK (rad) for every K."""
+    return Q[0, 0] * KY * KY + (Q[0, 1] + Q[1, 0]) * KY * KX + Q[1, 1] * KX * KX
