@@ -208,3 +208,83 @@ def test_problem_geometry_rules(toy_series):
     # detector pixels at i·s unless the Geometry says otherwise
     assert M.detector_offset_A(SimpleNamespace(extra=None)) == (0.0, 0.0)
     assert M.detector_offset_A(SimpleNamespace(extra={"detector_pixel_offset_A": (0.1, -0.2)})) == (0.1, -0.2)
+
+
+def test_detector_offset_direction_reference_default_and_aperture(toy_series):
+    """"pixel i shows i·s + offset": with a one-pixel x offset the model's images are the unshifted ones
+    rolled by one pixel (I_off[i] = I_0[i + 1], exact on the periodic grid). Without a recorded
+    defocus reference the exit face of the cell (2·c_z, what the forward model records) is used; the
+    Geometry's aperture reaches the transfer functions; a rotation centre off the cube's mid-depth sets
+    the depth to 2·c_z."""
+    from tembench.physics.multislice import defocus_ctfs
+
+    g = toy_series.geometry
+    s = float(np.broadcast_to(g.sampling_A, (2,))[1])
+    p0 = M.build_problem(toy_series, slice_binning=4)
+    p1 = M.build_problem(toy_series, slice_binning=4, pixel_offset_A=(0.0, s))
+    rng = np.random.default_rng(4)
+    ny, nx = p0.shape[1:]
+    exit_wave = (1 + 0.3 * rng.normal(size=(ny, nx)) + 0.3j * rng.normal(size=(ny, nx))).astype(np.complex64)
+    i0 = np.abs(M._image_waves(exit_wave, p0, np)) ** 2
+    i1 = np.abs(M._image_waves(exit_wave, p1, np)) ** 2
+    np.testing.assert_allclose(i1, np.roll(i0, -1, axis=-1), rtol=1e-4, atol=1e-4 * i0.max())
+    bare = {k: v for k, v in g.extra.items() if k != "defocus_reference_z_A"}
+    assert float(g.extra["defocus_reference_z_A"]) == pytest.approx(2 * float(g.extra["rotation_centre_A"][2]))
+    pb = M.build_problem(_with_geometry(toy_series, extra=bare), slice_binning=4)
+    np.testing.assert_allclose(pb.ctfs, p0.ctfs, rtol=1e-6, atol=1e-6)
+    pa = M.build_problem(_with_geometry(toy_series, semiangle_mrad=12.0), slice_binning=4)
+    want = defocus_ctfs(p0.shape[1:], p0.sampling_yx, g.energy_keV, p0.defocus_A,
+                        {"C10": -(p0.extra["exit_plane_z_A"] - p0.extra["defocus_reference_z_A"])}, 12.0)
+    np.testing.assert_allclose(pa.ctfs, want, rtol=1e-5, atol=1e-6)
+    c = g.extra["rotation_centre_A"]
+    deep = M.build_problem(_with_geometry(toy_series, extra=dict(g.extra, rotation_centre_A=(c[0], c[1], 4.0))))
+    assert deep.shape[0] == int(round(8.0 / deep.voxel_A[0]))
+
+
+def _fgp_reference(x, lam, n_iter, positivity):
+    """Beck & Teboulle's FGP for prox_{λ TV} (isotropic, forward differences, Neumann), written out for
+    a 2D array: dual step 1/8 = 1/‖∇‖², v = P_C(x − λ∇ᵀp) with |p| ≤ 1."""
+    x = x.astype(np.float64)
+
+    def grad(v):
+        gy, gx = np.zeros_like(v), np.zeros_like(v)
+        gy[:-1] = v[1:] - v[:-1]
+        gx[:, :-1] = v[:, 1:] - v[:, :-1]
+        return gy, gx
+
+    def div(py, px):   # −∇ᵀ
+        d = np.zeros_like(py)
+        d[:-1] += py[:-1]
+        d[1:] -= py[:-1]
+        d[:, :-1] += px[:, :-1]
+        d[:, 1:] -= px[:, :-1]
+        return d
+
+    proj = (lambda v: np.maximum(v, 0)) if positivity else (lambda v: v)
+    ry, rx = np.zeros_like(x), np.zeros_like(x)
+    py, px = ry.copy(), rx.copy()
+    t = 1.0
+    for _ in range(n_iter):
+        v = proj(x + lam * div(ry, rx))
+        gy, gx = grad(v)
+        qy, qx = ry + gy / (8.0 * lam), rx + gx / (8.0 * lam)
+        n = np.maximum(1.0, np.sqrt(qy**2 + qx**2))
+        qy, qx = qy / n, qx / n
+        t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+        ry, rx = qy + (t - 1) / t_next * (qy - py), qx + (t - 1) / t_next * (qx - px)
+        py, px, t = qy, qx, t_next
+    return proj(x + lam * div(py, px))
+
+
+@pytest.mark.parametrize("positivity", [True, False])
+def test_tv_prox_is_fgp_with_the_documented_step_and_iterations(positivity):
+    """prox_tv (array path, 2D) equals FGP written out here with the dual step 1/‖∇‖² = 1/(4·ndim), after
+    3 and after 15 iterations; λ = 0 or no iterations is the projection alone."""
+    x = np.random.default_rng(3).normal(0, 1, (9, 11)).astype(np.float32)
+    for n_iter in (3, 15):
+        got = P.prox_tv(x, 0.4, n_iter=n_iter, positivity=positivity)
+        np.testing.assert_allclose(got, _fgp_reference(x, 0.4, n_iter, positivity), atol=2e-5)
+    for lam, n_iter in ((0.0, 15), (0.4, 0)):
+        np.testing.assert_array_equal(P.prox_tv(x, lam, n_iter=n_iter, positivity=positivity),
+                                      np.maximum(x, 0) if positivity else x)
+    assert not np.allclose(P.prox_tv(x, 1.0, positivity=positivity), np.maximum(x, 0) if positivity else x)
