@@ -91,3 +91,40 @@ def test_window_size_gives_the_requested_detector_pixel():
         for w, si, d in zip(got, (sy, sx), (dy, dx)):
             assert lam / (w * si) * 1e3 <= d * 1.02          # the Fourier pixel in mrad
     assert S.window_gpts_for(0.5, 0.1, 200.0) == (fft_friendly(501), fft_friendly(501))   # 0.02508 Å/(0.1 Å·0.5 mrad)
+
+
+def test_scan_raster_by_its_definition():
+    """Positions start + i·step: below ``end`` by default, up to and including it with ``endpoint``;
+    (y, x) per axis; steps must be positive in both."""
+    pos = S.scan_positions((1.0, 2.0), (2.0, 3.5), (0.25, 0.5))
+    assert pos.shape == (4, 3, 2) == S.scan_shape((1.0, 2.0), (2.0, 3.5), (0.25, 0.5)) + (2,)
+    np.testing.assert_allclose(pos[:, 0, 0], [1.0, 1.25, 1.5, 1.75])
+    np.testing.assert_allclose(pos[0, :, 1], [2.0, 2.5, 3.0])
+    assert S.scan_shape((1.0, 2.0), (2.0, 3.5), (0.25, 0.5), endpoint=True) == (5, 4)
+    np.testing.assert_allclose(S.scan_positions(0.0, (1.0, 2.1), 0.5, endpoint=True)[-1, -1], [1.0, 2.0])
+    assert S.scan_shape(0.0, (1.0, 2.1), 0.5) == (2, 5)     # 2.1/0.5 = 4.2 -> 5 positions below 2.1
+    assert S.scan_shape(3.0, 1.0, 0.5) == (1, 1)             # an empty range still scans its start
+    for bad in ((0.0, 0.5), (0.5, 0.0), (-0.1, 0.5)):
+        with pytest.raises(TembenchError, match="scan_step_A"):
+            S.scan_shape(0.0, 2.0, bad)
+
+
+def test_detector_masks_collect_the_angles_in_mrad():
+    """A pixel at spatial frequency k scatters to α = |k|·λ (rad); a detector (inner, outer) mrad keeps
+    inner ≤ α < outer (None: from 0 / to everything)."""
+    from tembench.physics.constants import wavelength_A
+
+    lam = wavelength_A(300.0)
+    g, s = (20, 16), (0.1, 0.12)
+    ky = np.fft.fftfreq(g[0], s[0])[:, None]
+    kx = np.fft.fftfreq(g[1], s[1])[None, :]
+    alpha = np.hypot(ky, kx) * lam * 1e3
+    names, m = S.detector_masks(g, s, 300.0, {"bf": (None, 30.0), "adf": (30.0, 80.0), "all": (10.0, None)})
+    assert names == ["bf", "adf", "all"] and m.dtype == np.float32
+    np.testing.assert_array_equal(m[0], alpha < 30.0)
+    np.testing.assert_array_equal(m[1], (alpha >= 30.0) & (alpha < 80.0))
+    np.testing.assert_array_equal(m[2], alpha >= 10.0)
+    assert 0 < m[0].sum() < m[0].size and m[1].sum() > 0
+    for bad in ((30.0, 30.0), (40.0, 30.0)):
+        with pytest.raises(TembenchError, match="outer angle"):
+            S.detector_masks(g, s, 300.0, {"d": bad})
