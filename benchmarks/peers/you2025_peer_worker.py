@@ -1,6 +1,10 @@
 """Worker run in a separate process: multislice ptychography of saved 4D-STEM data by one implementation.
 
-    python you2025_peer_worker.py {ours|py4dstem} DATA.npz OUT.npz [OURS_OPTIONS_JSON]
+    python you2025_peer_worker.py {ours|py4dstem} DATA.npz OUT.npz [OPTIONS_JSON]
+
+OPTIONS_JSON: msp parameters for ours; ``seed`` (both: ours' MSPParams.seed, py4DSTEM's numpy global seed
+before preprocess — its extra probe modes start with random phase ramps — and ``seed_random``);
+``quality_only`` (skip the memory runs).
 
 Both implementations get the same patterns, positions, defocus, slices, slice thickness, probe modes,
 minibatch size and iteration count (the initial probe: py4DSTEM's from the aperture ``semiangle_cutoff``,
@@ -58,8 +62,8 @@ def run_ours(d):
                    defocus_A=[float(d["defocus_A"])])
     p = MSPParams(n_slices=int(d["n_slices"]), slice_thickness_A=float(d["slice_A"]),
                   n_iterations=int(d["n_iter"]), batch_size=int(d["batch"]), n_probe_modes=int(d["n_modes"]),
-                  start_probe_iter=0, start_position_iter=None, reconstruct_absorption=False, seed=0,
-                  **OURS_OPTIONS)
+                  start_probe_iter=0, start_position_iter=None, reconstruct_absorption=False,
+                  **{"seed": 0, **OURS_OPTIONS})
     pats = d["data"].reshape(-1, *d["data"].shape[-2:])
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -73,6 +77,8 @@ def run_ours(d):
 def run_py4dstem(d):
     import py4DSTEM
 
+    # preprocess draws the extra probe modes' random phase ramps from numpy's global generator: seed it
+    np.random.seed(int(OURS_OPTIONS.get("seed", 0)))
     t0 = time.perf_counter()
     dc = py4DSTEM.DataCube(data=d["data"])
     dc.calibration.set_R_pixel_size(float(d["step_A"]))
@@ -88,7 +94,8 @@ def run_py4dstem(d):
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     r.reconstruct(num_iter=int(d["n_iter"]), max_batch_size=int(d["batch"]), progress_bar=False, reset=True,
-                  seed_random=0, gaussian_filter=False, butterworth_filter=False, kz_regularization_filter=False,
+                  seed_random=int(OURS_OPTIONS.get("seed", 0)), gaussian_filter=False, butterworth_filter=False,
+                  kz_regularization_filter=False,
                   tv_denoise=False, tv_denoise_chambolle=False, object_positivity=False, fix_potential_baseline=False,
                   fix_positions=True, fix_probe=False)
     total = time.perf_counter() - t0
@@ -103,6 +110,7 @@ def main(argv):
     impl, data_path, out_path = argv[:3]
     if len(argv) > 3:
         OURS_OPTIONS.update(json.loads(argv[3]))
+    quality_only = bool(OURS_OPTIONS.pop("quality_only", False))
     d = dict(np.load(data_path))
     fn = run_ours if impl == "ours" else run_py4dstem
     if impl == "ours":
@@ -114,6 +122,9 @@ def main(argv):
     proj, setup, total, info = fn(d)
     cpu = time.process_time() - c0 - setup
     np.savez(out_path, projection=np.asarray(proj, dtype=np.float64))
+    if quality_only:
+        print(json.dumps({"impl": impl, "per_iteration_s": total / int(d["n_iter"]), "options": OURS_OPTIONS}))
+        return
     # 2) memory: a run of 2 iterations (the peak is reached in the first), twice: the resident high-water
     #    mark above the RSS before it (everything, FFT internals included), then traced by tracemalloc
     #    (numpy/Python allocations only)
@@ -131,7 +142,7 @@ def main(argv):
     tracemalloc.stop()
     n_iter = int(d["n_iter"])
     print(json.dumps({"impl": impl, "setup_s": setup, "reconstruct_s": total, "per_iteration_s": total / n_iter,
-                      "cpu_per_iteration_s": cpu / n_iter, "options": OURS_OPTIONS if impl == "ours" else {},
+                      "cpu_per_iteration_s": cpu / n_iter, "options": OURS_OPTIONS,
                       "peak_MB": traced, "traced_MB": traced, "rss_peak_MB": rss_peak, **info}))
 
 
