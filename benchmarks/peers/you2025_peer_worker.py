@@ -12,8 +12,8 @@ ours from the mean pattern's bright-field disc as Alg. 1); positions are not ref
 refined from the first iteration; no regularising filters (py4DSTEM: Gaussian/Butterworth/kz/TV filters,
 positivity and baseline fixing off); real potential (py4DSTEM ``object_type="potential"``, ours
 ``reconstruct_absorption: false``). Prints one JSON line: setup/preprocess time, reconstruction time,
-time per iteration (an untraced run; wall and CPU time of this process), and memory above the state after import and data load of runs
-of 2 iterations: ``peak_MB`` = ``traced_MB`` = tracemalloc's peak (numpy and Python allocations, pyFFTW
+time per iteration (an untraced run; wall and CPU time of this process), and memory above the state after
+import and data load of runs of 2 iterations: ``peak_MB`` = ``traced_MB`` = tracemalloc's peak (numpy and Python allocations, pyFFTW
 buffers included), ``rss_peak_MB`` = the kernel's resident high-water mark above the RSS before the run
 (reset through ``/proc/self/clear_refs``; includes FFT library scratch and allocator slack). One thread:
 neither code starts child processes.

@@ -161,7 +161,8 @@ def table(summary: dict) -> str:
     def frc(r):
         return f"{r['frc_0.5_resolution_A']:.2f}" + ("" if r["frc_reached"] else " (Nyquist)")
 
-    rows = [("NCC vs truth (seed 0)", f"{o['ncc']:.3f}", f"{p['ncc']:.3f}", f"{o['ncc'] - p['ncc']:+.3f}", f"{d['ncc']:.3f}"),
+    rows = [("NCC vs truth (seed 0)", f"{o['ncc']:.3f}", f"{p['ncc']:.3f}", f"{o['ncc'] - p['ncc']:+.3f}",
+             f"{d['ncc']:.3f}"),
             (f"NCC over seeds 0–{len(o['ncc_seeds']) - 1}: mean (min–max)", _spread(o["ncc_seeds"]),
              _spread(p["ncc_seeds"]), f"{np.mean(o['ncc_seeds']) - np.mean(p['ncc_seeds']):+.3f}", ""),
             ("FRC 0.5 vs truth, last crossing (Å)", frc(o), frc(p),
@@ -176,7 +177,8 @@ def table(summary: dict) -> str:
             ("peak memory, RSS high-water (MB)", f"{o['rss_peak_MB']:.0f}", f"{p['rss_peak_MB']:.0f}",
              f"{summary['rss_memory_ratio']:.2f}x", f"{d['rss_peak_MB']:.0f}"),
             ("load (1 min) before → after", f"{o['load_before']:.1f} → {o['load_after']:.1f}",
-             f"{p['load_before']:.1f} → {p['load_after']:.1f}", "", f"{d['load_before']:.1f} → {d['load_after']:.1f}")]
+             f"{p['load_before']:.1f} → {p['load_after']:.1f}", "",
+             f"{d['load_before']:.1f} → {d['load_after']:.1f}")]
     lines = [summary["compared"], "",
              "| | tembench msp | py4DSTEM 0.14.18 | ours vs py4DSTEM | tembench msp, defaults |",
              "| --- | --- | --- | --- | --- |"]

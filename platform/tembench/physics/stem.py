@@ -600,7 +600,8 @@ def stem_loss_and_gradient(potentials, measured_patterns, slice_thickness_A, *, 
                     h = asnumpy(2.0 * (d_amp[a] * d_amp[b]).sum(axis=(-2, -1)).astype(xp.float64))
                     curv_pos[start:start + nb, a, b] = h
                     curv_pos[start:start + nb, b, a] = h
-    # chain rule through t = exp(iσv): ∂L/∂v = −iσ·conj(t)·Σ (pointwise on the field, after folding the padding)
+    # chain rule through t = exp(iσv): ∂L/∂v = −iσ·conj(t)·Σ (pointwise on the field, after folding the
+    # wrap padding)
     acc = sc.fold(acc)
     t = sc.t[:, :sc.field_gpts[0], :sc.field_gpts[1]]
     grad_v = transmission_gradient(acc, t, sc.sigma, complex_potential)
