@@ -863,3 +863,32 @@ def test_multislice_backward_batches_transmissions_and_dtypes():
     direct = M.multislice(M.plane_wave((10, 12)), 1.2, potentials=v, tilt_mrad=(4.0, -2.0), **kw).exit_wave
     np.testing.assert_array_equal(tilted, direct)
     assert np.abs(tilted - M.hrtem_exit_wave(v, 1.2, **kw).exit_wave).max() > 1e-3
+
+
+def test_projected_potential_over_several_fft_chunks_and_permuted_repeated_slices():
+    """On a 256² grid a batched inverse FFT holds 7 slices, so 9 slices take two chunks; slices holding
+    the same atoms listed in another order are repeats (computed once). Both must give the sum of the
+    single-atom potentials, slice by slice; and more than 1000 atoms (the O(n) element census) the same
+    potential as the atoms split in two halves."""
+    from tembench.physics.potentials import projected_potential
+
+    rng = np.random.default_rng(13)
+    g, s = (256, 256), 0.2
+    xy = rng.uniform(0, 51.2, (9, 2))
+    pos = np.column_stack([xy, np.arange(9) + 0.5])
+    kw = dict(gpts=g, sampling_A=s, slice_thickness_A=1.0, z_range_A=(0.0, 9.0))
+    v = projected_potential(pos, [8] * 9, **kw)
+    for i in (0, 6, 7, 8):
+        np.testing.assert_allclose(v[i], projected_potential(pos[i:i + 1], [8], **kw)[i], atol=1e-4 * v.max())
+    a, b = [1.0, 2.0, 0.5], [3.0, 1.5, 0.5]
+    two = np.array([a, b, [b[0], b[1], 1.5], [a[0], a[1], 1.5]])   # slice 1 lists slice 0's atoms reversed
+    kw2 = dict(gpts=(12, 10), sampling_A=0.4, slice_thickness_A=1.0, z_range_A=(0.0, 2.0))
+    w = projected_potential(two, [6, 8, 8, 6], **kw2)
+    np.testing.assert_array_equal(w[1], w[0])
+    np.testing.assert_allclose(w[0], projected_potential(two[:2], [6, 8], **kw2)[0], atol=1e-5 * w.max())
+    many = np.column_stack([rng.uniform(0, 4.8, (1200, 2)), rng.uniform(0, 1, 1200)])
+    zs = rng.choice([6, 8, 14], 1200)
+    kw3 = dict(gpts=(12, 12), sampling_A=0.4, method="exact")
+    whole = projected_potential(many, zs, **kw3)
+    halves = projected_potential(many[:600], zs[:600], **kw3) + projected_potential(many[600:], zs[600:], **kw3)
+    np.testing.assert_allclose(whole, halves, atol=1e-4 * whole.max())
