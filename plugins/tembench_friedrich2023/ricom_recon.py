@@ -15,7 +15,6 @@ from pydantic import Field
 
 from tembench import Params, Reconstructor
 from tembench.errors import TembenchError
-from tembench_friedrich2023.ricom import make_kernel, ricom_image
 from tembench_pelz2022.common import ACCEPTS, bad_pixel_check, load_4d, phase_image, probe_optics, scan_step
 from tembench_pelz2022.dpc import gradient_field, resolve_orientation
 
@@ -42,6 +41,8 @@ class RiCOMReconstructor(Reconstructor):
         numba: bool | None = Field(None, description="numba kernels for the COM (default: when installed)")
 
     def reconstruct(self, measurement, params, xp):
+        from tembench_friedrich2023.ricom import make_kernel, ricom_image  # numba: not at `tembench list`
+
         n = params.kernel_size
         if n % 2 == 0:
             raise TembenchError(f"ricom: kernel_size must be odd (a window centred on the probe position), got {n}")
