@@ -268,7 +268,8 @@ def table(s: dict) -> list[dict]:
     # cores); otherwise the fastest wall time of N warm calls. Medians are in the JSON.
     T, S = ("warm_cpu_s", "step_cpu_s") if s["threads"] == 1 else ("warm_min_s", "step_min_s")
     o, t, od = s["ssb"]["ours"], s["ssb"]["py4dstem"], s["ssb"]["ours_default"]
-    det = f"detector {_px(o['detector_px'])} vs {_px(t['detector_px'])} px, {_bad_pixels(o)}, rotation given, {thr}"
+    det = (f"detector {_px(o['detector_px'])} vs {_px(t['detector_px'])} px, normalization="
+           f"{o['params'].get('normalization')}, {_bad_pixels(o)}, rotation given, {thr}")
     add("SSB whole call", det, o[T], t[T], t[T] / o[T], load(o, t), "s")
     if o.get(S) and t.get(S):
         add("SSB reconstruction step (given G)", det, o[S], t[S], t[S] / o[S], load(o, t), "s")
