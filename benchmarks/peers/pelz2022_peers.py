@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,7 +141,8 @@ def checkout(ref: str, dest: Path) -> str:
         return "worktree (uncommitted changes included) on " + _git("rev-parse", "--short", "HEAD")
     commit = _git("rev-parse", "--short", ref)
     plugin = _git("log", "-1", "--format=%h %cI", commit, "--", "plugins/tembench_pelz2022")
-    dest.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
     arch = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "platform/tembench", "plugins/tembench_pelz2022"],
                           capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=arch, check=True)
