@@ -4,7 +4,9 @@ Usage: ``python friedrich2023_peer_worker.py in.npz`` -> JSON on stdout. ``in.np
 (k, ny, nx) in counts, ``x0_px``/``y0_px`` (n,) starting positions in pixels. For every image the
 same starts are refined with ``refine_atom_positions_using_2d_gaussian`` (1 thread; threads pinned
 by the driver's environment). Returns fitted x, y (px), amplitude, sigma_x, sigma_y per image and the
-wall time of each fit (first = cold: includes HyperSpy/Atomap first-call overheads).
+wall time of each fit (first = cold: includes HyperSpy/Atomap first-call overheads), and the peak
+RSS above the baseline after imports and loading (``peak_rss_MB``: VmHWM reset via
+/proc/self/clear_refs, the same accounting as ``friedrich2023_ours_worker.py``).
 """
 import json
 import sys
@@ -13,11 +15,30 @@ import time
 import numpy as np
 
 
+def _status_kB(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def main(path):
     import atomap.api as am
     d = np.load(path)
     imgs, x0, y0 = d["images"], d["x0_px"], d["y0_px"]
     out = {"x": [], "y": [], "A": [], "sx": [], "sy": [], "t_s": []}
+    ok = _reset_hwm()
+    base = _status_kB("VmRSS")
     for img in imgs:
         sub = am.Sublattice(np.stack([x0, y0], 1), image=img.astype(np.float64))
         t = time.perf_counter()
@@ -28,6 +49,7 @@ def main(path):
         out["A"].append([float(a.amplitude_gaussian) for a in sub.atom_list])
         out["sx"].append([float(a.sigma_x) for a in sub.atom_list])
         out["sy"].append([float(a.sigma_y) for a in sub.atom_list])
+    out["peak_rss_MB"] = (_status_kB("VmHWM") - base) / 1024 if ok else float("nan")
     json.dump(out, sys.stdout)
 
 
