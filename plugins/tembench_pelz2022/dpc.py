@@ -37,7 +37,6 @@ from tembench import Params, Reconstructor
 from tembench._lazy import lazy_import
 from tembench.backend import fft_workers
 from tembench.errors import TembenchError
-from tembench_pelz2022 import _kernels
 from tembench_pelz2022.common import (ACCEPTS, CHUNK_BYTES, BadPixels, clean_row_chunks, dense_pass, load_4d,
                                       phase_image, probe_optics, rotation_matrix, scan_step)
 from tembench_pelz2022.eer_ops import center_of_mass
@@ -56,10 +55,14 @@ def _block_moments(block, numba: bool | None = None):
     d3 = block.reshape(-1, *block.shape[2:])
     if d3.dtype not in (np.float32, np.float64):
         d3 = d3.astype(np.float64)
+    from tembench_pelz2022 import _kernels  # numba: loaded when a reconstruction runs, not at plugin import
+
     return _kernels.dense_moments(d3, numba=numba)
 
 
 def _com_from_sums(sums, scan_shape, grid, normalize: str, numba: bool | None = None):
+    from tembench_pelz2022 import _kernels
+
     com_y, com_x, counts = _kernels.com_finish(sums, normalize, grid.centre_px, grid.sampling_mrad, numba=numba)
     return com_y.reshape(scan_shape), com_x.reshape(scan_shape), counts.reshape(scan_shape)
 
