@@ -96,11 +96,19 @@ def core_fingerprint() -> str:
 
 @functools.lru_cache(maxsize=None)
 def component_fingerprint(cls: type) -> str:
-    """``version:package:core`` — changes with the component's version, any file of its package or of the core."""
+    """``version:package:core`` — changes with the component's version, any file of its package or of the core.
+
+    A component that reuses another plugin's code names it in ``depends_on`` (top-level package
+    names, e.g. ``("tembench_pelz2022",)``): those packages' files are then part of its fingerprint
+    too, so an edit there recomputes its cached stages."""
     module = getattr(cls, "__module__", "") or ""
     pkg = package_fingerprint(module) if module else hashlib.sha256(repr(cls).encode()).hexdigest()[:16]
+    deps = tuple(getattr(cls, "depends_on", ()) or ())
+    if deps:
+        pkg = hashlib.sha256("|".join([pkg, *(f"{d}={package_fingerprint(d)}" for d in sorted(deps))]).encode()
+                             ).hexdigest()[:16]
     core = core_fingerprint()
-    if module.split(".")[0] == "tembench":
+    if module.split(".")[0] == "tembench" and not deps:
         return f"{getattr(cls, 'version', '1')}:{core}"
     return f"{getattr(cls, 'version', '1')}:{pkg}:{core}"
 

@@ -28,6 +28,7 @@ class RiCOMReconstructor(Reconstructor):
     accepts = ACCEPTS
     produces = "image"
     version = "1"
+    depends_on = ("tembench_pelz2022",)  # the COM, orientation and bad-pixel code it reuses (identity)
 
     class Params(Params):
         kernel_size: int = Field(21, ge=3, le=4097, description="kernel width n in scan pixels (odd; the thesis's Fig. 3.6 uses 21 and 61)")

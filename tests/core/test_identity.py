@@ -180,3 +180,41 @@ def test_manifest_records_the_whole_identity(registry, scenario_file, tmp_path):
     assert env["fft"]["library"] in ("pyfftw", "scipy") and "deterministic" in env["fft"]
     assert set(ident["packages"]) >= {"dummy_plugin", "tembench"}
     assert res.table["fft_library"].nunique() == 1 and res.table["deterministic"].all()
+
+
+def test_code_reused_from_another_plugin_is_part_of_the_identity(tmp_path, monkeypatch):
+    """A component naming another package in ``depends_on`` (riCOM reuses the Pelz COM code) changes its
+    fingerprint when that package changes; without ``depends_on`` it would not."""
+    root = tmp_path / "site2"
+    for pkg, text in {"tbdep_lib": "K = 1\n", "tbdep_user": ""}.items():
+        (root / pkg).mkdir(parents=True)
+        (root / pkg / "__init__.py").write_text(text)
+    (root / "tbdep_user" / "comp.py").write_text(textwrap.dedent('''
+        class WithDep:
+            version = "1"
+            depends_on = ("tbdep_lib",)
+
+
+        class WithoutDep:
+            version = "1"
+    '''))
+    monkeypatch.syspath_prepend(str(root))
+    import importlib
+
+    comp = importlib.import_module("tbdep_user.comp")
+    importlib.import_module("tbdep_lib")
+    try:
+        identity.clear_caches()
+        before = identity.component_fingerprint(comp.WithDep), identity.component_fingerprint(comp.WithoutDep)
+        (root / "tbdep_lib" / "__init__.py").write_text("K = 2\n")
+        identity.clear_caches()
+        after = identity.component_fingerprint(comp.WithDep), identity.component_fingerprint(comp.WithoutDep)
+        assert after[0] != before[0] and after[1] == before[1]
+        from tembench.registry import get_registry
+
+        ricom = get_registry().get("reconstructor", "ricom")
+        assert "tembench_pelz2022" in ricom.depends_on
+    finally:
+        identity.clear_caches()
+        for name in [m for m in sys.modules if m.startswith("tbdep_")]:
+            del sys.modules[name]
