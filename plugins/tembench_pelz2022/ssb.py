@@ -33,8 +33,8 @@ from tembench.backend import fft_workers
 from tembench.eer import ElectronEvents
 from tembench.errors import TembenchError
 from tembench.physics import optics
-from tembench_pelz2022.common import (ACCEPTS, ProbeOptics, bad_pixel_check, check_disc_calibration, load_4d, phase_image,
-                                      probe_optics, repaired, rotation_matrix, scan_step)
+from tembench_pelz2022.common import (ACCEPTS, ProbeOptics, check_disc_calibration, dense_pass, load_4d, phase_image,
+                                      probe_optics, rotation_matrix, scan_step)
 from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin
 
 scipy = lazy_import("scipy")  # scipy.fft is imported on first transform (fast start-up)
@@ -142,8 +142,8 @@ class SSBData:
     """G(k, K) of one dataset with its grids: computed once, reduced for any aberrations.
 
     ``data``: dense (scan_y, scan_x, ny, nx) on ``grid`` (already cropped/binned). ``G`` is
-    stored K-major (n_Ky, n_Kx//2+1, ny·nx) complex64, normalised so the bright-field pixels
-    have mean 1.
+    stored K-major (n_Ky, n_Kx//2+1, ny·nx) complex64 as transformed; ``scale`` = 1/mean_bf
+    normalises the reductions so the bright-field pixels have mean 1.
     """
 
     def __init__(self, data: np.ndarray, grid: DetectorGrid, optics_: ProbeOptics, step_A: tuple[float, float],
@@ -170,14 +170,15 @@ class SSBData:
         if data.shape[0] < 4 or data.shape[1] < 4:
             raise TembenchError(f"SSB needs at least a 4x4 scan (a 2x2 scan has no trotter frequencies "
                                 f"and returns zeros), got {data.shape[:2]}")
-        mean_bf = float(data[:, :, bf].mean(dtype=np.float64))
-        if not mean_bf > 0:
-            raise TembenchError("SSB: the bright-field disc holds no signal (mean ≤ 0)")
-        self.mean_bf = mean_bf
         flat = data.reshape(*data.shape[:2], -1)
         G = scipy.fft.rfft2(flat if flat.dtype == np.float32 else flat.astype(np.float32), axes=(0, 1),
                             workers=fft_workers())
-        G *= np.float32(1.0 / mean_bf)
+        # G(k, K=0) = Σ_R I(k, R): the bright-field mean comes free with the transform
+        mean_bf = float(G[0, 0].real[bf.ravel()].sum(dtype=np.float64)) / (float(bf.sum()) * data.shape[0] * data.shape[1])
+        if not mean_bf > 0:
+            raise TembenchError("SSB: the bright-field disc holds no signal (mean ≤ 0)")
+        self.mean_bf = mean_bf
+        self.scale = 1.0 / mean_bf  # G is kept as transformed; the reductions are scaled (bright field → 1)
         self.G = G
         n1, n2 = G.shape[:2]
         Ky = np.fft.fftfreq(self.scan_shape[0], d=step_A[0])
@@ -355,6 +356,7 @@ class SSBData:
         G = self.G.reshape(self.G.shape[0], self.G.shape[1], ny * nx)
         sums, counts = ssb_kernels.reduce(G, self.ky[0], dky, ny, self.kx[0], dkx, nx, self.KY, self.KX,
                                           self.optics.k0_A_inv, Qd, numba=numba)
+        sums *= self.scale
         self.last_noise = None
         phi = combine(sums, counts, ssb_kernels.theta_of(self.KY, self.KX, Qd), normalization,
                       triple=not self.folded, K_A_inv=np.hypot(self.KY, self.KX), dK_A_inv=self.dK_A_inv,
@@ -400,6 +402,7 @@ class SSBData:
             w = np.where(mm, -1j * np.exp(-1j * (chi_k - chi_m)), 0) + np.where(mp, 1j * np.exp(1j * (chi_k - chi_p)), 0)
             n = mm.sum(-1) + mp.sum(-1)
             out[a:b] = np.where(n > 0, (G[a:b] * w).sum(-1) / np.maximum(n, 1), 0)
+        out *= self.scale
         out[0, 0] = 0
         return out
 
@@ -451,26 +454,29 @@ class SSB(Reconstructor):
         numba: bool | None = Field(None, description="use the numba kernel (default: when installed)")
 
     def reconstruct(self, measurement, params, xp):
-        x, grid = load_4d(measurement, self.name)  # refuses NaN/inf naming the frame and pixel
         g = measurement.geometry
         opt = probe_optics(g, self.name, params.aberrations_A, params.defocus_A)
         if not params.correct_aberrations:
             opt = ProbeOptics(opt.energy_keV, opt.wavelength_A, opt.semiangle_mrad, {})
-        extras: dict = {}
-        bad = bad_pixel_check(x, grid, opt.semiangle_mrad, params.bad_pixels, self.name)
-        if bad is not None:
-            x = repaired(x, bad)
-            extras.update(bad.report())
-        check_disc_calibration(x, grid, opt.semiangle_mrad, self.name)
         step = scan_step(g, self.name)
+        x, grid = load_4d(measurement, self.name, check=False)  # dense: the finite check is made in the pass below
+        extras: dict = {}
+        if isinstance(x, np.ndarray):
+            small, small_grid, bad = fused_crop_bin(x, grid, opt.semiangle_mrad, params, self.name)
+            if bad is not None:
+                extras.update(bad.report())
+        else:  # electron events: crop and bin in O(C), then densify the small subset
+            small, small_grid, _ = bright_field_crop_bin(x, grid, opt.semiangle_mrad, max_pixels=params.max_detector_px,
+                                                         margin=params.crop_margin, bin_factor=params.bin_factor)
+            small = small.to_dense(np.float32)
         rot = params.rotation_deg
         start = None
-        if rot is None:  # the DPC/iCOM estimate (minimum curl of the COM field), refined below
+        if rot is None:  # the DPC/iCOM estimate (minimum curl of the COM field), refined by the lune signal below
             from tembench_pelz2022 import dpc
-            gy, gx = dpc.gradient_field(x, grid, opt.wavelength_A)
+            gy, gx = dpc.gradient_field(small, small_grid, opt.wavelength_A)
             start = dpc.estimate_rotation_deg(gy, gx, step)
-        data = prepare(x, grid, opt, step, params.max_detector_px, params.bin_factor, params.crop_margin,
-                       rot if rot is not None else start)
+        data = SSBData(small, small_grid, opt, step, rot if rot is not None else start)
+        del small
         if rot is None:
             est = data.estimate_rotation(start)
             extras.update(rotation_start_deg=est["rotation_start_deg"], lune_signal=est["lune_signal"])
@@ -479,3 +485,37 @@ class SSB(Reconstructor):
             extras["ssb_noise"] = dict(data.last_noise)
         return phase_image(phase, g, self.name, detector_shape_used=data.grid.shape,
                            rotation_deg=float(data.rotation_deg), aberrations_corrected=dict(opt.aberrations), **extras)
+
+
+def fused_crop_bin(x: np.ndarray, grid: DetectorGrid, semiangle_mrad: float, params, method: str = "ssb"):
+    """Dense data read once (in scan-row chunks, :func:`common.dense_pass`): the finite check, the bad-pixel
+    statistics and the bright-field crop/bin of every block into one float32 (scan_y, scan_x, n, n) array
+    (a second pass only when bad pixels are repaired); then the disc-calibration check on the mean pattern.
+    Returns (small data, its detector grid, bad-pixel result or None)."""
+    sy, sx = x.shape[:2]
+    own_total = params.bad_pixels == "ignore"
+    total = np.zeros(grid.shape, np.float64) if own_total else None
+
+    # the window and bin factor of eer_ops.bright_field_crop_bin, read off its result on one empty frame
+    proxy = np.zeros((1, 1) + tuple(grid.shape), np.float32)
+    _, g, f = bright_field_crop_bin(proxy, grid, semiangle_mrad, max_pixels=params.max_detector_px,
+                                    margin=params.crop_margin, bin_factor=params.bin_factor)
+    nby, nbx = g.shape
+    y0 = int(round(grid.centre_px[0] - (g.centre_px[0] * f + (f - 1) / 2)))
+    x0 = int(round(grid.centre_px[1] - (g.centre_px[1] * f + (f - 1) / 2)))
+    out = np.empty((sy, sx, nby, nbx), np.float32)
+
+    def consume(r0, r1, block):
+        ssb_kernels.crop_bin(block, y0, x0, f, nby, nbx, out[r0:r1], numba=params.numba)
+        if own_total:
+            total[...] += block.sum(axis=(0, 1), dtype=np.float64)
+
+    bad = dense_pass(x, grid, semiangle_mrad, params.bad_pixels, method, consume)
+    if own_total:
+        mean = total / (sy * sx)
+    else:  # the mean pattern with the bad pixels repaired (a hot pixel must not pass for the disc's peak)
+        mean = np.array(bad.mean, np.float64)
+        for y, xx, ys, xs in bad.neighbours:
+            mean[y, xx] = mean[ys, xs].mean()
+    check_disc_calibration(np.asarray(mean, np.float64)[None, None], grid, semiangle_mrad, method)
+    return out, g, bad

@@ -145,3 +145,37 @@ def reduce(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, numba: bool | None = 
 def theta_of(KY, KX, Q) -> np.ndarray:
     """θ(K) = KᵀQK (rad) for every K."""
     return Q[0, 0] * KY * KY + (Q[0, 1] + Q[1, 0]) * KY * KX + Q[1, 1] * KX * KX
+
+
+# --- crop + bin of a block of dense frames in one pass (the SSB input) ---------------------------------
+def crop_bin_numpy(block, y0, x0, f, nby, nbx, out):
+    """out[..., i, j] = Σ block[..., y0 + f·i + a, x0 + f·j + b] over a, b < f (float32)."""
+    w = block[:, :, y0:y0 + f * nby, x0:x0 + f * nbx].astype(np.float32)
+    out[...] = w.reshape(w.shape[0], w.shape[1], nby, f, nbx, f).sum(axis=(3, 5))
+    return out
+
+
+if HAVE_NUMBA:
+    @_nb.njit(parallel=True, cache=True, nogil=True)
+    def _crop_bin_nb(block, y0, x0, f, nby, nbx, out):  # pragma: no cover - compiled
+        r, sx = block.shape[0], block.shape[1]
+        for n in _nb.prange(r * sx):
+            a = n // sx
+            b = n - a * sx
+            for i in range(nby):
+                for j in range(nbx):
+                    out[a, b, i, j] = 0.0
+            for iy in range(f * nby):
+                i = iy // f
+                row = y0 + iy
+                for ix in range(f * nbx):
+                    out[a, b, i, ix // f] += np.float32(block[a, b, row, x0 + ix])
+
+
+def crop_bin(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, numba: bool | None = None):
+    """Crop the window (y0, x0, f·nby × f·nbx) of every frame of ``block`` (rows, scan_x, k_y, k_x) and sum
+    f×f pixels into ``out`` (rows, scan_x, nby, nbx) float32, reading each frame's window once."""
+    if not use_numba(numba):
+        return crop_bin_numpy(block, y0, x0, f, nby, nbx, out)
+    _crop_bin_nb(block, int(y0), int(x0), int(f), int(nby), int(nbx), out)
+    return out

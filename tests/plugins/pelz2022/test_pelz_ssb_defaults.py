@@ -58,7 +58,7 @@ def test_sideband_noise_estimate_matches_poisson(focused):
     # Poisson counts: var G(k, K) = Σ_R I(k, R) per pixel, i.e. G(k, 0) / mean_bf after the normalisation
     d = _prepare(_dose(focused.measurement, 3000))
     d.spectrum(normalization="wiener")
-    G0 = d.G[0, 0].real.reshape(len(d.ky), len(d.kx))
+    G0 = d.G[0, 0].real.reshape(len(d.ky), len(d.kx)) * d.scale  # bright field normalised to 1
     inside = d.ky[:, None] ** 2 + d.kx[None, :] ** 2 < d.optics.k0_A_inv ** 2
     expected = float(G0[inside].mean()) / d.mean_bf
     assert d.last_noise["pixel_noise"] == pytest.approx(expected, rel=0.15)
@@ -125,7 +125,35 @@ def test_single_negative_pixel_is_repaired(focused):
         ssb.SSB().reconstruct(broken, ssb.SSB.Params(rotation_deg=0.0, bad_pixels="refuse"), np)
 
 
+def test_hot_pixel_is_repaired_and_does_not_fool_the_disc_check(focused):
+    m = _dose(focused.measurement, 30000)
+    clean = ssb.SSB().reconstruct(m, ssb.SSB.Params(rotation_deg=0.0), np).data
+    hot = _with_pixel(m, 1e7, offset=(25, 25))
+    rec = ssb.SSB().reconstruct(hot, ssb.SSB.Params(rotation_deg=0.0), np)
+    assert rec.extras["bad_pixel_counts"]["hot"] == 1
+    assert ncc(rec.data, clean) > 0.99
+    with pytest.raises(TembenchError, match="disc radius"):  # unrepaired, the hot pixel passes for the disc
+        ssb.SSB().reconstruct(hot, ssb.SSB.Params(rotation_deg=0.0, bad_pixels="ignore"), np)
+
+
 def test_nan_in_the_bright_field_disc_is_refused_naming_frame_and_pixel(focused):
     m = _with_pixel(focused.measurement, np.nan, frame=(3, 5), offset=(0, 0))
     with pytest.raises(TembenchError, match=r"scan \(y=3, x=5\)"):
         ssb.SSB().reconstruct(m, ssb.SSB.Params(), np)
+
+
+@pytest.mark.parametrize("numba", [False, True])
+def test_fused_crop_bin_equals_crop_then_bin(numba):
+    # the one-pass crop/bin of SSB's input = eer_ops.bright_field_crop_bin (window, bin factor and sums)
+    from tembench_pelz2022.eer_ops import DetectorGrid, bright_field_crop_bin
+
+    if numba and not _kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    x = np.random.default_rng(1).poisson(3.0, (5, 6, 70, 66)).astype(np.uint16)
+    grid = DetectorGrid((70, 66), (34.6, 33.2), (0.9, 1.1))
+    p = ssb.SSB.Params(max_detector_px=12, bad_pixels="ignore", numba=numba)
+    x[:, :, 20:50, 18:48] += 40  # a bright-field disc for the calibration check
+    ref, g_ref, _ = bright_field_crop_bin(x, grid, 14.0, max_pixels=12)
+    out, g, bad = ssb.fused_crop_bin(x, grid, 14.0, p)
+    assert g == g_ref and out.dtype == np.float32 and bad is None
+    assert np.array_equal(out, np.asarray(ref, np.float32))
