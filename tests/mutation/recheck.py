@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--also", action="append", default=[],
                     help="more verdict files of earlier rechecks to fold in (their verdicts stand too)")
     ap.add_argument("--direct", action="store_true",
-                    help="call the test functions (module.py::name, no fixtures but monkeypatch, parametrize "
-                         "expanded) in the forked child instead of a pytest session: no pytest start-up per mutant")
+                    help="call the test functions (module.py[::name]; parametrize expanded; monkeypatch, "
+                         "tmp_path and plain conftest fixtures, computed once and shared) in the forked child instead of a pytest session: no pytest start-up per mutant")
     ap.add_argument("--pytest-arg", action="append", default=[], help="e.g. --pytest-arg=--deselect=tests/x.py::t")
     args = ap.parse_args()
     statuses = {s.strip() for s in args.status.split(",")}
@@ -82,10 +82,10 @@ def main() -> None:
     todo = [n for n, v in results.items()
             if previous.get(n, v) in statuses
             and (not args.only or any(fnmatch.fnmatch(n, g) for g in args.only))]
-    if args.sample and len(todo) > args.sample:
+    if args.sample:
         import random
 
-        todo = random.Random(args.seed).sample(todo, args.sample)   # random order: a stopped run is a random sample
+        todo = random.Random(args.seed).sample(todo, min(args.sample, len(todo)))   # random order: a stopped run is a random sample
 
     os.chdir(mutants)
     sys.path.insert(0, str(mutants / "src"))
@@ -109,6 +109,26 @@ def main() -> None:
         import itertools
 
         supported = {"monkeypatch", "tmp_path"}
+        fixtures = {}
+
+        def resolve_fixture(name, folder, mod=None):
+            """Value of a fixture ``name`` (no yield, no request) of the test module or a conftest.py above it."""
+            if name in fixtures:
+                return fixtures[name]
+            for d in [folder, *folder.parents]:
+                conf = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None)
+                             and os.path.abspath(m.__file__) == str(d / "conftest.py")), None)
+                fx = getattr(mod, name, None) if d == folder and mod is not None else None
+                if not hasattr(fx, "_get_wrapped_function"):
+                    fx = getattr(conf, name, None) if conf is not None else None
+                if fx is not None and hasattr(fx, "_get_wrapped_function"):
+                    f = fx._get_wrapped_function()
+                    deps = f.__code__.co_varnames[:f.__code__.co_argcount]
+                    fixtures[name] = f(**{a: resolve_fixture(a, folder, mod) for a in deps})
+                    return fixtures[name]
+                if d == Path.cwd():
+                    break
+            raise LookupError(name)
         for t in args.tests:
             path, _, name = t.partition("::")
             mod = next((m for m in list(sys.modules.values())
@@ -136,7 +156,12 @@ def main() -> None:
                     grids.append(rows)
                 params = set(fn.__code__.co_varnames[:fn.__code__.co_argcount])
                 given = {n for g in grids for n in g[0]} if grids else set()
-                if params - given - supported:
+                for n in params - given - supported:   # conftest fixtures: computed once here, shared
+                    try:
+                        fixtures[n] = resolve_fixture(n, Path(path).resolve().parent, mod)
+                    except LookupError:
+                        pass
+                if params - given - supported - set(fixtures):
                     print(f"direct: {fn.__name__} skipped (fixtures {sorted(params - given - supported)})")
                     continue
                 for combo in itertools.product(*grids) if grids else [()]:
@@ -149,6 +174,7 @@ def main() -> None:
         for fn, kwargs in calls:
             kw = dict(kwargs)
             names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+            kw.update({n: fixtures[n] for n in names if n in fixtures and n not in kw})
             if "tmp_path" in names:
                 kw["tmp_path"] = Path(tempfile.mkdtemp())
             if "monkeypatch" in names:
