@@ -894,11 +894,9 @@ def test_projected_potential_over_several_fft_chunks_and_permuted_repeated_slice
     np.testing.assert_allclose(whole, halves, atol=1e-4 * whole.max())
 
 
-@pytest.mark.xfail(strict=True, reason="potential_volume: with an even padded z length (nzp = fft_friendly(nz + 2·pad)) "
-                   "the dropped Nyquist plane leaves a non-decaying (−1)^iz pattern of about F(k_Nyquist)/N: ±10 V "
-                   "through a whole 24 Å cell for one Au atom at 0.5 Å voxels, against 0.1 V with an odd length; "
-                   "found while reviewing the padding mutants (issue 18 part 6)")
 def test_potential_volume_does_not_depend_on_the_parity_of_the_padded_length():
+    """Found reviewing the padding mutants (issue 18 part 6): with an even padded z length the dropped
+    Nyquist plane left a ±10 V (−1)^iz pattern through the whole cell (0.17 V after the fix)."""
     from tembench.physics.potentials import potential_volume
     from tembench.types import Sample
 

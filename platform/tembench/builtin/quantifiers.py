@@ -107,7 +107,7 @@ class CrossCorrelation(Quantifier):
 
     name = "cross_correlation"
     accepts = ("image", "volume")
-    version = "2"
+    version = "3"  # 3: volume truth without the (−1)^iz artefact of an even padded z length
     metrics = {
         "ncc": Metric("", "higher", (-1.0, 1.0), headline=True,
                       description="Pearson correlation with the ground truth (1 = identical up to an affine map)"),
