@@ -4,7 +4,7 @@ system with dask-jobqueue). An executor only needs :meth:`Executor.map_unordered
 as tasks finish.
 
 Both parallel executors send tasks in **batches** whose size adapts to the measured run time of a
-task, so the fixed cost of one submission (≈ 1 ms for the pool, ≈ 2-5 ms for dask) stays below
+task, so the fixed cost of one submission (≈ 2 ms for the pool, 2-15 ms for dask) stays below
 :data:`OVERHEAD_FRACTION` of the work it carries, while keeping at least two batches per worker in
 flight for load balance. Tasks may carry a weight: heavier tasks are sent first.
 
@@ -29,8 +29,8 @@ from typing import Any
 
 from tembench.errors import ScenarioError
 
-OVERHEAD_FRACTION = 0.05
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # per-task overhead / task time the batching aims below
+OVERHEAD_FRACTION = 0.05  # per-task overhead / task time the batching aims below
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # dask's nanny sets them to 1
 
 CLUSTER_KINDS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster"}
 ADDRESS_RE = re.compile(r"^(tcp|tls|ucx|ws|wss)://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -61,7 +61,7 @@ class TaskLost(Exception):
 
 class Executor:
     name = "base"
-    task_overhead_s = 0.0   # a prior for the fixed cost of one submission, refined by nothing (see benchmarks)
+    task_overhead_s = 0.0  # prior for the fixed cost of one submission (measured: benchmarks/test_executors.py)
     dashboard_link: str | None = None
 
     def map_unordered(self, fn: Callable[[Any], Any], tasks: Iterable[Any], *, weights: list[float] | None = None,
@@ -206,10 +206,25 @@ class ProcessExecutor(_Batching):
             self._pool = None
 
 
+_computed_here = False
+
+
+def note_computation() -> None:
+    """Called by the runner when a stage computes in this process: from then on its numeric libraries
+    may hold thread pools that do not survive a fork (OpenMP's, e.g. scikit-learn's k-means: a
+    forked worker deadlocks in the OpenMP barrier), so later pools start from a forkserver."""
+    global _computed_here
+    _computed_here = True
+
+
 def fork_is_safe() -> bool:
-    """True when forking this process cannot inherit a held lock of a running thread pool: Linux, one
-    Python thread, numba's parallel threads not launched, no JAX backend initialised."""
+    """True when forking this process cannot inherit a held lock of a running thread pool: Linux, no
+    stage computed here yet, one Python thread, numba's parallel threads not launched, no JAX backend
+    initialised. (OpenBLAS and pocketfft pools re-initialise after a fork.)"""
     import threading
+
+    if _computed_here:
+        return False
 
     # tqdm's monitor thread only sleeps on an event (the workers never use tqdm)
     others = [t for t in threading.enumerate()
@@ -262,7 +277,8 @@ class DaskExecutor(_Batching):
     """
 
     name = "dask"
-    task_overhead_s = 0.005
+    task_overhead_s = 0.01  # measured 2 ms idle, 15 ms at load 10-14 on 2 cores (benchmarks/test_executors.py)
+    max_in_flight_per_worker = 3  # hides the scheduler round trip
 
     def __init__(self, workers: int = 2, address: str | None = None, *, threads_per_worker: int = 1,
                  memory_limit: str | float | None = "auto", cluster: dict[str, Any] | None = None,

@@ -49,7 +49,7 @@ from tembench import emd, identity
 from tembench.backend import asnumpy, get_array_module
 from tembench.components import accepts_kind
 from tembench.errors import RunDirectoryError, TembenchError
-from tembench.executors import TaskLost, make_executor, print_dashboard
+from tembench.executors import TaskLost, make_executor, note_computation, print_dashboard
 from tembench.registry import Registry, get_registry
 from tembench.scenario import Scenario, ScenarioSpec, check_executor, stable_hash
 from tembench.store import RunStore, StageCache, check_output_folder, check_output_root, dumps
@@ -114,6 +114,7 @@ def row_key(point_index: int, point_id: str, repeat: int, label: str) -> str:
 # --- stage execution ---------------------------------------------------------------------------
 def _measure(fn, track_memory: bool):
     """Run fn(); return (value, seconds, peak MB of traced allocations or nan)."""
+    note_computation()  # a process pool started later in this process must not fork it
     started_tracing = False
     if track_memory and not tracemalloc.is_tracing():
         tracemalloc.start()

@@ -268,3 +268,59 @@ def test_batches_keep_overhead_small_but_every_worker_busy():
     assert ex.batch_size(100, 0.001) == 25
     assert ex.batch_size(10_000, 0.001) == 40
     assert np.isclose(ex.task_overhead_s / (40 * 0.001), 0.05)
+
+
+def test_write_row_first_writer_wins(tmp_path):
+    from tembench.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    assert store.write_row("p00000-a-r000-x", {"v": 1}) is True
+    path = store.row_path("p00000-a-r000-x")
+    stat = path.stat()
+    assert store.write_row("p00000-a-r000-x", {"v": 2}) is False  # a re-run task: the finished row stays
+    assert store.read_row("p00000-a-r000-x") == {"v": 1}
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
+
+
+def test_a_task_whose_workers_keep_dying_becomes_a_lost_task_the_others_go_on():
+    """dask reschedules a task after a worker loss up to allowed-failures times, then raises
+    KilledWorker: the executor hands that task to on_lost (the runner writes error rows) and goes on."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from distributed.scheduler import KilledWorker
+
+    from tembench.executors import DaskExecutor, TaskLost, _Batching
+
+    class Fake(_Batching):
+        task_overhead_s = 0.0
+
+        def _n_slots(self):
+            return 2
+
+        def _submit(self, fn, batch, priority):
+            fut = Future()
+            if "boom" in batch:
+                fut.set_exception(KilledWorker("run_batch-1", SimpleNamespace(address="tcp://10.0.0.1:1234"), 3))
+            else:
+                fut.set_result([(fn(t), 0.0) for t in batch])
+            return fut
+
+        def _wait_any(self, pending):
+            return set(pending), set()
+
+        _lost = DaskExecutor._lost
+
+    got = list(Fake().map_unordered(str.upper, ["a", "boom", "c"], on_lost=lambda lost: ("lost", lost.task)))
+    assert sorted(map(str, got)) == sorted(["A", "C", "('lost', 'boom')"])
+    with pytest.raises(KilledWorker):  # without on_lost the loss is not hidden
+        list(Fake().map_unordered(str.upper, ["boom"]))
+    assert issubclass(TaskLost, Exception)
+
+
+def test_heavier_tasks_are_sent_first():
+    from tembench.executors import SerialExecutor
+
+    out = list(SerialExecutor().map_unordered(lambda x: x, ["light", "heavy", "mid"], weights=[1, 10, 5]))
+    assert out == ["heavy", "mid", "light"]

@@ -1,0 +1,149 @@
+"""Executors (issue 13): per-unit overhead of dask on a no-op pipeline (target < 10 ms) and the
+speed-up of ``processes`` and ``dask`` (2 workers each) over ``serial`` on heavy and light sweeps
+(targets ≥ 1.8× on two heavy Ren points, ≥ 1.0× on many small points).
+
+Run: ``python -m pytest benchmarks/test_executors.py -s``. Every executor runs the same scenario
+into a fresh folder (cold stage cache), one after the other in this one run, so the ratios share
+the machine's load (state ``uptime`` next to them). Wall times include starting the pool or the
+LocalCluster, as a user sees them; the LocalCluster's start-up alone is also recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "core"))
+
+import dummy_plugin  # noqa: E402
+
+from tembench.registry import Registry, set_registry  # noqa: E402
+from tembench.runner import run_scenario  # noqa: E402
+from tembench.scenario import parse_scenario  # noqa: E402
+
+pytest.importorskip("distributed")
+from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
+
+from tembench.executors import DaskExecutor, noop_task  # noqa: E402
+
+N_NOOP = 200
+
+
+def _load() -> str:
+    return "load average %.1f %.1f %.1f" % os.getloadavg()
+
+
+class _DummyOnWorkers(WorkerPlugin):
+    def setup(self, worker):
+        sys.path.insert(0, str(ROOT / "tests" / "core"))
+        import dummy_plugin as dp
+        from tembench.registry import get_registry
+
+        if "dummy_identity" not in get_registry().components("reconstructor"):
+            get_registry().register(dp, name="dummy_plugin")
+
+
+def test_dask_overhead_per_unit_on_a_noop_pipeline(benchmark, tmp_path):
+    """The dummy pipeline (µs per stage): what dask adds per (point, repeat) over serial, on a warm
+    2-worker LocalCluster; and the raw cost of one dask task (a no-op, one per submission)."""
+    values = ", ".join(f"{0.001 * i:.3f}" for i in range(N_NOOP))
+    text = dummy_plugin.SCENARIO.replace("repeats: 2", "repeats: 1").replace(
+        "  - {name: dummy_identity, label: b}\n", "").replace("[0.0, 0.1, 0.2]", f"[{values}]")
+    reg = Registry(load_entry_points=False)
+    reg.register(dummy_plugin, name="dummy_plugin")
+    set_registry(reg)
+    t0 = time.perf_counter()
+    ex = DaskExecutor(2)
+    startup = time.perf_counter() - t0
+    try:
+        ex.client.register_plugin(_DummyOnWorkers())
+        addr = ex.client.scheduler.address
+        list(ex.map_unordered(noop_task, range(8)))  # warm
+        # one task per submission (batching off): the scheduler round trip per task
+        ex.task_overhead_s = 0.0
+        t = time.perf_counter()
+        list(ex.map_unordered(noop_task, range(N_NOOP)))
+        per_task_ms = (time.perf_counter() - t) / N_NOOP * 1e3
+        ex.task_overhead_s = DaskExecutor.task_overhead_s
+        t = time.perf_counter()
+        list(ex.map_unordered(noop_task, range(N_NOOP * 10)))
+        per_batched_ms = (time.perf_counter() - t) / (N_NOOP * 10) * 1e3
+        sc = parse_scenario(text)
+        sc_dask = parse_scenario(text + f"executor: {{kind: dask, address: '{addr}'}}\n")
+        run_scenario(sc_dask, out=tmp_path / "warm", progress=False, report=False, track_memory=False)
+        counter = iter(range(1000))
+        times = {}
+
+        def one(kind, s):
+            t = time.perf_counter()
+            run_scenario(s, out=tmp_path / f"{kind}{next(counter)}", progress=False, report=False, track_memory=False)
+            return time.perf_counter() - t
+
+        times["serial"] = min(one("serial", sc) for _ in range(2))
+        times["dask"] = min(one("dask", sc_dask) for _ in range(2))
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    finally:
+        ex.close()
+        set_registry(None)
+    per_unit_ms = (times["dask"] - times["serial"]) / N_NOOP * 1e3
+    info = {"load": _load(), "dask_startup_s": startup, "per_task_unbatched_ms": per_task_ms,
+            "per_task_batched_ms": per_batched_ms, "serial_s": times["serial"], "dask_s": times["dask"],
+            "dask_overhead_per_unit_ms": per_unit_ms}
+    benchmark.extra_info.update(info)
+    print(f"\n[{_load()}] dask LocalCluster start {startup:.1f} s; no-op task {per_task_ms:.2f} ms unbatched, "
+          f"{per_batched_ms:.3f} ms batched; no-op pipeline of {N_NOOP} units: serial {times['serial']:.2f} s, "
+          f"dask {times['dask']:.2f} s → dask overhead {per_unit_ms:.2f} ms per unit (target < 10)")
+
+
+QUICK_MANY = (ROOT / "scenarios" / "quick.yaml").read_text().replace("repeats: 2", "repeats: 4").replace(
+    "noise.0.dose_e_per_A2: [100, 1000, 10000, .inf]",
+    "noise.0.dose_e_per_A2: [30, 100, 300, 1000, 3000, 10000, 30000, 100000, .inf]")  # 36 units
+
+# Ren quick at its first two points, on two distinct noise-free simulations (the defocus series
+# differs), so both phases have two independent heavy tasks
+REN_TWO = (ROOT / "scenarios" / "ren2020_quick.yaml").read_text().replace(
+    "    noise.0.dose_e_per_A2: [.inf, 50000, 7000]\n    reconstructors.ren2020.tau_V: [1.0, 1.0, 2.5]",
+    "    noise.0.dose_e_per_A2: [.inf, 50000]\n    forward.defocus_values_A: [[200, 450, 1000], [250, 500, 1050]]")
+
+
+RUN_ONE = """
+import sys, time
+from tembench.runner import run_scenario
+from tembench.scenario import parse_scenario
+if __name__ == "__main__":
+    sc = parse_scenario(open(sys.argv[1]).read())
+    t = time.perf_counter()
+    res = run_scenario(sc, out=sys.argv[2], executor=sys.argv[3], workers=2, progress=False, report=False)
+    assert (res.table["status"] == "ok").all()
+    print("WALL", time.perf_counter() - t)
+"""
+
+
+@pytest.mark.parametrize("name, text", [("many_small", QUICK_MANY), ("ren_two_heavy", REN_TWO)])
+def test_speedup_over_serial(benchmark, name, text, tmp_path):
+    """Each executor in a fresh interpreter, as `tembench run` starts (the scenario parsed, then the
+    run timed: pool or cluster start-up included), into its own folder (cold cache)."""
+    import subprocess
+
+    sc = parse_scenario(text)
+    assert sc.n_units == {"many_small": 36, "ren_two_heavy": 2}[name]
+    (tmp_path / "s.yaml").write_text(text)
+    (tmp_path / "one.py").write_text(RUN_ONE)
+    times = {}
+    for kind in ("serial", "processes", "dask"):
+        out = subprocess.run([sys.executable, str(tmp_path / "one.py"), str(tmp_path / "s.yaml"), str(tmp_path / kind),
+                              kind], capture_output=True, text=True, timeout=1800)
+        assert out.returncode == 0, out.stderr[-3000:]
+        times[kind] = float(next(ln for ln in out.stdout.splitlines() if ln.startswith("WALL")).split()[1])
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    info = {"load": _load(), **{f"{k}_s": v for k, v in times.items()},
+            "speedup_processes": times["serial"] / times["processes"], "speedup_dask": times["serial"] / times["dask"]}
+    benchmark.extra_info.update(info)
+    print(f"\n[{_load()}] {name} ({sc.n_units} units): serial {times['serial']:.1f} s, processes "
+          f"{times['processes']:.1f} s ({info['speedup_processes']:.2f}×), dask {times['dask']:.1f} s "
+          f"({info['speedup_dask']:.2f}×)")
