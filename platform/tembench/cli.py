@@ -87,7 +87,9 @@ def _cmd_list(args) -> int:
                 io = f" → {cls.produces}"
             elif kind in ("noise_model", "reconstructor", "quantifier"):
                 io = f" [{', '.join(cls.accepts)}" + (f" → {cls.produces}" if getattr(cls, "produces", None) else "") + "]"
-            print(f"  {name}{io}  (plugin {registry.origin(kind, name)}, v{cls.version})")
+            reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+            flag = f"  [{reason}]" if reason else ""
+            print(f"  {name}{io}  (plugin {registry.origin(kind, name)}, v{cls.version}){flag}")
             print(textwrap.indent(textwrap.fill(cls.describe(), 96), "      "))
             if args.verbose:
                 for pname, field in cls.Params.model_fields.items():

@@ -53,6 +53,35 @@ class Component:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     Params: ClassVar[type[BaseModel]] = Params
+    #: importable modules the component needs beyond tembench's dependencies (an optional extra);
+    #: without them it stays registered but is listed as unavailable and refused by validation
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: how to install what ``requires`` names, e.g. 'pip install -e ".[nn]"'
+    install_hint: ClassVar[str] = ""
+
+    @classmethod
+    def missing_requirements(cls) -> list[str]:
+        """The modules of ``requires`` that cannot be imported here (found without importing them)."""
+        import importlib.util
+
+        missing = []
+        for mod in cls.requires:
+            try:
+                found = importlib.util.find_spec(mod) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(mod)
+        return missing
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the component can run here, else one line: what is missing and how to install it."""
+        missing = cls.missing_requirements()
+        if not missing:
+            return None
+        hint = f"; install with: {cls.install_hint}" if cls.install_hint else ""
+        return f"unavailable: needs {', '.join(missing)}{hint}"
 
     @classmethod
     def describe(cls) -> str:

@@ -382,9 +382,12 @@ def _check_components(spec: ScenarioSpec, registry: Registry, where: str) -> Non
     for section, i, comp, kind in _sections(spec):
         loc = section if i is None else f"{section}.{i}"
         try:
-            registry.get(kind, comp.name)
+            cls = registry.get(kind, comp.name)
         except ScenarioError as exc:
             raise ScenarioError(f"{where}: {loc}.name: {exc}") from None
+        reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+        if reason:
+            raise ScenarioError(f"{where}: {loc}.name: {kind.replace('_', ' ')} {comp.name!r} is {reason}")
 
 
 def _check_labels(spec: ScenarioSpec, where: str) -> None:

@@ -135,6 +135,8 @@ class CNNRestore(NoiseModel):
     # 2: keeps the unrestored image in extras["unrestored_data"] (the crlb quantifier's bound is that of
     # the raw measurement, not of the restored image's fitted model)
     version = "2"
+    requires = ("jax", "optax")
+    install_hint = INSTALL_HINT
 
     class Params(Params):
         enabled: bool = Field(True, description="false: identity (raw image), for raw-vs-restored sweeps")
