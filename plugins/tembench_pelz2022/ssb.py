@@ -272,7 +272,7 @@ class SSBData:
             skews = []
             for t in (best, best + 180.0):
                 self.set_rotation(t % 360.0)
-                skews.append(_skew(self.phase(aberrations, normalization="mean")))
+                skews.append(_skew(self.phase(aberrations, normalization="sum")))
             if skews[1] > skews[0]:
                 best += 180.0
         theta = best % 360.0
