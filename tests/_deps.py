@@ -15,7 +15,7 @@ import os
 import pytest
 
 # Dependencies of the cross-checks, installed by the ``dev`` extra (pyproject.toml); CI must have them.
-CI_REQUIRED = frozenset({"abtem"})
+CI_REQUIRED = frozenset({"abtem", "distributed"})
 
 
 def in_ci() -> bool:

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: the scenario's `output`, else reports/<name>)")
     r.add_argument("--run-id", help="run folder name (default: derived from the scenario's content)")
     r.add_argument("--executor", choices=["serial", "processes", "dask"], help="override the scenario's executor")
-    r.add_argument("--workers", type=_positive_int, help="worker processes for the processes executor (≥ 1)")
+    r.add_argument("--workers", type=_positive_int, help="workers for the processes or dask executor (≥ 1)")
     r.add_argument("--max-points", type=_positive_int, help="refuse sweeps larger than this (default 10 000)")
     r.add_argument("--ignore-memory-estimate", action="store_true",
                    help="run even where the pre-run memory estimate says a stage will not fit")
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a scenario and print what would run")
     v.add_argument("scenario")
     v.add_argument("--executor", choices=["serial", "processes", "dask"], help="the executor the run will use")
-    v.add_argument("--workers", type=_positive_int, help="worker processes for the processes executor (≥ 1)")
+    v.add_argument("--workers", type=_positive_int, help="workers for the processes or dask executor (≥ 1)")
     v.add_argument("--max-points", type=_positive_int, help="refuse sweeps larger than this (default 10 000)")
     v.add_argument("--ignore-memory-estimate", action="store_true", help="skip the pre-run memory estimate")
     v.set_defaults(func=_cmd_validate)

@@ -64,7 +64,7 @@ CASES = {
         .replace("reconstructors: [weak_phase_wiener]", "reconstructors: [{name: ssb, params: {rotation_deg: 0}}]")
         .replace("noise.0.dose_e_per_A2: [100, .inf]", "forward.energy_keV: [200, 300]"),
         ["--executor", "processes", "--workers", "4"], "× 4 concurrent workers"),
-    "noise chain on 16 GiB of patterns streamed to disk": (
+    "a unit on 16 GiB of patterns streamed to disk": (
         QUICK.replace("forward: {name: phase_object, params: {energy_keV: 300, sampling_A: 0.2, defocus_A: 60}}",
                       "forward: {name: stem4d, params: {sampling_A: 0.1, scan_step_A: 0.05, window_gpts: 128, "
                       "patterns_path: /tmp/never-written.npy}}")
@@ -73,7 +73,7 @@ CASES = {
                  "noise: [{name: poisson_dose, params: {electrons_per_pattern: 1000}}]")
         .replace("reconstructors: [weak_phase_wiener]", "reconstructors: [{name: ssb, params: {rotation_deg: 0}}]")
         .replace("noise.0.dose_e_per_A2: [100, .inf]", "forward.energy_keV: [200, 300]"),
-        [], "noise: the noise chain (poisson_dose) on 16.3 GiB of data from stem4d"),
+        [], "unit: one point of the run on 16.3 GiB of data from stem4d"),
 }
 
 
