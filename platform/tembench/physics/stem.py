@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tembench.backend import plan_pruned_fft2, asnumpy, fft2, get_array_module, ifft2, plan_fft2
+from tembench.backend import plan_pruned_fft2, asnumpy, fft2, get_array_module, ifft2
 from tembench.errors import TembenchError
 from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.grid import check_gpts, check_sampling, spatial_frequencies
@@ -312,35 +312,6 @@ class _Scanner:
             xp.multiply(buf, self.props.scaled(self.dz[m], inv_n), out=buf)  # inverse FFT's 1/N folded in
             plan.inverse_pruned()
         return plan.forward(), waves  # no slices: the far field of the incident wave
-
-    def backward(self, g_farfield, waves, origins, grad_pad, complex_potential=False):
-        """Back-propagate 2∂L/∂Ψ* (B, M, wy, wx) of the far field; accumulate ∂L/∂v into ``grad_pad``
-        (the wrap-padded field, folded by :meth:`fold`)."""
-        xp = self.xp
-        plan = plan_fft2(g_farfield.shape, xp=xp)
-        plan.buffer[...] = g_farfield
-        wy, wx = self.window
-        # adjoint of the unnormalised forward FFT is N·ifft
-        buf = plan.inverse()
-        buf *= wy * wx
-        for m in range(self.n_slices - 1, -1, -1):
-            buf = plan.forward()
-            xp.multiply(buf, self.props(self.dz[m]).conj(), out=buf)
-            g_tpsi = plan.inverse()
-            g_t = (waves[m].conj() * g_tpsi).sum(axis=1)  # (B, wy, wx): the modes share the object
-            if self.full:
-                grad_pad[m] += transmission_gradient(g_t, self.t[m][None], self.sigma, complex_potential).sum(axis=0)
-            else:
-                for b, (oy, ox) in enumerate(origins):
-                    t = self.t[m, oy:oy + wy, ox:ox + wx]
-                    grad_pad[m, oy:oy + wy, ox:ox + wx] += transmission_gradient(g_t[b], t, self.sigma,
-                                                                                  complex_potential)
-            self._transmit(g_tpsi, m, origins, conj=True)
-        return plan.buffer  # 2∂L/∂ψ_incident* (B, M, wy, wx)
-
-    def gradient_buffer(self, complex_potential):
-        shape = self.t.shape
-        return self.xp.zeros(shape, dtype=self.xp.complex64 if complex_potential else self.xp.float32)
 
     def fold(self, grad_pad):
         """Fold the wrap-padded gradient back onto the periodic field (adjoint of the padding)."""
