@@ -107,13 +107,16 @@ class SMatrix:
         bs = batch_size or max(1, min(n_k, SMATRIX_BATCH_BYTES // (8 * ny * nx)))
         for b0 in range(0, n_k, bs):
             b1 = min(n_k, b0 + bs)
-            # plane waves exp(2πi k·r), periodic over the window (k on its frequency grid), in float64 then cast
-            ey = np.exp(2j * math.pi * kyy[b0:b1, None] * y[None, :])  # (b, ny)
-            ex = np.exp(2j * math.pi * kxx[b0:b1, None] * x[None, :])  # (b, nx)
-            waves = xp.asarray((ey[:, :, None] * ex[:, None, :]).astype(np.complex64))
-            res = multislice(waves, slice_thickness_A, energy_keV=energy_keV, sampling_A=self.sampling,
+            # plane waves exp(2πi k·r), periodic over the window (k on its frequency grid): phases in
+            # float64, the separable product in complex64
+            ey = np.exp(2j * math.pi * kyy[b0:b1, None] * y[None, :]).astype(np.complex64)  # (b, ny)
+            ex = np.exp(2j * math.pi * kxx[b0:b1, None] * x[None, :]).astype(np.complex64)  # (b, nx)
+            waves = np.empty((b1 - b0, ny, nx), np.complex64)
+            np.multiply(ey[:, :, None], ex[:, None, :], out=waves)
+            res = multislice(xp.asarray(waves), slice_thickness_A, energy_keV=energy_keV, sampling_A=self.sampling,
                              transmissions=transmissions, propagator=propagator, band_limit=band_limit, xp=xp)
-            self.columns_t[:, :, b0:b1] = res.exit_wave.transpose(1, 2, 0)
+            for r0 in range(0, ny, 8):  # the transposed store in row blocks (3x faster than one strided copy)
+                self.columns_t[r0:r0 + 8, :, b0:b1] = res.exit_wave[:, r0:r0 + 8].transpose(1, 2, 0)
 
     @property
     def columns(self):
