@@ -35,17 +35,15 @@ import numpy as np
 
 from tembench.backend import asnumpy, fft2, get_array_module, plan_fft2
 from tembench.errors import TembenchError
-from tembench.physics.constants import wavelength_A
 from tembench.physics.grid import check_gpts, check_sampling, spatial_frequencies
 from tembench.physics.multislice import DEDUP_CACHE_BYTES, duplicate_slices, multislice, transmission_functions
 from tembench.physics.propagation import DEFAULT_BAND_LIMIT
 from tembench.physics.stem import (
     StemResult,
-    _bin_crop_indices,
     _check_probe_in_window,
+    _Collector,
     _window_origins,
     check_sampling_for_aperture,
-    detector_masks,
     make_probe_modes,
 )
 
@@ -217,15 +215,8 @@ def prism_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, 
     n_modes = modes.shape[0]
     pos = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
     n_pos = len(pos)
-    names, masks = detector_masks(window, sampling, energy_keV, detectors or {})
-    masks_x = xp.asarray(masks.reshape(len(names), wy * wx))
-    iy_k, ny_out = _bin_crop_indices(wy, detector_binning, None if detector_gpts is None else check_gpts(detector_gpts)[0])
-    ix_k, nx_out = _bin_crop_indices(wx, detector_binning, None if detector_gpts is None else check_gpts(detector_gpts)[1])
-    keep = return_patterns or out is not None
-    patterns = np.zeros((n_pos, ny_out, nx_out), np.float32) if (return_patterns and out is None) else None
-    if out is not None and tuple(out.shape) != (n_pos, ny_out, nx_out):
-        raise TembenchError(f"out has shape {tuple(out.shape)}, expected {(n_pos, ny_out, nx_out)}")
-    images = {name: np.zeros(n_pos, np.float32) for name in names}
+    col = _Collector(n_pos, window, sampling, energy_keV, detectors, return_patterns, out, out_weight,
+                     detector_binning, detector_gpts, xp)
     bs = min(n_pos, batch_size or max(1, SCAN_BATCH_BYTES // (8 * n_modes * wy * wx)))
     plan = plan_fft2((bs, n_modes, wy, wx), xp=xp, tag="prism-scan")
     norm = np.float32(1.0 / (wy * wx))
@@ -237,29 +228,9 @@ def prism_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, 
         origins, frac = _window_origins(chunk, sampling, window, field)
         # the modes are centred on window pixel (wy//2, wx//2): moved by origin + sub-pixel rest they sit on ρ
         shifts = origins * np.asarray(sampling) + frac
-        coeffs = smat.coefficients(modes_k, shifts)
-        smat.exit_waves(coeffs, origins, out=plan.buffer)
+        smat.exit_waves(smat.coefficients(modes_k, shifts), origins, out=plan.buffer)
         far = plan.forward()
-        inten = (far.real**2 + far.imag**2).sum(axis=1) * norm  # (B, wy, wx), FFT order
-        nb = stop - start
-        if names:
-            vals = asnumpy(inten.reshape(bs, -1) @ masks_x.T)[:nb]
-            for i, name in enumerate(names):
-                images[name][start:stop] = vals[:, i]
-        if keep:
-            shifted = xp.fft.fftshift(inten, axes=(-2, -1))
-            sel = shifted[:, xp.asarray(iy_k)][:, :, xp.asarray(ix_k)]
-            b = detector_binning
-            binned = sel.reshape(bs, ny_out, b, nx_out, b).sum(axis=(2, 4)) if b > 1 else sel
-            host = asnumpy(binned[:nb]).astype(np.float32)
-            if out is not None and out_weight is not None:
-                out[start:stop] += np.float32(out_weight) * host
-            elif out is not None:
-                out[start:stop] = host
-            else:
-                patterns[start:stop] = host
+        col.add((far.real**2 + far.imag**2).sum(axis=1) * norm, start, stop)  # (B, wy, wx), FFT order
         if progress is not None:
             progress(stop, n_pos)
-    lam = wavelength_A(energy_keV)
-    det = (lam / (wy * sampling[0]) * 1e3 * detector_binning, lam / (wx * sampling[1]) * 1e3 * detector_binning)
-    return StemResult(patterns=patterns, images=images, detector_sampling_mrad=det, window_gpts=(wy, wx))
+    return col.result()

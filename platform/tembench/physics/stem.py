@@ -326,6 +326,59 @@ class _Scanner:
         return out
 
 
+class _Collector:
+    """What a scan keeps of each batch's far-field intensities: virtual-detector images and the
+    fftshifted, binned and cropped patterns (in memory, streamed into ``out``, or added with a
+    weight). Shared by :func:`stem_scan` and :func:`tembench.physics.prism.prism_scan`."""
+
+    def __init__(self, n_pos, window, sampling, energy_keV, detectors, return_patterns, out, out_weight,
+                 detector_binning, detector_gpts, xp):
+        self.xp, self.n_pos, self.window, self.sampling = xp, n_pos, tuple(window), sampling
+        wy, wx = self.window
+        self.names, masks = detector_masks(self.window, sampling, energy_keV, detectors or {})
+        self.masks_x = xp.asarray(masks.reshape(len(self.names), wy * wx))
+        gy = gx = None
+        if detector_gpts is not None:
+            gy, gx = check_gpts(detector_gpts)
+        self.iy_k, self.ny_out = _bin_crop_indices(wy, detector_binning, gy)
+        self.ix_k, self.nx_out = _bin_crop_indices(wx, detector_binning, gx)
+        self.binning, self.out, self.out_weight = detector_binning, out, out_weight
+        self.keep = return_patterns or out is not None
+        shape = (n_pos, self.ny_out, self.nx_out)
+        self.patterns = np.zeros(shape, np.float32) if (return_patterns and out is None) else None
+        if out is not None and tuple(out.shape) != shape:
+            raise TembenchError(f"out has shape {tuple(out.shape)}, expected {shape}")
+        self.images = {name: np.zeros(n_pos, np.float32) for name in self.names}
+        self.lam = wavelength_A(energy_keV)
+
+    def add(self, inten, start, stop):
+        """Intensities (B, wy, wx) in FFT order of positions start … stop (B ≥ stop − start: padded)."""
+        xp = self.xp
+        bs, nb = inten.shape[0], stop - start
+        if self.names:
+            vals = asnumpy(inten.reshape(bs, -1) @ self.masks_x.T)[:nb]
+            for i, name in enumerate(self.names):
+                self.images[name][start:stop] = vals[:, i]
+        if self.keep:
+            shifted = xp.fft.fftshift(inten, axes=(-2, -1))
+            sel = shifted[:, xp.asarray(self.iy_k)][:, :, xp.asarray(self.ix_k)]
+            b = self.binning
+            binned = sel.reshape(bs, self.ny_out, b, self.nx_out, b).sum(axis=(2, 4)) if b > 1 else sel
+            host = asnumpy(binned[:nb]).astype(np.float32)
+            if self.out is not None and self.out_weight is not None:
+                self.out[start:stop] += np.float32(self.out_weight) * host
+            elif self.out is not None:
+                self.out[start:stop] = host
+            else:
+                self.patterns[start:stop] = host
+
+    def result(self) -> StemResult:
+        wy, wx = self.window
+        b, s = self.binning, self.sampling
+        det = (self.lam / (wy * s[0]) * 1e3 * b, self.lam / (wx * s[1]) * 1e3 * b)
+        return StemResult(patterns=self.patterns, images=self.images, detector_sampling_mrad=det, window_gpts=(wy, wx))
+
+
 def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, positions_A, probe=None,
               semiangle_mrad: float | None = None, aberrations: dict | None = None, window_gpts=None,
               detectors: dict | None = None, return_patterns: bool = True, out=None, detector_binning: int = 1,
@@ -361,16 +414,8 @@ def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, p
     wy, wx = sc.window
     pos = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
     n_pos = len(pos)
-    names, masks = detector_masks(sc.window, sampling, energy_keV, detectors or {})
-    masks_x = xp.asarray(masks.reshape(len(names), wy * wx))
-    lam = wavelength_A(energy_keV)
-    iy_k, ny_out = _bin_crop_indices(wy, detector_binning, None if detector_gpts is None else check_gpts(detector_gpts)[0])
-    ix_k, nx_out = _bin_crop_indices(wx, detector_binning, None if detector_gpts is None else check_gpts(detector_gpts)[1])
-    keep = return_patterns or out is not None
-    patterns = np.zeros((n_pos, ny_out, nx_out), np.float32) if (return_patterns and out is None) else None
-    if out is not None and tuple(out.shape) != (n_pos, ny_out, nx_out):
-        raise TembenchError(f"out has shape {tuple(out.shape)}, expected {(n_pos, ny_out, nx_out)}")
-    images = {name: np.zeros(n_pos, np.float32) for name in names}
+    col = _Collector(n_pos, sc.window, sampling, energy_keV, detectors, return_patterns, out, out_weight,
+                     detector_binning, detector_gpts, xp)
     bs = batch_size or sc.batch_size(False)
     bs = min(bs, n_pos)
     if batch_size is None and bs > 1:  # the batch size in [bs/2, bs] that pads the last batch least
@@ -384,28 +429,10 @@ def stem_scan(potentials, slice_thickness_A, *, energy_keV: float, sampling_A, p
         origins, frac = _window_origins(chunk, sampling, sc.window, sc.field_gpts)
         psi, _ = sc.incident(frac)
         far, _ = sc.forward(psi, origins)
-        inten = (far.real**2 + far.imag**2).sum(axis=1) * norm  # (B, wy, wx), FFT order
-        nb = stop - start
-        if names:
-            vals = asnumpy(inten.reshape(bs, -1) @ masks_x.T)[:nb]
-            for i, name in enumerate(names):
-                images[name][start:stop] = vals[:, i]
-        if keep:
-            shifted = xp.fft.fftshift(inten, axes=(-2, -1))
-            sel = shifted[:, xp.asarray(iy_k)][:, :, xp.asarray(ix_k)]
-            b = detector_binning
-            binned = sel.reshape(bs, ny_out, b, nx_out, b).sum(axis=(2, 4)) if b > 1 else sel
-            host = asnumpy(binned[:nb]).astype(np.float32)
-            if out is not None and out_weight is not None:
-                out[start:stop] += np.float32(out_weight) * host
-            elif out is not None:
-                out[start:stop] = host
-            else:
-                patterns[start:stop] = host
+        col.add((far.real**2 + far.imag**2).sum(axis=1) * norm, start, stop)  # (B, wy, wx), FFT order
         if progress is not None:
             progress(stop, n_pos)
-    det = (lam / (wy * sampling[0]) * 1e3 * detector_binning, lam / (wx * sampling[1]) * 1e3 * detector_binning)
-    return StemResult(patterns=patterns, images=images, detector_sampling_mrad=det, window_gpts=(wy, wx))
+    return col.result()
 
 
 def _shift_ramp(ky, kx, shift_A, xp):
