@@ -135,3 +135,23 @@ def test_too_many_bad_pixels_are_refused(focused):
     d[:, :, ::4, ::4] = 1e6  # 256 of 4096 pixels (6 %)
     with pytest.raises(TembenchError, match=r"256 of 4096 detector pixels"):
         find_bad_pixels(d, "dpc")
+
+
+def test_disc_calibration_check_accepts_low_dose_data_and_still_refuses_a_wrong_calibration():
+    """3 e/pattern: the brightest pixel of the mean pattern is noise; the disc must still measure ~16 px
+    (it measured 7 px and SSB refused good data). A 10x wrong sampling is still refused."""
+    from types import SimpleNamespace
+
+    from tembench.errors import TembenchError
+    from tembench_pelz2022.common import check_disc_calibration
+
+    rng = np.random.default_rng(0)
+    ky, kx = np.mgrid[:82, :79]
+    disc = ((ky - 41) ** 2 + (kx - 39) ** 2 <= 15.9**2).astype(np.float64)
+    lam = 3.0 * disc / disc.sum()  # 3 electrons per pattern
+    x = rng.poisson(lam, size=(64, 64, 82, 79)).astype(np.float32)
+    good = SimpleNamespace(sampling_mrad=(25.0 / 15.9, 25.0 / 15.9))
+    check_disc_calibration(x, good, 25.0, "ssb")  # no refusal
+    wrong = SimpleNamespace(sampling_mrad=(0.1 * 25.0 / 15.9, 0.1 * 25.0 / 15.9))
+    with pytest.raises(TembenchError, match="bright-field disc radius"):
+        check_disc_calibration(x, wrong, 25.0, "ssb")
