@@ -479,6 +479,28 @@ def reference_model(cols: dict, measurement, grid: C.ImageGrid, alpha: float,
     return res.model, True, restored
 
 
+def reference_bound(ref, grid, window_sigmas: float):
+    """CRLB of the reference model (in electrons) over its live columns: ``(bound or None, live mask)``.
+
+    A column of height 0 adds nothing to λ and carries no information on its position or width. When
+    the Fisher matrix is singular all the same (a weak column the fit left on top of a strong one,
+    or heights so small that rounding breaks the Cholesky factorisation), the weakest columns leave the
+    model, at a growing threshold (0, 1e-6, 1e-2 of the highest column) until it inverts; if it never does, the bound is None (NaN in that repeat —
+    the repeat and its row are kept)."""
+    live = ref.height > 0
+    for floor in (0.0, 1e-6, 1e-2):
+        live = ref.height > floor * float(np.max(ref.height, initial=0.0))
+        if not live.any():
+            return None, live
+        sub = C.ColumnModel(ref.x_A[live], ref.y_A[live], ref.height[live], ref.sigma_A[live],
+                            ref.background, ref.common_width)
+        try:
+            return C.crlb(sub, grid, 1.0, window_sigmas), live   # ref is in electrons: λ = ref
+        except TembenchError:
+            continue
+    return None, live
+
+
 class CRLBPrecision(Quantifier):
     """Precision over noise repeats vs the Cramér–Rao lower bound (Friedrich 2023 eqs 2.25–2.29, Fig. 2.7).
 
@@ -498,7 +520,7 @@ class CRLBPrecision(Quantifier):
     name = "crlb"
     accepts = ("image",)
     # 2: the bound at the Poisson-ML fit of the measured (unrestored) image, not at the judged fit
-    version = "2"
+    version = "3"  # 3: near-zero-height columns leave the bound's model instead of a singular Fisher matrix erroring the row
     metrics = {
         "crlb_position_median_pm": Metric("pm", None, (0.0, None), diagnostic=True,
                                           description="√CRLB of a column coordinate, median over columns"),
@@ -544,12 +566,9 @@ class CRLBPrecision(Quantifier):
             ref, refit, restored = reference_model(cols, measurement, grid, alpha)
             # a column of height 0 adds nothing to λ and carries no information on its position or
             # width: it leaves the model (the same λ) and its bound is NaN in this repeat
-            live = ref.height > 0
+            cr, live = reference_bound(ref, grid, p.window_sigmas)
             n_dead = int((~live).sum())
-            if live.any():
-                sub = C.ColumnModel(ref.x_A[live], ref.y_A[live], ref.height[live], ref.sigma_A[live],
-                                    ref.background, ref.common_width)
-                cr = C.crlb(sub, grid, 1.0, p.window_sigmas)       # ref is in electrons: λ = ref
+            if cr is not None:
                 v = {k: np.full(len(ref), np.nan) for k in ("x", "y", "scs")}
                 v["x"][live], v["y"][live], v["scs"][live] = cr.var_x_A2, cr.var_y_A2, cr.var_scs
                 # the reference fit starts at the estimator's columns and keeps their order

@@ -73,3 +73,28 @@ def test_bound_is_the_same_for_every_estimator_of_one_measurement(lattice):
     cols_s = rec_s.extras["columns"]
     own = C.crlb(model_of(cols_s), image_grid_of(smooth), cols_s["electrons_per_unit"], 6.0)
     assert np.median(own.var_x_A2) > 1.5 * np.nanmedian(ref["crlb_x_A2"])
+
+
+def test_a_singular_reference_drops_its_weakest_columns_instead_of_failing_the_repeat():
+    """friedrich2023_crlb (5e2 e/Å², lsq, 1 of 720 units) lost a row: the reference fit's Fisher matrix
+    was singular ("35-th leading minor not positive definite"). A weak column on top of a strong one
+    makes it exactly singular; the weak one now leaves the model (NaN bound for it) and the others keep
+    the bound they have without it."""
+    import numpy as np
+    import pytest
+
+    from tembench.errors import TembenchError
+    from tembench_friedrich2023 import columns as C
+    from tembench_friedrich2023.quantify import reference_bound
+
+    grid = C.ImageGrid((48, 48), (0.2, 0.2))
+    xs, ys = np.array([2.4, 6.4, 2.4]), np.array([2.4, 2.4, 2.4])
+    sig, bg = np.full(3, 0.45), np.array([5.0])
+    stacked = C.ColumnModel(xs, ys, np.array([400.0, 300.0, 1.0]), sig, bg, False)
+    with pytest.raises(TembenchError, match="singular"):
+        C.crlb(stacked, grid, 1.0, 6.0)
+    cr, live = reference_bound(stacked, grid, 6.0)
+    assert cr is not None and list(live) == [True, True, False]
+    ref = C.crlb(C.ColumnModel(xs[:2], ys[:2], np.array([400.0, 300.0]), sig[:2], bg, False), grid, 1.0, 6.0)
+    np.testing.assert_allclose(cr.var_x_A2, ref.var_x_A2, rtol=1e-9)
+    np.testing.assert_allclose(cr.var_scs, ref.var_scs, rtol=1e-9)
