@@ -39,7 +39,8 @@ from tembench.store import MANIFEST, atomic_write_bytes, atomic_write_text, load
 #: changes whenever the page's structure changes; committed examples must carry the current one
 REPORT_FORMAT = "2"
 
-BOOKKEEPING = {"point_index", "repeat", "recon_cache_hit", "artifacts", "error", "traceback", "status", "error_stage"}
+BOOKKEEPING = {"point_index", "repeat", "recon_cache_hit", "artifacts", "error", "traceback", "status", "error_stage",
+               "reconstructor_seed", "emd_file"}  # the derived seed is an input, not a result
 COST_PREFIXES = ("time_", "peak_memory_", "wall_time")
 #: colour-blind-safe palette (Okabe–Ito, then Tol's muted)
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#882255", "#44AA99",

@@ -170,3 +170,13 @@ def test_report_of_a_synthetic_run_with_aggregates(tmp_path):
     assert "Diagnostics" in page and 'id="agg-0"' in page and "defocus_A = 50" in page
     text = md.read_text()
     assert "## ncc" in text and "### spread" in text and "(figures/metric_ncc.png)" in text
+
+
+def test_the_derived_reconstructor_seed_is_not_plotted_as_a_result():
+    """reconstructor_seed (an input the runner derives) and emd_file are bookkeeping, not metrics."""
+    import pandas as pd
+
+    from tembench.report import metric_columns
+
+    t = pd.DataFrame({"ncc": [0.5, 0.6], "reconstructor_seed": [3744695577, 3744695577], "emd_file": ["a", "b"]})
+    assert metric_columns(t, []) == ["ncc"]
