@@ -735,6 +735,34 @@ def plot_metric(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, path: Path
 
 
 # --- reconstructions --------------------------------------------------------------------------
+# --- helpers for plugins' report sections (tembench_report_sections hooks) -----------------------
+def figure_uri(fig, dpi: int = 90) -> str:
+    """A matplotlib figure as a PNG data URI (the figure is closed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def img_tag(uri: str, alt: str) -> str:
+    """An <img> of a data URI that scales to the page width."""
+    return f"<img alt='{html.escape(alt)}' src='{uri}' style='max-width:100%'>"
+
+
+def swept_columns(table: pd.DataFrame, scenario) -> list[str]:
+    """The scenario's swept parameters (grid, then zip) that are columns of ``table``."""
+    try:
+        keys = list(scenario.spec.sweep.grid) + list(scenario.spec.sweep.zip)
+    except AttributeError:
+        keys = []
+    return [k for k in keys if k in table.columns]
+
+
 def _png_uri(img: np.ndarray) -> str:
     import matplotlib
 

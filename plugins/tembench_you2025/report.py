@@ -7,13 +7,13 @@ the projected image), ``fsc.*`` (FRC curves of the ``fsc`` quantifier).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from tembench.report import figure_uri, img_tag, swept_columns
 
 SWEEP_SKIP = ("point_", "repeat")
 
@@ -27,24 +27,9 @@ def _mpl():
     return plt
 
 
-def _uri(fig) -> str:
-    plt = _mpl()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(uri: str, alt: str) -> str:
-    return f"<img alt='{html.escape(alt)}' src='{uri}' style='max-width:100%'>"
-
-
-def _swept(table: pd.DataFrame, scenario) -> list[str]:
-    try:
-        keys = list(scenario.spec.sweep.grid) + list(scenario.spec.sweep.zip)
-    except AttributeError:
-        keys = []
-    return [k for k in keys if k in table.columns]
+_uri = figure_uri
+_img = img_tag
+_swept = swept_columns
 
 
 def _label(row, swept) -> str:
