@@ -243,7 +243,7 @@ def initial_probe(mean_pattern, sampling_A, energy_keV, aberrations, n_modes, ex
     return orthogonalize_modes(xp.asarray(modes.astype(np.complex64)), xp)
 
 
-def _remove_global_part(offsets, nominal, frame: str):
+def remove_global_part(offsets, nominal, frame: str):
     """Offsets minus their mean (``frame='shift'``) or their least-squares affine part in the nominal
     positions (``'affine'``): that part moves object and positions together and is (nearly) not measurable."""
     if frame == "none":
@@ -451,7 +451,7 @@ def reconstruct_msp(patterns, positions_A, geometry, params: MSPParams | dict | 
             if not p.reconstruct_absorption:
                 v = v.real.astype(xp.complex64)
         if refine_pos:
-            off = _remove_global_part(pos - pos0, pos0, p.position_frame)
+            off = remove_global_part(pos - pos0, pos0, p.position_frame)
             dpos += off - (pos - pos0)
             off = np.clip(off, -p.max_position_shift_A, p.max_position_shift_A)
             pos = np.clip(pos0 + off, org + lo_ok, org + hi_ok)

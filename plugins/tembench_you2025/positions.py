@@ -19,19 +19,7 @@ from pydantic import Field
 from tembench import Params, Quantifier
 from tembench.builtin.forward_multislice import true_scan_positions_A
 from tembench.metrics import Metric
-
-
-def _remove_global(d: np.ndarray, ref: np.ndarray, frame: str) -> np.ndarray:
-    """d (N, 2) minus its mean (``shift``) or its least-squares affine part in ``ref`` (``affine``)."""
-    if frame == "none":
-        return d
-    if frame == "shift" or len(d) < 6:
-        return d - d.mean(axis=0)
-    c = ref - ref.mean(axis=0)
-    span = np.maximum(np.abs(c).max(axis=0), 1e-12)
-    design = np.column_stack([np.ones(len(c)), c / span])
-    coef, *_ = np.linalg.lstsq(design, d, rcond=None)
-    return d - design @ coef
+from tembench_you2025.msp import remove_global_part
 
 
 def _rms(d: np.ndarray) -> float:
@@ -44,8 +32,8 @@ def position_errors(nominal, refined, true, frame: str = "affine") -> dict[str, 
     positions and is not what position refinement can measure (msp removes it from its offsets)."""
     nominal, refined, true = (np.asarray(a, np.float64).reshape(-1, 2) for a in (nominal, refined, true))
     before, after = nominal - true, refined - true
-    return {"position_error_before_A": _rms(_remove_global(before, nominal, frame)),
-            "position_error_after_A": _rms(_remove_global(after, nominal, frame)),
+    return {"position_error_before_A": _rms(remove_global_part(before, nominal, frame)),
+            "position_error_after_A": _rms(remove_global_part(after, nominal, frame)),
             "position_error_before_raw_A": _rms(before), "position_error_after_raw_A": _rms(after)}
 
 
