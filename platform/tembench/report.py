@@ -736,13 +736,19 @@ def plot_metric(d: pd.DataFrame, metric: str, m: Metric, lay: Layout, path: Path
 
 # --- reconstructions --------------------------------------------------------------------------
 # --- helpers for plugins' report sections (tembench_report_sections hooks) -----------------------
-def figure_uri(fig, dpi: int = 90) -> str:
-    """A matplotlib figure as a PNG data URI (the figure is closed)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (reports render without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def figure_uri(fig, dpi: int = 90) -> str:
+    """A matplotlib figure as a PNG data URI (the figure is closed)."""
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)

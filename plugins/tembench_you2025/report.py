@@ -13,20 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tembench.report import figure_uri, img_tag, swept_columns
+from tembench.report import figure_uri, img_tag, pyplot, swept_columns
 
 SWEEP_SKIP = ("point_", "repeat")
 
 
-def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
+_mpl = pyplot
 _uri = figure_uri
 _img = img_tag
 _swept = swept_columns
