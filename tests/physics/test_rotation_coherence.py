@@ -56,6 +56,31 @@ def test_rotating_volume_matches_rotating_atoms():
         np.testing.assert_allclose(com, p, atol=0.1)
 
 
+def test_separable_euler_rotation_is_adjoint_and_turns_atoms_like_the_matrix():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((12, 14, 16)).astype(np.float32)
+    y = rng.standard_normal((12, 14, 16)).astype(np.float32)
+    e = (7.0, 25.0, -4.0)
+    assert np.vdot(R.euler_rotate(x, e).astype(np.float64), y) == pytest.approx(
+        np.vdot(x.astype(np.float64), R.euler_rotate_adjoint(y, e)), rel=1e-5)
+    np.testing.assert_array_equal(R.euler_rotate(x, (0, 0, 0)), x)
+    np.testing.assert_array_equal(R.euler_rotate(x, (0, 25.0, 0)), R.rotate(x, 25.0, "y"))
+    # atoms turned by euler_matrix land where the separable rotation moves their potential maxima
+    cell = np.array([12.0, 12.0, 12.0])
+    pos = np.array([[4.0, 6.0, 5.0], [8.0, 4.5, 7.5]])
+    s = 0.4
+    vol = P.potential_volume(Sample(positions_A=pos, numbers=[79, 79], cell_A=cell), s)
+    e = (20.0, 30.0, -15.0)
+    moved = R.rotate_points(pos, R.euler_matrix(*e), cell / 2)
+    rot = R.euler_rotate(vol, e)
+    zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n in vol.shape), indexing="ij")
+    for p in moved:
+        near = (xx - p[0]) ** 2 + (yy - p[1]) ** 2 + (zz - p[2]) ** 2 < 1.0
+        w = np.clip(rot, 0, None) * near
+        com = [float((w * c).sum() / w.sum()) for c in (xx, yy, zz)]
+        np.testing.assert_allclose(com, p, atol=0.1)
+
+
 def test_slice_binning_adjoint_and_sum():
     v = RNG.standard_normal((23, 5, 6)).astype(np.float32)
     b = R.bin_slices(v, 5)

@@ -222,6 +222,33 @@ def rotate_adjoint(volume, angle_deg: float = 0.0, axis: str = "y", matrix=None,
                                                                                              copy=False)
 
 
+def euler_rotate(volume, euler_deg, xp=None):
+    """Turn the object by the RELION Euler rotation R = R_z(psi) R_y(tilt) R_z(rot) (``euler_deg`` =
+    (rot, tilt, psi) degrees) as three plane rotations (bilinear, one 2D operator each, shared by all
+    planes): rot about z, then tilt about y, then psi about z; zero angles are skipped (no blur).
+
+    Memory: three cached plane operators (≤ 4·n² weights each) instead of one trilinear volume
+    operator (8·n³ weights: 57 MB at 96³), so a tilt series with per-tilt Euler angles fits.
+    Slightly blurrier than :func:`rotate` with ``matrix`` (three interpolations instead of one).
+    """
+    rot, tilt, psi = (float(a) for a in euler_deg)
+    v = volume
+    for angle, axis in ((rot, "z"), (tilt, "y"), (psi, "z")):
+        if angle != 0.0:
+            v = rotate(v, angle, axis, xp=xp)
+    return v.copy() if v is volume else v
+
+
+def euler_rotate_adjoint(volume, euler_deg, xp=None):
+    """Exact adjoint (transpose) of :func:`euler_rotate`: the plane adjoints in reverse order."""
+    rot, tilt, psi = (float(a) for a in euler_deg)
+    v = volume
+    for angle, axis in ((psi, "z"), (tilt, "y"), (rot, "z")):
+        if angle != 0.0:
+            v = rotate_adjoint(v, angle, axis, xp=xp)
+    return v.copy() if v is volume else v
+
+
 # --- slice binning (Ren 2020 App. A4, eqs A.11–A.13) -----------------------------------------
 def bin_slices(volume, n_bin: int, xp=None):
     """B_N: sum consecutive groups of ``n_bin`` slices along axis 0 (last group may be shorter).
