@@ -73,10 +73,17 @@ def _stem_field(cell_A, p):
     return (ny, nx), (cell_A[1] / ny, cell_A[0] / nx)
 
 
-def _tilted_stack(sample, angles, axis, dz, margin_A=2.0):
-    """Rotated positions per tilt and one common slab (z0, n_slices) that holds all of them."""
+def _tilted_stack(sample, angles, axis, dz, margin_A=2.0, matrices=None, translations_xyz_A=None):
+    """Rotated positions per tilt and one common slab (z0, n_slices) that holds all of them.
+
+    ``matrices`` (n, 3, 3) replace the rotations about ``axis`` by ``angles`` (e.g. Euler angles with
+    errors); ``translations_xyz_A`` (n, 3) then move the turned atoms of each tilt (stem4d_tilt_series)."""
     centre = sample.cell_A / 2.0
-    rotated = [rotate_points(sample.positions_A, axis_rotation_matrix(a, axis), centre) for a in angles]
+    if matrices is None:
+        matrices = [axis_rotation_matrix(a, axis) for a in angles]
+    rotated = [rotate_points(sample.positions_A, m, centre) for m in matrices]
+    if translations_xyz_A is not None:
+        rotated = [r + np.asarray(t, np.float64) for r, t in zip(rotated, translations_xyz_A)]
     reach = max((float(np.abs(p[:, 2] - centre[2]).max()) for p in rotated if len(p)), default=0.0) + margin_A
     reach = max(reach, sample.cell_A[2] / 2.0)
     n_slices = max(1, int(math.ceil(2 * reach / dz)))
@@ -512,7 +519,7 @@ class STEM4D(ForwardModel):
             (p.detector_gpts, p.detector_gpts) if isinstance(p.detector_gpts, int) else tuple(p.detector_gpts))
         ky = det_n[0] if det_n else window[0] // p.detector_binning
         kx = det_n[1] if det_n else window[1] // p.detector_binning
-        rotated, z0, n_slices = _tilted_stack(sample, angles, p.tilt_axis, p.slice_thickness_A)
+        rotated, z0, n_slices = self._tilted_stack(sample, angles, p)
         keep = p.output == "patterns"
         limit = None if p.max_memory_GB is None else int(p.max_memory_GB * 2**30)
         memory.check_memory(
@@ -541,6 +548,10 @@ class STEM4D(ForwardModel):
             if tmp_path is not None and os.path.exists(tmp_path):
                 os.unlink(tmp_path)
             raise
+
+    def _tilted_stack(self, sample, angles, p):
+        """Atoms per tilt and the common slab (z0, n_slices); stem4d_tilt_series adds alignment errors."""
+        return _tilted_stack(sample, angles, p.tilt_axis, p.slice_thickness_A)
 
     def _scan(self, sample, p, xp, angles, kind, gpts, sampling, ab, amax, window, modes, grid, sy, sx, n_pos, det_n,
               ky, kx, rotated, z0, n_slices, keep, out, tmp_path) -> Measurement:
@@ -590,6 +601,9 @@ class STEM4D(ForwardModel):
                    "detectors_mrad": {k: list(v) for k, v in p.detectors.items()}, "n_probe_modes": modes.shape[0],
                    "focal_spread_A": p.focal_spread_A, "source_size_A": p.source_size_A,
                    "rotation_centre_A": (sample.cell_A / 2).tolist(), "n_slices_simulated": n_slices,
+                   # z of the simulated stack's entrance plane (sample frame, after rotation): the probe's
+                   # defocus refers to it
+                   "entrance_z_A": float(z0),
                    "propagator": p.propagator, "parametrization": p.parametrization, "algorithm": p.algorithm,
                    "prism_interpolation": p.prism_interpolation if p.algorithm == "prism" else None,
                    "frozen_phonons": n_conf if rms is not None else 0})

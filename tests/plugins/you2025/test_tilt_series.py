@@ -1,0 +1,127 @@
+"""stem4d_tilt_series: per-tilt Euler errors and translations move the atoms as true_alignment says; with no
+errors the data are stem4d's bit for bit; the truth is only in the provenance recipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tembench import Sample
+from tembench.builtin.forward_multislice import STEM4D
+from tembench.builtin.noise import PoissonDose
+from tembench.errors import TembenchError
+from tembench.physics.rotation import euler_matrix, rotate_points
+from tembench_you2025.tilt_series import STEM4DTiltSeries, draw_alignment, true_alignment
+
+CELL_A = 10.0
+PARAMS = dict(energy_keV=200, sampling_A=0.2, semiangle_mrad=25, window_gpts=32, detector_gpts=16,
+              slice_thickness_A=2.0, scan_step_A=0.5, scan_start_A=(3.0, 3.0), scan_end_A=(7.0, 7.0),
+              detectors={"adf": (28.0, None)}, tilt_angles_deg=[-30.0, 0.0, 30.0])
+
+
+def _sample(positions, numbers):
+    return Sample(positions_A=np.asarray(positions, float), numbers=numbers, cell_A=[CELL_A] * 3, name="test")
+
+
+def _cluster():
+    """A few atoms within 2.5 Å of the centre: the slab (z0, n_slices) is the cell's at any tilt."""
+    c = CELL_A / 2
+    off = np.array([[0.0, 0.0, 0.0], [1.4, -0.6, 0.9], [-1.1, 1.3, -1.2], [0.3, 1.5, 1.6]])
+    return _sample(c + off, [78, 8, 13, 8])
+
+
+def _sim(cls, sample, **kw):
+    return cls().simulate(sample, cls.parse_params({**PARAMS, **kw}), np)
+
+
+def test_no_errors_is_stem4d_bit_for_bit():
+    s = _cluster()
+    a = _sim(STEM4D, s)
+    b = _sim(STEM4DTiltSeries, s)
+    assert a.kind == b.kind == "4dstem_tilt_series"
+    np.testing.assert_array_equal(a.data, b.data)
+    assert a.geometry.extra["entrance_z_A"] == b.geometry.extra["entrance_z_A"]
+    assert b.geometry.tilt_angles_deg == [-30.0, 0.0, 30.0]
+    e, t = true_alignment(b)
+    np.testing.assert_array_equal(e[:, 1], [-30.0, 0.0, 30.0])
+    assert not e[:, [0, 2]].any() and not t.any()
+    # a plain stem4d series has no recipe: truth = nominal
+    e0, t0 = true_alignment(a)
+    np.testing.assert_array_equal(e0, e) and np.testing.assert_array_equal(t0, t)
+
+
+def test_each_tilt_is_the_turned_and_moved_sample():
+    """Independent route: the test turns the atoms by euler_matrix(true Θ_k) about the centre, moves them by
+    (τ_x, τ_y, 0) and simulates them untilted with stem4d — the same patterns as tilt k of the series."""
+    s = _cluster()
+    kw = dict(max_translation_A=1.5, euler_error_deg=3.0, alignment_seed=7)
+    m = _sim(STEM4DTiltSeries, s, **kw)
+    euler, tau = true_alignment(m)
+    assert np.abs(euler - np.array([[0, a, 0] for a in (-30, 0, 30)])).max() > 1.0   # errors were applied
+    assert np.abs(tau).max() > 0.5
+    c = s.cell_A / 2
+    for k in range(3):
+        moved = rotate_points(s.positions_A, euler_matrix(*euler[k]), c) + [tau[k, 1], tau[k, 0], 0.0]
+        ref = _sim(STEM4D, _sample(moved, s.numbers), tilt_angles_deg=[0.0])
+        assert ref.geometry.extra["entrance_z_A"] == pytest.approx(m.geometry.extra["entrance_z_A"])
+        np.testing.assert_allclose(m.data[k], ref.data, rtol=1e-4, atol=1e-7 * ref.data.max())
+    # a different seed gives different data
+    other = _sim(STEM4DTiltSeries, s, **{**kw, "alignment_seed": 8})
+    assert not np.allclose(other.data, m.data)
+
+
+def test_single_atom_image_moves_by_tau():
+    """An atom at the rotation centre stays there at every tilt; its ADF image is centred at c + τ."""
+    c = CELL_A / 2
+    m = _sim(STEM4DTiltSeries, _sample([[c, c, c]], [78]), scan_step_A=0.2, max_translation_A=1.2,
+             alignment_seed=3, tilt_angles_deg=[-40.0, 20.0])
+    _, tau = true_alignment(m)
+    img = m.extras["virtual_images"]["adf"]
+    ys = np.arange(3.0, 7.0 - 1e-9, 0.2)
+    for k in range(2):
+        im = img[k] - img[k].min()
+        iy, ix = np.unravel_index(np.argmax(im), im.shape)
+        w = im[iy - 3:iy + 4, ix - 3:ix + 4] ** 2
+        yc = (w * ys[iy - 3:iy + 4, None]).sum() / w.sum()
+        xc = (w * ys[None, ix - 3:ix + 4]).sum() / w.sum()
+        np.testing.assert_allclose([yc, xc], c + tau[k], atol=0.05)
+
+
+def test_recipe_only_and_distribution():
+    m = _sim(STEM4DTiltSeries, _cluster(), max_translation_A=3.4, euler_error_deg=1.0, alignment_seed=2,
+             tilt_angles_deg=[-10.0, 10.0], scan_step_A=2.0)
+    rec = [r for r in m.provenance if r["component"] == "stem4d_tilt_series_alignment"]
+    assert rec == [{"component": "stem4d_tilt_series_alignment", "seed": 2, "max_translation_A": 3.4,
+                    "euler_error_deg": 1.0}]
+    flat = repr(m.geometry.extra) + repr(sorted(m.extras))
+    assert "translation" not in flat and "euler" not in flat
+    e, t = draw_alignment(np.zeros((20000, 3)), 5, 3.4, 1.0)
+    assert np.abs(t).max() <= 3.4 and abs(t.std() - 3.4 / np.sqrt(3)) < 0.03
+    assert abs(e.std() - 1.0) < 0.02
+    e2, t2 = draw_alignment(np.zeros((20000, 3)), 5, 3.4, 0.0)
+    np.testing.assert_array_equal(t, t2)                    # translations do not depend on the Euler error
+    assert not e2.any()
+
+
+def test_poisson_dose_is_per_tilt():
+    m = _sim(STEM4DTiltSeries, _cluster(), tilt_angles_deg=[-10.0, 10.0], scan_step_A=1.0)
+    dose = 200.0
+    p = PoissonDose.parse_params({"dose_e_per_A2": dose})
+    noisy = PoissonDose().apply(m, p, np.random.default_rng(0))
+    n_e = dose * 1.0 * 1.0                                  # electrons per pattern = dose x step area
+    for k in range(2):
+        expected = m.data[k].sum() * n_e
+        assert noisy.data[k].sum() == pytest.approx(expected, rel=5 * expected**-0.5)
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="tilt_axis"):
+        STEM4DTiltSeries.parse_params({**PARAMS, "tilt_axis": "z"})
+    with pytest.raises(ValueError, match="output"):
+        STEM4DTiltSeries.parse_params({**PARAMS, "output": "image"})
+    with pytest.raises(ValueError):
+        STEM4DTiltSeries.parse_params({**PARAMS, "max_translation_A": -1.0})
+    bad = _sim(STEM4DTiltSeries, _cluster(), tilt_angles_deg=[-10.0, 10.0], scan_step_A=2.0)
+    bad = bad.replace(geometry=bad.geometry.replace(tilt_angles_deg=[0.0]))
+    with pytest.raises(TembenchError, match="tilt"):
+        true_alignment(bad)
