@@ -5,6 +5,7 @@ from __future__ import annotations
 from tembench import hookimpl
 from tembench_you2025.msp import MSP
 from tembench_you2025.positions import MSPPositions, MSPState
+from tembench_you2025.tomo_sections import TomoSections
 
 
 @hookimpl
@@ -14,11 +15,12 @@ def tembench_register_reconstructors():
 
 @hookimpl
 def tembench_register_quantifiers():
-    return [MSPPositions, MSPState]
+    return [MSPPositions, MSPState, TomoSections]
 
 
 @hookimpl
 def tembench_report_sections(table, scenario, run_dir):
     from tembench_you2025.report import report_sections
+    from tembench_you2025.tomo_report import tomo_report_sections
 
-    return report_sections(table, scenario, run_dir)
+    return report_sections(table, scenario, run_dir) + tomo_report_sections(table, scenario, run_dir)

@@ -83,7 +83,7 @@ def slices_and_probes(table, swept, run_dir, max_rows: int = 12) -> str | None:
             "and the amplitude of each probe mode with its power fraction.</p>" + "".join(blocks))
 
 
-def frc_figure(table, swept, run_dir) -> str | None:
+def frc_figure(table, swept, run_dir, name: str = "FRC") -> str | None:
     """FRC curves from the fsc quantifier: vs ground truth (solid) and half sets with the half-bit curve."""
     plt = _mpl()
     rows = table[(table.get("status") == "ok") & (table.get("repeat", 0) == 0)].sort_values("point_index")
@@ -119,20 +119,25 @@ def frc_figure(table, swept, run_dir) -> str | None:
         ax.set_xlabel("k (1/Å)")
         ax.grid(alpha=0.3)
         ax.set_ylim(-0.2, 1.05)
-    axes[0][0].set_ylabel("FRC")
+    axes[0][0].set_ylabel(name)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    return ("<p>Fourier ring correlation: solid vs the ground-truth projected potential/phase, dashed between "
-            "reconstructions of two independent half sets, dotted the half-bit threshold; red dotted line 0.5.</p>"
-            + _img(_uri(fig), "FRC curves"))
+    what = ("Fourier shell correlation: solid vs the ground-truth potential" if name == "FSC" else
+            "Fourier ring correlation: solid vs the ground-truth projected potential/phase")
+    return (f"<p>{what}, dashed between reconstructions of two independent half sets, dotted the half-bit "
+            "threshold; red dotted line 0.5.</p>" + _img(_uri(fig), f"{name} curves"))
 
 
-def comparison(table, swept) -> tuple[str, str] | None:
-    """Metric vs the first swept parameter, one line per method (NCC, RMSE, FRC resolution, position error)."""
+MSP_METRICS = ("ncc", "fsc_gt_resolution_A", "fsc_half_resolution_A", "position_error_before_A",
+               "position_error_after_A")
+
+
+def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) -> tuple[str, str] | None:
+    """Metric vs the first swept parameter, one line per method (by default NCC, FRC resolution, position
+    error; ``candidates``: the columns to plot where present)."""
     plt = _mpl()
     ok = table[table.get("status") == "ok"]
     # (rmse_scaled is left out: it is in each method's own units — V·Å for msp, rad for ssb/icom)
-    metrics = [c for c in ("ncc", "fsc_gt_resolution_A", "fsc_half_resolution_A",
-                           "position_error_before_A", "position_error_after_A") if c in ok.columns and pd.to_numeric(ok[c], errors="coerce").notna().any()]
+    metrics = [c for c in candidates if c in ok.columns and pd.to_numeric(ok[c], errors="coerce").notna().any()]
     if not metrics or not swept:
         return None
     x = swept[0]
@@ -169,9 +174,9 @@ def comparison(table, swept) -> tuple[str, str] | None:
     tab = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{v:.4g}</td>" if isinstance(v, (float, np.floating)) else f"<td>{html.escape(str(v))}</td>"
                          for v in r) + "</tr>" for r in rows_md) + "</table>"
-    note = ("<p>Mean over repeats, one line per method. NCC is taken on each method's own grid (msp: the "
-            "reconstruction pixel; ssb/icom: the scan step); FRC resolutions at Nyquist are bounds set by that grid "
-            "(flags <code>*_not_reached</code> in the table).</p>")
+    note = note or ("<p>Mean over repeats, one line per method. NCC is taken on each method's own grid (msp: the "
+                    "reconstruction pixel; ssb/icom: the scan step); FRC resolutions at Nyquist are bounds set by that "
+                    "grid (flags <code>*_not_reached</code> in the table).</p>")
     return note + _img(_uri(fig), "metrics vs sweep") + tab, md
 
 
