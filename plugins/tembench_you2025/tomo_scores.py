@@ -1,0 +1,298 @@
+"""Quantifiers of You 2025 part 2 for tomographic volumes (``joint_linear_tomo``, ``e2e_ptycho_tomo``).
+
+* ``alignment_error`` — recovered alignment (``extras["translations_A"]`` (n, 2) (τ_y, τ_x) Å and
+  ``extras["euler_deg"]`` (n, 3)) against the truth of ``stem4d_tilt_series``
+  (:func:`tembench_you2025.tilt_series.true_alignment`). A shift t of the whole volume changes every
+  τ_k by (R_k t)_{y,x} and leaves the data unchanged, so that 3-parameter part (whose y component is the
+  common mean translation) is fitted and removed before the statistics; the raw and mean-removed values
+  are kept as diagnostics. Paper (Fig. 2a): half of the translations within 0.4 Å, max 0.8 Å.
+* ``depth_elongation`` — the missing-wedge signature: atoms found by the core tracer
+  (:func:`tembench.analysis.atom_tracing.trace_atoms`), each fitted in a small box by an axially
+  symmetric Gaussian b + A·exp(−ρ²/2σ_lat² − (z − z_c)²/2σ_z²); the median σ_z/σ_lat, and the same fit on the
+  ground-truth potential (``Sample.potential_volume``) at the same voxel at the true atom positions, so the
+  ratio reads relative to truth (≈ 1 for a band-limited isotropic atom).
+
+Both return nothing for reconstructions they do not apply to (no alignment extras / not a volume).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from tembench import Params, Quantifier
+from tembench.errors import TembenchError
+from tembench.metrics import Metric
+from tembench.physics.rotation import euler_matrix
+from tembench_you2025.tilt_series import true_alignment
+
+
+# --- alignment --------------------------------------------------------------------------------------------
+def _wrap_deg(a):
+    return (np.asarray(a, np.float64) + 180.0) % 360.0 - 180.0
+
+
+def rotation_angle_deg(euler_a, euler_b) -> np.ndarray:
+    """Angle (deg) of the rotation R_a⁻¹ R_b per row: a convention-free distance between Euler triplets
+    (at tilt ≈ 0 rot and psi are degenerate, only their sum matters; this is not fooled by that)."""
+    out = []
+    for a, b in zip(np.asarray(euler_a).reshape(-1, 3), np.asarray(euler_b).reshape(-1, 3)):
+        m = euler_matrix(*a).T @ euler_matrix(*b)
+        out.append(np.degrees(np.arccos(np.clip((np.trace(m) - 1.0) / 2.0, -1.0, 1.0))))
+    return np.asarray(out)
+
+
+def volume_shift_part(delta_tau_A, euler_deg) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares 3D shift t (x, y, z) Å of the volume with Δτ_k ≈ (R_k t)_{y,x}, and Δτ minus that part.
+
+    A volume moved by t and translations τ_k − (R_k t)_{y,x} give the same projections: that part of the
+    translation error is not measurable from the data."""
+    d = np.asarray(delta_tau_A, np.float64).reshape(-1, 2)
+    rows = []
+    for e in np.asarray(euler_deg, np.float64).reshape(-1, 3):
+        r = euler_matrix(*e)
+        rows += [r[1], r[0]]                                  # (R t)_y, (R t)_x
+    a = np.asarray(rows)
+    t, *_ = np.linalg.lstsq(a, d.reshape(-1), rcond=None)
+    return t, d - (a @ t).reshape(-1, 2)
+
+
+def alignment_errors(translations_A, euler_deg, true_translations_A, true_euler_deg) -> dict:
+    """Translation errors (2D distance per tilt, Å) with the unmeasurable volume shift removed, Euler errors (deg)."""
+    tau = np.asarray(translations_A, np.float64).reshape(-1, 2)
+    eul = np.asarray(euler_deg, np.float64).reshape(-1, 3)
+    tt = np.asarray(true_translations_A, np.float64).reshape(-1, 2)
+    te = np.asarray(true_euler_deg, np.float64).reshape(-1, 3)
+    if tau.shape != tt.shape or eul.shape != te.shape:
+        raise TembenchError(f"alignment_error: recovered alignment for {len(tau)} / {len(eul)} tilts (translations "
+                            f"/ Euler angles) but the measurement has {len(tt)} tilts")
+    delta = tau - tt
+    t, resid = volume_shift_part(delta, te)
+    err = np.linalg.norm(resid, axis=1)
+    mean_removed = np.linalg.norm(delta - delta.mean(axis=0), axis=1)
+    d_eul = np.abs(_wrap_deg(eul - te))
+    geo = rotation_angle_deg(te, eul)
+    return {
+        "translation_error_median_A": float(np.median(err)),
+        "translation_error_max_A": float(err.max()),
+        "translation_error_rms_A": float(np.sqrt(np.mean(err**2))),
+        "translation_error_mean_removed_rms_A": float(np.sqrt(np.mean(mean_removed**2))),
+        "translation_error_raw_rms_A": float(np.sqrt(np.mean(np.sum(delta**2, axis=1)))),
+        "volume_shift_x_A": float(t[0]), "volume_shift_y_A": float(t[1]), "volume_shift_z_A": float(t[2]),
+        "euler_error_max_rot_deg": float(d_eul[:, 0].max()),
+        "euler_error_max_tilt_deg": float(d_eul[:, 1].max()),
+        "euler_error_max_psi_deg": float(d_eul[:, 2].max()),
+        "rotation_error_max_deg": float(geo.max()),
+        "rotation_error_median_deg": float(np.median(geo)),
+        # arrays → artifacts (plots of recovered vs true alignment)
+        "translation_error_A": err, "translations_true_A": tt, "translations_recovered_A": tau,
+        "euler_true_deg": te, "euler_recovered_deg": eul,
+    }
+
+
+class AlignmentError(Quantifier):
+    """Recovered tilt-series alignment vs truth (You 2025 Fig. 2a): translation error per tilt (2D, Å) after
+    removing the volume-shift part that the data cannot fix, and Euler-angle errors (deg)."""
+
+    name = "alignment_error"
+    version = "1"
+    accepts = ("volume",)
+    metrics = {
+        "translation_error_median_A": Metric("Å", "lower", (0.0, None), headline=True,
+                                             description="median over tilts of |τ − τ_true| (2D), volume shift "
+                                                         "removed (paper: 0.4 Å)"),
+        "translation_error_max_A": Metric("Å", "lower", (0.0, None), description="max over tilts of |τ − τ_true| "
+                                          "(2D), volume shift removed (paper: 0.8 Å)"),
+        "translation_error_rms_A": Metric("Å", "lower", (0.0, None), description="rms over tilts of |τ − τ_true|, "
+                                          "volume shift removed"),
+        "translation_error_mean_removed_rms_A": Metric("Å", "lower", (0.0, None), diagnostic=True,
+                                                       description="rms |τ − τ_true| with only the mean removed"),
+        "translation_error_raw_rms_A": Metric("Å", "lower", (0.0, None), diagnostic=True,
+                                              description="rms |τ − τ_true|, nothing removed"),
+        "volume_shift_*_A": Metric("Å", None, diagnostic=True, description="fitted shift of the volume vs truth "
+                                   "implied by the translation errors (x, y, z)"),
+        "euler_error_max_*_deg": Metric("deg", "lower", (0.0, 180.0), description="max over tilts of the error "
+                                        "of one Euler angle (rot and psi are degenerate near tilt 0)"),
+        "rotation_error_max_deg": Metric("deg", "lower", (0.0, 180.0), headline=True,
+                                         description="max over tilts of the angle of R_true⁻¹ R_recovered"),
+        "rotation_error_median_deg": Metric("deg", "lower", (0.0, 180.0),
+                                            description="median over tilts of the angle of R_true⁻¹ R_recovered"),
+    }
+
+    class Params(Params):
+        pass
+
+    def score(self, reconstruction, measurement, sample, params):
+        ex = reconstruction.extras
+        if "translations_A" not in ex or "euler_deg" not in ex:
+            return {}
+        if measurement.kind != "4dstem_tilt_series":
+            raise TembenchError(f"alignment_error scores a '4dstem_tilt_series', got {measurement.kind!r}")
+        te, tt = true_alignment(measurement)
+        return alignment_errors(ex["translations_A"], ex["euler_deg"], tt, te)
+
+
+# --- depth elongation -------------------------------------------------------------------------------------
+def _box(volume, centre_vox, half_vox):
+    """Indices (z, y, x arrays of the box voxels) and values of the box around ``centre_vox``, clipped to the
+    volume; None when the centre voxel lies outside or on the border."""
+    c = np.rint(np.asarray(centre_vox)).astype(int)
+    shape = np.asarray(volume.shape)
+    if np.any(c < 1) or np.any(c > shape - 2):
+        return None
+    lo, hi = np.maximum(c - half_vox, 0), np.minimum(c + half_vox + 1, shape)
+    sub = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    zz, yy, xx = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+    return (zz.ravel(), yy.ravel(), xx.ravel()), sub.ravel().astype(np.float64)
+
+
+def fit_axial_gaussian(volume, centre_vox, voxel_A: float, box_lateral_A: float, box_axial_A: float):
+    """Fit b + A·exp(−((x−x_c)²+(y−y_c)²)/2σ_lat² − (z−z_c)²/2σ_z²) in the box around ``centre_vox`` (z, y, x).
+
+    Returns (σ_z Å, σ_lat Å, centre_vox) or None when the centre is on the volume's border, the peak is not positive,
+    a width sits at its bound or the centre drifted more than one voxel laterally or to the z bound (not a
+    resolved atom)."""
+    from scipy.optimize import least_squares
+
+    s = float(voxel_A)
+    half = np.array([max(1, int(round(box_axial_A / s))), max(1, int(round(box_lateral_A / s))),
+                     max(1, int(round(box_lateral_A / s)))])
+    got = _box(volume, centre_vox, half)
+    if got is None:
+        return None
+    (zz, yy, xx), v = got
+    c0 = np.asarray(centre_vox, np.float64)
+    b0 = float(np.min(v))
+    a0 = float(np.max(v)) - b0
+    if not a0 > 0:
+        return None
+    lo_s, hi_l, hi_z = 0.25, float(half[1]), float(half[0])
+
+    def model(p):
+        a, cz, cy, cx, sz, sl, b = p
+        return b + a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sl * sl) - (zz - cz) ** 2 / (2 * sz * sz))
+
+    p0 = [a0, *c0, min(1.0, hi_z * 0.9), min(1.0, hi_l * 0.9), b0]
+    # the tracer's isotropic sites may sit off an elongated atom's centre along z: let z move within the box
+    dz = max(1.5, 0.5 * hi_z)
+    lb = [0.0, c0[0] - dz, c0[1] - 1.5, c0[2] - 1.5, lo_s, lo_s, -np.inf]
+    ub = [np.inf, c0[0] + dz, c0[1] + 1.5, c0[2] + 1.5, hi_z, hi_l, np.inf]
+    p0 = np.clip(p0, np.nextafter(lb, np.inf), np.nextafter(ub, -np.inf))
+    try:
+        r = least_squares(lambda p: model(p) - v, p0, bounds=(lb, ub), x_scale="jac", max_nfev=200)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    a, cz, cy, cx, sz, sl, _ = r.x
+    if not r.success or a <= 0 or np.hypot(cy - c0[1], cx - c0[2]) > 1.0 or abs(cz - c0[0]) > 0.98 * dz:
+        return None
+    if sz >= 0.98 * hi_z or sl >= 0.98 * hi_l or min(sz, sl) <= 1.02 * lo_s:
+        return None
+    return sz * s, sl * s, np.array([cz, cy, cx])
+
+
+def elongation_ratios(volume, sites_vox, voxel_A, box_lateral_A, box_axial_A, max_sites=None):
+    """(σ_z/σ_lat per fitted atom, fitted σ_z Å, fitted σ_lat Å) for the sites (z, y, x voxels) that fit; fits
+    converging within one voxel of an earlier one are the same atom and counted once."""
+    vol = np.asarray(volume, np.float64)
+    sites = np.asarray(sites_vox, np.float64).reshape(-1, 3)
+    if max_sites is not None and len(sites) > max_sites:
+        # a deterministic, evenly spread subset
+        sites = sites[np.linspace(0, len(sites) - 1, max_sites).round().astype(int)]
+    sz, sl, centres = [], [], []
+    for c in sites:
+        f = fit_axial_gaussian(vol, c, voxel_A, box_lateral_A, box_axial_A)
+        # sites the tracer split off one elongated atom converge to the same centre: count the atom once
+        if f is not None and not any(np.linalg.norm(f[2] - q) < 1.0 for q in centres):
+            sz.append(f[0])
+            sl.append(f[1])
+            centres.append(f[2])
+    sz, sl = np.asarray(sz), np.asarray(sl)
+    return (sz / sl if len(sz) else np.zeros(0)), sz, sl
+
+
+class DepthElongation(Quantifier):
+    """Missing-wedge elongation of atoms in a volume: median σ_z/σ_lat of axially symmetric Gaussian fits at the
+    traced atoms, and the same at the true atoms in the ground-truth potential at the same voxel (You 2025
+    Fig. 2d, in numbers)."""
+
+    name = "depth_elongation"
+    version = "1"
+    accepts = ("volume",)
+    metrics = {
+        "depth_elongation_ratio": Metric("", "lower", (0.0, None), headline=True,
+                                         description="median over traced atoms of σ_z/σ_lat (axial over lateral "
+                                                     "Gaussian width); 1 = isotropic, > 1 elongated along the beam"),
+        "depth_elongation_truth_ratio": Metric("", None, (0.0, None), diagnostic=True,
+                                               description="the same on the ground-truth potential at the same "
+                                                           "voxel, at the true atom positions"),
+        "depth_elongation_rel": Metric("", "lower", (0.0, None),
+                                       description="depth_elongation_ratio / depth_elongation_truth_ratio"),
+        "depth_sigma_z_median_A": Metric("Å", "lower", (0.0, None), description="median axial Gaussian σ (Å)"),
+        "depth_sigma_lateral_median_A": Metric("Å", "lower", (0.0, None),
+                                               description="median lateral Gaussian σ (Å)"),
+        "depth_n_*": Metric("atoms", None, (0.0, None), diagnostic=True,
+                            description="sites fitted (reconstruction / truth)"),
+    }
+
+    class Params(Params):
+        box_lateral_A: float = Field(0.8, gt=0, le=5, description="half-width of the fit box in x and y (Å); about "
+                                     "half the nearest-neighbour distance")
+        box_axial_A: float = Field(1.6, gt=0, le=10, description="half-height of the fit box along z (Å)")
+        intensity_threshold_frac: float = Field(0.2, ge=0, lt=1, description="tracer: keep peaks above this "
+                                                "fraction of the volume maximum")
+        dog_sigmas_vox: tuple[float, float] = Field((0.5, 1.0), description="tracer: DoG widths (voxels)")
+        sigma_range_vox: tuple[float, float] = Field((0.25, 3.0), description="tracer: allowed isotropic σ (voxels)")
+        max_rounds: int = Field(4, ge=1, le=50, description="tracer: refinement rounds (only peaks are needed)")
+        background: str = Field("median", pattern="^(zero|median)$", description="tracer background")
+        max_sites: int = Field(400, ge=1, le=100000, description="fit at most this many sites (evenly chosen)")
+        truth: bool = Field(True, description="also fit the ground-truth potential at the true atom positions")
+        parametrization: str = Field("lobato", description="potential parametrisation of the ground truth")
+
+        @field_validator("dog_sigmas_vox", "sigma_range_vox")
+        @classmethod
+        def _increasing(cls, v):
+            if not 0 < v[0] < v[1]:
+                raise ValueError(f"need two widths 0 < first < second, got {v}")
+            return v
+
+    def score(self, reconstruction, measurement, sample, params):
+        from tembench.analysis.atom_tracing import trace_atoms
+
+        if reconstruction.kind != "volume":
+            return {}
+        d = np.asarray(reconstruction.sampling_A, np.float64)
+        if not np.allclose(d, d[0], rtol=1e-6):
+            raise TembenchError(f"depth_elongation needs cubic voxels, got sampling_A {tuple(d)}")
+        s = float(d[0])
+        vol = np.asarray(reconstruction.data, np.float64)
+        res = trace_atoms(vol, d, dog_sigmas_vox=params.dog_sigmas_vox,
+                          intensity_threshold_frac=params.intensity_threshold_frac,
+                          sigma_range_vox=params.sigma_range_vox,
+                          sigma_init_vox=float(np.clip(0.7, *params.sigma_range_vox)),
+                          max_rounds=params.max_rounds, background=params.background)
+        ratio, sz, sl = elongation_ratios(vol, res.positions_vox, s, params.box_lateral_A, params.box_axial_A,
+                                          params.max_sites)
+        nan = float("nan")
+        out = {"depth_elongation_ratio": float(np.median(ratio)) if len(ratio) else nan,
+               "depth_sigma_z_median_A": float(np.median(sz)) if len(sz) else nan,
+               "depth_sigma_lateral_median_A": float(np.median(sl)) if len(sl) else nan,
+               "depth_n_traced": int(len(res)), "depth_n_fitted": int(len(ratio)),
+               "depth_elongation_ratios": ratio}
+        if params.truth and sample is not None and len(sample):
+            t_ratio = self._truth(reconstruction, sample, s, params)
+            out["depth_elongation_truth_ratio"] = float(np.median(t_ratio)) if len(t_ratio) else nan
+            out["depth_n_truth_fitted"] = int(len(t_ratio))
+            out["depth_elongation_rel"] = out["depth_elongation_ratio"] / out["depth_elongation_truth_ratio"]
+        return out
+
+    @staticmethod
+    def _truth(reconstruction, sample, s, params):
+        gt = np.asarray(sample.potential_volume(s, parametrization=params.parametrization), np.float64)
+        origin = np.asarray(reconstruction.origin_A, np.float64)        # (z, y, x)
+        shape = np.asarray(np.shape(reconstruction.data))
+        zyx = sample.positions_A[:, ::-1]
+        inside = np.all((zyx >= origin - 0.5 * s) & (zyx <= origin + (shape - 0.5) * s), axis=1)
+        # truth voxel i sits at i·s (Sample.potential_volume)
+        ratio, _, _ = elongation_ratios(gt, zyx[inside] / s, s, params.box_lateral_A, params.box_axial_A,
+                                        params.max_sites)
+        return ratio

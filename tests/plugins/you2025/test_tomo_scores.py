@@ -1,0 +1,169 @@
+"""You 2025 tomography scores: alignment error vs the regenerated truth, depth elongation of known anisotropic
+Gaussians, and the core fsc / atom_tracing quantifiers on a volume in the TomoGrid frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tembench import Reconstruction, Sample
+from tembench.analysis.atom_tracing import render_sites
+from tembench.physics.rotation import euler_matrix, rotate_points
+from tembench.registry import get_registry
+from tembench_you2025 import tomo_common as T
+from tembench_you2025.tilt_series import STEM4DTiltSeries, true_alignment
+from tembench_you2025.tomo_scores import (AlignmentError, DepthElongation, alignment_errors, fit_axial_gaussian,
+                                          rotation_angle_deg, volume_shift_part)
+
+
+def _euler(n=7, span=45.0):
+    return np.stack([np.zeros(n), np.linspace(-span, span, n), np.zeros(n)], axis=1)
+
+
+# --- alignment ------------------------------------------------------------------------------------------
+def test_volume_shift_part_is_unmeasurable():
+    """Atoms moved by t and projections moved by τ − (R t)_{y,x} project exactly where the originals did."""
+    rng = np.random.default_rng(0)
+    eul = _euler() + rng.normal(0, 2.0, (7, 3))
+    c = np.array([5.0, 5.0, 5.0])
+    p = rng.uniform(2, 8, (4, 3))
+    tau = rng.uniform(-2, 2, (7, 2))
+    t = np.array([0.3, -0.7, 0.5])
+    # recovered translations for the moved volume, found by fitting the projected positions per tilt
+    tau_moved = np.zeros_like(tau)
+    for k, e in enumerate(eul):
+        ref = rotate_points(p, euler_matrix(*e), c)[:, [1, 0]] + tau[k]
+        moved = rotate_points(p + t, euler_matrix(*e), c)[:, [1, 0]]
+        tau_moved[k] = (ref - moved).mean(axis=0)
+        np.testing.assert_allclose(moved + tau_moved[k], ref, atol=1e-12)   # a pure shift per tilt
+    t_fit, resid = volume_shift_part(tau_moved - tau, eul)
+    np.testing.assert_allclose(t_fit, -t, atol=1e-10)
+    np.testing.assert_allclose(resid, 0.0, atol=1e-10)
+
+
+def test_alignment_errors_known_residuals():
+    rng = np.random.default_rng(1)
+    te = _euler() + rng.normal(0, 1.0, (7, 3))
+    tt = rng.uniform(-3.4, 3.4, (7, 2))
+    t = np.array([1.0, 0.4, -2.0])
+    noise = np.array([[0.1, 0.0], [0.0, -0.2], [0.3, 0.4], [0.0, 0.0], [-0.05, 0.0], [0.0, 0.1], [0.0, 0.0]])
+    noise = volume_shift_part(noise, te)[1]                 # only the measurable part can be recovered
+    shift = np.stack([euler_matrix(*e)[[1, 0]] @ t for e in te])
+    eul = te.copy()
+    eul[2, 1] += 0.3
+    eul[4, 0] -= 0.2
+    out = alignment_errors(tt + shift + noise, eul, tt, te)
+    err = np.linalg.norm(noise, axis=1)
+    assert out["translation_error_max_A"] == pytest.approx(err.max(), abs=1e-9)
+    assert out["translation_error_median_A"] == pytest.approx(np.median(err), abs=1e-9)
+    assert out["translation_error_raw_rms_A"] > 1.0         # the volume shift dominates the raw error
+    np.testing.assert_allclose([out[f"volume_shift_{a}_A"] for a in "xyz"], t, atol=0.05)
+    assert out["euler_error_max_tilt_deg"] == pytest.approx(0.3, abs=1e-9)
+    assert out["euler_error_max_rot_deg"] == pytest.approx(0.2, abs=1e-9)
+    assert out["euler_error_max_psi_deg"] == 0.0
+    assert out["rotation_error_max_deg"] == pytest.approx(0.3, abs=0.02)
+    # angles wrap: 359.9 vs -0.1 is no error; rot/psi degeneracy at tilt 0 is no rotation error
+    assert rotation_angle_deg([[10.0, 0.0, -10.0]], [[0.0, 0.0, 0.0]])[0] == pytest.approx(0.0, abs=1e-6)
+    out2 = alignment_errors(tt, te + [360.0, 0.0, -360.0], tt, te)
+    assert out2["euler_error_max_rot_deg"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_alignment_error_quantifier_reads_the_recipe():
+    from tembench.builtin.forward_multislice import STEM4D  # noqa: F401  (registered with the core)
+
+    c = 5.0
+    sample = Sample(positions_A=[[c, c, c]], numbers=[14], cell_A=[10.0] * 3)
+    p = STEM4DTiltSeries.parse_params(dict(energy_keV=200, sampling_A=0.25, semiangle_mrad=20, window_gpts=24,
+                                           detector_gpts=8, slice_thickness_A=2.5, scan_step_A=3.0,
+                                           scan_start_A=(4.0, 4.0), scan_end_A=(6.0, 6.0), detectors={},
+                                           tilt_range_deg=(-30, 30), n_tilts=5, max_translation_A=3.4,
+                                           euler_error_deg=0.5, alignment_seed=4))
+    m = STEM4DTiltSeries().simulate(sample, p, np)
+    te, tt = true_alignment(m)
+    vol = np.zeros((4, 4, 4), np.float32)
+    q = AlignmentError()
+    rec = Reconstruction(kind="volume", data=vol, sampling_A=0.5, quantity="potential_V")
+    assert q.score(rec, m, sample, q.parse_params({})) == {}        # no alignment extras: nothing to score
+    rec.extras = {"translations_A": tt + [0.2, 0.0], "euler_deg": T.nominal_euler_deg(m.geometry)}
+    out = q.score(rec, m, sample, q.parse_params({}))
+    # a common y shift is (nearly: the true angles have 0.5° errors) a volume shift
+    assert out["translation_error_max_A"] < 0.01 and out["translation_error_raw_rms_A"] == pytest.approx(0.2)
+    assert out["volume_shift_y_A"] == pytest.approx(0.2, abs=0.01)
+    assert out["rotation_error_max_deg"] == pytest.approx(rotation_angle_deg(te, T.nominal_euler_deg(m.geometry)).max())
+    assert 0.1 < out["rotation_error_max_deg"] < 5.0
+
+
+# --- depth elongation -----------------------------------------------------------------------------------
+def _blobs(shape, sites, sigma_z_A, sigma_lat_A, s, amp=1.0):
+    zz, yy, xx = np.indices(shape).astype(float) * s
+    v = np.zeros(shape)
+    for cz, cy, cx in np.asarray(sites) * s:
+        v += amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma_lat_A**2) - (zz - cz) ** 2 / (2 * sigma_z_A**2))
+    return v
+
+
+SITES = [(12.3, 10.2, 10.0), (12.0, 10.4, 22.6), (20.6, 21.7, 11.1), (24.2, 22.0, 22.4), (8.5, 25.0, 16.0)]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 2.0, 3.0])
+def test_fit_recovers_known_anisotropic_gaussians(ratio):
+    s = 0.25
+    vol = _blobs((36, 34, 34), SITES, 0.3 * ratio, 0.3, s) + 0.05
+    for c in SITES:
+        sz, sl, centre = fit_axial_gaussian(vol, np.round(c), s, 1.0, 2.5)
+        assert sz / sl == pytest.approx(ratio, rel=0.01)
+        np.testing.assert_allclose(centre, c, atol=0.01)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.0])
+def test_depth_elongation_quantifier_traced_and_truth(ratio):
+    s = 0.25
+    shape = (40, 36, 36)
+    origin = (-1.0, -0.5, 0.25)                              # (z, y, x) of voxel 0
+    vol = _blobs(shape, SITES, 0.35 * ratio, 0.35, s)
+    atoms = np.asarray(origin) + np.asarray(SITES) * s       # (z, y, x)
+    sample = Sample(positions_A=atoms[:, ::-1], numbers=[26] * len(SITES), cell_A=[9.0, 9.0, 9.0])
+    rec = Reconstruction(kind="volume", data=vol.astype(np.float32), sampling_A=s, quantity="potential_V",
+                         origin_A=origin)
+    q = DepthElongation()
+    out = q.score(rec, None, sample, q.parse_params({"box_lateral_A": 0.9, "box_axial_A": 2.5}))
+    assert out["depth_n_fitted"] == len(SITES)                # each atom once, however the tracer split it
+    assert out["depth_elongation_ratio"] == pytest.approx(ratio, rel=0.03)
+    assert out["depth_sigma_z_median_A"] == pytest.approx(0.35 * ratio, rel=0.03)
+    # the band-limited true potential of isotropic atoms is round
+    assert out["depth_n_truth_fitted"] == len(SITES)
+    assert 0.85 < out["depth_elongation_truth_ratio"] < 1.15
+    assert out["depth_elongation_rel"] == pytest.approx(out["depth_elongation_ratio"] / out["depth_elongation_truth_ratio"])
+    assert q.score(Reconstruction(kind="image", data=vol[0], sampling_A=s, quantity="potential_V"), None, sample,
+                   q.parse_params({})) == {}
+
+
+# --- core quantifiers on a TomoGrid volume --------------------------------------------------------------
+@pytest.mark.parametrize("centre_shift_A", [0.0, 0.1])
+def test_fsc_and_atom_tracing_run_on_a_tomo_grid_volume(centre_shift_A):
+    """A perfect reconstruction on a TomoGrid (centred on the rotation centre, origin possibly off the truth's
+    voxels, box larger than the cell): fsc vs truth reaches Nyquist, atom tracing finds every atom."""
+    from scipy.ndimage import map_coordinates
+
+    s = 0.25
+    cell = 8.0
+    rng = np.random.default_rng(2)
+    pos = np.array([[2.5, 2.5, 3.0], [5.5, 3.0, 5.2], [3.0, 5.6, 5.0], [5.4, 5.5, 2.6]]) + rng.uniform(-.1, .1, (4, 3))
+    sample = Sample(positions_A=pos, numbers=[78, 8, 13, 78], cell_A=[cell] * 3)
+    centre = np.full(3, cell / 2 + centre_shift_A)
+    grid = T.tomo_grid((36, 36), s, centre)                  # 9 Å box about the centre of an 8 Å cell
+    gt = np.asarray(sample.potential_volume(s), np.float64)
+    coords = [(o + s * np.arange(n)) / s for o, n in zip(grid.origin_A, grid.shape)]
+    vol = map_coordinates(gt, np.meshgrid(*coords, indexing="ij"), order=3, mode="grid-wrap")
+    inside_z = (coords[0] >= 0) & (coords[0] <= gt.shape[0] - 1)
+    vol[~inside_z] = 0.0                                      # no wrapped atoms along the beam
+    rec = Reconstruction(kind="volume", data=vol.astype(np.float32), sampling_A=s, quantity="potential_V",
+                         origin_A=grid.origin_A)
+    reg = get_registry()
+    fsc = reg.get("quantifier", "fsc")
+    out = fsc().score(rec, None, sample, fsc.parse_params({}))
+    assert out["fsc_gt_resolution_A"] == pytest.approx(2 * s, rel=0.05)
+    at = reg.get("quantifier", "atom_tracing")
+    out = at().score(rec, None, sample, at.parse_params({}))
+    assert out["pct_atoms_found"] == 100.0 and out["pct_false_positives"] == 0.0
+    assert out["position_error_mean_pm"] < 5.0
