@@ -192,7 +192,8 @@ def _versions(py_peer: str) -> dict:
 
 def compare(scan: int = 64, det: int = 64, workdir: str | None = None, dose: float | None = None,
             rotation_deg: float = 0.0, dpc_iter: int = 64, repeats: int = 5, threads=1, eer_det: int | None = 128,
-            eer_e_per_px=(0.01, 0.1), ref: str = "HEAD", traced: bool = True, dpc_rounds: int = 3) -> dict:
+            eer_e_per_px=(0.01, 0.1), ref: str = "HEAD", traced: bool = True, dpc_rounds: int = 3,
+            methods=("ssb", "dpc")) -> dict:
     from tembench.builtin.quantifiers import normalized_cross_correlation as ncc
     from tembench.physics.constants import wavelength_A
     from tembench_pelz2022 import synthetic
@@ -217,19 +218,22 @@ def compare(scan: int = 64, det: int = 64, workdir: str | None = None, dose: flo
         return r
 
     # SSB: py4DSTEM first (its crop 2r x 2r sets ours to 2r + 1, unbinned)
-    theirs = one("ssb", "py4dstem", "ssb", base, lowpass)
-    r_px = theirs["detector_px"][0] // 2
-    d_mrad = float(np.load(data)["det_mrad"])
-    rad0 = 25.0 / d_mrad
-    margin = min(3.0, max(1.0, (r_px - 1e-6) / rad0))
-    ours = one("ssb", "ours", "ssb", {**base, "crop_margin": margin}, lowpass)
-    ours_default = one("ssb_default", "ours", "ssb", {**base, "ours_default": True}, lowpass)
-    summary["ssb"] = {"ours": ours, "py4dstem": theirs, "ours_default": ours_default}
+    if "ssb" in methods:
+        theirs = one("ssb", "py4dstem", "ssb", base, lowpass)
+        r_px = theirs["detector_px"][0] // 2
+        d_mrad = float(np.load(data)["det_mrad"])
+        rad0 = 25.0 / d_mrad
+        margin = min(3.0, max(1.0, (r_px - 1e-6) / rad0))
+        ours = one("ssb", "ours", "ssb", {**base, "crop_margin": margin}, lowpass)
+        ours_default = one("ssb_default", "ours", "ssb", {**base, "ours_default": True}, lowpass)
+        summary["ssb"] = {"ours": ours, "py4dstem": theirs, "ours_default": ours_default}
 
     # DPC: exactly dpc_iter iterations each; then each code's default stopping rule
     # DPC calls are short: alternate the two codes over ``dpc_rounds`` process pairs and keep each code's
     # fastest, so a busy spell on the shared cores does not land on one code only
     for tag, extra in (("dpc", {"n_iter": dpc_iter}), ("dpc_default_stop", {"n_iter": 64, "default_stop": True})):
+        if "dpc" not in methods:
+            break
         runs = {"ours": [], "py4dstem": []}
         for _ in range(max(1, dpc_rounds)):
             for impl in runs:
@@ -288,23 +292,11 @@ def table(s: dict) -> list[dict]:
     # one thread, no workers: the CPU time of the process is the work (robust to other jobs on the shared
     # cores); otherwise the fastest wall time of N warm calls. Medians are in the JSON.
     T, S = ("warm_cpu_s", "step_cpu_s") if s["threads"] == 1 else ("warm_min_s", "step_min_s")
-    o, t, od = s["ssb"]["ours"], s["ssb"]["py4dstem"], s["ssb"]["ours_default"]
-    det = (f"detector {_px(o['detector_px'])} vs {_px(t['detector_px'])} px, normalization="
-           f"{o['params'].get('normalization')}, {_bad_pixels(o)}, rotation given, {thr}")
-    add("SSB whole call", det, o[T], t[T], t[T] / o[T], load(o, t), "s")
-    if o.get(S) and t.get(S):
-        add("SSB reconstruction step (given G)", det, o[S], t[S], t[S] / o[S], load(o, t), "s")
-    add("SSB peak memory", f"{det}; {mem}", o["peak_MB"], t["peak_MB"], o["peak_MB"] / max(t["peak_MB"], 1e-9),
-        load(o, t), "MB")
-    add("SSB NCC vs object phase band-limited to 2k0", det, o["ncc"], t["ncc"], o["ncc"] / t["ncc"], load(o, t), "")
-    more = "less" if np.prod(od["detector_px"]) < np.prod(t["detector_px"]) else "more"
-    dd = (f"OUR DEFAULTS: detector {_px(od['detector_px'])} vs {_px(t['detector_px'])} px ({more} detector work), "
-          f"normalization={od['params'].get('normalization')}, {_bad_pixels(od)}, rotation given, {thr}")
-    add("SSB whole call, our default", dd, od[T], t[T], t[T] / od[T], load(od, t), "s")
-    add("SSB peak memory, our default", f"{dd}; {mem}", od["peak_MB"], t["peak_MB"],
-        od["peak_MB"] / max(t["peak_MB"], 1e-9), load(od, t), "MB")
-    add("SSB NCC, our default", dd, od["ncc"], t["ncc"], od["ncc"] / t["ncc"], load(od, t), "")
+    if "ssb" in s:
+        _ssb_rows(s, add, load, T, S, thr, mem)
     for tag, label in (("dpc", "equal iterations"), ("dpc_default_stop", "each code's defaults")):
+        if tag not in s:
+            continue
         o, t = s[tag]["ours"], s[tag]["py4dstem"]
         rej = f" (+{t['rejected_steps']} rejected)" if t.get("rejected_steps") else ""
         rounds = f", fastest of {o['rounds']} alternating process pairs" if o.get("rounds", 1) > 1 else ""
@@ -321,6 +313,25 @@ def table(s: dict) -> list[dict]:
         add("event-based COM", what, e["events_cpu_s"], e["dense_cpu_s"], e["dense_cpu_s"] / e["events_cpu_s"],
             "/".join(f"{float(x):.1f}" for x in e["loadavg"]), "s")
     return rows
+
+
+def _ssb_rows(s, add, load, T, S, thr, mem):
+    o, t, od = s["ssb"]["ours"], s["ssb"]["py4dstem"], s["ssb"]["ours_default"]
+    det = (f"detector {_px(o['detector_px'])} vs {_px(t['detector_px'])} px, normalization="
+           f"{o['params'].get('normalization')}, {_bad_pixels(o)}, rotation given, {thr}")
+    add("SSB whole call", det, o[T], t[T], t[T] / o[T], load(o, t), "s")
+    if o.get(S) and t.get(S):
+        add("SSB reconstruction step (given G)", det, o[S], t[S], t[S] / o[S], load(o, t), "s")
+    add("SSB peak memory", f"{det}; {mem}", o["peak_MB"], t["peak_MB"], o["peak_MB"] / max(t["peak_MB"], 1e-9),
+        load(o, t), "MB")
+    add("SSB NCC vs object phase band-limited to 2k0", det, o["ncc"], t["ncc"], o["ncc"] / t["ncc"], load(o, t), "")
+    more = "less" if np.prod(od["detector_px"]) < np.prod(t["detector_px"]) else "more"
+    dd = (f"OUR DEFAULTS: detector {_px(od['detector_px'])} vs {_px(t['detector_px'])} px ({more} detector work), "
+          f"normalization={od['params'].get('normalization')}, {_bad_pixels(od)}, rotation given, {thr}")
+    add("SSB whole call, our default", dd, od[T], t[T], t[T] / od[T], load(od, t), "s")
+    add("SSB peak memory, our default", f"{dd}; {mem}", od["peak_MB"], t["peak_MB"],
+        od["peak_MB"] / max(t["peak_MB"], 1e-9), load(od, t), "MB")
+    add("SSB NCC, our default", dd, od["ncc"], t["ncc"], od["ncc"] / t["ncc"], load(od, t), "")
 
 
 def _fmt(v, unit):
@@ -357,11 +368,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="work directory (an existing data.npz made with the same "
                     "arguments is reused)")
     ap.add_argument("--json", default=None, help="also write the summary here")
+    ap.add_argument("--methods", default="ssb,dpc", help="comma-separated subset of ssb,dpc to compare")
     a = ap.parse_args(argv)
     threads = 1 if a.threads == "1" else "all"
     try:
         s = compare(a.scan, a.det, a.out, a.dose, a.rotation_deg, a.dpc_iter, a.repeats, threads, a.eer_det, ref=a.ref,
-                    traced=not a.no_traced, dpc_rounds=a.dpc_rounds)
+                    traced=not a.no_traced, dpc_rounds=a.dpc_rounds,
+                    methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()))
     except PeerUnavailable as exc:
         print(f"peer unavailable: {exc}", file=sys.stderr)
         return 3
