@@ -15,7 +15,10 @@ electron events (each event goes to A with probability ½). At an infinite dose
 
 ``split: positions`` — You 2025's sub-sampling: the probe positions of a scan are split into two
 disjoint sets by a checkerboard over the scan grid, so each half covers the field uniformly with
-half the patterns (half the total dose, each pattern at its full dose). A half is the same grid
+half the patterns (half the total dose, each pattern at its full dose). With ``n_subsets: n`` > 2
+(You 2025 Fig. 3e: 1/12, 1/20) the positions fall into n interleaved subsets — the cosets of the
+lattice a·iy + ix ≡ 0 (mod n), with a chosen to spread each subset most evenly — and halves A and B
+are subsets 0 and 1, each with 1/n of the patterns (``mask_b`` in the spec; n = 2 is the checkerboard). A half is the same grid
 with ``extras["pattern_mask"]`` (bool, (scan_y, scan_x)) marking its patterns; only
 reconstructors with ``supports_pattern_mask = True`` get it, others are refused before the run
 (:func:`tembench.types.require_full_scan` refuses it inside a component).
@@ -26,7 +29,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tembench import NoiseModel, Params, hookimpl
 from tembench.errors import TembenchError
@@ -88,6 +91,16 @@ class HalfSets(NoiseModel):
         split: Literal["dose", "positions"] = Field(
             "dose", description="dose: binomial thinning of counts (any counted data); positions: checkerboard "
                                 "of the scan grid (4D-STEM; reconstructors must support scattered positions)")
+        n_subsets: int = Field(2, ge=2, le=1000, description="split: positions only — interleaved subsets of the "
+                               "scan; halves A and B are two of them, each 1/n_subsets of the patterns (You 2025 "
+                               "sub-sampling: 2, 12, 20)")
+
+        @model_validator(mode="after")
+        def _subsets(self):
+            if self.n_subsets != 2 and self.split != "positions":
+                raise ValueError(f"n_subsets {self.n_subsets} applies to split: positions only (split: dose halves "
+                                 "the counts)")
+            return self
 
     def apply(self, measurement: Measurement, params: Params, rng: np.random.Generator) -> Measurement:
         m = measurement
@@ -96,7 +109,7 @@ class HalfSets(NoiseModel):
         if params.split == "dose":
             spec, info = self._dose(m, rng)
         else:
-            spec, info = self._positions(m)
+            spec, info = self._positions(m, params.n_subsets)
         record = {"component": self.name, "split": params.split, **info}
         return m.replace(extras={**m.extras, HALF_SETS: spec}, provenance=[*m.provenance, record])
 
@@ -125,7 +138,7 @@ class HalfSets(NoiseModel):
         return {"split": "dose", "data_a": a}, {"dtype_a": str(a.dtype)}
 
     @staticmethod
-    def _positions(m: Measurement):
+    def _positions(m: Measurement, n_subsets: int = 2):
         if not all(ax in m.axes for ax in SCAN_AXES):
             raise TembenchError(
                 f"half_sets (split: positions) splits the probe positions of a scan, but measurement {m.kind!r} "
@@ -136,10 +149,53 @@ class HalfSets(NoiseModel):
             shape = tuple(m.extras["events"].scan_shape)
         if shape[0] * shape[1] < 2:
             raise TembenchError(f"half_sets (split: positions): a scan of {shape} positions cannot be split in two")
-        yy, xx = np.indices(shape)
-        mask_a = (yy + xx) % 2 == 0
-        return {"split": "positions", "mask_a": mask_a}, {"n_patterns_a": int(mask_a.sum()),
-                                                           "n_patterns_b": int((~mask_a).sum())}
+        if n_subsets == 2:
+            yy, xx = np.indices(shape)
+            mask_a = (yy + xx) % 2 == 0
+            return {"split": "positions", "mask_a": mask_a}, {"n_patterns_a": int(mask_a.sum()),
+                                                               "n_patterns_b": int((~mask_a).sum())}
+        labels = subset_labels(shape, n_subsets)
+        mask_a, mask_b = labels == 0, labels == 1
+        if not mask_a.any() or not mask_b.any():
+            raise TembenchError(f"half_sets (split: positions): a scan of {shape} positions leaves a subset of "
+                                f"n_subsets {n_subsets} empty; use fewer subsets or a larger scan")
+        spec = {"split": "positions", "mask_a": mask_a, "mask_b": mask_b, "n_subsets": n_subsets}
+        _check_mask_b_supported(m, spec)
+        return spec, {"n_subsets": n_subsets, "n_patterns_a": int(mask_a.sum()), "n_patterns_b": int(mask_b.sum())}
+
+
+def _lattice_step(n: int) -> int:
+    """The a in 1 … n−1 whose lattice {a·iy + ix ≡ 0 (mod n)} has the longest shortest vector (the most even
+    spread of one subset over the scan); the smallest such a."""
+    if n <= 2:
+        return 1
+    r = int(np.ceil(np.sqrt(2.0 * n))) + 1
+    dy, dx = np.meshgrid(np.arange(0, r + 1), np.arange(-n, n + 1), indexing="ij")
+    best, best_len = 1, -1.0
+    for a in range(1, n):
+        on = ((a * dy + dx) % n == 0) & ((dy > 0) | (dx > 0))
+        length = float(np.min(dy[on] ** 2 + dx[on] ** 2))
+        if length > best_len + 1e-9:
+            best, best_len = a, length
+    return best
+
+
+def subset_labels(shape, n_subsets: int) -> np.ndarray:
+    """(scan_y, scan_x) int labels 0 … n−1 of interleaved subsets: (a·iy + ix) mod n (n = 2: the checkerboard)."""
+    yy, xx = np.indices(tuple(int(v) for v in shape))
+    return (_lattice_step(int(n_subsets)) * yy + xx) % int(n_subsets)
+
+
+def _check_mask_b_supported(m: Measurement, spec: dict) -> None:
+    """Half B of more than two subsets is ``mask_b``, not the complement of A: refuse if the core's
+    half_measurement does not read it yet (it would hand B (n−1)/n of the patterns)."""
+    from tembench.types import half_measurement
+
+    probe = m.replace(data=None, extras={**{k: v for k, v in m.extras.items() if k != HALF_SETS}, HALF_SETS: spec})
+    got = np.asarray(half_measurement(probe, 1).extras.get("pattern_mask"))
+    if got.shape != spec["mask_b"].shape or not np.array_equal(got, spec["mask_b"]):
+        raise TembenchError("half_sets: n_subsets > 2 needs tembench.types.half_measurement to take half B from "
+                            "extras['half_sets']['mask_b'] (it takes the complement of A); use n_subsets: 2")
 
 
 def _infinite_dose(m: Measurement) -> bool:

@@ -167,3 +167,65 @@ def test_fsc_and_atom_tracing_run_on_a_tomo_grid_volume(centre_shift_A):
     out = at().score(rec, None, sample, at.parse_params({}))
     assert out["pct_atoms_found"] == 100.0 and out["pct_false_positives"] == 0.0
     assert out["position_error_mean_pm"] < 5.0
+
+
+# --- sub-sampling (You 2025 Fig. 3e): half_sets split: positions, n_subsets ------------------------------
+def _scan_measurement(sy=24, sx=60):
+    from tembench import Geometry, Measurement
+
+    return Measurement(kind="4dstem_tilt_series", data=np.zeros((2, sy, sx, 4, 4), np.float32),
+                       axes=("tilt", "scan_y", "scan_x", "k_y", "k_x"),
+                       geometry=Geometry(tilt_angles_deg=[-10.0, 10.0], tilt_axis="y"))
+
+
+def test_two_subsets_are_the_checkerboard_bit_for_bit():
+    from tembench.builtin.half_sets import HalfSets, subset_labels
+
+    m = _scan_measurement(7, 9)
+    out = HalfSets().apply(m, HalfSets.parse_params({"split": "positions"}), np.random.default_rng(0))
+    spec = out.extras["half_sets"]
+    yy, xx = np.indices((7, 9))
+    np.testing.assert_array_equal(spec["mask_a"], (yy + xx) % 2 == 0)
+    assert set(spec) == {"split", "mask_a"}                    # the n = 2 spec is unchanged
+    np.testing.assert_array_equal(subset_labels((7, 9), 2) == 0, spec["mask_a"])
+
+
+@pytest.mark.parametrize("n", [12, 20])
+def test_subsets_are_interleaved_fractions(n):
+    from tembench.builtin.half_sets import subset_labels
+
+    lab = subset_labels((24, 60), n)
+    counts = np.bincount(lab.ravel(), minlength=n)
+    assert counts.min() == counts.max() == 24 * 60 // n        # each subset 1/n of the patterns
+    for row in lab:                                            # interleaved: every n consecutive positions hold all
+        assert len(set(row[:n].tolist())) == n
+    # evenly spread: the nearest position of the same subset is at least ~sqrt(n)·0.85 steps away
+    pts = np.argwhere(lab == 0)
+    d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    d[d == 0] = np.inf
+    assert d.min() >= 0.85 * np.sqrt(n)
+    from tembench.builtin.half_sets import HalfSets
+
+    with pytest.raises(ValueError, match="n_subsets"):
+        HalfSets.parse_params({"split": "dose", "n_subsets": n})
+
+
+def test_n_subsets_halves_hold_one_nth_or_are_refused():
+    """Half B must be subset 1 (1/n of the patterns), not the complement of A: until the core's
+    half_measurement reads mask_b the split is refused with a clear error."""
+    from tembench.builtin.half_sets import HalfSets, subset_labels
+    from tembench.errors import TembenchError
+    from tembench.types import half_measurement
+
+    m = _scan_measurement()
+    p = HalfSets.parse_params({"split": "positions", "n_subsets": 12})
+    try:
+        out = HalfSets().apply(m, p, np.random.default_rng(0))
+    except TembenchError as e:
+        assert "mask_b" in str(e)
+        return
+    lab = subset_labels((24, 60), 12)
+    for i in (0, 1):
+        h = half_measurement(out, i)
+        np.testing.assert_array_equal(h.extras["pattern_mask"], lab == i)
+        assert h.geometry.extra["pattern_fraction"] == pytest.approx(1 / 12)
