@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tembench import Sample
+from tembench import Params, Reconstruction, Reconstructor, Sample
 from tembench.builtin.forward_multislice import STEM4D
 from tembench.builtin.noise import PoissonDose
 from tembench.errors import TembenchError
@@ -125,3 +125,78 @@ def test_bad_params():
     bad = bad.replace(geometry=bad.geometry.replace(tilt_angles_deg=[0.0]))
     with pytest.raises(TembenchError, match="tilt"):
         true_alignment(bad)
+
+
+# --- through the runner: registration, provenance recipe, quantifiers ------------------------------------
+class OracleTomo(Reconstructor):
+    """Test-only volume 'reconstructor': the true alignment with known errors (an oracle may call true_alignment;
+    real reconstructors must not) and one blob elongated 2x along z."""
+
+    name = "test_oracle_tomo"
+    accepts = ("4dstem_tilt_series",)
+    produces = "volume"
+
+    class Params(Params):
+        pass
+
+    def reconstruct(self, measurement, params, xp):
+        euler, tau = true_alignment(measurement)
+        if not np.abs(tau).max() > 0.5:                       # the recipe survived the noise chain and the cache
+            raise AssertionError("stem4d_tilt_series alignment recipe lost")
+        t = np.array([0.3, 0.2, -0.4])                       # a volume shift (x, y, z): not an alignment error
+        tau = tau + np.stack([euler_matrix(*e)[[1, 0]] @ t for e in euler])
+        tau[1] += [0.4, 0.0]                                  # one real error of 0.4 Å along y
+        z, y, x = np.indices((28, 24, 24)) * 0.25
+        vol = np.exp(-((y - 3.0) ** 2 + (x - 3.0) ** 2) / (2 * 0.3**2) - (z - 3.5) ** 2 / (2 * 0.6**2))
+        return Reconstruction(kind="volume", data=vol.astype(np.float32), sampling_A=0.25,
+                              quantity="potential_V", extras={"translations_A": tau, "euler_deg": euler})
+
+
+def test_runner_scores_a_tilt_series(tmp_path):
+    from tembench import hookimpl
+    from tembench.registry import Registry, set_registry
+    from tembench.runner import run_scenario
+    from tembench.scenario import parse_scenario
+    from tembench_you2025.tomo_scores import AlignmentError, DepthElongation
+
+    class _Plugin:
+        @hookimpl
+        def tembench_register_forward_models(self):
+            return [STEM4DTiltSeries]
+
+        @hookimpl
+        def tembench_register_reconstructors(self):
+            return [OracleTomo]
+
+        @hookimpl
+        def tembench_register_quantifiers(self):
+            return [AlignmentError, DepthElongation]
+
+    reg = Registry(load_entry_points=False)
+    reg.register(_Plugin(), name="you2025_tilt_series_test")
+    set_registry(reg)
+    try:
+        sc = parse_scenario("""
+name: tilt_series_wiring
+seed: 3
+sample: {name: crystal, params: {material: Si, zone_axis: [0, 0, 1], repeat: [1, 1, 1], rms_displacement_A: null}}
+forward:
+  name: stem4d_tilt_series
+  params: {energy_keV: 200, sampling_A: 0.25, semiangle_mrad: 20, window_gpts: 16, detector_gpts: 8,
+           slice_thickness_A: 2.0, scan_step_A: 1.5, detectors: {}, tilt_range_deg: [-30, 30], n_tilts: 4,
+           max_translation_A: 3.4, euler_error_deg: 1.0, alignment_seed: 5}
+noise: [{name: poisson_dose, params: {dose_e_per_A2: 1000}}]
+reconstructors: [test_oracle_tomo]
+quantifiers: [alignment_error, {name: depth_elongation, params: {truth: false, box_axial_A: 2.0}}]
+""")
+        res = run_scenario(sc, out=tmp_path / "a", progress=False, report=False)
+        t = res.table
+        assert (t["status"] == "ok").all(), t.get("error")
+        row = t.iloc[0]
+        assert row["translation_error_raw_rms_A"] > 0.3
+        assert 0.25 < row["translation_error_max_A"] < 0.4      # the 0.4 Å error, less its share of the fit
+        assert row["translation_error_median_A"] < 0.15
+        assert row["rotation_error_max_deg"] == pytest.approx(0.0, abs=1e-6)
+        assert row["depth_elongation_ratio"] == pytest.approx(2.0, rel=0.03)
+    finally:
+        set_registry(None)
