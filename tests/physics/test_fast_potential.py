@@ -128,6 +128,13 @@ def test_numba_and_numpy_kernels_agree():
         S.accumulate(zs[1], mult, outs[1], first, use_numba=False)
         assert not np.any(zs[0]) and not np.any(zs[1])  # left zeroed for the next deposit
     assert np.array_equal(outs[0], outs[1]) and np.any(outs[0])
+    # the (cached) source indices passed in, as _spread_potential does, read the same frequencies
+    given = np.zeros_like(outs[0])
+    S.accumulate(z.copy(), mult, given, True, src=(S.source_index(21, 30), S.source_index(25, 36)))
+    again = np.zeros_like(outs[0])
+    S.accumulate(z.copy(), mult, again, True)
+    assert np.array_equal(given, again)
+    assert list(S.source_index(5, 8)) == [0, 1, 2, 6, 7] and list(S.source_index(4, 7)) == [0, 1, 5, 6]
     planes = [np.zeros((7, 21, 25), np.float32) for _ in range(2)]
     S.split_pairs(outs[0], planes[0], np.array([4, 0, 6, 2, 5]), use_numba=True)
     S.split_pairs(outs[0], planes[1], np.array([4, 0, 6, 2, 5]), use_numba=False)

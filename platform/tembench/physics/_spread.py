@@ -128,10 +128,16 @@ def _es(z, beta):
     return np.exp(beta * (np.sqrt(np.maximum(0.0, 1.0 - z * z)) - 1.0))
 
 
-def _source_index(n: int, m: int) -> np.ndarray:
-    """Index in an m-point spectrum (FFT order) of each of the n frequencies of an n-point one."""
+@lru_cache(maxsize=16)
+def source_index(n: int, m: int) -> np.ndarray:
+    """Index in an m-point spectrum (FFT order) of each of the n frequencies of an n-point one (read-only)."""
     npos = (n + 1) // 2
-    return np.concatenate([np.arange(npos), np.arange(m - (n - npos), m)])
+    out = np.concatenate([np.arange(npos), np.arange(m - (n - npos), m)])
+    out.setflags(write=False)
+    return out
+
+
+_source_index = source_index
 
 
 def accumulate_numpy(z, mult, out, first: bool):
@@ -279,15 +285,16 @@ def split_pairs(res, out, dest, use_numba: bool | None = None):
     return split_pairs_numpy(res, out, dest)
 
 
-def accumulate(z, mult, out, first: bool, use_numba: bool | None = None):
+def accumulate(z, mult, out, first: bool, use_numba: bool | None = None, src=None):
     """out = (or +=) mult · (the frequencies of the oversampled spectrum z that the output grid keeps); z is
-    then zeroed."""
+    then zeroed. ``src``: the (rows, columns) of z to read, :func:`source_index` (computed if None)."""
     if (HAVE_NUMBA if use_numba is None else use_numba and HAVE_NUMBA):
-        ny, nx = out.shape[-2:]
-        return _accumulate_nb(z, mult, out, _source_index(ny, z.shape[-2]), _source_index(nx, z.shape[-1]),
-                              bool(first))
+        if src is None:
+            ny, nx = out.shape[-2:]
+            src = (source_index(ny, z.shape[-2]), source_index(nx, z.shape[-1]))
+        return _accumulate_nb(z, mult, out, src[0], src[1], bool(first))
     return accumulate_numpy(z, mult, out, first)
 
 
 __all__ = ["HAVE_NUMBA", "SIGMA", "WIDTH", "BETA", "oversampled_size", "kernel_ft", "kernel_polynomials",
-           "spread", "accumulate", "split_pairs"]
+           "spread", "accumulate", "split_pairs", "source_index"]

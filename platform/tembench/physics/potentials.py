@@ -326,6 +326,15 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
     n_compute = unique.size
     # v is real, so its spectrum is Hermitian: build only kx >= 0 (half the matrix products) and
     # invert with a real FFT
+    yx = pos[:, [1, 0]]
+    if method == "auto":
+        method = choose_method(len(pos), (ny, nx), n_compute, len(zs), xp=xp)
+    if method == "spread":
+        _spread_potential(yx, numbers, slice_idx, zs, n_compute, (ny, nx), (sy, sx), parametrization, band_limit,
+                          out, target, xp)
+        if target is not None:
+            _copy_repeats(out, rep, slice_idx, unique)
+        return out
     ky = np.fft.fftfreq(ny, d=sy)
     kx = np.fft.rfftfreq(nx, d=sx)
     kernels = {z: _half_kernel(z, ky, kx, sy * sx, parametrization, xp) for z in zs}
@@ -334,14 +343,6 @@ def projected_potential(positions_A, numbers, *, gpts, sampling_A, slice_thickne
 
         mask = band_limit_mask((ny, nx), (sy, sx), band_limit, xp=xp)[:, : kx.size]
         kernels = {z: k * mask for z, k in kernels.items()}
-    yx = pos[:, [1, 0]]
-    if method == "auto":
-        method = choose_method(len(pos), (ny, nx), n_compute, len(zs), xp=xp)
-    if method == "spread":
-        _spread_potential(yx, numbers, slice_idx, zs, n_compute, (ny, nx), (sy, sx), kernels, out, target, xp)
-        if target is not None:
-            _copy_repeats(out, rep, slice_idx, unique)
-        return out
     nh = ny // 2 + 1
     ky_half = np.abs(ky[:nh])
     kernels_half = {z: xp.concatenate([k[:nh], k[:nh]], axis=0) for z, k in kernels.items()}
@@ -416,36 +417,58 @@ _COST_FFT_NS = 0.3
 _MIN_EXACT_NS = 20e6
 
 
-def _spread_potential(yx, numbers, slice_idx, zs, n_compute, gpts, sampling, kernels, out, target, xp):
-    """Fill ``out`` with the potentials of the ``n_compute`` slices by atom spreading (:mod:`._spread`).
-
-    Slices go in pairs through complex transforms (the real part carries one, the imaginary part the
-    other: the filter K f_e(|k|)/φ̂ is real and even, so it maps each part to its own potential).
-    Empty slices (between atomic planes) stay zero and cost nothing.
-    """
-    from tembench.backend import asnumpy, plan_fft2
+@lru_cache(maxsize=32)
+def _spread_multiplier(Z: int, gpts: tuple, sampling: tuple, parametrization: str, band_limit, my: int, mx: int,
+                       width: int, beta: float) -> np.ndarray:
+    """(ny, nx) float32 filter from the kept spectrum of the oversampled deposit to the (unnormalised)
+    inverse FFT of the potential: K f_e(|k|)/(sy·sx) (times the band limit), 1/(φ̂_y φ̂_x), the inverse
+    FFT's 1/(ny·nx), and zero on the Nyquist row/column (as :func:`_drop_nyquist`). Cached: frozen-phonon
+    configurations and repeated calls on one grid reuse it (read-only)."""
     from tembench.physics import _spread as S
 
     ny, nx = gpts
     sy, sx = sampling
-    nkx = nx // 2 + 1
-    my, mx = S.oversampled_size(ny), S.oversampled_size(nx)
+    ky = np.fft.fftfreq(ny, d=sy)
+    kx = np.fft.rfftfreq(nx, d=sx)
+    half = _half_kernel(Z, ky, kx, sy * sx, parametrization, np)
+    if band_limit is not None:
+        from tembench.physics.propagation import band_limit_mask
+
+        half = half * band_limit_mask((ny, nx), (sy, sx), band_limit, xp=np)[:, : kx.size]
     iky = np.fft.fftfreq(ny, d=1.0 / ny).round().astype(np.int64)
     ikx = np.fft.fftfreq(nx, d=1.0 / nx).round().astype(np.int64)
-    # full (ny, nx) multipliers from the half kernels (|k|-dependent: column −k is column +k), with
-    # 1/(φ̂_y φ̂_x), the inverse FFT's 1/(ny·nx), and the Nyquist row/column dropped (as _drop_nyquist)
-    width, beta = S.WIDTH, S.BETA
     corr = 1.0 / (np.multiply.outer(S.kernel_ft(tuple(iky), my, width, beta), S.kernel_ft(tuple(ikx), mx, width, beta))
                   * (ny * nx))
-    cols = np.abs(ikx)
-    mult = {}
-    for z in zs:
-        m = asnumpy(kernels[z]).astype(np.float64)[:, cols] * corr
-        if ny % 2 == 0:
-            m[ny // 2] = 0.0
-        if nx % 2 == 0:
-            m[:, nx // 2] = 0.0
-        mult[z] = np.ascontiguousarray(m.astype(np.float32))
+    # full (ny, nx) multiplier from the half kernel (|k|-dependent: column −k is column +k)
+    m = half.astype(np.float64)[:, np.abs(ikx)] * corr
+    if ny % 2 == 0:
+        m[ny // 2] = 0.0
+    if nx % 2 == 0:
+        m[:, nx // 2] = 0.0
+    m = np.ascontiguousarray(m.astype(np.float32))
+    m.setflags(write=False)
+    return m
+
+
+def _spread_potential(yx, numbers, slice_idx, zs, n_compute, gpts, sampling, parametrization, band_limit, out,
+                      target, xp):
+    """Fill ``out`` with the potentials of the ``n_compute`` slices by atom spreading (:mod:`._spread`).
+
+    Slices go in pairs through complex transforms (the real part carries one, the imaginary part the
+    other: the filter K f_e(|k|)/φ̂ is real and even, so it maps each part to its own potential).
+    The forward transform of the oversampled deposit is pruned: row FFTs on every row, column FFTs only
+    on the columns whose frequencies the output keeps (``backend.PrunedFFT2Plan``; ≈ 13 % less work at
+    σ = 1.25). Empty slices (between atomic planes) stay zero and cost nothing.
+    """
+    from tembench.backend import plan_fft2, plan_pruned_fft2
+    from tembench.physics import _spread as S
+
+    ny, nx = gpts
+    sy, sx = sampling
+    my, mx = S.oversampled_size(ny), S.oversampled_size(nx)
+    width, beta = S.WIDTH, S.BETA
+    mult = {z: _spread_multiplier(int(z), (ny, nx), (float(sy), float(sx)), parametrization,
+                                  None if band_limit is None else float(band_limit), my, mx, width, beta) for z in zs}
     present = np.bincount(slice_idx, minlength=n_compute) > 0
     filled = np.flatnonzero(present)
     # atoms sorted by (element, slice): each chunk of slices reads contiguous runs
@@ -459,18 +482,23 @@ def _spread_potential(yx, numbers, slice_idx, zs, n_compute, gpts, sampling, ker
     slot = (np.cumsum(present) - 1)[slice_idx[order]]  # rank of the atom's slice among the filled ones
     pairs = max(1, min(32, _SPREAD_BATCH_BYTES // (8 * my * mx)))  # complex planes per batch
     chunk = 2 * pairs
-    fwd = plan_fft2((pairs, my, mx), tag="potential-spread")
+    # the output keeps kx = 0 … ⌈nx/2⌉ − 1 and the negative ones; an even grid's Nyquist column is zeroed
+    # by the multiplier, so its column FFT is skipped too
+    keep_x = ((nx + 1) // 2, nx - (nx + 1) // 2 - (1 if nx % 2 == 0 else 0))
+    fwd = plan_pruned_fft2((pairs, my, mx), keep_x, tag="potential-spread")
     inv = plan_fft2((pairs, ny, nx), tag="potential-spread")
+    src_y, src_x = S.source_index(ny, my), S.source_index(nx, mx)
     fwd.buffer[...] = 0  # afterwards S.accumulate leaves it zeroed
+    bounds = np.searchsorted(key, np.add.outer(np.arange(len(zs)) * n_compute, np.append(filled, n_compute)))
     for c0 in range(0, filled.size, chunk):
         c1 = min(filled.size, c0 + chunk)
         first = True
         for r, z in enumerate(zs):
-            a, b = np.searchsorted(key, [r * n_compute + filled[c0], r * n_compute + filled[c1 - 1] + 1])
+            a, b = bounds[r, c0], bounds[r, c1]
             if a == b:
                 continue
             S.spread(uy[a:b], ux[a:b], slot[a:b] - c0, fwd.buffer, width, beta)
-            S.accumulate(fwd.forward(), mult[z], inv.buffer, first)
+            S.accumulate(fwd.forward_pruned(), mult[z], inv.buffer, first, src=(src_y, src_x))
             first = False
         res = inv.inverse_unnormalized()
         dest = filled[c0:c1] if target is None else target[filled[c0:c1]]
