@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tembench import Params, Reconstruction, Reconstructor
 from tembench.backend import asnumpy, get_array_module
@@ -88,6 +88,8 @@ class E2EParams(Params):
                             "per tilt instead of per batch)")
     tilt_order: Literal["sequential", "random"] = Field("sequential", description="tilt visiting order per epoch")
     reconstruct_absorption: bool = Field(True, description="complex V (Im V = absorption); False: real V")
+    positivity: bool = Field(False, description="project Re V onto ≥ 0 after every volume update (not in the "
+                             "paper's Alg. 3; joint_linear_tomo's constraint)")
     band_limit: float | None = Field(None, gt=0, le=1.5, description="propagator band limit (fraction of Nyquist); "
                                      "None: every detector pixel is modelled (as msp)")
     seed: int = Field(0, ge=0, description="seed of the batch and tilt orders")
@@ -297,6 +299,13 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
     n_meas = float(sum(len(q) for q in pos_all))  # Σ of the normalised intensities
     damp = 1.0
 
+    def positive(v):
+        if not p.positivity:
+            return v
+        if xp.iscomplexobj(v):
+            return (xp.maximum(v.real, 0) + 1j * v.imag).astype(v.dtype)
+        return xp.maximum(v, 0)
+
     def shrink_imag(v, thr):
         im = v.imag
         return (v.real + 1j * (xp.sign(im) * xp.maximum(xp.abs(im) - thr, 0))).astype(xp.complex64)
@@ -337,6 +346,7 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
                     full = xp.zeros_like(w)
                     full[crop.index] = d_w
                     vol += back * slabs_adjoint(full, euler[k], b, s, nz, xp=xp)
+                    vol = positive(vol)
                     if shrink:
                         st = xp.zeros(w.shape, xp.float32)
                         st[crop.index] = step
@@ -348,6 +358,7 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
             psi[k] = probe
             if tilt_mode:
                 vol += back * slabs_adjoint(delta, euler[k], b, s, nz, xp=xp)
+                vol = positive(vol)
                 if shrink:
                     vol = shrink_imag(vol, thr_scale * slabs_adjoint(step_sum, euler[k], b, s, nz, xp=xp))
                 del delta, w
@@ -365,3 +376,93 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
             progress(epoch + 1, p.n_epochs)
     return E2EResult(volume=asnumpy(vol).astype(np.complex64), probes=np.stack([asnumpy(q) for q in psi]),
                      grid=grid, euler_deg=euler, translations_A=tau, history=hist)
+
+
+# --- the pipeline: msp → joint_linear_tomo → e2e -----------------------------------------------------------
+def _linear_params_type():
+    from tembench_you2025.linear_tomo import JointLinearTomoParams
+
+    return JointLinearTomoParams
+
+
+class E2EPtychoTomoParams(Params):
+    """The paper's three-step workflow as one reconstructor: ``linear`` (msp per tilt + Alg. 2, the parameters of
+    ``joint_linear_tomo``, with its ``msp``), then ``e2e`` (Alg. 3)."""
+
+    linear: dict = Field(default_factory=dict, description="parameters of joint_linear_tomo (steps 1–2: msp per "
+                         "tilt under 'msp', Alg. 2); validated by its Params")
+    e2e: E2EParams = Field(default_factory=E2EParams, description="Algorithm 3")
+    init_volume: Literal["zero", "linear"] = Field("zero", description="V⁰: zero (the paper) or the linear volume")
+    positions: Literal["refined", "nominal"] = Field("refined", description="probe positions per tilt: msp's "
+                                                     "refined ones (nominal when msp did not refine) or nominal")
+
+    @field_validator("linear")
+    @classmethod
+    def _linear(cls, v):
+        return _linear_params_type()(**(v or {})).model_dump()
+
+
+def e2e_stage(measurement, params: E2EPtychoTomoParams, xp=np, progress=None):
+    """Steps 1–3 on a ``4dstem_tilt_series``: ``linear_stage`` (msp per tilt, Alg. 2), then Alg. 3 from its
+    alignment (held fixed) and msp's probes (propagated to the volume's entrance) and positions.
+
+    Returns (E2EResult, LinearTomoResult, grid, timings_s)."""
+    from tembench_you2025.linear_tomo import linear_stage
+    from tembench_you2025.msp import present_patterns
+    from tembench_you2025.tomo_common import tilt_measurement
+
+    p = params
+    lp = _linear_params_type()(**p.linear)
+    t0 = time.perf_counter()
+    lin, msp, grid = linear_stage(measurement, lp, xp)[:3]
+    t1 = time.perf_counter()
+    geo = measurement.geometry
+    n = len(msp)
+    pats, pos, probes, scales = [], [], [], []
+    for k in range(n):
+        patterns_k, nominal_k, present_k, _ = present_patterns(tilt_measurement(measurement, k), "e2e_ptycho_tomo")
+        res_k, used_k = msp[k]
+        if not np.array_equal(np.asarray(used_k), np.asarray(present_k)):
+            raise TembenchError(f"e2e: tilt {k}: msp used other patterns than the mask gives")
+        pats.append(patterns_k)
+        pos.append(np.asarray(res_k.positions_A if p.positions == "refined" else nominal_k, np.float64))
+        probes.append(asnumpy(probe_at_volume_entrance(xp.asarray(res_k.probe), geo, grid, res_k.sampling_A, xp)))
+        scales.append(res_k.pattern_scale)
+    init = lin.volume_V if p.init_volume == "linear" else None
+    res = reconstruct_e2e(pats, pos, geo, grid, lin.euler_deg, lin.translations_A, np.stack(probes), p.e2e,
+                          pattern_scales=scales, init_volume=init, xp=xp, progress=progress)
+    t2 = time.perf_counter()
+    return res, lin, grid, {"linear_stage": t1 - t0, "e2e": t2 - t1}
+
+
+class E2EPtychoTomo(Reconstructor):
+    """You 2025 end-to-end multislice ptychographic tomography: msp per tilt → joint linear tomography with
+    alignment (Alg. 2) → Algorithm 3 (one complex volume updated tilt by tilt by minibatch gradient steps through
+    rotation, slab binning, batch-cropped multislice with each tilt's mixed-state probe; amplitude loss; L1
+    shrinkage of Im V; probe refinement per tilt), with the alignment of Alg. 2 held fixed.
+
+    Output: Re V (V) on the grid centred on the rotation centre (voxel = the ptychographic pixel); ``extras``:
+    ``euler_deg``, ``translations_A`` (from Alg. 2), ``absorption_V`` (Im V), ``probe_modes`` (n_tilts, K, wy, wx)
+    at the volume's entrance, ``linear_volume_V`` (step 2's volume, the same data's linear tomography).
+    Honours ``extras['pattern_mask']``.
+    """
+
+    name = "e2e_ptycho_tomo"
+    accepts = ("4dstem_tilt_series",)
+    produces = "volume"
+    version = "1"
+    supports_pattern_mask = True
+    Params = E2EPtychoTomoParams
+
+    def reconstruct(self, measurement, params, xp):
+        res, lin, grid, timings = e2e_stage(measurement, params, xp)
+        s = grid.voxel_A
+        return Reconstruction(
+            kind="volume", data=np.ascontiguousarray(res.volume.real, np.float32), sampling_A=(s, s, s),
+            quantity="potential_V", origin_A=grid.origin_A,
+            history={"loss": res.history["loss"], "loss_relative": res.history["loss_relative"]},
+            extras={"euler_deg": res.euler_deg, "translations_A": res.translations_A,
+                    "absorption_V": np.ascontiguousarray(res.volume.imag, np.float32), "probe_modes": res.probes,
+                    "linear_volume_V": lin.volume_V, "time_per_tilt_epoch_s": res.history["time_per_tilt_s"],
+                    "shape": list(grid.shape)},
+            timings_s=timings)
