@@ -133,81 +133,108 @@ class AlignmentError(Quantifier):
 
 
 # --- depth elongation -------------------------------------------------------------------------------------
-def _box(volume, centre_vox, half_vox):
-    """Indices (z, y, x arrays of the box voxels) and values of the box around ``centre_vox``, clipped to the
-    volume; None when the centre voxel lies outside or on the border."""
-    c = np.rint(np.asarray(centre_vox)).astype(int)
-    shape = np.asarray(volume.shape)
-    if np.any(c < 1) or np.any(c > shape - 2):
-        return None
-    lo, hi = np.maximum(c - half_vox, 0), np.minimum(c + half_vox + 1, shape)
-    sub = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    zz, yy, xx = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
-    return (zz.ravel(), yy.ravel(), xx.ravel()), sub.ravel().astype(np.float64)
+_LM_ITERATIONS = 60
+
+
+def fit_axial_gaussians(volume, sites_vox, voxel_A: float, box_lateral_A: float, box_axial_A: float):
+    """Fit b + A·exp(−((x−x_c)²+(y−y_c)²)/2σ_lat² − (z−z_c)²/2σ_z²) in a box around each site (z, y, x voxels).
+
+    One batched Levenberg–Marquardt over all sites ((n, 7, 7) solves, analytic Jacobian; boxes clipped to the
+    volume). Returns (σ_z Å (n,), σ_lat Å (n,), centres (n, 3) voxels, ok (n,) bool); ``ok`` is False when the
+    site lies on the volume's border, the peak is not positive, a width sits at its bound, or the centre
+    moved more than one voxel laterally or to its z bound (not a resolved atom)."""
+    vol = np.asarray(volume, np.float64)
+    sites = np.asarray(sites_vox, np.float64).reshape(-1, 3)
+    n = len(sites)
+    s = float(voxel_A)
+    hz = max(1, int(round(box_axial_A / s)))
+    hl = max(1, int(round(box_lateral_A / s)))
+    shape = np.asarray(vol.shape)
+    anchor = np.rint(sites).astype(int)
+    inside = np.all((anchor >= 1) & (anchor <= shape - 2), axis=1)
+    oz, oy, ox = (o.ravel() for o in np.meshgrid(np.arange(-hz, hz + 1), np.arange(-hl, hl + 1),
+                                                  np.arange(-hl, hl + 1), indexing="ij"))
+    iz, iy, ix = anchor[:, :1] + oz, anchor[:, 1:2] + oy, anchor[:, 2:] + ox            # (n, M)
+    w = ((iz >= 0) & (iz < shape[0]) & (iy >= 0) & (iy < shape[1]) & (ix >= 0) & (ix < shape[2])).astype(float)
+    v = vol[np.clip(iz, 0, shape[0] - 1), np.clip(iy, 0, shape[1] - 1), np.clip(ix, 0, shape[2] - 1)] * w
+    zz, yy, xx = iz.astype(float), iy.astype(float), ix.astype(float)
+    big = np.where(w > 0, v, np.inf)
+    b0 = np.where(np.isfinite(big.min(axis=1)), big.min(axis=1), 0.0)
+    a0 = np.max(np.where(w > 0, v, -np.inf), axis=1) - b0
+    # the tracer's isotropic sites may sit off an elongated atom's centre along z: let z move within the box
+    dzmax = max(1.5, 0.5 * hz)
+    lo_s = 0.25
+    lb = np.stack([np.zeros(n), sites[:, 0] - dzmax, sites[:, 1] - 1.5, sites[:, 2] - 1.5,
+                   np.full(n, lo_s), np.full(n, lo_s), np.full(n, -np.inf)], axis=1)
+    ub = np.stack([np.full(n, np.inf), sites[:, 0] + dzmax, sites[:, 1] + 1.5, sites[:, 2] + 1.5,
+                   np.full(n, float(hz)), np.full(n, float(hl)), np.full(n, np.inf)], axis=1)
+    p = np.stack([np.maximum(a0, 1e-12), *sites.T, np.full(n, min(1.0, 0.9 * hz)), np.full(n, min(1.0, 0.9 * hl)),
+                  b0], axis=1)
+
+    def evaluate(p):
+        a, cz, cy, cx, sz, sl, b = (p[:, i:i + 1] for i in range(7))
+        dz, dy, dx = zz - cz, yy - cy, xx - cx
+        rho2 = dy * dy + dx * dx
+        g = np.exp(-rho2 / (2 * sl * sl) - dz * dz / (2 * sz * sz))
+        r = (b + a * g - v) * w
+        return r, (a, dz, dy, dx, rho2, sz, sl, g)
+
+    r, parts = evaluate(p)
+    cost = (r * r).sum(axis=1)
+    lam = np.full(n, 1e-3)
+    for _ in range(_LM_ITERATIONS):
+        a, dz, dy, dx, rho2, sz, sl, g = parts
+        ag = a * g
+        jac = np.stack([g, ag * dz / sz**2, ag * dy / sl**2, ag * dx / sl**2, ag * dz * dz / sz**3,
+                        ag * rho2 / sl**3, np.ones_like(g)], axis=2) * w[:, :, None]       # (n, M, 7)
+        jtj = np.einsum("nmi,nmj->nij", jac, jac)
+        grad = np.einsum("nmi,nm->ni", jac, r)
+        damp = jtj + lam[:, None, None] * (np.eye(7) * np.diagonal(jtj, axis1=1, axis2=2)[:, None, :] + 1e-12 * np.eye(7))
+        try:
+            step = -np.linalg.solve(damp, grad[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            step = -grad / np.maximum(np.diagonal(damp, axis1=1, axis2=2), 1e-30)
+        trial = np.clip(p + step, lb, ub)
+        r_t, parts_t = evaluate(trial)
+        cost_t = (r_t * r_t).sum(axis=1)
+        better = cost_t < cost
+        p = np.where(better[:, None], trial, p)
+        r = np.where(better[:, None], r_t, r)
+        parts = tuple(np.where(better[:, None], pt, pc) for pt, pc in zip(parts_t, parts))
+        cost = np.where(better, cost_t, cost)
+        lam = np.where(better, lam / 3.0, lam * 4.0)
+        if np.all(lam > 1e8):
+            break
+    a, cz, cy, cx, sz, sl, _ = p.T
+    ok = (inside & (a > 0) & (np.hypot(cy - sites[:, 1], cx - sites[:, 2]) <= 1.0)
+          & (np.abs(cz - sites[:, 0]) <= 0.98 * dzmax) & (sz < 0.98 * hz) & (sl < 0.98 * hl)
+          & (np.minimum(sz, sl) > 1.02 * lo_s))
+    return sz * s, sl * s, p[:, 1:4], ok
 
 
 def fit_axial_gaussian(volume, centre_vox, voxel_A: float, box_lateral_A: float, box_axial_A: float):
-    """Fit b + A·exp(−((x−x_c)²+(y−y_c)²)/2σ_lat² − (z−z_c)²/2σ_z²) in the box around ``centre_vox`` (z, y, x).
-
-    Returns (σ_z Å, σ_lat Å, centre_vox) or None when the centre is on the volume's border, the peak is not positive,
-    a width sits at its bound or the centre drifted more than one voxel laterally or to the z bound (not a
-    resolved atom)."""
-    from scipy.optimize import least_squares
-
-    s = float(voxel_A)
-    half = np.array([max(1, int(round(box_axial_A / s))), max(1, int(round(box_lateral_A / s))),
-                     max(1, int(round(box_lateral_A / s)))])
-    got = _box(volume, centre_vox, half)
-    if got is None:
-        return None
-    (zz, yy, xx), v = got
-    c0 = np.asarray(centre_vox, np.float64)
-    b0 = float(np.min(v))
-    a0 = float(np.max(v)) - b0
-    if not a0 > 0:
-        return None
-    lo_s, hi_l, hi_z = 0.25, float(half[1]), float(half[0])
-
-    def model(p):
-        a, cz, cy, cx, sz, sl, b = p
-        return b + a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sl * sl) - (zz - cz) ** 2 / (2 * sz * sz))
-
-    p0 = [a0, *c0, min(1.0, hi_z * 0.9), min(1.0, hi_l * 0.9), b0]
-    # the tracer's isotropic sites may sit off an elongated atom's centre along z: let z move within the box
-    dz = max(1.5, 0.5 * hi_z)
-    lb = [0.0, c0[0] - dz, c0[1] - 1.5, c0[2] - 1.5, lo_s, lo_s, -np.inf]
-    ub = [np.inf, c0[0] + dz, c0[1] + 1.5, c0[2] + 1.5, hi_z, hi_l, np.inf]
-    p0 = np.clip(p0, np.nextafter(lb, np.inf), np.nextafter(ub, -np.inf))
-    try:
-        r = least_squares(lambda p: model(p) - v, p0, bounds=(lb, ub), x_scale="jac", max_nfev=200)
-    except (ValueError, np.linalg.LinAlgError):
-        return None
-    a, cz, cy, cx, sz, sl, _ = r.x
-    if not r.success or a <= 0 or np.hypot(cy - c0[1], cx - c0[2]) > 1.0 or abs(cz - c0[0]) > 0.98 * dz:
-        return None
-    if sz >= 0.98 * hi_z or sl >= 0.98 * hi_l or min(sz, sl) <= 1.02 * lo_s:
-        return None
-    return sz * s, sl * s, np.array([cz, cy, cx])
+    """One site of :func:`fit_axial_gaussians`: (σ_z Å, σ_lat Å, centre_vox) or None when the fit is rejected."""
+    sz, sl, c, ok = fit_axial_gaussians(volume, [centre_vox], voxel_A, box_lateral_A, box_axial_A)
+    return (float(sz[0]), float(sl[0]), c[0]) if ok[0] else None
 
 
 def elongation_ratios(volume, sites_vox, voxel_A, box_lateral_A, box_axial_A, max_sites=None):
     """(σ_z/σ_lat per fitted atom, fitted σ_z Å, fitted σ_lat Å) for the sites (z, y, x voxels) that fit; fits
     converging within one voxel of an earlier one are the same atom and counted once."""
-    vol = np.asarray(volume, np.float64)
     sites = np.asarray(sites_vox, np.float64).reshape(-1, 3)
     if max_sites is not None and len(sites) > max_sites:
         # a deterministic, evenly spread subset
         sites = sites[np.linspace(0, len(sites) - 1, max_sites).round().astype(int)]
-    sz, sl, centres = [], [], []
-    for c in sites:
-        f = fit_axial_gaussian(vol, c, voxel_A, box_lateral_A, box_axial_A)
-        # sites the tracer split off one elongated atom converge to the same centre: count the atom once
-        if f is not None and not any(np.linalg.norm(f[2] - q) < 1.0 for q in centres):
-            sz.append(f[0])
-            sl.append(f[1])
-            centres.append(f[2])
-    sz, sl = np.asarray(sz), np.asarray(sl)
-    return (sz / sl if len(sz) else np.zeros(0)), sz, sl
+    if not len(sites):
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    sz, sl, centres, ok = fit_axial_gaussians(volume, sites, voxel_A, box_lateral_A, box_axial_A)
+    # sites the tracer split off one elongated atom converge to the same centre: count the atom once
+    keep = []
+    for i in np.flatnonzero(ok):
+        if not any(np.linalg.norm(centres[i] - centres[j]) < 1.0 for j in keep):
+            keep.append(i)
+    keep = np.asarray(keep, int)
+    return sz[keep] / sl[keep], sz[keep], sl[keep]
 
 
 class DepthElongation(Quantifier):
