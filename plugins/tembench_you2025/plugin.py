@@ -5,7 +5,14 @@ from __future__ import annotations
 from tembench import hookimpl
 from tembench_you2025.msp import MSP
 from tembench_you2025.positions import MSPPositions, MSPState
+from tembench_you2025.tilt_series import STEM4DTiltSeries
+from tembench_you2025.tomo_scores import AlignmentError, DepthElongation
 from tembench_you2025.tomo_sections import TomoSections
+
+
+@hookimpl
+def tembench_register_forward_models():
+    return [STEM4DTiltSeries]
 
 
 @hookimpl
@@ -15,7 +22,7 @@ def tembench_register_reconstructors():
 
 @hookimpl
 def tembench_register_quantifiers():
-    return [MSPPositions, MSPState, TomoSections]
+    return [MSPPositions, MSPState, TomoSections, AlignmentError, DepthElongation]
 
 
 @hookimpl
