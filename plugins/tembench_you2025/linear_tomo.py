@@ -1,0 +1,495 @@
+"""Joint rigid alignment and linear tomography (You, Romanov & Pelz 2025, Algorithm 2, eqs 11–13).
+
+Model (frame and conventions of :mod:`tembench_you2025.tomo_common`):
+
+    ŷ_k = A_{0,τ_k} B_N A_{Θ_k,0} V = shift(s · Σ_z euler_rotate(V, Θ_k), τ_k)     (eq 12–13, V·Å)
+    L   = Σ_k ‖ŷ_k − y_k‖²
+
+* V (nz, ny, nx) in V, cubic voxel s; euler_rotate is three bilinear plane rotations (rot about z, tilt about y,
+  psi about z); the shift moves the content by +τ_k (Fourier phase ramp).
+* ∂L/∂V = 2 Σ_k A_k†(ŷ_k − y_k) with the exact adjoint (:func:`project_adjoint`).
+* ∂ŷ_k/∂τ_k: the Fourier derivative of the shifted image, −2πi k · F[P_k] · ramp.
+* ∂ŷ_k/∂Θ_k: exact for the interpolant — each plane rotation's derivative w.r.t. its angle is a sparse
+  derivative-weights operator D(a) = diag(∂a_src/∂a)·∂_a I + diag(∂b_src/∂a)·∂_b I, with ∂I the derivative of the
+  bilinear weights (a sample on a grid node — every sample at angle 0 — takes the central difference, the mean of
+  the two one-sided slopes: what a central finite difference measures), chained through the three rotations
+  (forward mode: three images per tilt).
+  The alignment gradients are ∂L/∂τ_k = 2 J_τᵀ r_k, ∂L/∂Θ_k = 2 J_Θᵀ r_k (:func:`loss_and_gradients`).
+
+Algorithm 2 as implemented (:func:`joint_linear_tomography`):
+
+* pre-processing for the alignment loops (the paper's): an intensity threshold flattening the background
+  (y ← max(y − t, 0), t = ``threshold_fraction``·max y) and down-sampling by averaging ``downsample``² pixels; the
+  coarse images are re-centred so that the coarse grid turns about the same rotation centre.
+* outer loop l = 0..L−1: V ← 0; T volume steps (accelerated projected gradient, FISTA, step 1/Lipschitz from a
+  power iteration on AᵀA, optional positivity); then the translations τ (γ₂) and then the Euler angles Θ (γ₃)
+  ("the spatial translation is fitted before the 3D rotation angles"). Each alignment step is a damped
+  Gauss–Newton step on the block of one tilt (the loss is a sum over tilts and τ_k, Θ_k enter only ŷ_k, so the
+  Gauss–Newton matrix is block diagonal: 2×2 per tilt for τ, 3×3 for Θ), scaled by γ and capped
+  (``max_translation_step_A``, ``max_euler_step_deg``): γ = 1 is a full Gauss–Newton step.
+* gauges: a common 3D shift d of the object moves every projection by (R_k d)_yx, and a common rotation turns every
+  Θ_k; neither is measurable from the projections. After each τ update the part of τ − τ⁰ of the form
+  (R_k d)_yx (least-squares d) is removed (``translation_gauge='3d'``; 'mean' removes only the common mean, as
+  the paper's "relative shifts"), and after each Θ update the mean change of each Euler angle over the tilts.
+* final T_final steps at full resolution with the alignment fixed.
+
+Near tilt 0, rot and psi turn about the same axis (ZYZ gimbal): only rot + psi is determined there; the damping
+splits the update between them. Compare recovered orientations by rotation matrices, or refine a subset of the
+angles (``refine_euler``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from tembench import Params, Reconstruction, Reconstructor
+from tembench._lazy import lazy_import
+from tembench.backend import asnumpy, fft2, get_array_module, ifft2
+from tembench.errors import TembenchError
+from tembench.physics import rotation as _rot
+from tembench.physics.grid import spatial_frequencies
+from tembench_you2025 import tomo_common as tc
+from tembench_you2025.msp import MSPParams
+
+sp = lazy_import("scipy.sparse")
+
+EULER_NAMES = ("rot", "tilt", "psi")
+_EULER_AXES = ("z", "y", "z")
+
+
+# --- the operator and its derivatives ------------------------------------------------------------------------
+def _shift(image, tau_yx_A, sampling_A, xp, derivatives=False):
+    """Content moved by +τ (Fourier ramp, in the image's precision) and optionally ∂/∂τ_y, ∂/∂τ_x (per Å)."""
+    ny, nx = image.shape[-2:]
+    ky, kx = spatial_frequencies((ny, nx), (sampling_A, sampling_A), xp=xp)
+    ctype = xp.complex128 if image.dtype == np.float64 else xp.complex64
+    ky = ky.astype(np.float64)
+    kx = kx.astype(np.float64)
+    dy, dx = float(tau_yx_A[0]), float(tau_yx_A[1])
+    f = fft2(xp.asarray(image, ctype)) * xp.exp(-2j * math.pi * (ky * dy + kx * dx)).astype(ctype)
+    out = ifft2(f).real.astype(image.dtype)
+    if not derivatives:
+        return out
+    d_y = ifft2(f * (-2j * math.pi * ky).astype(ctype)).real.astype(image.dtype)
+    d_x = ifft2(f * (-2j * math.pi * kx).astype(ctype)).real.astype(image.dtype)
+    return out, xp.stack([d_y, d_x])
+
+
+def _deriv_weights(coord, n):
+    """(index, weight) pairs of ∂/∂coord of the linear interpolation weights (zero outside [0, n)); on a grid
+    node (fraction 0) the central difference (mean of the two one-sided slopes)."""
+    i0 = np.floor(coord).astype(np.int64)
+    f = coord - i0
+    node = f == 0.0
+    out = []
+    for idx, w in ((np.where(node, i0 - 1, i0), np.where(node, -0.5, -1.0)),
+                   (i0 + 1, np.where(node, 0.5, 1.0))):
+        ok = (idx >= 0) & (idx < n)
+        out.append((np.where(ok, idx, 0), np.where(ok, w, 0.0)))
+    return out
+
+
+@lru_cache(maxsize=64)
+def _plane_derivative_operator(shape2, angle_deg: float, centre2):
+    """Sparse d/d(angle, per degree) of :func:`tembench.physics.rotation._plane_matrix` applied to a plane
+    (same geometry: source a = s·b + c·a, b = c·b − s·a about the centre), float64 CSR."""
+    na, nb = shape2
+    t = math.radians(angle_deg)
+    c, s = math.cos(t), math.sin(t)
+    ca, cb = centre2
+    a, b = np.meshgrid(np.arange(na, dtype=np.float64) - ca, np.arange(nb, dtype=np.float64) - cb, indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    b_src = c * b - s * a + cb
+    a_src = s * b + c * a + ca
+    deg = math.pi / 180.0
+    da = (c * b - s * a) * deg          # ∂a_src/∂angle
+    db = (-s * b - c * a) * deg         # ∂b_src/∂angle
+    rows = np.arange(na * nb)
+    wa, wb = _rot._linear_weights(a_src, na), _rot._linear_weights(b_src, nb)
+    dwa, dwb = _deriv_weights(a_src, na), _deriv_weights(b_src, nb)
+    data, cols, rr = [], [], []
+    for (ja, xa), (jb, xb), scale in ((p, q, da) for p in dwa for q in wb):
+        w = xa * xb * scale
+        keep = w != 0
+        data.append(w[keep]); cols.append((ja * nb + jb)[keep]); rr.append(rows[keep])  # noqa: E702
+    for (ja, xa), (jb, xb), scale in ((p, q, db) for p in wa for q in dwb):
+        w = xa * xb * scale
+        keep = w != 0
+        data.append(w[keep]); cols.append((ja * nb + jb)[keep]); rr.append(rows[keep])  # noqa: E702
+    m = sp.csr_matrix((np.concatenate(data), (np.concatenate(rr), np.concatenate(cols))), shape=(na * nb, na * nb))
+    m.sum_duplicates()
+    return m
+
+
+def rotate_derivative(volume, angle_deg: float, axis: str, xp=None):
+    """∂/∂angle (per degree) of ``rotation.rotate(volume, angle_deg, axis)`` — exact for the bilinear interpolant
+    (central at grid nodes)."""
+    xp = xp or get_array_module(volume)
+    shape = tuple(volume.shape)
+    plane = _rot._axis_plane(shape, axis)
+    sign = 1.0 if axis == "y" else -1.0        # rotation._plane_angle: +θ about y, −θ about x and z
+    m = _plane_derivative_operator(plane, _rot._plane_angle(angle_deg, axis), _rot._centre(plane))
+    out = _rot._sparse_apply(m, _rot._to_planes(volume, axis, xp), xp)
+    return xp.ascontiguousarray(sign * _rot._from_planes(out, axis, shape, xp), dtype=volume.dtype)
+
+
+def _as_series(euler_deg, tau_A):
+    e = np.asarray(euler_deg, np.float64)
+    t = np.asarray(tau_A, np.float64)
+    single = e.ndim == 1
+    e, t = e.reshape(-1, 3), t.reshape(-1, 2)
+    if len(e) != len(t):
+        raise TembenchError(f"{len(e)} Euler triples for {len(t)} translations")
+    return e, t, single
+
+
+def project(volume, euler_deg, tau_A, voxel_A: float, xp=None):
+    """ŷ = shift(s·Σ_z euler_rotate(V, Θ), τ) (V·Å): one image for one (Θ (3,), τ (2,)), a stack (n, ny, nx) for
+    (n, 3), (n, 2)."""
+    xp = xp or get_array_module(volume)
+    e, t, single = _as_series(euler_deg, tau_A)
+    out = xp.stack([_shift(tc.slabs(volume, e[k], volume.shape[0], voxel_A, xp=xp)[0], t[k], voxel_A, xp)
+                    for k in range(len(e))])
+    return out[0] if single else out
+
+
+def project_adjoint(images, euler_deg, tau_A, voxel_A: float, nz: int, xp=None):
+    """Exact adjoint of :func:`project`: Σ_k s·A_Θk† B† shift(image_k, −τ_k) → volume (nz, ny, nx)."""
+    xp = xp or get_array_module(images)
+    e, t, single = _as_series(euler_deg, tau_A)
+    imgs = images[None] if single else images
+    vol = None
+    for k in range(len(e)):
+        back = _shift(imgs[k], -t[k], voxel_A, xp)[None]
+        v = tc.slabs_adjoint(back, e[k], nz, voxel_A, nz, xp=xp)
+        vol = v if vol is None else vol + v
+    return vol
+
+
+def projection_jacobian(volume, euler_deg, tau_A, voxel_A: float, xp=None, euler: bool = True):
+    """ŷ (ny, nx) of one tilt, ∂ŷ/∂τ (2, ny, nx) per Å (y, x) and (if ``euler``) ∂ŷ/∂Θ (3, ny, nx) per degree
+    (rot, tilt, psi) — forward mode through the three plane rotations."""
+    xp = xp or get_array_module(volume)
+    rot, tilt, psi = (float(a) for a in euler_deg)
+    s = float(voxel_A)
+    v1 = _rot.rotate(volume, rot, "z", xp=xp)
+    v2 = _rot.rotate(v1, tilt, "y", xp=xp)
+    v3 = _rot.rotate(v2, psi, "z", xp=xp)
+    y, j_tau = _shift(s * v3.sum(axis=0), tau_A, s, xp, derivatives=True)
+    if not euler:
+        return y, j_tau, None
+    d_rot = _rot.rotate(_rot.rotate(rotate_derivative(volume, rot, "z", xp), tilt, "y", xp=xp), psi, "z", xp=xp)
+    d_tilt = _rot.rotate(rotate_derivative(v1, tilt, "y", xp), psi, "z", xp=xp)
+    d_psi = rotate_derivative(v2, psi, "z", xp)
+    j_e = xp.stack([_shift(s * d.sum(axis=0), tau_A, s, xp) for d in (d_rot, d_tilt, d_psi)])
+    return y, j_tau, j_e
+
+
+def loss_and_gradients(volume, projections, euler_deg, tau_A, voxel_A: float, xp=None):
+    """L = Σ_k ‖ŷ_k − y_k‖² and its gradients w.r.t. V (nz, ny, nx), τ (n, 2) per Å and Θ (n, 3) per degree."""
+    xp = xp or get_array_module(volume)
+    e, t, _ = _as_series(euler_deg, tau_A)
+    loss, g_tau, g_e = 0.0, np.zeros((len(e), 2)), np.zeros((len(e), 3))
+    res = []
+    for k in range(len(e)):
+        y, jt, je = projection_jacobian(volume, e[k], t[k], voxel_A, xp)
+        r = y - projections[k]
+        res.append(r)
+        loss += float(xp.sum(r.astype(np.float64) ** 2))
+        g_tau[k] = 2.0 * asnumpy(xp.tensordot(jt.astype(np.float64), r.astype(np.float64), axes=2))
+        g_e[k] = 2.0 * asnumpy(xp.tensordot(je.astype(np.float64), r.astype(np.float64), axes=2))
+    g_v = 2.0 * project_adjoint(xp.stack(res), e, t, voxel_A, volume.shape[0], xp)
+    return loss, g_v, g_tau, g_e
+
+
+# --- Algorithm 2 ---------------------------------------------------------------------------------------------
+class LinearTomoParams(Params):
+    """Parameters of :func:`joint_linear_tomography` (Alg. 2)."""
+
+    n_outer: int = Field(8, ge=0, le=1000, description="alignment iterations L (each: V ← 0, T volume steps, τ, Θ)")
+    n_volume_steps: int = Field(25, ge=1, le=10000, description="volume steps T per outer iteration (FISTA, 1/Lipschitz)")
+    n_final_steps: int = Field(60, ge=0, le=10000, description="volume steps at full resolution with the final alignment")
+    downsample: int = Field(2, ge=1, le=16, description="alignment loops on images averaged over downsample² pixels")
+    threshold_fraction: float = Field(0.0, ge=0, lt=1, description="alignment targets max(y − t, 0), t = fraction·max y "
+                                      "(flattens the background; 0: none)")
+    refine_translations: bool = Field(True, description="update τ (γ₂)")
+    refine_euler: tuple[str, ...] = Field(("rot", "tilt", "psi"), description="Euler angles updated (γ₃); () none")
+    translation_step: float = Field(1.0, gt=0, le=2, description="γ₂: 1 = full Gauss–Newton step per tilt")
+    euler_step: float = Field(1.0, gt=0, le=2, description="γ₃: 1 = full Gauss–Newton step per tilt")
+    n_translation_steps: int = Field(3, ge=1, le=100, description="τ steps per outer iteration (V fixed: FFTs only)")
+    n_euler_steps: int = Field(1, ge=1, le=100, description="Θ steps per outer iteration")
+    start_euler_outer: int = Field(3, ge=0, description="update Θ from this outer iteration on (0-based): the "
+                                   "translations are fitted first (large τ errors would otherwise be absorbed by Θ)")
+    max_translation_step_A: float = Field(1.0, gt=0, description="cap of one τ update per tilt (Å)")
+    max_euler_step_deg: float = Field(1.0, gt=0, description="cap of one Θ update per angle (deg)")
+    damping: float = Field(1e-3, ge=0, le=10, description="Levenberg–Marquardt μ relative to the mean diagonal")
+    translation_gauge: str = Field("3d", description="'3d': remove the (R_k d)_yx part of τ − τ⁰ (a common 3D "
+                                   "object shift); 'mean': its common mean; 'none'")
+    fix_mean_euler: bool = Field(True, description="remove the mean change of each Euler angle (a common rotation)")
+    fix_tilt_scale: bool = Field(False, description="also remove the part of the tilt changes proportional to the "
+                                 "nominal tilt (a scaling of the tilt angles, nearly compensated by a stretch of the "
+                                 "volume in the tilt plane: a near-gauge, see the module doc)")
+    reset_volume: bool = Field(True, description="V ← 0 at each outer iteration (Alg. 2); False: continue from the "
+                               "previous volume (warm start)")
+    positivity: bool = Field(True, description="project V onto V ≥ 0 after each volume step")
+    power_iterations: int = Field(12, ge=2, le=200, description="power iterations for the Lipschitz constant")
+    nz: int | None = Field(None, ge=2, description="voxels along the beam; default max(ny, nx)")
+
+    @field_validator("refine_euler")
+    @classmethod
+    def _names(cls, v):
+        bad = [a for a in v if a not in EULER_NAMES]
+        if bad:
+            raise ValueError(f"refine_euler: unknown angle(s) {bad}; use {EULER_NAMES}")
+        return tuple(v)
+
+    @field_validator("translation_gauge")
+    @classmethod
+    def _gauge(cls, v):
+        if v not in ("3d", "mean", "none"):
+            raise ValueError(f"translation_gauge must be '3d', 'mean' or 'none', got {v!r}")
+        return v
+
+
+@dataclass
+class LinearTomoResult:
+    volume_V: np.ndarray             # (nz, ny, nx) V, voxel s, centred on the rotation centre
+    euler_deg: np.ndarray            # (n, 3) rot, tilt, psi
+    translations_A: np.ndarray       # (n, 2) τ (y, x): the content of projection k moved by +τ_k
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def downsample_images(images, factor: int, voxel_A: float, xp=None):
+    """Block means of ``factor``² pixels, re-centred (Fourier shift) so that coarse pixel j sits at
+    c − f·s·n'/2 + f·s·j about the same centre c = origin + s·n/2 (n' = n // f)."""
+    xp = xp or get_array_module(images)
+    f = int(factor)
+    if f == 1:
+        return images
+    n, ny, nx = images.shape
+    my, mx = ny // f, nx // f
+    if min(my, mx) < 2:
+        raise TembenchError(f"downsample {f} leaves fewer than 2 pixels of {ny}x{nx}")
+    c = images[:, :my * f, :mx * f].reshape(n, my, f, mx, f).mean(axis=(2, 4))
+    dy = voxel_A * (f - 1 - (ny - f * my)) / 2.0
+    dx = voxel_A * (f - 1 - (nx - f * mx)) / 2.0
+    return xp.stack([_shift(c[k], (dy, dx), f * voxel_A, xp) for k in range(n)])
+
+
+def _lipschitz(shape, euler, tau, s, xp, n_iter, dtype):
+    """2·λ_max(AᵀA) (gradient Lipschitz constant of Σ‖Av − y‖²) by power iteration, with a 5 % margin."""
+    rng = np.random.default_rng(0)
+    v = xp.asarray(rng.random(shape).astype(dtype))
+    lam = 0.0
+    for _ in range(n_iter):
+        w = project_adjoint(project(v, euler, tau, s, xp), euler, tau, s, shape[0], xp)
+        lam = float(xp.sqrt(xp.sum(w.astype(np.float64) ** 2)) / xp.sqrt(xp.sum(v.astype(np.float64) ** 2)))
+        v = w / max(lam, 1e-30)
+    return 2.0 * lam * 1.05
+
+
+def reconstruct_volume(projections, euler, tau, voxel_A, nz, n_steps, positivity=True, xp=np, power_iterations=12,
+                       volume0=None):
+    """min_V Σ_k ‖A_k V − y_k‖² (V ≥ 0 optionally) by FISTA with step 1/Lipschitz; returns (V, losses)."""
+    shape = (int(nz),) + tuple(projections.shape[1:])
+    dtype = projections.dtype
+    step = 1.0 / _lipschitz(shape, euler, tau, voxel_A, xp, power_iterations, dtype)
+    v = xp.zeros(shape, dtype) if volume0 is None else volume0.astype(dtype, copy=True)
+    u, beta, losses = v.copy(), 1.0, []
+    for _ in range(int(n_steps)):
+        r = project(u, euler, tau, voxel_A, xp) - projections
+        losses.append(float(xp.sum(r.astype(np.float64) ** 2)))
+        v_new = u - (2.0 * step) * project_adjoint(r, euler, tau, voxel_A, nz, xp)
+        if positivity:
+            v_new = xp.maximum(v_new, 0)
+        beta_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * beta * beta))
+        u = v_new + ((beta - 1.0) / beta_next) * (v_new - v)
+        v, beta = v_new, beta_next
+    return v, losses
+
+
+def _translation_gauge_basis(euler):
+    """(2n, 3) columns: the τ change (R_k d)_yx per unit 3D shift d = (x, y, z) of the object."""
+    rows = []
+    for e in euler:
+        R = _rot.euler_matrix(*e)                         # acts on (x, y, z)
+        rows.append(np.stack([R[1], R[0]]))               # (τ_y, τ_x) = (R d)_y, (R d)_x
+    return np.concatenate(rows)                           # (2n, 3)
+
+
+def _fix_translation_gauge(tau, tau0, euler, mode):
+    if mode == "none":
+        return tau
+    d = tau - tau0
+    if mode == "mean":
+        return tau - d.mean(axis=0)
+    basis = _translation_gauge_basis(euler)
+    coef, *_ = np.linalg.lstsq(basis, d.ravel(), rcond=None)
+    return tau - (basis @ coef).reshape(tau.shape)
+
+
+def _fix_euler_gauge(euler, euler0, refine_idx, fix_mean=True, fix_tilt_scale=False):
+    """Remove from the changes Θ − Θ⁰ of the refined angles their mean (a common rotation) and, for the tilt, its
+    least-squares part ∝ the nominal tilt (a tilt-angle scale)."""
+    out = euler.copy()
+    d = euler - euler0
+    for i in refine_idx:
+        cols = [np.ones(len(d))] if fix_mean else []
+        if i == 1 and fix_tilt_scale:
+            cols.append(euler0[:, 1])
+        if cols:
+            a = np.stack(cols, 1)
+            coef, *_ = np.linalg.lstsq(a, d[:, i], rcond=None)
+            out[:, i] -= a @ coef
+    return out
+
+
+def _gn_step(jac, r, damping, gamma, cap):
+    """Damped Gauss–Newton step −γ (JᵀJ + μ·mean diag)⁻¹ Jᵀ r (J (p, ny, nx)), each component capped."""
+    j = jac.reshape(jac.shape[0], -1).astype(np.float64)
+    rr = r.reshape(-1).astype(np.float64)
+    h = asnumpy(j @ j.T)
+    g = asnumpy(j @ rr)
+    mu = damping * max(float(np.trace(h)) / len(h), 1e-300)
+    step = -gamma * np.linalg.solve(h + mu * np.eye(len(h)), g)
+    return np.clip(step, -cap, cap)
+
+
+def joint_linear_tomography(projections_VA, voxel_A: float, euler0_deg, tau0_A, params=None, xp=np,
+                            progress=None) -> LinearTomoResult:
+    """You 2025 Algorithm 2: volume, Euler angles and translations from projections (n, ny, nx) V·Å on the grid of
+    :mod:`tomo_common` (pixel ``voxel_A``, centred on the rotation centre), starting from Θ⁰ (n, 3) deg, τ⁰ (n, 2) Å."""
+    p = params if isinstance(params, LinearTomoParams) else LinearTomoParams(**(params or {}))
+    y = xp.asarray(projections_VA, np.float32)
+    if y.ndim != 3:
+        raise TembenchError(f"projections must be (n_tilts, ny, nx), got shape {tuple(y.shape)}")
+    n, ny, nx = y.shape
+    euler = np.array(euler0_deg, np.float64).reshape(n, 3)
+    tau0 = np.array(tau0_A, np.float64).reshape(n, 2)
+    tau = tau0.copy()
+    euler0 = euler.copy()
+    s = float(voxel_A)
+    nz = int(p.nz or max(ny, nx))
+    f = int(p.downsample)
+    hist = {"alignment_loss": [], "translation_update_A": [], "euler_update_deg": [], "final_loss": [], "time_s": []}
+    t0 = time.perf_counter()
+    refine_idx = [EULER_NAMES.index(a) for a in p.refine_euler]
+    if p.n_outer > 0 and (p.refine_translations or refine_idx):
+        target = y
+        if p.threshold_fraction > 0:
+            t = p.threshold_fraction * float(xp.max(y))
+            target = xp.maximum(y - t, 0)
+        target = downsample_images(target, f, s, xp)
+        sc, nzc = s * f, max(nz // f, 2)
+        vol = None
+        for outer in range(p.n_outer):
+            vol, _ = reconstruct_volume(target, euler, tau, sc, nzc, p.n_volume_steps, p.positivity, xp,
+                                        p.power_iterations, volume0=None if p.reset_volume else vol)
+            loss = float(sum(float(xp.sum((project(vol, euler[k], tau[k], sc, xp) - target[k]).astype(np.float64)
+                                          ** 2)) for k in range(n)))
+            hist["alignment_loss"].append(loss)
+            moved_t = 0.0
+            if p.refine_translations:
+                # V fixed: the unshifted projections do not change with τ
+                base = [sc * tc.euler_rotate(vol, euler[k], xp=xp).sum(axis=0) for k in range(n)]
+                for _ in range(p.n_translation_steps):
+                    new = tau.copy()
+                    for k in range(n):
+                        yk, jt = _shift(base[k], tau[k], sc, xp, derivatives=True)
+                        new[k] = tau[k] + _gn_step(jt, yk - target[k], p.damping, p.translation_step,
+                                                   p.max_translation_step_A)
+                    new = _fix_translation_gauge(new, tau0, euler, p.translation_gauge)
+                    moved_t = max(moved_t, float(np.abs(new - tau).max()))
+                    tau = new
+            hist["translation_update_A"].append(moved_t)
+            moved_e = 0.0
+            if refine_idx and outer >= p.start_euler_outer:
+                for _ in range(p.n_euler_steps):
+                    new = euler.copy()
+                    for k in range(n):
+                        yk, _, je = projection_jacobian(vol, euler[k], tau[k], sc, xp)
+                        new[k, refine_idx] += _gn_step(je[refine_idx], yk - target[k], p.damping, p.euler_step,
+                                                       p.max_euler_step_deg)
+                    new = _fix_euler_gauge(new, euler0, refine_idx, p.fix_mean_euler, p.fix_tilt_scale)
+                    moved_e = max(moved_e, float(np.abs(new - euler).max()))
+                    euler = new
+            hist["euler_update_deg"].append(moved_e)
+            hist["time_s"].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(len(hist["alignment_loss"]), p.n_outer)
+    vol, losses = reconstruct_volume(y, euler, tau, s, nz, max(p.n_final_steps, 1), p.positivity, xp,
+                                     p.power_iterations)
+    hist["final_loss"] = losses
+    hist["time_s"].append(time.perf_counter() - t0)
+    return LinearTomoResult(volume_V=asnumpy(vol).astype(np.float32), euler_deg=euler, translations_A=tau,
+                            history=hist)
+
+
+# --- the reconstructor and the stage used by e2e -------------------------------------------------------------
+class JointLinearTomoParams(LinearTomoParams):
+    """msp per tilt (step 1) and Algorithm 2 (step 2)."""
+
+    msp: MSPParams = Field(default_factory=lambda: MSPParams(n_iterations=8), description="multislice ptychography "
+                           "of every tilt (step 1 of the workflow)")
+
+
+def linear_stage(measurement, params=None, xp=np, progress=None):
+    """Steps 1–2 of You's workflow on a ``4dstem_tilt_series``: msp per tilt → projections Σ_n Re V_n resampled onto the
+    :class:`~tembench_you2025.tomo_common.TomoGrid` → Algorithm 2 from Θ⁰ = nominal, τ⁰ = 0.
+
+    Returns (LinearTomoResult, [(MSPResult, present indices)] per tilt, grid, projections (n, ny, nx) V·Å)."""
+    p = params if isinstance(params, JointLinearTomoParams) else JointLinearTomoParams(**(params or {}))
+    if measurement.kind != "4dstem_tilt_series":
+        raise TembenchError(f"joint_linear_tomo accepts '4dstem_tilt_series', got {measurement.kind!r}")
+    geo = measurement.geometry
+    euler0 = tc.nominal_euler_deg(geo)
+    centre = tc.rotation_centre_zyx_A(geo)
+    msp = tc.msp_tilt_series(measurement, p.msp, xp=xp)
+    r0 = msp[0][0]
+    sy, sx = r0.sampling_A
+    if abs(sy - sx) > 1e-6 * max(sy, sx):
+        raise TembenchError(f"joint_linear_tomo needs square reconstruction pixels (cubic voxels), got {sy}, {sx} Å")
+    field_gpts = r0.potentials_VA.shape[1:]
+    grid = tc.tomo_grid(field_gpts, sy, centre, nz=p.nz)
+    proj = np.stack([np.asarray(tc.resample_to_grid(r.projection().astype(np.float32), r.origin_A, grid), np.float32)
+                     for r, _ in msp])
+    algo = LinearTomoParams(**{k: getattr(p, k) for k in LinearTomoParams.model_fields})
+    algo = algo.model_copy(update={"nz": grid.shape[0]})
+    res = joint_linear_tomography(proj, grid.voxel_A, euler0, np.zeros((len(proj), 2)), algo, xp=xp, progress=progress)
+    return res, msp, grid, proj
+
+
+class JointLinearTomo(Reconstructor):
+    """You 2025 steps 1–2: multislice ptychography of every tilt, then joint rigid alignment and linear tomography
+    (Alg. 2) of the projected potentials: the volume (V) on a grid centred on the rotation centre with the
+    ptychographic pixel as voxel, the recovered Euler angles and translations. Honours ``extras['pattern_mask']``."""
+
+    name = "joint_linear_tomo"
+    accepts = ("4dstem_tilt_series",)
+    produces = "volume"
+    version = "1"
+    supports_pattern_mask = True
+    Params = JointLinearTomoParams
+
+    def reconstruct(self, measurement, params, xp):
+        t0 = time.perf_counter()
+        res, msp, grid, proj = linear_stage(measurement, params, xp)
+        elapsed = time.perf_counter() - t0
+        s = grid.voxel_A
+        return Reconstruction(
+            kind="volume", data=res.volume_V, sampling_A=(s, s, s), quantity="potential_V", origin_A=grid.origin_A,
+            history={"alignment_loss": res.history["alignment_loss"], "final_loss": res.history["final_loss"]},
+            extras={"euler_deg": res.euler_deg, "translations_A": res.translations_A, "projections_VA": proj,
+                    "probe_modes": np.stack([r.probe for r, _ in msp]),
+                    "positions_A": np.stack([r.positions_A for r, _ in msp]),
+                    "pattern_indices": np.asarray(msp[0][1]),
+                    "pattern_scale": np.array([r.pattern_scale for r, _ in msp]),
+                    "msp_origin_A": np.array([r.origin_A for r, _ in msp]),
+                    "shape": list(grid.shape)},
+            timings_s={"joint_linear_tomo": elapsed})
