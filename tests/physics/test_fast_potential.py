@@ -88,6 +88,27 @@ def test_spread_is_bit_identical_run_to_run_and_keeps_empty_slices_zero():
     assert empty.any() and not np.any(a[empty])  # 0.25 Å slices between Si planes hold no atoms
 
 
+@pytest.mark.parametrize("phonons", [False, True], ids=["crystal", "frozen_phonon"])
+def test_spread_output_is_fully_written_from_uninitialised_memory(monkeypatch, phonons):
+    """The spread path allocates its output without zeroing: with np.empty returning NaN-filled memory,
+    every slice must still be written — atoms, repeats of a slice, and empty slices (exactly zero)."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True) * (2, 2, 3)
+    pos = atoms.positions + (np.random.default_rng(2).normal(0, 0.05, atoms.positions.shape) if phonons else 0.0)
+    cell = np.diag(atoms.cell.array)
+    kw = dict(gpts=(40, 40), sampling_A=cell[0] / 40, slice_thickness_A=0.3, z_range_A=(0.0, cell[2]))
+    exact = P.projected_potential(pos, atoms.numbers, method="exact", **kw)
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda shape, dtype=float, **k: np.full(shape, np.nan, dtype=dtype)
+                        if np.dtype(dtype) == np.float32 else real_empty(shape, dtype=dtype, **k))
+    fast = P.projected_potential(pos, atoms.numbers, method="spread", **kw)
+    assert np.all(np.isfinite(fast))
+    empty = ~np.any(exact, axis=(1, 2))
+    assert empty.sum() >= 3 and not np.any(fast[empty])  # 0.3 Å slices: some hold no atom
+    assert _rel(fast, exact) <= 1e-4
+
+
 def test_spread_with_repeated_slices_matches_per_slice(monkeypatch):
     from ase.build import bulk
 
