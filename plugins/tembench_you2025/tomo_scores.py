@@ -237,6 +237,28 @@ def elongation_ratios(volume, sites_vox, voxel_A, box_lateral_A, box_axial_A, ma
     return sz[keep] / sl[keep], sz[keep], sl[keep]
 
 
+def depth_sections(volume, origin_A, voxel_A: float, half_width_A: float, truth=None) -> dict:
+    """xz sections (nz, nx) through the box centre, mean over |y − y_c| ≤ ``half_width_A``: of ``volume`` (voxel i at
+    origin + i·s) and, given ``truth`` (voxel i at i·s, ``Sample.potential_volume``), of the truth at the same
+    points (cubic interpolation, vacuum outside the cell)."""
+    from scipy.ndimage import map_coordinates
+
+    vol = np.asarray(volume, np.float64)
+    nz, ny, nx = vol.shape
+    s = float(voxel_A)
+    k = int(np.floor(half_width_A / s + 1e-9))
+    iy = np.arange(max(0, ny // 2 - k), min(ny, ny // 2 + k + 1))
+    out = {"depth_section_xz": vol[:, iy, :].mean(axis=1).astype(np.float32),
+           "depth_section_origin_zx_A": np.array([origin_A[0], origin_A[2]], np.float64),
+           "depth_section_y_A": float(origin_A[1] + s * ny // 2)}
+    if truth is not None:
+        o = np.asarray(origin_A, np.float64) / s
+        zz, yy, xx = np.meshgrid(o[0] + np.arange(nz), o[1] + iy, o[2] + np.arange(nx), indexing="ij")
+        t = map_coordinates(np.asarray(truth, np.float64), [zz, yy, xx], order=3, mode="constant", cval=0.0)
+        out["depth_section_xz_truth"] = t.mean(axis=1).astype(np.float32)
+    return out
+
+
 class DepthElongation(Quantifier):
     """Missing-wedge elongation of atoms in a volume: median σ_z/σ_lat of axially symmetric Gaussian fits at the
     traced atoms, and the same at the true atoms in the ground-truth potential at the same voxel (You 2025
@@ -273,6 +295,9 @@ class DepthElongation(Quantifier):
         background: str = Field("median", pattern="^(zero|median)$", description="tracer background")
         max_sites: int = Field(400, ge=1, le=100000, description="fit at most this many sites (evenly chosen)")
         truth: bool = Field(True, description="also fit the ground-truth potential at the true atom positions")
+        section_half_width_A: float | None = Field(1.0, ge=0, description="store the xz depth section through the "
+                                                   "box centre (mean over |y − y_c| ≤ this, Å) of the volume and of "
+                                                   "the truth as artifacts; None: no sections")
         parametrization: str = Field("lobato", description="potential parametrisation of the ground truth")
 
         @field_validator("dog_sigmas_vox", "sigma_range_vox")
@@ -305,16 +330,20 @@ class DepthElongation(Quantifier):
                "depth_sigma_lateral_median_A": float(np.median(sl)) if len(sl) else nan,
                "depth_n_traced": int(len(res)), "depth_n_fitted": int(len(ratio)),
                "depth_elongation_ratios": ratio}
-        if params.truth and sample is not None and len(sample):
-            t_ratio = self._truth(reconstruction, sample, s, params)
+        gt = None
+        if (params.truth or params.section_half_width_A is not None) and sample is not None and len(sample):
+            gt = np.asarray(sample.potential_volume(s, parametrization=params.parametrization), np.float64)
+        if params.truth and gt is not None:
+            t_ratio = self._truth(reconstruction, sample, s, params, gt)
             out["depth_elongation_truth_ratio"] = float(np.median(t_ratio)) if len(t_ratio) else nan
             out["depth_n_truth_fitted"] = int(len(t_ratio))
             out["depth_elongation_rel"] = out["depth_elongation_ratio"] / out["depth_elongation_truth_ratio"]
+        if params.section_half_width_A is not None:
+            out.update(depth_sections(vol, reconstruction.origin_A, s, params.section_half_width_A, gt))
         return out
 
     @staticmethod
-    def _truth(reconstruction, sample, s, params):
-        gt = np.asarray(sample.potential_volume(s, parametrization=params.parametrization), np.float64)
+    def _truth(reconstruction, sample, s, params, gt):
         origin = np.asarray(reconstruction.origin_A, np.float64)        # (z, y, x)
         shape = np.asarray(np.shape(reconstruction.data))
         zyx = sample.positions_A[:, ::-1]

@@ -12,8 +12,8 @@ from tembench.physics.rotation import euler_matrix, rotate_points
 from tembench.registry import get_registry
 from tembench_you2025 import tomo_common as T
 from tembench_you2025.tilt_series import STEM4DTiltSeries, true_alignment
-from tembench_you2025.tomo_scores import (AlignmentError, DepthElongation, alignment_errors, fit_axial_gaussian,
-                                          rotation_angle_deg, volume_shift_part)
+from tembench_you2025.tomo_scores import (AlignmentError, DepthElongation, alignment_errors, depth_sections,
+                                          fit_axial_gaussian, rotation_angle_deg, volume_shift_part)
 
 
 def _euler(n=7, span=45.0):
@@ -139,7 +139,7 @@ def test_depth_elongation_quantifier_traced_and_truth(ratio):
 
 
 # --- core quantifiers on a TomoGrid volume --------------------------------------------------------------
-@pytest.mark.parametrize("centre_shift_A", [0.0, 0.1])
+@pytest.mark.parametrize("centre_shift_A", [(0.0, 0.0, 0.0), (0.1, -0.35, 0.6)])
 def test_fsc_and_atom_tracing_run_on_a_tomo_grid_volume(centre_shift_A):
     """A perfect reconstruction on a TomoGrid (centred on the rotation centre, origin possibly off the truth's
     voxels, box larger than the cell): fsc vs truth reaches Nyquist, atom tracing finds every atom."""
@@ -150,7 +150,7 @@ def test_fsc_and_atom_tracing_run_on_a_tomo_grid_volume(centre_shift_A):
     rng = np.random.default_rng(2)
     pos = np.array([[2.5, 2.5, 3.0], [5.5, 3.0, 5.2], [3.0, 5.6, 5.0], [5.4, 5.5, 2.6]]) + rng.uniform(-.1, .1, (4, 3))
     sample = Sample(positions_A=pos, numbers=[78, 8, 13, 78], cell_A=[cell] * 3)
-    centre = np.full(3, cell / 2 + centre_shift_A)
+    centre = np.full(3, cell / 2) + np.asarray(centre_shift_A)   # (z, y, x)
     grid = T.tomo_grid((36, 36), s, centre)                  # 9 Å box about the centre of an 8 Å cell
     gt = np.asarray(sample.potential_volume(s), np.float64)
     coords = [(o + s * np.arange(n)) / s for o, n in zip(grid.origin_A, grid.shape)]
@@ -167,6 +167,11 @@ def test_fsc_and_atom_tracing_run_on_a_tomo_grid_volume(centre_shift_A):
     out = at().score(rec, None, sample, at.parse_params({}))
     assert out["pct_atoms_found"] == 100.0 and out["pct_false_positives"] == 0.0
     assert out["position_error_mean_pm"] < 5.0
+    # the depth sections of volume and truth are taken at the same points
+    sec = depth_sections(vol, grid.origin_A, s, 1.0, gt)
+    a, b = sec["depth_section_xz"][inside_z], sec["depth_section_xz_truth"][inside_z]
+    assert a.shape == (inside_z.sum(), 36) and np.abs(a).max() > 1.0
+    np.testing.assert_allclose(a, b, atol=0.02 * np.abs(b).max())
 
 
 # --- sub-sampling (You 2025 Fig. 3e): half_sets split: positions, n_subsets ------------------------------
