@@ -62,6 +62,26 @@ def true_alignment(measurement) -> tuple[np.ndarray, np.ndarray]:
     return nominal, np.zeros((len(nominal), 2))
 
 
+def _check_inside_field(positions_per_tilt, cell_A, angles) -> None:
+    """The potential is periodic over the cell in x and y: a turned or moved atom that leaves the cell would
+    re-enter on the opposite side (a different object per tilt). Refuse instead of simulating that."""
+    over = 0.0
+    worst = None
+    for k, pos in enumerate(positions_per_tilt):
+        if not len(pos):
+            continue
+        xy = pos[:, :2]
+        o = float(max(np.max(-xy), np.max(xy - np.asarray(cell_A[:2])), 0.0))
+        if o > over:
+            over, worst = o, k
+    if worst is not None:
+        raise TembenchError(
+            f"stem4d_tilt_series: at tilt {angles[worst]:g}° (with its translation) atoms lie up to {over:.2f} Å "
+            f"outside the {cell_A[0]:.1f} x {cell_A[1]:.1f} Å field, where the periodic potential would wrap them "
+            f"to the opposite side; pad the sample with at least {over + 0.5:.1f} Å more vacuum (e.g. padding_A), "
+            "or reduce the tilt range / max_translation_A")
+
+
 class STEM4DTiltSeries(STEM4D):
     """4D-STEM multislice tilt series of an unaligned sample: per tilt, atoms turned by nominal + random Euler
     errors and moved by a random translation (You 2025 simulation); truth via :func:`true_alignment`.
@@ -104,8 +124,10 @@ class STEM4DTiltSeries(STEM4D):
         euler, tau = self._alignment(angles, p)
         matrices = [euler_matrix(*e) for e in euler]
         shifts = np.stack([tau[:, 1], tau[:, 0], np.zeros(len(tau))], axis=1)  # (x, y, z)
-        return _tilted_stack(sample, angles, p.tilt_axis, p.slice_thickness_A, matrices=matrices,
-                             translations_xyz_A=shifts)
+        out = _tilted_stack(sample, angles, p.tilt_axis, p.slice_thickness_A, matrices=matrices,
+                            translations_xyz_A=shifts)
+        _check_inside_field(out[0], sample.cell_A, angles)
+        return out
 
     def simulate(self, sample, params, xp):
         m = super().simulate(sample, params, xp)

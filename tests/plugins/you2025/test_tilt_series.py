@@ -179,7 +179,7 @@ def test_runner_scores_a_tilt_series(tmp_path):
         sc = parse_scenario("""
 name: tilt_series_wiring
 seed: 3
-sample: {name: crystal, params: {material: Si, zone_axis: [0, 0, 1], repeat: [1, 1, 1], rms_displacement_A: null}}
+sample: {name: crystal, params: {material: Si, shape: sphere, radius_A: 2.5, padding_A: 4.0, rms_displacement_A: null}}
 forward:
   name: stem4d_tilt_series
   params: {energy_keV: 200, sampling_A: 0.25, semiangle_mrad: 20, window_gpts: 16, detector_gpts: 8,
@@ -200,3 +200,12 @@ quantifiers: [alignment_error, {name: depth_elongation, params: {truth: false, b
         assert row["depth_elongation_ratio"] == pytest.approx(2.0, rel=0.03)
     finally:
         set_registry(None)
+
+
+def test_atoms_leaving_the_periodic_field_are_refused():
+    c = CELL_A / 2
+    edge = _sample([[c, c, c], [c + 4.0, c, c]], [78, 8])      # 1 Å from the x edge: a 30° tilt keeps it inside
+    _sim(STEM4DTiltSeries, edge, tilt_angles_deg=[-30.0, 30.0], scan_step_A=2.0)
+    with pytest.raises(TembenchError, match="padding_A"):      # a 2 Å translation pushes it out
+        _sim(STEM4DTiltSeries, edge, tilt_angles_deg=[-30.0, 30.0], scan_step_A=2.0, max_translation_A=3.0,
+             alignment_seed=1)
