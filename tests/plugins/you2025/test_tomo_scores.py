@@ -61,11 +61,35 @@ def test_alignment_errors_known_residuals():
     assert out["euler_error_max_tilt_deg"] == pytest.approx(0.3, abs=1e-9)
     assert out["euler_error_max_rot_deg"] == pytest.approx(0.2, abs=1e-9)
     assert out["euler_error_max_psi_deg"] == 0.0
-    assert out["rotation_error_max_deg"] == pytest.approx(0.3, abs=0.02)
+    assert out["rotation_error_raw_max_deg"] == pytest.approx(0.3, abs=0.02)
+    assert 0.1 < out["rotation_error_max_deg"] < out["rotation_error_raw_max_deg"]  # part is a common rotation
     # angles wrap: 359.9 vs -0.1 is no error; rot/psi degeneracy at tilt 0 is no rotation error
     assert rotation_angle_deg([[10.0, 0.0, -10.0]], [[0.0, 0.0, 0.0]])[0] == pytest.approx(0.0, abs=1e-6)
     out2 = alignment_errors(tt, te + [360.0, 0.0, -360.0], tt, te)
     assert out2["euler_error_max_rot_deg"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_common_rotation_is_removed():
+    """Rotations R_k·Q⁻¹ (a volume turned by Q) are no alignment error; Euler angles from scipy's ZYZ decomposition."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    te = _euler() + rng.normal(0, 1.0, (7, 3))
+    q = Rotation.from_rotvec(np.radians(5.0) * np.array([0.6, 0.0, 0.8])).as_matrix()
+    est = []
+    for e in te:
+        psi, tilt, rot = Rotation.from_matrix(euler_matrix(*e) @ q.T).as_euler("ZYZ", degrees=True)
+        np.testing.assert_allclose(euler_matrix(rot, tilt, psi), euler_matrix(*e) @ q.T, atol=1e-12)
+        est.append((rot, tilt, psi))
+    tt = rng.uniform(-3, 3, (7, 2))
+    out = alignment_errors(tt, est, tt, te)
+    assert out["rotation_error_max_deg"] == pytest.approx(0.0, abs=1e-9)
+    assert out["rotation_error_raw_max_deg"] == pytest.approx(5.0, abs=1e-9)
+    assert out["common_rotation_deg"] == pytest.approx(5.0, abs=1e-6)
+    # one tilt off by 0.5° about y on top: that error stays (less the share Q absorbs)
+    est[3] = (est[3][0], est[3][1] + 0.5, est[3][2])
+    out = alignment_errors(tt, est, tt, te)
+    assert 0.35 < out["rotation_error_max_deg"] < 0.5
 
 
 def test_alignment_error_quantifier_reads_the_recipe():
@@ -89,8 +113,8 @@ def test_alignment_error_quantifier_reads_the_recipe():
     # a common y shift is (nearly: the true angles have 0.5° errors) a volume shift
     assert out["translation_error_max_A"] < 0.01 and out["translation_error_raw_rms_A"] == pytest.approx(0.2)
     assert out["volume_shift_y_A"] == pytest.approx(0.2, abs=0.01)
-    assert out["rotation_error_max_deg"] == pytest.approx(rotation_angle_deg(te, T.nominal_euler_deg(m.geometry)).max())
-    assert 0.1 < out["rotation_error_max_deg"] < 5.0
+    assert out["rotation_error_raw_max_deg"] == pytest.approx(rotation_angle_deg(te, T.nominal_euler_deg(m.geometry)).max())
+    assert 0.1 < out["rotation_error_raw_max_deg"] < 5.0
 
 
 # --- depth elongation -----------------------------------------------------------------------------------
