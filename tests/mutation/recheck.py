@@ -7,13 +7,16 @@ second full run (which would also re-run every killed mutant):
         tests/physics/test_physics_mutation_gaps.py [more test files] [--only 'GLOB' ...]
 
 The given test files are copied from this checkout into <workdir>/mutants/tests/ (the same relative
-paths), then every mutant that results.txt lists as "survived" or "no tests" (optionally only those
-whose name matches a --only glob) is activated (MUTANT_UNDER_TEST, as mutmut does) and the files'
+paths; --no-copy keeps the scratch project's own copies, those of the mutated commit), then every
+mutant that results.txt lists as "survived" or "no tests" (optionally only those whose name matches
+a --only glob) is activated (MUTANT_UNDER_TEST, as mutmut does) and the files'
 tests are run in a forked child of a process that imported tembench once: exit 1 (a test failed)
 = killed, 0 = still survived, a run over --timeout s = timeout (counts as killed, as in mutmut),
 anything else (collection error ...) = error. With --status 'not checked' --sample N it also
 runs a random sample of the mutants a stopped (too slow) mutmut run never reached, which estimates
-the score of the rest. Verdicts go to <workdir>/recheck.txt (one line per
+the score of the rest. With --direct the test calls are first run once without a mutant, in a forked
+child exactly as the mutants' run (the same order and inherited state): if that fails the tool stops —
+otherwise an order-dependent test (a module-level random generator) would "kill" every mutant. Verdicts go to <workdir>/recheck.txt (one line per
 mutant, "name: verdict") and the per-module table (mutants, killed, survived, score) counting the
 original verdicts of results.txt with the rechecked ones replaced is printed and kept in
 <workdir>/summary_rechecked.txt.
@@ -55,11 +58,14 @@ def main() -> None:
                     help="call the test functions (module.py[::name]; parametrize expanded; monkeypatch, "
                          "tmp_path and plain conftest fixtures, computed once and shared) in the forked child instead of a pytest session: no pytest start-up per mutant")
     ap.add_argument("--pytest-arg", action="append", default=[], help="e.g. --pytest-arg=--deselect=tests/x.py::t")
+    ap.add_argument("--no-copy", action="store_true",
+                    help="use the scratch project's own copies of the test files (those of the mutated commit) "
+                         "instead of copying them from this checkout")
     args = ap.parse_args()
     statuses = {s.strip() for s in args.status.split(",")}
     work = Path(args.workdir).resolve()
     mutants = work / "mutants"
-    for t in args.tests:
+    for t in [] if args.no_copy else args.tests:
         if not (ROOT / t.split("::")[0]).is_file():
             continue
         src = ROOT / t.split("::")[0]
@@ -99,7 +105,11 @@ def main() -> None:
     # one unmutated run in this process first: the tests must pass, and every child inherits the
     # imported test modules, compiled numba kernels, FFT plans and session-wide caches
     os.environ.pop("MUTANT_UNDER_TEST", None)
-    base = pytest.main(["-q", "-p", "no:cacheprovider", *args.pytest_arg, *args.tests])
+    # with --direct the unmutated check is the direct run itself (below): pytest only imports the modules
+    # here, since a -k-like subset of a module with a module-level random generator can fail in pytest
+    # yet pass in the full file (or the other way round)
+    base = pytest.main(["-q", "-p", "no:cacheprovider", *(["--collect-only"] if args.direct else []),
+                        *args.pytest_arg, *args.tests])
     if base != 0:
         sys.exit(f"the tests fail without a mutant (pytest exit {base}); fix them first")
 
@@ -182,6 +192,21 @@ def main() -> None:
                     fn(monkeypatch=mp, **kw)
             else:
                 fn(**kw)
+
+    if args.direct:  # the direct calls must pass without a mutant, in a forked child as the mutants run
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run_direct()
+                os._exit(0)
+            except BaseException:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                os._exit(1)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            sys.exit("the direct test calls fail without a mutant (traceback above); fix them first")
+        print("direct: the calls pass without a mutant", flush=True)
 
     verdicts = dict(previous)
     t0 = time.time()
