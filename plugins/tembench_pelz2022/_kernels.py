@@ -325,6 +325,78 @@ if HAVE_NUMBA:
 
 
 if HAVE_NUMBA:
+    # no "nnan"/"ninf": a NaN or inf in a frame must reach that frame's total (the finite check reads it there)
+    @_nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+    def _dense_pass_nb(d3, ys, xs, w, out, stats, first, total, changes):  # pragma: no cover - compiled
+        n_frames, ny, nx = d3.shape
+        zero = ys[0] - ys[0]
+        for f in range(n_frames):
+            s = zero
+            sy = zero
+            sx = zero
+            sw = zero
+            for iy in range(ny):
+                row = zero
+                rx = zero
+                rw = zero
+                for ix in range(nx):
+                    v = d3[f, iy, ix]
+                    row += v
+                    rx += v * xs[ix]
+                    rw += v * w[iy, ix]
+                s += row
+                sy += row * ys[iy]
+                sx += rx
+                sw += rw
+            out[f, 0] = sy
+            out[f, 1] = sx
+            out[f, 2] = s
+            out[f, 3] = sw
+            if stats:  # the frame is in cache: per-pixel float64 total and "differs from the first frame"
+                for iy in range(ny):
+                    for ix in range(nx):
+                        v = d3[f, iy, ix]
+                        total[iy, ix] += v
+                        changes[iy, ix] += v != first[iy, ix]
+
+
+def dense_pass(d, weight=None, stats=None, numba: bool | None = None):
+    """One pass over dense (F, ny, nx) float data: (F, 4) Σ I·iy, Σ I·ix, Σ I, Σ I·w per pattern in the data's
+    dtype (``weight`` (ny, nx), e.g. a 0/1 dark-field mask; zeros if None), and, if ``stats`` is
+    ``(first, total, changes)`` ((ny, nx) first frame, float64 and int64 accumulators), every pixel's value
+    added to ``total`` and 1 added to ``changes`` where it differs from ``first`` — in place.
+    A NaN/inf in a pattern makes its Σ I non-finite (no fast-math assumption of finite values).
+    numpy twin: one matrix product and two reductions."""
+    n_frames, ny, nx = d.shape
+    dt = d.dtype if d.dtype in (np.float32, np.float64) else np.float64
+    w = np.zeros((ny, nx), dt) if weight is None else np.ascontiguousarray(weight, dtype=dt)
+    if use_numba(numba) and d.dtype in (np.float32, np.float64) and d.flags.c_contiguous and n_frames:
+        out = np.empty((n_frames, 4), dtype=d.dtype)
+        if stats is None:
+            dummy = np.zeros((1, 1), np.float64)
+            _dense_pass_nb(d, np.arange(ny, dtype=dt), np.arange(nx, dtype=dt), w, out, False,
+                           np.zeros((1, 1), d.dtype), dummy, np.zeros((1, 1), np.int64))
+        else:
+            first, total, changes = stats
+            _dense_pass_nb(d, np.arange(ny, dtype=dt), np.arange(nx, dtype=dt), w, out, True,
+                           np.ascontiguousarray(first, dtype=d.dtype).reshape(ny, nx), total.reshape(ny, nx),
+                           changes.reshape(ny, nx))
+        return out
+    table = np.empty((ny, nx, 4), dtype=dt)
+    table[..., 0] = np.arange(ny)[:, None]
+    table[..., 1] = np.arange(nx)[None, :]
+    table[..., 2] = 1
+    table[..., 3] = w
+    b = d.reshape(n_frames, ny * nx)
+    out = b @ table.reshape(ny * nx, 4)
+    if stats is not None:
+        first, total, changes = stats
+        total.reshape(-1)[...] += b.sum(axis=0, dtype=np.float64)
+        changes.reshape(-1)[...] += (b != np.asarray(first).reshape(-1)).sum(axis=0)
+    return out
+
+
+if HAVE_NUMBA:
     @_nb.njit(cache=True, nogil=True)
     def _com_finish_nb(sums, per_frame, mean_denom, cy, cx, sy, sx, com_y, com_x, counts):  # pragma: no cover
         for f in range(sums.shape[0]):

@@ -8,6 +8,7 @@ import pytest
 
 from tembench.builtin.quantifiers import normalized_cross_correlation as ncc
 from tembench_pelz2022 import dpc, synthetic
+from tembench_pelz2022.eer_ops import DetectorGrid
 
 
 def _angle_err(a, b):
@@ -92,3 +93,52 @@ def test_noise_does_not_flip_the_orientation(focused):
         assert rec.extras["transpose"] is False and abs(f["as_read"] - f["transposed"]) < rec.extras["transpose_margin"]
         flipped = PoissonDose().apply(flipped_meas, PoissonDose.Params(electrons_per_pattern=100_000), rng)
         assert dpc.ICOM().reconstruct(flipped, dpc.ICOM.Params(), np).extras["transpose"] is True
+
+
+@pytest.fixture(scope="module")
+def strong_object_80kV():
+    """A denser, stronger object (0.5 rad peaks, sharper atoms: MoS2-like scattering out of the disc) at 80 keV."""
+    phi = synthetic.gaussian_atoms_phase((64, 64), 0.25, 40, 0.2, 0.5, np.random.default_rng(11))
+    sim = synthetic.simulate(phi, 0.25, 1, 80.0, 25.0)
+    return sim.measurement, synthetic.probe_intensity_blur(phi, 0.25, 80.0, 25.0)
+
+
+@pytest.mark.slow
+def test_180_degree_branch_at_10_e_per_pattern(strong_object_80kV):
+    # issue 12: at 10 e/pattern the old branch criterion (positive skew of the integrated phase, a cubic
+    # statistic swamped by the integrated 1/q noise) took the wrong branch for 3 of these 4 noise draws
+    # (negative images, NCC ≈ −0.2 … −0.3). The dark-field correlation (linear in the phase, its noise
+    # independent of the COM's) decides them all; the skew at the right branch is negative in some.
+    from tembench.builtin.noise import PoissonDose
+    m, truth = strong_object_80kV
+    skews = []
+    for seed in range(4):
+        low = PoissonDose().apply(m, PoissonDose.Params(electrons_per_pattern=10), np.random.default_rng(seed))
+        for cls in (dpc.ICOM, dpc.DPC):
+            rec = cls().reconstruct(low, cls.Params(), np)
+            assert _angle_err(rec.extras["rotation_deg"], 0.0) < 45.0, (seed, cls.name, rec.extras["rotation_deg"])
+            assert ncc(rec.data, truth) > 0.15
+        b = rec.extras["rotation_branch"]
+        assert b["by"] == "dark_field" and b["dark_field_corr"] * 64 >= dpc.BRANCH_MIN_SIGMAS
+        skews.append(b["skew"])
+    assert min(skews) < 0  # the old criterion would have flipped at least one of them
+
+
+def test_branch_falls_back_to_skew_without_dark_field(focused, blurred_truth):
+    # noise-free weak object: the skew decides when the dark-field image is absent, and the dark field agrees
+    gy, gx, _, dark = dpc.checked_gradient_field(np.asarray(focused.measurement.data),
+                                                 DetectorGrid.from_geometry(focused.measurement.geometry, (64, 64)),
+                                                 synthetic_wavelength(), 25.0, "t", bad_pixels="ignore")
+    a = dpc.resolve_orientation(gy, gx, (0.25, 0.25), None, False)
+    b = dpc.resolve_orientation(gy, gx, (0.25, 0.25), None, False, dark_field=dark)
+    assert a["branch"]["by"] == "skew" and b["branch"]["by"] == "dark_field"
+    assert _angle_err(a["rotation_deg"], b["rotation_deg"]) < 1e-9 and _angle_err(a["rotation_deg"], 0.0) < 0.5
+    assert b["branch"]["dark_field_corr"] > 0.5
+    # a dark-field image of the wrong sign flips the branch: the statistic is what decides
+    c = dpc.resolve_orientation(gy, gx, (0.25, 0.25), None, False, dark_field=-dark)
+    assert _angle_err(c["rotation_deg"], 180.0) < 0.5
+
+
+def synthetic_wavelength():
+    from tembench.physics.constants import wavelength_A
+    return wavelength_A(200.0)
