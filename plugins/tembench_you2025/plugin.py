@@ -7,7 +7,6 @@ from tembench_you2025.msp import MSP
 from tembench_you2025.positions import MSPPositions, MSPState
 from tembench_you2025.tilt_series import STEM4DTiltSeries
 from tembench_you2025.tomo_scores import AlignmentError, DepthElongation
-from tembench_you2025.tomo_sections import TomoSections
 
 
 @hookimpl
@@ -22,7 +21,7 @@ def tembench_register_reconstructors():
 
 @hookimpl
 def tembench_register_quantifiers():
-    return [MSPPositions, MSPState, TomoSections, AlignmentError, DepthElongation]
+    return [MSPPositions, MSPState, AlignmentError, DepthElongation]
 
 
 @hookimpl

@@ -48,7 +48,6 @@ PINNED_ELSEWHERE = {
     "crlb": ("plugins/friedrich2023/test_crlb.py", "def test_"),
     "msp_positions": ("plugins/you2025/test_you_scenarios.py", "def test_"),
     "msp_state": ("plugins/you2025/test_you_scenarios.py", "def test_"),
-    "tomo_sections": ("plugins/you2025/test_tomo_sections.py", "def test_"),
     "alignment_error": ("plugins/you2025/test_tomo_scores.py", "def test_"),
     "depth_elongation": ("plugins/you2025/test_tomo_scores.py", "def test_"),
     "dislocation_field": ("plugins/friedrich2023/test_dislocation.py", "def test_"),
