@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tembench import hookimpl
+from tembench_you2025.linear_tomo import JointLinearTomo
 from tembench_you2025.msp import MSP
 from tembench_you2025.positions import MSPPositions, MSPState
 from tembench_you2025.tilt_series import STEM4DTiltSeries
@@ -16,7 +17,7 @@ def tembench_register_forward_models():
 
 @hookimpl
 def tembench_register_reconstructors():
-    return [MSP]
+    return [MSP, JointLinearTomo]
 
 
 @hookimpl

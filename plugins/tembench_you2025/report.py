@@ -83,7 +83,7 @@ def slices_and_probes(table, swept, run_dir, max_rows: int = 12) -> str | None:
             "and the amplitude of each probe mode with its power fraction.</p>" + "".join(blocks))
 
 
-def frc_figure(table, swept, run_dir, name: str = "FRC") -> str | None:
+def frc_figure(table, swept, run_dir) -> str | None:
     """FRC curves from the fsc quantifier: vs ground truth (solid) and half sets with the half-bit curve."""
     plt = _mpl()
     rows = table[(table.get("status") == "ok") & (table.get("repeat", 0) == 0)].sort_values("point_index")
@@ -119,12 +119,11 @@ def frc_figure(table, swept, run_dir, name: str = "FRC") -> str | None:
         ax.set_xlabel("k (1/Å)")
         ax.grid(alpha=0.3)
         ax.set_ylim(-0.2, 1.05)
-    axes[0][0].set_ylabel(name)
+    axes[0][0].set_ylabel("FRC")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    what = ("Fourier shell correlation: solid vs the ground-truth potential" if name == "FSC" else
-            "Fourier ring correlation: solid vs the ground-truth projected potential/phase")
-    return (f"<p>{what}, dashed between reconstructions of two independent half sets, dotted the half-bit "
-            "threshold; red dotted line 0.5.</p>" + _img(_uri(fig), f"{name} curves"))
+    return ("<p>Fourier ring correlation: solid vs the ground-truth projected potential/phase, dashed between "
+            "reconstructions of two independent half sets, dotted the half-bit threshold; red dotted line 0.5.</p>"
+            + _img(_uri(fig), "FRC curves"))
 
 
 MSP_METRICS = ("ncc", "fsc_gt_resolution_A", "fsc_half_resolution_A", "position_error_before_A",

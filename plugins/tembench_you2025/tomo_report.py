@@ -1,5 +1,6 @@
 """Report sections of You 2025 tomography runs (``joint_linear_tomo``, ``e2e_ptycho_tomo``): metrics vs the
-sweep, FSC curves, depth (xz) sections beside the truth, recovered vs true alignment per tilt.
+sweep, depth (xz) sections beside the truth, recovered vs true alignment per tilt (the FSC curves are the
+core's section).
 
 Reads only the run folder: the results table and each row's ``artifacts/<row>.npz`` — ``depth_elongation.*``
 (xz depth sections of the volume and the truth), ``alignment_error.*`` (recovered and true alignment per tilt)
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tembench_you2025.report import _img, _label, _mpl, _npz, _swept, _uri, comparison, frc_figure
+from tembench_you2025.report import _img, _label, _mpl, _npz, _swept, _uri, comparison
 from tembench_you2025.tomo_scores import volume_shift_part
 
 TOMO_METHODS = ("joint_linear_tomo", "e2e_ptycho_tomo")
@@ -119,9 +120,7 @@ def tomo_report_sections(table, scenario, run_dir) -> list[dict]:
         "truth's; 1 = no missing-wedge stretch), atom tracing and alignment errors.</p>"))
     if cmp:
         out.append({"title": "You 2025 tomography: methods vs sweep", "html": cmp[0], "markdown": cmp[1]})
-    fsc = frc_figure(table, swept, run_dir, name="FSC")
-    if fsc:
-        out.append({"title": "You 2025 tomography: FSC curves", "html": fsc, "markdown": "FSC curves: see report.html."})
+    # (FSC curves: the core's "Fourier shell / ring correlation" section shows them)
     ds = depth_sections(table, swept, run_dir)
     if ds:
         out.append({"title": "You 2025 tomography: depth sections (xz)", "html": ds,
