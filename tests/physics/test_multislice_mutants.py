@@ -127,3 +127,63 @@ def test_multislice_refusals():
         M.multislice(w, 1.0, potentials=v, transmissions=v.astype(np.complex64), **kw)
     with pytest.raises(TembenchError, match=r"wave grid \(16, 18\) differs from slice grid \(16, 20\)"):
         M.multislice(np.ones((16, 18), np.complex64), 1.0, potentials=v, **kw)
+
+
+def test_duplicate_slices_finds_exactly_the_bitwise_repeats():
+    """rep[m] = the first index whose slice is bitwise identical to slice m (its docstring): also for two
+    slices, and a slice differing from an earlier one in a single value (one the sampled signature may
+    skip) is not a repeat."""
+    rng = np.random.default_rng(25)
+    a, b, c = (rng.standard_normal((30, 40)).astype(np.float32) for _ in range(3))
+    near = a.copy()
+    near[0, 1] += 1.0          # not on the signature's sample grid (every 4th value of the 1200)
+    np.testing.assert_array_equal(M.duplicate_slices(np.stack([a, b, a, c, b, near, c, a])), [0, 1, 0, 3, 1, 5, 3, 0])
+    np.testing.assert_array_equal(M.duplicate_slices(np.stack([a, a])), [0, 0])
+    np.testing.assert_array_equal(M.duplicate_slices(np.stack([a, near])), [0, 1])
+    np.testing.assert_array_equal(M.duplicate_slices(a[None]), [0])
+
+
+def test_transmission_functions_band_limit_by_default_and_for_complex_potentials():
+    """Band-limited by default; a complex potential with zero imaginary part gives the real potential's
+    transmissions on the band-limited path too, also over more than one chunk of slices; an imaginary part
+    (absorption) lowers |t| where it is positive."""
+    rng = np.random.default_rng(26)
+    shape, s = (16, 20), (0.2, 0.2)
+    v = (20.0 * rng.standard_normal((70,) + shape)).astype(np.float32)   # white: the band limit matters
+    kw = dict(energy_keV=E, sampling_A=s)
+    default = M.transmission_functions(v, **kw)
+    np.testing.assert_array_equal(default, M.transmission_functions(v, bandlimit_transmission=True, **kw))
+    plain = M.transmission_functions(v, bandlimit_transmission=False, **kw)
+    assert np.abs(default - plain).max() > 0.01
+    np.testing.assert_allclose(plain, np.exp(1j * interaction_constant(E) * v.astype(np.float64)), atol=2e-6)
+    vc = v.astype(np.complex64)
+    np.testing.assert_allclose(M.transmission_functions(vc, **kw), default, atol=2e-6)
+    absorb = M.transmission_functions((v + 1j * np.abs(v)).astype(np.complex64), bandlimit_transmission=False, **kw)
+    np.testing.assert_allclose(np.abs(absorb), np.exp(-interaction_constant(E) * np.abs(v)), rtol=1e-5)
+    assert M.propagator_cache(shape, s, E) is M.propagator_cache(shape, s, E, "fresnel")   # the default kind
+
+
+@pytest.mark.parametrize("bandlimit_transmission", [True, False])
+def test_backward_gradient_of_a_complex_potential_against_finite_differences(bandlimit_transmission):
+    """multislice_backward(complex_potential=True) returns g = 2∂L/∂v* with dL = Re Σ conj(g)·dv, along the
+    phase (real) and absorption (imaginary) directions, for L = Σ|ψ_exit − target|²."""
+    rng = np.random.default_rng(27)
+    shape, s = (20, 24), (0.2, 0.2)
+    v = (_smooth_stack(rng, 3, shape, s) + 0.3j * np.abs(_smooth_stack(rng, 3, shape, s))).astype(np.complex64)
+    wave = _incident(rng, shape)
+    target = _incident(rng, shape)
+    kw = dict(energy_keV=E, sampling_A=s, bandlimit_transmission=bandlimit_transmission)
+
+    def loss(x):
+        psi = M.multislice(wave, 1.5, potentials=x, **kw).exit_wave.astype(np.complex128)
+        return float(np.sum(np.abs(psi - target) ** 2))
+
+    r = M.multislice(wave, 1.5, potentials=v, keep_waves=True, **kw)
+    g, _ = M.multislice_backward(2 * (r.exit_wave - target), r.waves, 1.5, potentials=v, complex_potential=True, **kw)
+    assert g.dtype == np.complex64
+    for part in (1.0, 1j):
+        d = (part * rng.standard_normal(v.shape)).astype(np.complex64)
+        h = 0.05
+        fd = (loss(v + h * d) - loss(v - h * d)) / (2 * h)
+        terms = np.real(np.conj(g) * d).astype(np.float64)
+        assert fd == pytest.approx(terms.sum(), abs=2e-3 * np.abs(terms).sum())
