@@ -13,6 +13,11 @@
   ratio reads relative to truth (≈ 1 for a band-limited isotropic atom).
 
 Both return nothing for reconstructions they do not apply to (no alignment extras / not a volume).
+
+* ``tomo_fsc`` / ``tomo_atom_tracing`` — the core ``fsc`` and ``atom_tracing`` after registering the volume to the
+  truth: a tomogram's common shift (every τ_k changed by (R_k t)_{y,x}) fits the data equally well, so each
+  reconstruction fixes it by its own convention; scoring against truth removes it first (cross-correlation
+  peak, |t| ≤ ``register_max_shift_A``; the origin moves, the data stay), and half B is registered onto half A.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from tembench import Params, Quantifier
+from tembench.builtin.atom_tracing import AtomTracing
+from tembench.builtin.quantifiers_fsc import FourierShellCorrelation
 from tembench.errors import TembenchError
 from tembench.metrics import Metric
 from tembench.physics.rotation import euler_matrix
@@ -377,3 +384,141 @@ class DepthElongation(Quantifier):
         ratio, _, _ = elongation_ratios(gt, zyx[inside] / s, s, params.box_lateral_A, params.box_axial_A,
                                         params.max_sites)
         return ratio
+
+
+# --- registration: the unmeasurable shift of a tomogram, removed before scoring against truth ---------------------
+def correlation_shift_vox(moving, reference, max_shift_vox: float | None = None) -> np.ndarray:
+    """Shift d (z, y, x voxels) with ``moving``(x) ≈ ``reference``(x − d): peak of the FFT cross-correlation (means
+    removed; periodic), restricted to |d| ≤ ``max_shift_vox`` per axis, refined by a parabola per axis."""
+    a = np.asarray(moving, np.float64)
+    b = np.asarray(reference, np.float64)
+    if a.shape != b.shape:
+        raise TembenchError(f"registration: volumes of shapes {a.shape} and {b.shape}")
+    c = np.fft.ifftn(np.fft.fftn(a - a.mean()) * np.conj(np.fft.fftn(b - b.mean()))).real
+    if max_shift_vox is not None:
+        for axis, n in enumerate(c.shape):
+            f = np.abs(np.fft.fftfreq(n, 1.0 / n))
+            shp = [1] * c.ndim
+            shp[axis] = n
+            c = np.where((f <= max_shift_vox).reshape(shp), c, -np.inf)
+    peak = np.unravel_index(int(np.argmax(c)), c.shape)
+    d = np.zeros(c.ndim)
+    for axis, n in enumerate(c.shape):
+        idx = list(peak)
+        vals = []
+        for o in (-1, 0, 1):
+            idx[axis] = (peak[axis] + o) % n
+            vals.append(c[tuple(idx)])
+        cm, c0, cp = vals
+        den = cm - 2 * c0 + cp
+        frac = 0.5 * (cm - cp) / den if np.isfinite(den) and den < 0 else 0.0
+        p = peak[axis] + float(np.clip(frac, -0.5, 0.5))
+        d[axis] = p - n if p > n / 2 else p
+    return d
+
+
+def truth_shift_A(reconstruction, sample, max_shift_A: float = 2.0, parametrization: str = "lobato") -> np.ndarray:
+    """Shift t (z, y, x) Å of a volume's content from the truth (``Sample.potential_volume`` at its voxels): the
+    volume with origin ``origin − t`` lies on the truth. A common shift of a tomogram (with every τ_k changed by
+    (R_k t)_{y,x}) fits the data equally well, so scoring against truth removes it first."""
+    from scipy.ndimage import map_coordinates
+
+    d = np.asarray(reconstruction.sampling_A, np.float64)
+    if not np.allclose(d, d[0], rtol=1e-6):
+        raise TembenchError(f"registration needs cubic voxels, got sampling_A {tuple(d)}")
+    s = float(d[0])
+    vol = np.asarray(reconstruction.data, np.float64)
+    gt = np.asarray(sample.potential_volume(s, parametrization=parametrization), np.float64)
+    o = np.asarray(reconstruction.origin_A, np.float64) / s
+    coords = np.meshgrid(*(o[i] + np.arange(vol.shape[i]) for i in range(3)), indexing="ij")
+    truth = map_coordinates(gt, coords, order=3, mode="constant", cval=0.0)
+    return correlation_shift_vox(vol, truth, max_shift_A / s) * s
+
+
+def _shifted_data(data, shift_vox):
+    """``data`` with its content moved by ``shift_vox`` (z, y, x): Fourier shift (periodic, exact when band-limited)."""
+    from scipy.ndimage import fourier_shift
+
+    x = np.asarray(data)
+    return np.fft.ifftn(fourier_shift(np.fft.fftn(x), shift_vox)).real.astype(x.dtype)
+
+
+def register_reconstruction(reconstruction, sample, max_shift_A: float, parametrization: str = "lobato"):
+    """(copy of the volume reconstruction with its origin moved onto the truth, shift t (z, y, x) Å, half-set
+    shift Å). Half sets (``extras['half_sets']``): B's content moved onto A's (each half's own gauge), A onto the
+    truth like the full volume (the same origin shift for both, so they still cover the same voxels)."""
+    import dataclasses
+
+    from tembench.types import HALF_SETS
+
+    t = truth_shift_A(reconstruction, sample, max_shift_A, parametrization)
+    origin = tuple(float(v) for v in np.asarray(reconstruction.origin_A) - t)
+    extras = dict(reconstruction.extras or {})
+    half_shift = float("nan")
+    halves = extras.get(HALF_SETS)
+    if isinstance(halves, (list, tuple)) and len(halves) == 2 and all(hasattr(h, "data") for h in halves):
+        a, b = halves
+        s = float(np.asarray(a.sampling_A, np.float64)[0])
+        d = correlation_shift_vox(b.data, a.data, max_shift_A / s)
+        half_shift = float(np.linalg.norm(d) * s)
+        ta = truth_shift_A(a, sample, max_shift_A, parametrization)
+        oa = tuple(float(v) for v in np.asarray(a.origin_A) - ta)
+        extras[HALF_SETS] = [dataclasses.replace(a, origin_A=oa),
+                             dataclasses.replace(b, data=_shifted_data(b.data, -d), origin_A=oa)]
+    return dataclasses.replace(reconstruction, origin_A=origin, extras=extras), t, half_shift
+
+
+_REG_METRICS = {
+    "registration_shift_*_A": Metric("Å", None, diagnostic=True, description="shift of the volume's content from "
+                                     "the truth removed before scoring (z, y, x; not measurable from the data)"),
+    "registration_half_shift_A": Metric("Å", None, (0.0, None), diagnostic=True,
+                                        description="|shift| between the half-set volumes removed before their FSC"),
+}
+
+
+def _registered_score(base, self, reconstruction, measurement, sample, params):
+    if reconstruction.kind != "volume" or params.register_max_shift_A is None:
+        return base.score(self, reconstruction, measurement, sample, params)
+    rec, t, half = register_reconstruction(reconstruction, sample, params.register_max_shift_A,
+                                           getattr(params, "parametrization", "lobato"))
+    out = base.score(self, rec, measurement, sample, params)
+    out.update({"registration_shift_z_A": float(t[0]), "registration_shift_y_A": float(t[1]),
+                "registration_shift_x_A": float(t[2]), "registration_half_shift_A": half})
+    return out
+
+
+_REGISTER_HELP = ("register the volume to the truth first: the shift (|t| ≤ this, Å per axis) of best cross-correlation "
+                  "is removed from its origin (a tomogram's common shift is not measurable); None: no registration")
+
+
+class TomoFSC(FourierShellCorrelation):
+    """``fsc`` of a tomogram after removing its unmeasurable common shift: registered to the truth by
+    cross-correlation (origin moved, data untouched); half B registered onto half A."""
+
+    name = "tomo_fsc"
+    version = "1"
+    accepts = ("volume",)
+    metrics = {**FourierShellCorrelation.metrics, **_REG_METRICS}
+
+    class Params(FourierShellCorrelation.Params):
+        register_max_shift_A: float | None = Field(2.0, ge=0, le=50, description=_REGISTER_HELP)
+
+    def score(self, reconstruction, measurement, sample, params):
+        return _registered_score(FourierShellCorrelation, self, reconstruction, measurement, sample, params)
+
+
+class TomoAtomTracing(AtomTracing):
+    """``atom_tracing`` of a tomogram after removing its unmeasurable common shift (registered to the truth by
+    cross-correlation; origin moved, data untouched)."""
+
+    name = "tomo_atom_tracing"
+    version = "1"
+    accepts = ("volume",)
+    metrics = {**AtomTracing.metrics, **_REG_METRICS}
+
+    class Params(AtomTracing.Params):
+        register_max_shift_A: float | None = Field(2.0, ge=0, le=50, description=_REGISTER_HELP)
+        parametrization: str = Field("lobato", description="potential parametrisation of the truth used to register")
+
+    def score(self, reconstruction, measurement, sample, params):
+        return _registered_score(AtomTracing, self, reconstruction, measurement, sample, params)

@@ -258,3 +258,46 @@ def test_n_subsets_halves_hold_one_nth_or_are_refused():
         h = half_measurement(out, i)
         np.testing.assert_array_equal(h.extras["pattern_mask"], lab == i)
         assert h.geometry.extra["pattern_fraction"] == pytest.approx(1 / 12)
+
+
+# --- registration of a tomogram to the truth before fsc / atom tracing --------------------------------------
+def test_registered_fsc_and_atom_tracing_remove_a_common_shift():
+    """A perfect volume whose content is displaced by t0 (the gauge a reconstruction may pick): plain fsc and
+    atom_tracing see the shift, tomo_fsc / tomo_atom_tracing remove it; half B displaced further is put onto A."""
+    from scipy.ndimage import map_coordinates
+
+    from tembench_you2025.tomo_scores import TomoAtomTracing, TomoFSC, correlation_shift_vox
+
+    s, cell = 0.25, 8.0
+    pos = np.array([[2.5, 2.5, 3.0], [5.5, 3.0, 5.2], [3.0, 5.6, 5.0], [5.4, 5.5, 2.6]])
+    sample = Sample(positions_A=pos, numbers=[78, 8, 13, 78], cell_A=[cell] * 3)
+    grid = T.tomo_grid((40, 40), s, (4.1, 3.9, 4.2))
+    gt = np.asarray(sample.potential_volume(s), np.float64)
+
+    def displaced(t0):
+        coords = [(o + s * np.arange(n) - d) / s for o, n, d in zip(grid.origin_A, grid.shape, t0)]
+        return map_coordinates(gt, np.meshgrid(*coords, indexing="ij"), order=3, mode="constant").astype(np.float32)
+
+    t0 = np.array([0.3, -0.45, 0.2])                          # (z, y, x) Å
+    vol = displaced(t0)
+    # the correlation peak is the displacement (sign and axes) — on the same grid
+    np.testing.assert_allclose(correlation_shift_vox(vol, displaced((0, 0, 0)), 8) * s, t0, atol=0.03)
+    half_b = Reconstruction(kind="volume", data=displaced(t0 + [0.25, 0.0, -0.3]), sampling_A=s,
+                            quantity="potential_V", origin_A=grid.origin_A)
+    half_a = Reconstruction(kind="volume", data=vol, sampling_A=s, quantity="potential_V", origin_A=grid.origin_A)
+    rec = Reconstruction(kind="volume", data=vol, sampling_A=s, quantity="potential_V", origin_A=grid.origin_A,
+                         extras={"half_sets": [half_a, half_b]})
+    reg = get_registry()
+    fsc, at = reg.get("quantifier", "fsc"), reg.get("quantifier", "atom_tracing")
+    plain = fsc().score(rec, None, sample, fsc.parse_params({}))
+    out = TomoFSC().score(rec, None, sample, TomoFSC.parse_params({}))
+    np.testing.assert_allclose([out[f"registration_shift_{a}_A"] for a in "zyx"], t0, atol=0.03)
+    assert out["registration_half_shift_A"] == pytest.approx(np.hypot(0.25, 0.3), abs=0.03)
+    assert plain["fsc_gt_resolution_A"] > 1.2 * out["fsc_gt_resolution_A"]
+    assert out["fsc_gt_resolution_A"] < 2.4 * s
+    assert plain["fsc_half_resolution_A"] > 1.2 * out["fsc_half_resolution_A"]
+    assert TomoFSC().score(rec, None, sample, TomoFSC.parse_params({"register_max_shift_A": None})) .keys() == plain.keys()
+    p_at = at().score(rec, None, sample, at.parse_params({}))
+    o_at = TomoAtomTracing().score(rec, None, sample, TomoAtomTracing.parse_params({}))
+    assert p_at["position_error_mean_pm"] > 40.0                # |t0| = 58 pm
+    assert o_at["pct_atoms_found"] == 100.0 and o_at["position_error_mean_pm"] < 5.0
