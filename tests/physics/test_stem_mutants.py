@@ -197,6 +197,7 @@ def test_probe_window_check_reads_the_outer_sixteenth_and_one_percent_of_the_int
     for w, inside, outside in ((32, 2, 1), (16, 1, 0)):   # border 2 pixels for w = 32, 1 pixel for w = 16
         S.stem_scan(v, 1.0, probe=probe(w, inside, 0.02), **kw)       # 2 % just inside the border: accepted
         S.stem_scan(v, 1.0, probe=probe(w, outside, 0.009), **kw)     # 0.9 % in it: accepted
+        S.stem_scan(v, 1.0, probe=3 * probe(w, outside, 0.009), **kw)  # a fraction: at any scale
         with pytest.raises(TembenchError, match=r"larger than its window: 1\.10 %"):
             S.stem_scan(v, 1.0, probe=probe(w, outside, 0.011), **kw)
         with pytest.raises(TembenchError, match="larger than its window"):
