@@ -103,7 +103,9 @@ def alignment_errors(translations_A, euler_deg, true_translations_A, true_euler_
         "translation_error_rms_A": float(np.sqrt(np.mean(err**2))),
         "translation_error_mean_removed_rms_A": float(np.sqrt(np.mean(mean_removed**2))),
         "translation_error_raw_rms_A": float(np.sqrt(np.mean(np.sum(delta**2, axis=1)))),
-        "volume_shift_x_A": float(t[0]), "volume_shift_y_A": float(t[1]), "volume_shift_z_A": float(t[2]),
+        # the volume's content sits at −t from the truth (τ_rec − τ_true = (R_k t)_{y,x}): report that displacement,
+        # the same sign as tomo_fsc's registration_shift_*_A
+        "volume_shift_x_A": float(-t[0]), "volume_shift_y_A": float(-t[1]), "volume_shift_z_A": float(-t[2]),
         "euler_error_max_rot_deg": float(d_eul[:, 0].max()),
         "euler_error_max_tilt_deg": float(d_eul[:, 1].max()),
         "euler_error_max_psi_deg": float(d_eul[:, 2].max()),
@@ -136,8 +138,9 @@ class AlignmentError(Quantifier):
                                                        description="rms |τ − τ_true| with only the mean removed"),
         "translation_error_raw_rms_A": Metric("Å", "lower", (0.0, None), diagnostic=True,
                                               description="rms |τ − τ_true|, nothing removed"),
-        "volume_shift_*_A": Metric("Å", None, diagnostic=True, description="fitted shift of the volume vs truth "
-                                   "implied by the translation errors (x, y, z)"),
+        "volume_shift_*_A": Metric("Å", None, diagnostic=True, description="displacement of the volume's content "
+                                   "from the truth implied by the translation errors (x, y, z): −t with τ − τ_true = "
+                                   "(R_k t)_{y,x}"),
         "euler_error_max_*_deg": Metric("deg", "lower", (0.0, 180.0), description="max over tilts of the error "
                                         "of one Euler angle (rot and psi are degenerate near tilt 0)"),
         "rotation_error_max_deg": Metric("deg", "lower", (0.0, 180.0), headline=True,

@@ -57,7 +57,7 @@ def test_alignment_errors_known_residuals():
     assert out["translation_error_max_A"] == pytest.approx(err.max(), abs=1e-9)
     assert out["translation_error_median_A"] == pytest.approx(np.median(err), abs=1e-9)
     assert out["translation_error_raw_rms_A"] > 1.0         # the volume shift dominates the raw error
-    np.testing.assert_allclose([out[f"volume_shift_{a}_A"] for a in "xyz"], t, atol=0.05)
+    np.testing.assert_allclose([out[f"volume_shift_{a}_A"] for a in "xyz"], -t, atol=0.05)
     assert out["euler_error_max_tilt_deg"] == pytest.approx(0.3, abs=1e-9)
     assert out["euler_error_max_rot_deg"] == pytest.approx(0.2, abs=1e-9)
     assert out["euler_error_max_psi_deg"] == 0.0
@@ -112,7 +112,7 @@ def test_alignment_error_quantifier_reads_the_recipe():
     out = q.score(rec, m, sample, q.parse_params({}))
     # a common y shift is (nearly: the true angles have 0.5° errors) a volume shift
     assert out["translation_error_max_A"] < 0.01 and out["translation_error_raw_rms_A"] == pytest.approx(0.2)
-    assert out["volume_shift_y_A"] == pytest.approx(0.2, abs=0.01)
+    assert out["volume_shift_y_A"] == pytest.approx(-0.2, abs=0.01)   # projections moved by +0.2: volume at −0.2
     assert out["rotation_error_raw_max_deg"] == pytest.approx(rotation_angle_deg(te, T.nominal_euler_deg(m.geometry)).max())
     assert 0.1 < out["rotation_error_raw_max_deg"] < 5.0
 
