@@ -314,6 +314,7 @@ class DepthElongation(Quantifier):
         "depth_sigma_z_median_A": Metric("Å", "lower", (0.0, None), description="median axial Gaussian σ (Å)"),
         "depth_sigma_lateral_median_A": Metric("Å", "lower", (0.0, None),
                                                description="median lateral Gaussian σ (Å)"),
+        "depth_section_y_A": Metric("Å", None, diagnostic=True, description="y of the stored xz depth sections"),
         "depth_n_*": Metric("atoms", None, (0.0, None), diagnostic=True,
                             description="sites fitted (reconstruction / truth)"),
     }

@@ -100,6 +100,14 @@ class HalfSets(NoiseModel):
             if self.n_subsets != 2 and self.split != "positions":
                 raise ValueError(f"n_subsets {self.n_subsets} applies to split: positions only (split: dose halves "
                                  "the counts)")
+            if self.n_subsets > 2:
+                # refuse at validation, before anything runs, when the core cannot form half B (see _positions)
+                m = Measurement(kind="4dstem", data=None, axes=SCAN_AXES + ("k_y", "k_x"),
+                                extras={"events": _ScanShape((4, 3 * self.n_subsets))})
+                try:
+                    HalfSets._positions(m, self.n_subsets)
+                except TembenchError as e:
+                    raise ValueError(str(e)) from None
             return self
 
     def apply(self, measurement: Measurement, params: Params, rng: np.random.Generator) -> Measurement:
@@ -196,6 +204,11 @@ def _check_mask_b_supported(m: Measurement, spec: dict) -> None:
     if got.shape != spec["mask_b"].shape or not np.array_equal(got, spec["mask_b"]):
         raise TembenchError("half_sets: n_subsets > 2 needs tembench.types.half_measurement to take half B from "
                             "extras['half_sets']['mask_b'] (it takes the complement of A); use n_subsets: 2")
+
+
+class _ScanShape:
+    def __init__(self, scan_shape):
+        self.scan_shape = scan_shape
 
 
 def _infinite_dose(m: Measurement) -> bool:

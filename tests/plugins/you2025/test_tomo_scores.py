@@ -247,12 +247,14 @@ def test_n_subsets_halves_hold_one_nth_or_are_refused():
     from tembench.types import half_measurement
 
     m = _scan_measurement()
-    p = HalfSets.parse_params({"split": "positions", "n_subsets": 12})
     try:
-        out = HalfSets().apply(m, p, np.random.default_rng(0))
-    except TembenchError as e:
+        p = HalfSets.parse_params({"split": "positions", "n_subsets": 12})   # refused at validation …
+    except ValueError as e:
         assert "mask_b" in str(e)
+        with pytest.raises(TembenchError, match="mask_b"):                  # … and when applied
+            HalfSets._positions(m, 12)
         return
+    out = HalfSets().apply(m, p, np.random.default_rng(0))
     lab = subset_labels((24, 60), 12)
     for i in (0, 1):
         h = half_measurement(out, i)
