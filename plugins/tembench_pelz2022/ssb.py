@@ -43,6 +43,11 @@ scipy = lazy_import("scipy")  # scipy.fft is imported on first transform (fast s
 ssb_kernels = lazy_import("tembench_pelz2022.ssb_kernels")
 
 QUADRATIC_KEYS = ("C10", "C12", "phi12")
+#: the rotation estimate is used only when its lune signal is this many pure-noise standard deviations above 1
+#: (the maximum of the search over pure noise reached 2.6–3.5 sd: MoS2 at 1–3 e/pattern, a weak object at
+#: 10–100 e/pattern; right estimates measured 5.6–8.3 sd at 10 e/pattern on MoS2, 3.1–5.3 at 300 e/pattern on the weak object,
+#: where 3.1 is refused)
+ROTATION_MIN_SIGMAS = 4.0
 
 
 def split_aberrations(ab: dict) -> tuple[dict, dict]:
@@ -229,13 +234,17 @@ class SSBData:
                 g = G[band[a:a + 4096]][:, bf]
                 energy[a:a + 4096] = (g.real ** 2 + g.imag ** 2).sum(axis=1)
             order = band[np.argsort(-energy, kind="stable")]  # the strongest trotters first (most signal)
-            cache = self._lune_cache = {"order": order, "G": {}, "noise": {}}
+            cache = self._lune_cache = {"order": order, "G": {}, "noise": {}, "noise_rel_sd": {}}
         if max_K not in cache["G"]:
             idx = cache["order"][:max_K]
             G = self.G.reshape(-1, self.G.shape[-1])[idx]
             bf = (self.ky[:, None] ** 2 + self.kx[None, :] ** 2 < k0 * k0).ravel()
             cache["G"][max_K] = np.ascontiguousarray(G.reshape(-1, 16 if idx.size % 16 == 0 else 1, G.shape[-1]))
-            cache["noise"][max_K] = float((np.abs(G[:, bf]) ** 2).mean(axis=1).sum())
+            e = (np.abs(G[:, bf]) ** 2).mean(axis=1)
+            cache["noise"][max_K] = float(e.sum())
+            # pure noise: each trotter's |D− + D+|²/(N− + N+) is exponential with mean (and sd) ≈ its ⟨|G|²⟩_k,
+            # so the signal's relative sd is sqrt(Σ e²)/Σ e (≈ 1/sqrt(max_K))
+            cache["noise_rel_sd"][max_K] = float(np.sqrt((e * e).sum()) / max(float(e.sum()), 1e-300))
         idx = cache["order"][:max_K]
         if idx.size == 0:
             return 0.0
@@ -252,12 +261,26 @@ class SSBData:
         ok = n > 0
         return float((np.abs(sums[0] + sums[1])[ok] ** 2 / n[ok]).sum() / max(cache["noise"][max_K], 1e-300))
 
-    def estimate_rotation(self, start_deg: float = 0.0, aberrations: dict | None = None) -> dict:
+    def lune_signal_noise_sd(self, max_K: int = 1024) -> float:
+        """Standard deviation of :meth:`lune_signal` (over ``max_K`` trotters) for data holding pure noise."""
+        if max_K not in getattr(self, "_lune_cache", {"noise_rel_sd": {}})["noise_rel_sd"]:
+            self.lune_signal(self.rotation_deg, max_K=max_K)
+        return self._lune_cache["noise_rel_sd"].get(max_K, 1.0)
+
+    def estimate_rotation(self, start_deg: float = 0.0, aberrations: dict | None = None,
+                          fallback_deg: float | None = 0.0) -> dict:
         """Estimate the rotation by the lune signal (:meth:`lune_signal`; 3° steps over the full circle from
         ``start_deg`` on the 256 strongest trotters, then 0.5° and 0.1° steps on the 1024 strongest) and use it. The 180° branch: an aberrated probe makes the wrong
         branch lose the signal (γ(−k) = −γ*(k)), so the larger signal wins; when the two are within 5 %
         (an aberration-free probe: the image only changes sign) the positive skew of the phase decides
-        (atoms advance the phase). Returns {"rotation_deg", "lune_signal", "rotation_start_deg"}."""
+        (atoms advance the phase).
+
+        When the best lune signal is within ``ROTATION_MIN_SIGMAS`` noise standard deviations of the pure-noise
+        level 1 (:meth:`lune_signal_noise_sd`; at ~1 e/pattern the search only picks a noise maximum), the
+        estimate is not used: a ``UserWarning`` says so and ``fallback_deg`` (default 0°: the detector taken
+        as aligned with the scan) is used instead (None: keep the noise maximum).
+        Returns {"rotation_deg", "lune_signal", "lune_signal_sigmas", "rotation_start_deg",
+        "rotation_estimated"} (the last False when the fallback was used)."""
         coarse = start_deg + np.arange(0.0, 360.0, 3.0)
         sc = [self.lune_signal(t, aberrations, max_K=256) for t in coarse]
         best = float(coarse[int(np.argmax(sc))])
@@ -267,6 +290,16 @@ class SSBData:
         fine = best + np.arange(-0.5, 0.5001, 0.1)
         sf = [self.lune_signal(t, aberrations, max_K=1024) for t in fine]
         best = float(fine[int(np.argmax(sf))])
+        sigmas = (max(sf) - 1.0) / max(self.lune_signal_noise_sd(1024), 1e-12)
+        if sigmas < ROTATION_MIN_SIGMAS and fallback_deg is not None:
+            import warnings
+            warnings.warn(f"ssb: the rotation cannot be estimated from these data: the best lune signal {max(sf):.3f} "
+                          f"at {best % 360.0:.1f}° is only {sigmas:.1f} noise standard deviations above the pure-noise "
+                          f"level 1 (needs {ROTATION_MIN_SIGMAS:g}); using rotation_deg={fallback_deg:g} instead. Pass "
+                          "rotation_deg (e.g. measured on a higher-dose scan of the same setup)", UserWarning, stacklevel=3)
+            self.set_rotation(float(fallback_deg) % 360.0)
+            return {"rotation_deg": self.rotation_deg, "lune_signal": float(max(sf)), "lune_signal_sigmas": sigmas,
+                    "rotation_start_deg": float(start_deg), "rotation_estimated": False}
         other = self.lune_signal(best + 180.0, aberrations, max_K=1024)
         if other > 0.95 * max(sf):
             skews = []
@@ -277,7 +310,8 @@ class SSBData:
                 best += 180.0
         theta = best % 360.0
         self.set_rotation(theta)
-        return {"rotation_deg": theta, "lune_signal": float(max(sf)), "rotation_start_deg": float(start_deg)}
+        return {"rotation_deg": theta, "lune_signal": float(max(sf)), "lune_signal_sigmas": sigmas,
+                "rotation_start_deg": float(start_deg), "rotation_estimated": True}
 
     # --- aberrations -----------------------------------------------------------------------------
     def _chi_terms(self, ab: dict, a: int, b: int):
@@ -436,13 +470,13 @@ class SSB(Reconstructor):
     name = "ssb"
     accepts = ACCEPTS
     produces = "image"
-    version = "2"
+    version = "3"
 
     class Params(Params):
         max_detector_px: int = Field(32, ge=4, le=256, description="bin the cropped detector to at most this many pixels per side")
         bin_factor: int | None = Field(None, ge=1, description="detector bin factor (default: from max_detector_px)")
         crop_margin: float = Field(1.1, ge=1.0, le=3.0, description="crop window half-width in units of the semiangle")
-        rotation_deg: float | None = Field(None, ge=-360, le=360, description="detector rotation relative to the scan (deg, the DPC/iCOM convention); None (default) = estimate: the COM minimum-curl estimate of DPC/iCOM, refined by the agreement of the two sidebands, 180° branch by positive phase skew (reported in extras)")
+        rotation_deg: float | None = Field(None, ge=-360, le=360, description="detector rotation relative to the scan (deg, the DPC/iCOM convention); None (default) = estimate: the COM minimum-curl estimate of DPC/iCOM, refined by the agreement of the two sidebands, 180° branch by positive phase skew (reported in extras); an estimate not significantly above noise (ROTATION_MIN_SIGMAS) warns and uses 0°")
         bad_pixels: Literal["repair", "refuse", "ignore"] = Field("repair", description="hot / negative / dead detector pixels (common.find_bad_pixels): repair = replace by the mean of good neighbours in every frame and report in extras; refuse = error naming pixel and frame; ignore = no check")
         defocus_A: float | None = Field(None, description="reconstruct at this defocus Δf (Å) instead of the recorded one")
         aberrations_A: dict[str, float] | None = Field(None, description="probe aberrations to correct (Å/rad); default: the geometry's")
@@ -479,7 +513,8 @@ class SSB(Reconstructor):
         del small
         if rot is None:
             est = data.estimate_rotation(start)
-            extras.update(rotation_start_deg=est["rotation_start_deg"], lune_signal=est["lune_signal"])
+            extras.update(rotation_start_deg=est["rotation_start_deg"], lune_signal=est["lune_signal"],
+                          lune_signal_sigmas=est["lune_signal_sigmas"], rotation_estimated=est["rotation_estimated"])
         phase = data.phase(numba=params.numba, normalization=params.normalization)
         if data.last_noise is not None:
             extras["ssb_noise"] = dict(data.last_noise)
