@@ -31,7 +31,18 @@ Algorithm 2 as implemented (:func:`joint_linear_tomography`):
   Θ_k; neither is measurable from the projections. After each τ update the part of τ − τ⁰ of the form
   (R_k d)_yx (least-squares d) is removed (``translation_gauge='3d'``; 'mean' removes only the common mean, as
   the paper's "relative shifts"), and after each Θ update the mean change of each Euler angle over the tilts.
+* coarse to fine: ``n_outer`` iterations on the down-sampled images (the paper's loop), then ``n_outer_full`` at
+  full resolution (an extension: the coarse grid blurs the angle signal). Θ is updated from outer iteration
+  ``start_euler_outer`` on: while τ is still far off, Θ absorbs translation errors.
 * final T_final steps at full resolution with the alignment fixed.
+
+What is and is not well determined (measured, noise-free, 13 tilts ±60°, 32³ voxels of 0.5 Å, atoms projected by
+the potential code — not this operator): translations to < 0.1–0.2 voxel; psi (in-plane) to ≈ 0.2–0.3°; the
+tilt angle of single projections only to ≈ 0.5–0.8° at the end tilts (rms ≈ 0.2–0.3°). The volume is refitted to
+every tilt, so it absorbs part of each tilt's angle error: the alternation creeps along flat directions (with
+the volume's interpolation bias at the end tilts), although a Gauss–Newton step from the true alignment moves
+it by < 0.1° (oracle). 25 tilts and 60 warm-started outer iterations (``reset_volume=False``) bring the tilt
+errors of a blob phantom to 0.19° max.
 
 Near tilt 0, rot and psi turn about the same axis (ZYZ gimbal): only rot + psi is determined there; the damping
 splits the update between them. Compare recovered orientations by rotation matrices, or refine a subset of the
@@ -212,19 +223,25 @@ def loss_and_gradients(volume, projections, euler_deg, tau_A, voxel_A: float, xp
 class LinearTomoParams(Params):
     """Parameters of :func:`joint_linear_tomography` (Alg. 2)."""
 
-    n_outer: int = Field(8, ge=0, le=1000, description="alignment iterations L (each: V ← 0, T volume steps, τ, Θ)")
-    n_volume_steps: int = Field(25, ge=1, le=10000, description="volume steps T per outer iteration (FISTA, 1/Lipschitz)")
+    n_outer: int = Field(6, ge=0, le=1000, description="alignment iterations L on the down-sampled images (each: V ← 0, "
+                         "T volume steps, τ, Θ)")
+    n_outer_full: int = Field(6, ge=0, le=1000, description="further alignment iterations at full resolution "
+                              "(coarse to fine; the paper's Alg. 2 has only the down-sampled loop: 0)")
+    n_volume_steps: int = Field(30, ge=1, le=10000, description="volume steps T per outer iteration (FISTA, 1/Lipschitz)")
     n_final_steps: int = Field(60, ge=0, le=10000, description="volume steps at full resolution with the final alignment")
     downsample: int = Field(2, ge=1, le=16, description="alignment loops on images averaged over downsample² pixels")
     threshold_fraction: float = Field(0.0, ge=0, lt=1, description="alignment targets max(y − t, 0), t = fraction·max y "
                                       "(flattens the background; 0: none)")
     refine_translations: bool = Field(True, description="update τ (γ₂)")
     refine_euler: tuple[str, ...] = Field(("rot", "tilt", "psi"), description="Euler angles updated (γ₃); () none")
-    translation_step: float = Field(1.0, gt=0, le=2, description="γ₂: 1 = full Gauss–Newton step per tilt")
+    translation_step: float = Field(1.5, gt=0, le=2, description="γ₂: 1 = full Gauss–Newton step per tilt (the volume, "
+                                    "fitted to every tilt, absorbs part of each tilt's error, so a full step falls "
+                                    "short: 1.5 measured faster)")
     euler_step: float = Field(1.0, gt=0, le=2, description="γ₃: 1 = full Gauss–Newton step per tilt")
     n_translation_steps: int = Field(3, ge=1, le=100, description="τ steps per outer iteration (V fixed: FFTs only)")
     n_euler_steps: int = Field(1, ge=1, le=100, description="Θ steps per outer iteration")
-    start_euler_outer: int = Field(3, ge=0, description="update Θ from this outer iteration on (0-based): the "
+    start_euler_outer: int = Field(5, ge=0, description="update Θ from this outer iteration on (0-based, counting "
+                                   "the coarse then the full-resolution ones): the "
                                    "translations are fitted first (large τ errors would otherwise be absorbed by Θ)")
     max_translation_step_A: float = Field(1.0, gt=0, description="cap of one τ update per tilt (Å)")
     max_euler_step_deg: float = Field(1.0, gt=0, description="cap of one Θ update per angle (deg)")
@@ -361,6 +378,41 @@ def _gn_step(jac, r, damping, gamma, cap):
     return np.clip(step, -cap, cap)
 
 
+def _alignment_step(vol, target, euler, tau, euler0, tau0, sc, refine_idx, do_euler, p, hist, xp):
+    """One outer iteration's alignment updates with V fixed: τ (Gauss–Newton per tilt, ``n_translation_steps``; the
+    unshifted projections do not change with τ), then Θ (``n_euler_steps``), each followed by its gauge fix."""
+    n = len(euler)
+    base = [sc * tc.euler_rotate(vol, euler[k], xp=xp).sum(axis=0) for k in range(n)]
+    loss = float(sum(float(xp.sum((_shift(base[k], tau[k], sc, xp) - target[k]).astype(np.float64) ** 2))
+                     for k in range(n)))
+    hist["alignment_loss"].append(loss)
+    moved_t = 0.0
+    if p.refine_translations:
+        for _ in range(p.n_translation_steps):
+            new = tau.copy()
+            for k in range(n):
+                yk, jt = _shift(base[k], tau[k], sc, xp, derivatives=True)
+                new[k] = tau[k] + _gn_step(jt, yk - target[k], p.damping, p.translation_step,
+                                           p.max_translation_step_A)
+            new = _fix_translation_gauge(new, tau0, euler, p.translation_gauge)
+            moved_t = max(moved_t, float(np.abs(new - tau).max()))
+            tau = new
+    hist["translation_update_A"].append(moved_t)
+    moved_e = 0.0
+    if refine_idx and do_euler:
+        for _ in range(p.n_euler_steps):
+            new = euler.copy()
+            for k in range(n):
+                yk, _, je = projection_jacobian(vol, euler[k], tau[k], sc, xp)
+                new[k, refine_idx] += _gn_step(je[refine_idx], yk - target[k], p.damping, p.euler_step,
+                                               p.max_euler_step_deg)
+            new = _fix_euler_gauge(new, euler0, refine_idx, p.fix_mean_euler, p.fix_tilt_scale)
+            moved_e = max(moved_e, float(np.abs(new - euler).max()))
+            euler = new
+    hist["euler_update_deg"].append(moved_e)
+    return tau, euler
+
+
 def joint_linear_tomography(projections_VA, voxel_A: float, euler0_deg, tau0_A, params=None, xp=np,
                             progress=None) -> LinearTomoResult:
     """You 2025 Algorithm 2: volume, Euler angles and translations from projections (n, ny, nx) V·Å on the grid of
@@ -380,49 +432,28 @@ def joint_linear_tomography(projections_VA, voxel_A: float, euler0_deg, tau0_A, 
     hist = {"alignment_loss": [], "translation_update_A": [], "euler_update_deg": [], "final_loss": [], "time_s": []}
     t0 = time.perf_counter()
     refine_idx = [EULER_NAMES.index(a) for a in p.refine_euler]
-    if p.n_outer > 0 and (p.refine_translations or refine_idx):
-        target = y
-        if p.threshold_fraction > 0:
-            t = p.threshold_fraction * float(xp.max(y))
-            target = xp.maximum(y - t, 0)
-        target = downsample_images(target, f, s, xp)
-        sc, nzc = s * f, max(nz // f, 2)
-        vol = None
-        for outer in range(p.n_outer):
-            vol, _ = reconstruct_volume(target, euler, tau, sc, nzc, p.n_volume_steps, p.positivity, xp,
-                                        p.power_iterations, volume0=None if p.reset_volume else vol)
-            loss = float(sum(float(xp.sum((project(vol, euler[k], tau[k], sc, xp) - target[k]).astype(np.float64)
-                                          ** 2)) for k in range(n)))
-            hist["alignment_loss"].append(loss)
-            moved_t = 0.0
-            if p.refine_translations:
-                # V fixed: the unshifted projections do not change with τ
-                base = [sc * tc.euler_rotate(vol, euler[k], xp=xp).sum(axis=0) for k in range(n)]
-                for _ in range(p.n_translation_steps):
-                    new = tau.copy()
-                    for k in range(n):
-                        yk, jt = _shift(base[k], tau[k], sc, xp, derivatives=True)
-                        new[k] = tau[k] + _gn_step(jt, yk - target[k], p.damping, p.translation_step,
-                                                   p.max_translation_step_A)
-                    new = _fix_translation_gauge(new, tau0, euler, p.translation_gauge)
-                    moved_t = max(moved_t, float(np.abs(new - tau).max()))
-                    tau = new
-            hist["translation_update_A"].append(moved_t)
-            moved_e = 0.0
-            if refine_idx and outer >= p.start_euler_outer:
-                for _ in range(p.n_euler_steps):
-                    new = euler.copy()
-                    for k in range(n):
-                        yk, _, je = projection_jacobian(vol, euler[k], tau[k], sc, xp)
-                        new[k, refine_idx] += _gn_step(je[refine_idx], yk - target[k], p.damping, p.euler_step,
-                                                       p.max_euler_step_deg)
-                    new = _fix_euler_gauge(new, euler0, refine_idx, p.fix_mean_euler, p.fix_tilt_scale)
-                    moved_e = max(moved_e, float(np.abs(new - euler).max()))
-                    euler = new
-            hist["euler_update_deg"].append(moved_e)
-            hist["time_s"].append(time.perf_counter() - t0)
-            if progress is not None:
-                progress(len(hist["alignment_loss"]), p.n_outer)
+    target = y
+    if p.threshold_fraction > 0:
+        target = xp.maximum(y - p.threshold_fraction * float(xp.max(y)), 0)
+    n_total = p.n_outer + p.n_outer_full
+    phases = [(f, p.n_outer), (1, p.n_outer_full)]
+    if p.refine_translations or refine_idx:
+        outer = 0
+        for factor, n_phase in phases:
+            if n_phase == 0:
+                continue
+            tgt = downsample_images(target, factor, s, xp)
+            sc, nzc = s * factor, max(nz // factor, 2)
+            vol = None
+            for _ in range(n_phase):
+                vol, _ = reconstruct_volume(tgt, euler, tau, sc, nzc, p.n_volume_steps, p.positivity, xp,
+                                            p.power_iterations, volume0=None if p.reset_volume else vol)
+                tau, euler = _alignment_step(vol, tgt, euler, tau, euler0, tau0, sc, refine_idx,
+                                             outer >= p.start_euler_outer, p, hist, xp)
+                outer += 1
+                hist["time_s"].append(time.perf_counter() - t0)
+                if progress is not None:
+                    progress(outer, n_total)
     vol, losses = reconstruct_volume(y, euler, tau, s, nz, max(p.n_final_steps, 1), p.positivity, xp,
                                      p.power_iterations)
     hist["final_loss"] = losses

@@ -130,11 +130,95 @@ def test_recovers_known_translations_same_operator():
     tau = rng.uniform(-1.5, 1.5, (len(tilts), 2))
     y = LT.project(v, euler, tau, s)
     res = LT.joint_linear_tomography(y, s, euler, np.zeros_like(tau),
-                                     dict(refine_euler=(), n_outer=6, n_volume_steps=25, n_final_steps=5))
+                                     dict(refine_euler=(), n_outer=6, n_outer_full=0, n_volume_steps=25,
+                                          n_final_steps=5))
     err = np.abs(_gauge_free(res.translations_A, euler) - _gauge_free(tau, euler)) / s
     assert err.max() < 0.5
     np.testing.assert_array_equal(res.euler_deg, euler)
     assert res.history["alignment_loss"][-1] < 0.05 * res.history["alignment_loss"][0]
+
+
+def _atom_tilt_series(euler, tau, n=32, s=0.5, seed=1):
+    """Projections (V·Å) of 24 atoms (Pt, Cu, Si) turned by the true Euler matrices about the box centre and moved by
+    τ, from the core's projected-potential code (structure factors, not this operator's interpolation), blurred by
+    a 0.5 Å Gaussian (a finite resolution: the blur commutes with rotation and projection)."""
+    from tembench.physics.potentials import projected_potential
+    from tembench.physics.rotation import euler_matrix, rotate_points
+
+    rng = np.random.default_rng(seed)
+    c = np.full(3, n * s / 2)
+    pts = []
+    while len(pts) < 24:
+        q = rng.uniform(-6, 6, 3)
+        if 2.0 < np.linalg.norm(q) < 6.5 and all(np.linalg.norm(q - r) > 1.5 for r in pts):
+            pts.append(q)
+    pos = np.array(pts) + c
+    z = rng.choice([78, 29, 14], len(pos))
+    ky, kx = np.meshgrid(np.fft.fftfreq(n, s), np.fft.fftfreq(n, s), indexing="ij")
+    blur = np.exp(-2 * np.pi**2 * 0.5**2 * (kx**2 + ky**2))
+    out = []
+    for e, t in zip(euler, tau):
+        p = rotate_points(pos, euler_matrix(*e), c) + np.array([t[1], t[0], 0.0])
+        img = projected_potential(p, z, gpts=(n, n), sampling_A=s)[0]
+        out.append(np.fft.ifft2(np.fft.fft2(img) * blur).real)
+    return np.array(out, np.float32)
+
+
+@pytest.mark.slow
+def test_recovers_translations_and_angles_from_independently_projected_atoms():
+    """No inverse crime: atoms projected by the potential code at the true alignment (τ up to ±3 voxels, tilt and
+    psi errors N(0, 0.5°)); from nominal angles and τ = 0 with the default schedule (6 outer iterations on 2×
+    down-sampled images, 6 at full resolution). Measured (gauge removed): τ 0.09 voxel max; psi 0.22° max (rms 0.21° →
+    0.08°); tilt 0.77° max, rms 0.47° → 0.27° — per-projection tilt angles are weakly determined (module doc): the
+    0.2° of issue 15 is met for psi, not for the tilt."""
+    n, s = 32, 0.5
+    rng = np.random.default_rng(1)
+    tilts = np.arange(-60.0, 61.0, 10.0)
+    nominal = np.stack([0 * tilts, tilts, 0 * tilts], 1)
+    err = rng.normal(0, 0.5, nominal.shape)
+    err[:, 0] = 0
+    truth = nominal + err
+    tau = rng.uniform(-1.5, 1.5, (len(tilts), 2))
+    y = _atom_tilt_series(truth, tau, n, s)
+    res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau), dict(refine_euler=("tilt", "psi")))
+    t_err = np.abs(_gauge_free(res.translations_A, res.euler_deg) - _gauge_free(tau, truth)) / s
+    idx = [1, 2]
+    e_err = LT._fix_euler_gauge(res.euler_deg, nominal, idx) - LT._fix_euler_gauge(truth, nominal, idx)
+    e_start = LT._fix_euler_gauge(nominal, nominal, idx) - LT._fix_euler_gauge(truth, nominal, idx)
+    print("tau err (voxels) max", t_err.max(), "euler err max", np.abs(e_err).max(0), "rms",
+          np.sqrt((e_err**2).mean(0)), "start rms", np.sqrt((e_start**2).mean(0)))
+    assert t_err.max() < 0.5
+    assert np.abs(e_err[:, 2]).max() < 0.3                             # psi
+    assert np.abs(e_err[:, 1]).max() < 0.9                             # tilt (end tilts weakest)
+    rms, rms0 = np.sqrt((e_err**2).mean(0)), np.sqrt((e_start**2).mean(0))
+    assert rms[1] < 0.65 * rms0[1] and rms[2] < 0.5 * rms0[2]
+
+
+@pytest.mark.slow
+def test_recovers_angles_same_operator_many_tilts():
+    """Projections made with the operator, 25 tilts ±60°, psi and tilt errors N(0, 0.5°), τ up to ±3 voxels, 14
+    outer iterations at full resolution: measured τ 0.015 voxel max, tilt 0.39° max / 0.16° rms, psi 0.30° max (next
+    to tilt 0 and at the end tilt) / 0.09° rms."""
+    n, s = 32, 0.5
+    v, _ = blobs(n=n, n_blobs=14, seed=1, r_lo=5.0, r_hi=12.0, width=1.2, dtype=np.float32)
+    rng = np.random.default_rng(5)
+    tilts = np.arange(-60.0, 61.0, 5.0)
+    nominal = np.stack([0 * tilts, tilts, 0 * tilts], 1)
+    err = rng.normal(0, 0.5, nominal.shape)
+    err[:, 0] = 0
+    truth = nominal + err
+    tau = rng.uniform(-1.5, 1.5, (len(tilts), 2))
+    y = LT.project(v, truth, tau, s)
+    res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
+                                     dict(refine_euler=("tilt", "psi"), downsample=1, n_outer=14, n_outer_full=0,
+                                          n_volume_steps=40, start_euler_outer=3, n_final_steps=2))
+    idx = [1, 2]
+    e_err = LT._fix_euler_gauge(res.euler_deg, nominal, idx) - LT._fix_euler_gauge(truth, nominal, idx)
+    t_err = np.abs(_gauge_free(res.translations_A, res.euler_deg) - _gauge_free(tau, truth)) / s
+    print("tau err (voxels) max", t_err.max(), "euler err max", np.abs(e_err).max(0), "rms", np.sqrt((e_err**2).mean(0)))
+    assert t_err.max() < 0.5
+    assert np.abs(e_err[:, 1:]).max() < 0.5
+    assert np.sqrt((e_err[:, 1:] ** 2).mean(axis=0)).max() < 0.2
 
 
 def test_bad_input_is_refused():
@@ -172,13 +256,14 @@ def unaligned_series():
     return STEM4DTiltSeries().simulate(_cluster(), p, np)
 
 
+@pytest.mark.slow
 def test_reconstructor_recovers_translations_from_msp_projections(unaligned_series):
     """The whole route (msp per tilt → projections on the TomoGrid → Alg. 2) on multislice data of atoms — not the
     tomography operator: the true translations (gauge removed) within 0.5 voxel (measured 0.27 voxel max)."""
     from tembench_you2025.tilt_series import true_alignment
 
     m = unaligned_series
-    rec = LT.JointLinearTomo().reconstruct(m, LT.JointLinearTomoParams(refine_euler=(), n_outer=8), np)
+    rec = LT.JointLinearTomo().reconstruct(m, LT.JointLinearTomoParams(refine_euler=(), n_outer=8, n_outer_full=0), np)
     e_true, tau_true = true_alignment(m)
     s = rec.sampling_A[0]
     n = len(e_true)
