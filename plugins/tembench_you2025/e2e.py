@@ -37,8 +37,11 @@ slabs; the volume takes the least-norm change that realises it, ΔV = Sᵀ(S S�
 * ``'tilt'`` (default) — the batches of a tilt step on its slabs W_k (later batches see the earlier batches'
   changes there, as they would in V up to the interpolation blur), and V takes the sum of the tilt's
   least-norm changes once at the end of the tilt: one rotation and one adjoint per tilt instead of per batch
-  (the rotations cost as much as a batch's multislice at 96³). The shrinkage is then applied once per tilt
-  with the sum of the tilt's thresholds.
+  (with general Euler angles — three plane rotations each way — a rotation pair of a 96³ volume costs about
+  as much as a batch of 32 patterns' multislice: ``benchmarks/test_you2025_e2e.py`` measured 2.55× the FFT
+  floor per tilt and epoch for 'tilt' and 4.6× for 'minibatch', load 11–14). The shrinkage is then applied
+  once per tilt with the sum of the tilt's thresholds. With one batch per tilt both modes are the same step
+  (test); with several they differ by the rotation's interpolation blur (correlation 0.99997 after 3 epochs).
 
 The shrinkage threshold in the volume is λ·P_V with P_V = A_Θ† B_b†(step_W)/(s²·b), the volume step's
 diagonal preconditioner (Sᵀ(step ⊙ g) ≈ P_V ⊙ Sᵀg). If an epoch's loss rises above 1.5× the previous one,
@@ -61,7 +64,7 @@ from tembench.errors import TembenchError
 from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.propagation import propagate
 from tembench.physics.rotation import binned_thicknesses
-from tembench.physics.stem import stem_loss_and_gradient
+from tembench.physics.stem import GRADIENT_BATCH_BYTES, stem_loss_and_gradient
 from tembench_you2025.msp import MSPParams, _adjacent_batches, orthogonalize_modes
 from tembench_you2025.tomo_common import TomoGrid, nominal_euler_deg, slabs, slabs_adjoint
 
@@ -184,6 +187,25 @@ def tilt_loss_and_gradient(volume, patterns, positions_A, euler_deg, translation
 
 
 # --- Algorithm 3 -------------------------------------------------------------------------------------------
+# Memory: the rotations work on float32 parts (the real and imaginary parts of V in turn), so their temporaries
+# (plane copies, sparse products) are half-volumes, and the adjoint is added into V in place.
+def _parts(v):
+    return (v.real, v.imag) if v.dtype.kind == "c" else (v,)
+
+
+def _slabs_of(vol, euler, b, s, xp):
+    """:func:`tomo_common.slabs` of V, part by part."""
+    out = [slabs(xp.ascontiguousarray(part), euler, b, s, xp=xp) for part in _parts(vol)]
+    return (out[0] + 1j * out[1]).astype(xp.complex64) if len(out) == 2 else out[0]
+
+
+def _add_adjoint(vol, grad_slabs, euler, b, s, scale: float, xp):
+    """V += scale · slabs_adjoint(grad_slabs), part by part, in place."""
+    nz = vol.shape[0]
+    for dst, src in zip(_parts(vol), _parts(grad_slabs)):
+        dst += slabs_adjoint(xp.ascontiguousarray(src) * np.float32(scale), euler, b, s, nz, xp=xp)
+
+
 def _box(q, s, window, field):
     """The batch's bounding box of whole-pixel windows (y0, y1, x0, x1) (may leave the field: wrapped)."""
     wy, wx = window
@@ -224,6 +246,19 @@ def _illumination(probe, whole, origin, shape, window, xp):
             ix = (np.arange(ox, ox + wx) % nx)[None, :]
             illum[iy, ix] += pint
     return illum
+
+
+def engine_chunk(n_patterns: int, n_modes: int, window, n_slabs: int) -> int:
+    """Patterns per chunk of the engine for a batch of ``n_patterns``: near its default (what fits
+    ``GRADIENT_BATCH_BYTES`` with the kept waves), preferring a divisor of the batch so that no chunk is padded
+    (the default's padding cost 9 % of the FFTs at batches of 32, 2 modes, 48², 12 slabs)."""
+    per = n_modes * window[0] * window[1] * 8 * (n_slabs + 3)
+    c = max(1, min(int(GRADIENT_BATCH_BYTES // per), n_patterns))
+    divisors = [d for d in range(max(1, c // 2), min(n_patterns, (3 * c) // 2) + 1) if n_patterns % d == 0]
+    if divisors:
+        return min(divisors, key=lambda d: (abs(d - c), -d))
+    n_chunks = -(-n_patterns // c)
+    return -(-n_patterns // n_chunks)
 
 
 def normalised_patterns(patterns, scale):
@@ -273,8 +308,9 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
     b = int(p.slab_voxels)
     n_slabs = -(-nz // b)
     dz = _slab_thicknesses(grid, b)
-    if pattern_scales is None:
-        pattern_scales = [float(np.mean(np.sum(np.asarray(patterns[k], np.float64), axis=(1, 2))))
+    if pattern_scales is None:  # mean total per pattern, summed in float64 over small chunks (no copy of a tilt)
+        pattern_scales = [sum(float(np.asarray(patterns[k][c], np.float32).sum(dtype=np.float64))
+                              for c in _adjacent_batches(len(pos_all[k]), 32)) / len(pos_all[k])
                           for k in range(n_tilts)]
     scales = [float(v) for v in pattern_scales]
     if not all(v > 0 and math.isfinite(v) for v in scales):
@@ -300,15 +336,23 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
     damp = 1.0
 
     def positive(v):
-        if not p.positivity:
-            return v
-        if xp.iscomplexobj(v):
-            return (xp.maximum(v.real, 0) + 1j * v.imag).astype(v.dtype)
-        return xp.maximum(v, 0)
+        if p.positivity:
+            re = _parts(v)[0]
+            xp.maximum(re, 0, out=re)
+        return v
 
-    def shrink_imag(v, thr):
+    def shrink_imag(v, step_w, euler_k):
+        """Eq 17 in place: Im V ← sign·max(|Im V| − λ·P_V, 0), P_V = A†B†(step_W)/(s²b) (s³b with slabs_adjoint's s)."""
         im = v.imag
-        return (v.real + 1j * (xp.sign(im) * xp.maximum(xp.abs(im) - thr, 0))).astype(xp.complex64)
+        thr = slabs_adjoint(step_w, euler_k, b, s, nz, xp=xp)
+        thr *= thr_scale
+        mag = xp.abs(im)
+        mag -= thr
+        del thr
+        xp.maximum(mag, 0, out=mag)
+        mag *= xp.sign(im)
+        im[...] = mag
+        return v
 
     for epoch in range(p.n_epochs):
         t0 = time.perf_counter()
@@ -317,7 +361,7 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
         order = rng.permutation(n_tilts) if p.tilt_order == "random" else np.arange(n_tilts)
         for k in (int(i) for i in order):
             q_all = tilt_positions_A(pos_all[k], tau[k], grid)
-            w = slabs(vol, euler[k], b, s, xp=xp)
+            w = _slabs_of(vol, euler[k], b, s, xp)
             tilt_mode = p.volume_update == "tilt"
             if tilt_mode:
                 delta = xp.zeros_like(w)
@@ -330,7 +374,9 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
                 crop = _Crop(box, (ny, nx), xp)
                 sub = w[crop.index]
                 local = q_all[idx] - np.array([crop.origin[0] * s, crop.origin[1] * s])
-                loss_b, g_w, g_p = stem_loss_and_gradient(sub, meas, dz, positions_A=local, probe=probe, **kw)[:3]
+                chunk = engine_chunk(len(idx), probe.shape[0], window, n_slabs)
+                loss_b, g_w, g_p = stem_loss_and_gradient(sub, meas, dz, positions_A=local, probe=probe,
+                                                          batch_size=chunk, **kw)[:3]
                 loss_ep += loss_b
                 illum = _illumination(probe, whole, crop.origin, sub.shape[1:], window, xp)
                 den = (2.0 * sigma**2 * n_slabs) * ((1 - p.illumination_reg) * illum
@@ -345,22 +391,23 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
                 else:
                     full = xp.zeros_like(w)
                     full[crop.index] = d_w
-                    vol += back * slabs_adjoint(full, euler[k], b, s, nz, xp=xp)
+                    _add_adjoint(vol, full, euler[k], b, s, back, xp)
+                    del full
                     vol = positive(vol)
                     if shrink:
                         st = xp.zeros(w.shape, xp.float32)
                         st[crop.index] = step
-                        vol = shrink_imag(vol, thr_scale * slabs_adjoint(st, euler[k], b, s, nz, xp=xp))
-                    w = slabs(vol, euler[k], b, s, xp=xp)
+                        vol = shrink_imag(vol, st, euler[k])
+                    w = _slabs_of(vol, euler[k], b, s, xp)
                 if refine_probe:
                     probe = probe - (damp * p.probe_step_size / (2.0 * len(idx))) * g_p
                     probe = orthogonalize_modes(probe.astype(xp.complex64), xp)
             psi[k] = probe
             if tilt_mode:
-                vol += back * slabs_adjoint(delta, euler[k], b, s, nz, xp=xp)
+                _add_adjoint(vol, delta, euler[k], b, s, back, xp)
                 vol = positive(vol)
                 if shrink:
-                    vol = shrink_imag(vol, thr_scale * slabs_adjoint(step_sum, euler[k], b, s, nz, xp=xp))
+                    vol = shrink_imag(vol, step_sum, euler[k])
                 del delta, w
         elapsed = time.perf_counter() - t0
         hist["loss"].append(float(loss_ep))
@@ -374,7 +421,7 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
         hist["step_scale"].append(damp)
         if progress is not None:
             progress(epoch + 1, p.n_epochs)
-    return E2EResult(volume=asnumpy(vol).astype(np.complex64), probes=np.stack([asnumpy(q) for q in psi]),
+    return E2EResult(volume=asnumpy(vol).astype(np.complex64, copy=False), probes=np.stack([asnumpy(q) for q in psi]),
                      grid=grid, euler_deg=euler, translations_A=tau, history=hist)
 
 
