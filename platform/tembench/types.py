@@ -263,7 +263,8 @@ class Reconstruction:
 #     per electron event (True = the event belongs to A). ``noise_free: True`` at an infinite
 #     dose: both halves are the (noise-free) data.
 #   * ``split: "positions"``: ``mask_a`` — bool (scan_y, scan_x), True where half A has its
-#     pattern (a checkerboard); B has the others. The data array is shared, not copied.
+#     pattern (a checkerboard); B has the others, or, with ``n_subsets`` > 2 (sub-sampling), the
+#     patterns of ``mask_b``. The data array is shared, not copied.
 # :func:`half_measurement` builds half 0 (A) or 1 (B) on demand. The runner reconstructs both
 # halves with every reconstructor and hands the two reconstructions to quantifiers as
 # ``reconstruction.extras[HALF_SETS] = [A, B]``.
@@ -329,8 +330,9 @@ def half_measurement(measurement: Measurement, index: int) -> Measurement:
             data = (np.asarray(a).astype(full.dtype) if index == 0
                     else np.asarray(np.subtract(full, a, dtype=full.dtype)))
     elif split == "positions":
-        mask = np.asarray(spec["mask_a"], dtype=bool)
-        mask = mask if index == 0 else ~mask
+        mask_a = np.asarray(spec["mask_a"], dtype=bool)
+        # n_subsets > 2 (You 2025 sub-sampling): B is its own subset ``mask_b``; else B = the complement of A
+        mask = mask_a if index == 0 else (np.asarray(spec["mask_b"], dtype=bool) if "mask_b" in spec else ~mask_a)
         extras[PATTERN_MASK] = mask
         if isinstance(extra.get("dose_total_e_per_A2"), (int, float)):
             extra["dose_total_e_per_A2"] = extra["dose_total_e_per_A2"] * float(mask.mean())

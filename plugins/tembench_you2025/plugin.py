@@ -7,7 +7,7 @@ from tembench_you2025.linear_tomo import JointLinearTomo
 from tembench_you2025.msp import MSP
 from tembench_you2025.positions import MSPPositions, MSPState
 from tembench_you2025.tilt_series import STEM4DTiltSeries
-from tembench_you2025.tomo_scores import AlignmentError, DepthElongation
+from tembench_you2025.tomo_scores import AlignmentError, DepthElongation, TomoAtomTracing, TomoFSC
 
 
 @hookimpl
@@ -22,7 +22,7 @@ def tembench_register_reconstructors():
 
 @hookimpl
 def tembench_register_quantifiers():
-    return [MSPPositions, MSPState, AlignmentError, DepthElongation]
+    return [MSPPositions, MSPState, AlignmentError, DepthElongation, TomoFSC, TomoAtomTracing]
 
 
 @hookimpl
