@@ -212,6 +212,9 @@ def test_bad_inputs(tilt_problem):
     with pytest.raises(TembenchError, match="probes"):
         E.reconstruct_e2e([pb["meas"]], [pb["pos"]], geo, pb["grid"], [pb["euler"]], [pb["tau"]],
                           np.stack([pb["probe"]] * 2), E.E2EParams(n_epochs=1))
+    with pytest.raises(TembenchError, match="voxel"):
+        E.reconstruct_e2e([pb["meas"]], [pb["pos"]], Geometry(energy_keV=E_KEV, detector_sampling_mrad=3.0),
+                          pb["grid"], [pb["euler"]], [pb["tau"]], pb["probe"], E.E2EParams(n_epochs=1))
     with pytest.raises(Exception, match="extra"):
         E.E2EParams(not_a_param=1)
 
