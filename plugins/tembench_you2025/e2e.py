@@ -65,8 +65,8 @@ from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.propagation import propagate
 from tembench.physics.rotation import binned_thicknesses
 from tembench.physics.stem import GRADIENT_BATCH_BYTES, stem_loss_and_gradient
-from tembench_you2025.msp import MSPParams, _adjacent_batches, orthogonalize_modes
-from tembench_you2025.tomo_common import TomoGrid, nominal_euler_deg, slabs, slabs_adjoint
+from tembench_you2025.msp import _adjacent_batches, orthogonalize_modes
+from tembench_you2025.tomo_common import TomoGrid, slabs, slabs_adjoint
 
 
 class E2EParams(Params):
