@@ -207,10 +207,10 @@ def test_probe_window_check_reads_the_outer_sixteenth_and_one_percent_of_the_int
 # --- binning, cropping, streaming and batches of stem_scan ----------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _crystal():
+@lru_cache(maxsize=2)
+def _crystal(n=(48, 40)):
     rng = np.random.default_rng(3)
-    n, s = (48, 40), (0.15, 0.18)
+    s = (0.15, 0.18)
     v = P.projected_potential(rng.uniform(0, 7.0, (10, 3)), [14] * 5 + [42] * 5, gpts=n, sampling_A=s,
                               slice_thickness_A=2.0, z_range_A=(0, 4.0))
     pos = np.stack([rng.uniform(1, 6, 7), rng.uniform(1, 6, 7)], axis=1)
@@ -288,15 +288,15 @@ def test_given_transmissions_band_options_a_2d_probe_and_window_refusals():
             S.stem_scan(v, 2.0, **{**kw, "probe": p})
 
 
-@pytest.mark.parametrize("window", [(48, 40), (30, 27)])
-def test_scan_patterns_are_the_multislice_of_the_placed_probe(window):
+@pytest.mark.parametrize("field, window", [((48, 40), (48, 40)), ((45, 40), (45, 40)), ((48, 40), (30, 27))])
+def test_scan_patterns_are_the_multislice_of_the_placed_probe(field, window):
     """One position by its documented geometry: the window's pixel (wy//2, wx//2) on the whole pixel o
     nearest ρ, the probe moved by the rest ρ − o·s (Fourier shift), the field's band-limited transmissions
     cropped periodically at o − w//2, core multislice on the window grid (default band limit), pattern =
-    |F ψ_exit|²/(wy·wx) fftshifted. Whole field (48 x 40) and a cropped odd window; non-square pixels."""
+    |F ψ_exit|²/(wy·wx) fftshifted. Whole fields (even, odd) and a cropped odd window; non-square pixels."""
     from tembench.physics.multislice import multislice
 
-    v, s, pos = _crystal()
+    v, s, pos = _crystal(field)
     probe = S.make_probe_modes(window, s, E, 18.0, {"C10": -12.0})
     wy, wx = window
     t = transmission_functions(v, energy_keV=E, sampling_A=s)
