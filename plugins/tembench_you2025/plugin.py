@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tembench import hookimpl
+from tembench_you2025.e2e import E2EPtychoTomo
 from tembench_you2025.linear_tomo import JointLinearTomo
 from tembench_you2025.msp import MSP
 from tembench_you2025.positions import MSPPositions, MSPState
@@ -17,7 +18,7 @@ def tembench_register_forward_models():
 
 @hookimpl
 def tembench_register_reconstructors():
-    return [MSP, JointLinearTomo]
+    return [MSP, JointLinearTomo, E2EPtychoTomo]
 
 
 @hookimpl
