@@ -23,7 +23,10 @@ forward = positive distance) before the reconstruction (:func:`probe_at_volume_e
 Algorithm 3 as implemented (:func:`reconstruct_e2e`): V⁰ = 0 (or a given start); per epoch the tilts in turn
 (``tilt_order``), each with its own probe ψ_k; per tilt the patterns in batches of ``batch_size`` adjacent scan
 indices, visited in a reshuffled order; per batch one preconditioned gradient step on the volume, then (from
-``start_probe_epoch`` on) on ψ_k; the L1 shrinkage of Im V (eq 17).
+``start_probe_epoch`` on) on ψ_k and (from ``start_position_epoch`` on, off by default as in the paper's runs) on
+the batch's probe positions (msp's capped Newton steps with the engine's Gauss–Newton curvature; after each tilt
+the affine part of its offsets is removed: the shift belongs to τ_k, which stays fixed); the L1 shrinkage of
+Im V (eq 17).
 
 Step normalisation (msp's Gauss–Newton diagonal, :mod:`tembench_you2025.msp`): the slab step
 ΔW = −γ₁·g_W / (2σ²·n_slabs·[(1−α)·Σ_b|ψ_b|² + α·max Σ_b|ψ_b|²]) is the full Gauss–Newton step of the batch's
@@ -65,7 +68,7 @@ from tembench.physics.constants import interaction_constant, wavelength_A
 from tembench.physics.propagation import propagate
 from tembench.physics.rotation import binned_thicknesses
 from tembench.physics.stem import GRADIENT_BATCH_BYTES, stem_loss_and_gradient
-from tembench_you2025.msp import _adjacent_batches, orthogonalize_modes
+from tembench_you2025.msp import POSITION_MU, _adjacent_batches, orthogonalize_modes, remove_global_part
 from tembench_you2025.tomo_common import TomoGrid, slabs, slabs_adjoint
 
 
@@ -89,6 +92,13 @@ class E2EParams(Params):
         "tilt", description="minibatch: V updated after every batch (Alg. 3 literally); tilt: the batches step on "
                             "the tilt's slabs and V takes their least-norm sum once per tilt (one rotation pair "
                             "per tilt instead of per batch)")
+    start_position_epoch: int | None = Field(None, ge=0, description="refine the probe positions from this epoch "
+                                             "on (Newton steps as msp); None: never (the paper's runs)")
+    position_step_size: float = Field(1.0, gt=0, le=10, description="position step (1 = full Newton step)")
+    position_frame: Literal["affine", "shift", "none"] = Field(
+        "affine", description="after each tilt remove the affine part (or mean) of its position offsets: that part "
+                              "moves object and positions together (the tilt's τ carries the shift)")
+    max_position_shift_A: float = Field(2.0, gt=0, description="refined positions stay within this of the start (Å)")
     tilt_order: Literal["sequential", "random"] = Field("sequential", description="tilt visiting order per epoch")
     reconstruct_absorption: bool = Field(True, description="complex V (Im V = absorption); False: real V")
     positivity: bool = Field(False, description="project Re V onto ≥ 0 after every volume update (not in the "
@@ -118,6 +128,7 @@ class E2EResult:
     grid: TomoGrid
     euler_deg: np.ndarray                # (n_tilts, 3) held fixed
     translations_A: np.ndarray           # (n_tilts, 2) held fixed
+    positions_A: list = field(default_factory=list)  # per tilt (N_k, 2) probe positions (refined or as given)
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -285,7 +296,7 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
     """
     p = params if isinstance(params, E2EParams) else E2EParams(**(params or {}))
     n_tilts = len(patterns)
-    pos_all = [np.asarray(positions_A[k], np.float64).reshape(-1, 2) for k in range(n_tilts)]
+    pos_all = [np.array(positions_A[k], np.float64).reshape(-1, 2) for k in range(n_tilts)]  # copies: refined
     euler = np.asarray(euler_deg, np.float64).reshape(n_tilts, 3)
     tau = np.asarray(translations_A, np.float64).reshape(n_tilts, 2)
     probes = np.asarray(probes)
@@ -339,6 +350,9 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
               amplitude_eps=p.eps, band_limit=p.band_limit, xp=xp)
     hist: dict[str, list[float]] = {"loss": [], "loss_relative": [], "step_scale": [], "time_s": [],
                                     "time_per_tilt_s": []}
+    pos_start = [q.copy() for q in pos_all]
+    pos_prev = [q.copy() for q in pos_all]
+    hist["position_update_rms_A"] = []
     n_meas = float(sum(len(q) for q in pos_all))  # Σ of the normalised intensities
     damp = 1.0
 
@@ -365,9 +379,11 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
         t0 = time.perf_counter()
         loss_ep = 0.0
         refine_probe = p.start_probe_epoch is not None and epoch >= p.start_probe_epoch
+        refine_pos = p.start_position_epoch is not None and epoch >= p.start_position_epoch
+        dpos_ep = []
         order = rng.permutation(n_tilts) if p.tilt_order == "random" else np.arange(n_tilts)
         for k in (int(i) for i in order):
-            q_all = tilt_positions_A(pos_all[k], tau[k], grid)
+            q_all = tilt_positions_A(pos_all[k], tau[k], grid)  # rows updated as the batches refine them
             w = _slabs_of(vol, euler[k], b, s, xp)
             tilt_mode = p.volume_update == "tilt"
             if tilt_mode:
@@ -382,8 +398,9 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
                 sub = w[crop.index]
                 local = q_all[idx] - np.array([crop.origin[0] * s, crop.origin[1] * s])
                 chunk = engine_chunk(len(idx), probe.shape[0], window, n_slabs)
-                loss_b, g_w, g_p = stem_loss_and_gradient(sub, meas, dz, positions_A=local, probe=probe,
-                                                          batch_size=chunk, **kw)[:3]
+                out = stem_loss_and_gradient(sub, meas, dz, positions_A=local, probe=probe, batch_size=chunk,
+                                             return_position_curvature=refine_pos, **kw)
+                loss_b, g_w, g_p = out[:3]
                 loss_ep += loss_b
                 illum = _illumination(probe, whole, crop.origin, sub.shape[1:], window, xp)
                 den = (2.0 * sigma**2 * n_slabs) * ((1 - p.illumination_reg) * illum
@@ -409,7 +426,20 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
                 if refine_probe:
                     probe = probe - (damp * p.probe_step_size / (2.0 * len(idx))) * g_p
                     probe = orthogonalize_modes(probe.astype(xp.complex64), xp)
+                if refine_pos:  # msp's Newton step on the batch's positions, capped at half a pixel
+                    g_pos, h_pos = out[3], out[4]
+                    mu = POSITION_MU * float(np.mean(np.trace(h_pos, axis1=1, axis2=2))) + 1e-30
+                    d = -damp * p.position_step_size * np.linalg.solve(h_pos + mu * np.eye(2), g_pos[..., None])[..., 0]
+                    d = np.clip(d, -0.5 * s, 0.5 * s)
+                    pos_all[k][idx] += d
+                    q_all[idx] += d
             psi[k] = probe
+            if refine_pos:
+                off = remove_global_part(pos_all[k] - pos_start[k], pos_start[k], p.position_frame)
+                off = np.clip(off, -p.max_position_shift_A, p.max_position_shift_A)
+                dpos_ep.append(pos_start[k] + off - pos_prev[k])
+                pos_prev[k] = pos_start[k] + off
+                pos_all[k] = pos_prev[k].copy()
             if tilt_mode:
                 _add_adjoint(vol, delta, euler[k], b, s, back, xp)
                 vol = positive(vol)
@@ -421,6 +451,8 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
         hist["loss_relative"].append(float(loss_ep / n_meas))
         hist["time_s"].append(elapsed)
         hist["time_per_tilt_s"].append(elapsed / n_tilts)
+        d_all = np.concatenate(dpos_ep) if dpos_ep else np.zeros((1, 2))
+        hist["position_update_rms_A"].append(float(np.sqrt((d_all**2).sum(axis=1).mean())))
         if not math.isfinite(loss_ep):
             raise TembenchError(f"e2e diverged at epoch {epoch} (loss {loss_ep}); reduce step_size / probe_step_size")
         if epoch > 0 and loss_ep > 1.5 * hist["loss"][-2]:
@@ -429,7 +461,7 @@ def reconstruct_e2e(patterns, positions_A, geometry, grid: TomoGrid, euler_deg, 
         if progress is not None:
             progress(epoch + 1, p.n_epochs)
     return E2EResult(volume=asnumpy(vol).astype(np.complex64, copy=False), probes=np.stack([asnumpy(q) for q in psi]),
-                     grid=grid, euler_deg=euler, translations_A=tau, history=hist)
+                     grid=grid, euler_deg=euler, translations_A=tau, positions_A=pos_all, history=hist)
 
 
 # --- the pipeline: msp → joint_linear_tomo → e2e -----------------------------------------------------------
@@ -518,5 +550,7 @@ class E2EPtychoTomo(Reconstructor):
             extras={"euler_deg": res.euler_deg, "translations_A": res.translations_A,
                     "absorption_V": np.ascontiguousarray(res.volume.imag, np.float32), "probe_modes": res.probes,
                     "linear_volume_V": lin.volume_V, "time_per_tilt_epoch_s": res.history["time_per_tilt_s"],
+                    "positions_A": np.stack(res.positions_A) if len({len(q) for q in res.positions_A}) == 1
+                    else res.positions_A,
                     "shape": list(grid.shape)},
             timings_s=timings)

@@ -157,6 +157,25 @@ def test_volume_update_modes(tilt_problem):
         assert np.all(np.diff(r.history["loss"]) < 0)
 
 
+def test_position_refinement_recovers_offsets(tilt_problem):
+    """With the volume held (step 1e-9) at the one that made the patterns, Newton steps on the positions bring
+    start positions 0.05 Å + up to ±0.12 Å off back to the truth; the input positions are not modified."""
+    pb = tilt_problem
+    truth_v = (1.1 * pb["v"] + 0.05 * pb["v"].conj()).astype(np.complex64)
+    true_pos = pb["pos"] + 0.05
+    start = pb["pos"] + np.random.default_rng(26).uniform(-0.12, 0.12, pb["pos"].shape)
+    given = start.copy()
+    r = E.reconstruct_e2e([pb["meas"]], [start], Geometry(energy_keV=E_KEV), pb["grid"], [pb["euler"]], [pb["tau"]],
+                          pb["probe"], E.E2EParams(n_epochs=6, batch_size=4, step_size=1e-9, start_probe_epoch=None,
+                                                   start_position_epoch=0, position_frame="none"),
+                          init_volume=truth_v)
+    err0 = np.abs(start - true_pos).max()
+    err = np.abs(r.positions_A[0] - true_pos).max()
+    print(f"position error {err0:.3f} -> {err:.4f} Å; updates {np.round(r.history['position_update_rms_A'], 4)}")
+    assert err < 0.15 * err0  # measured 0.154 -> 0.014 Å
+    np.testing.assert_array_equal(start, given)
+
+
 def test_l1_shrinkage_of_the_absorption(tilt_problem):
     """Eq 17 after each update: ‖Im V‖₁ falls and voxels become exactly zero; Re V is left alone."""
     pb = tilt_problem
