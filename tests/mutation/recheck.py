@@ -161,7 +161,7 @@ def main() -> None:
                     names = [n.strip() for n in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])]
                     rows = []
                     for v in m.args[1]:
-                        v = getattr(v, "values", v)          # pytest.param(...)
+                        v = v.values if type(v).__name__ == "ParameterSet" else v   # pytest.param(...)
                         rows.append(dict(zip(names, v if len(names) > 1 else (v,))))
                     grids.append(rows)
                 params = set(fn.__code__.co_varnames[:fn.__code__.co_argcount])
