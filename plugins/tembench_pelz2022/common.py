@@ -125,10 +125,17 @@ class PixelStats:
 
 
 def stream_pass(x: np.ndarray, method: str, consumer=None, stats: bool = True,
-                max_bytes: int = CHUNK_BYTES) -> PixelStats | None:
+                max_bytes: int = CHUNK_BYTES, fused=None) -> PixelStats | None:
     """One pass over dense data in row chunks: the finite check (raising as :func:`check_finite` does),
     the per-pixel statistics of :func:`find_bad_pixels` (if ``stats``) and ``consumer(row0, row1, block)``
-    (e.g. the COM sums), so a reconstructor reads the data once when no pixel is bad."""
+    (e.g. the COM sums), so a reconstructor reads the data once when no pixel is bad.
+
+    ``fused(row0, row1, block, acc)`` replaces ``consumer`` with a kernel that makes the statistics in its own
+    read of each frame (frame by frame, while the frame is in cache): ``acc`` = (first frame, float64 total,
+    int64 changes) to accumulate into (None when ``stats`` is False); it returns each frame's total, whose
+    finiteness is the finite check. Without ``fused`` the statistics are one numba pass per chunk
+    (``_kernels.dense_pass``; it was four numpy reductions with temporaries, most of the SSB whole call)."""
+    from tembench_pelz2022 import _kernels
     sy, sx = x.shape[:2]
     K = int(np.prod(x.shape[2:], dtype=np.int64))
     finite_dtype = not (x.dtype.kind in "f" or x.dtype.kind == "c")
@@ -139,13 +146,15 @@ def stream_pass(x: np.ndarray, method: str, consumer=None, stats: bool = True,
     where = None
     for r0, r1, block in scan_row_chunks(x, max_bytes):
         b = block.reshape(-1, K)
-        if stats:
-            t = b.sum(axis=0, dtype=np.float64)
-            total += t
-            if first is None:
-                first = b[0].copy()
-            changes += (b != first).sum(axis=0)
-            ok = finite_dtype or np.isfinite(t).all()
+        if stats and first is None:
+            first = b[0].copy()
+        acc = (first, total, changes) if stats else None
+        if fused is not None:
+            tot = fused(r0, r1, block, acc)
+            ok = finite_dtype or bool(np.isfinite(tot).all())
+        elif stats:
+            sums = _kernels.dense_pass(b.reshape(-1, *x.shape[2:]), None, acc)
+            ok = finite_dtype or bool(np.isfinite(sums[:, 2]).all())
         else:  # a non-finite value makes the sum NaN/inf; a finite sum proves the block finite. Summed in
             # the data's own float type (no float64 cast: half the cost); an overflow only sends the
             # block to the exact per-pixel check below, which then finds nothing
@@ -157,7 +166,7 @@ def stream_pass(x: np.ndarray, method: str, consumer=None, stats: bool = True,
             if where is None:
                 a, c, ky, kx = (int(i) for i in np.argwhere(bad)[0])
                 where = (a + r0, c, ky, kx, block[a, c, ky, kx].item())
-        if consumer is not None:
+        if consumer is not None and fused is None:
             consumer(r0, r1, block)
     if where is not None:
         y, xx, ky, kx, v = where
@@ -369,15 +378,21 @@ def clean_row_chunks(x: np.ndarray, bad: BadPixels | None = None, max_bytes: int
 
 
 def dense_pass(x: np.ndarray, grid, semiangle_mrad: float | None, policy: str, method: str, consumer,
-               max_bytes: int = CHUNK_BYTES) -> BadPixels | None:
+               max_bytes: int = CHUNK_BYTES, fused: bool = False) -> BadPixels | None:
     """Feed ``consumer(row0, row1, block)`` every row block of dense data with the finite check and the
     bad-pixel statistics made in the same pass; when bad pixels are found and repaired, feed it again with
-    the repaired blocks (the second pass overwrites what the first gave). Returns the bad-pixel result."""
-    stats = stream_pass(x, method, consumer, stats=policy != "ignore", max_bytes=max_bytes)
+    the repaired blocks (the second pass overwrites what the first gave). Returns the bad-pixel result.
+    ``fused=True``: ``consumer(row0, row1, block, acc)`` makes the statistics itself (see :func:`stream_pass`;
+    ``acc`` is None in the repair pass)."""
+    stats = stream_pass(x, method, None if fused else consumer, stats=policy != "ignore", max_bytes=max_bytes,
+                        fused=consumer if fused else None)
     bad = bad_pixel_check(x, grid, semiangle_mrad, policy, method, stats=stats)
     if bad is not None and bad.neighbours:
         for r0, r1, block in clean_row_chunks(x, bad, max_bytes):
-            consumer(r0, r1, block)
+            if fused:
+                consumer(r0, r1, block, None)
+            else:
+                consumer(r0, r1, block)
     return bad
 
 

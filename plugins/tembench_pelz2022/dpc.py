@@ -56,14 +56,15 @@ def _freqs(shape, step_A):
     return qy, qx
 
 
-def _block_moments(block, numba: bool | None = None, weight=None):
-    """(frames, 4) Σ I·iy, Σ I·ix, Σ I, Σ I·weight of a (rows, scan_x, k_y, k_x) block."""
+def _block_moments(block, numba: bool | None = None, weight=None, acc=None):
+    """(frames, 4) Σ I·iy, Σ I·ix, Σ I, Σ I·weight of a (rows, scan_x, k_y, k_x) block; with ``acc`` = (first
+    frame, float64 total, int64 changes) the bad-pixel statistics in the same read (``_kernels.dense_pass``)."""
     d3 = block.reshape(-1, *block.shape[2:])
     if d3.dtype not in (np.float32, np.float64):
         d3 = d3.astype(np.float64)
     from tembench_pelz2022 import _kernels  # numba: loaded when a reconstruction runs, not at plugin import
 
-    return _kernels.dense_pass(d3, weight, numba=numba)
+    return _kernels.dense_pass(d3, weight, acc, numba=numba)
 
 
 #: the dark-field image of the 180° branch choice counts the electrons beyond this many semiangles
@@ -157,10 +158,12 @@ def checked_gradient_field(x, grid, wavelength_A: float, semiangle_mrad: float |
     sums = np.empty((sy * sx, 4), np.float64)
     mask = dark_field_mask(grid, semiangle_mrad)
 
-    def consume(r0, r1, block):
-        sums[r0 * sx:r1 * sx] = _block_moments(block, numba, mask)
+    def consume(r0, r1, block, acc):  # one read of each frame: COM and dark-field sums, bad-pixel statistics
+        part = sums[r0 * sx:r1 * sx]
+        part[...] = _block_moments(block, numba, mask, acc)
+        return part[:, 2]  # the frame totals: the finite check
 
-    bad = dense_pass(x, grid, semiangle_mrad, bad_pixels, method, consume, max_bytes)
+    bad = dense_pass(x, grid, semiangle_mrad, bad_pixels, method, consume, max_bytes, fused=True)
     com_y, com_x, _ = _com_from_sums(np.ascontiguousarray(sums[:, :3]), (sy, sx), grid, normalize, numba)
     dark = sums[:, 3].reshape(sy, sx) if mask is not None else None
     return (*_to_gradient(com_y, com_x, wavelength_A, reference), bad, dark)

@@ -529,7 +529,9 @@ def fused_crop_bin(x: np.ndarray, grid: DetectorGrid, semiangle_mrad: float, par
     Returns (small data, its detector grid, bad-pixel result or None)."""
     sy, sx = x.shape[:2]
     own_total = params.bad_pixels == "ignore"
-    total = np.zeros(grid.shape, np.float64) if own_total else None
+    # without the bad-pixel statistics the disc check still needs the mean pattern: our own accumulators
+    own = ((np.asarray(x[0, 0]).reshape(-1).copy(), np.zeros(grid.shape[0] * grid.shape[1], np.float64),
+            np.zeros(grid.shape[0] * grid.shape[1], np.int64)) if own_total else None)
 
     # the window and bin factor of eer_ops.bright_field_crop_bin, read off its result on one empty frame
     proxy = np.zeros((1, 1) + tuple(grid.shape), np.float32)
@@ -540,14 +542,13 @@ def fused_crop_bin(x: np.ndarray, grid: DetectorGrid, semiangle_mrad: float, par
     x0 = int(round(grid.centre_px[1] - (g.centre_px[1] * f + (f - 1) / 2)))
     out = np.empty((sy, sx, nby, nbx), np.float32)
 
-    def consume(r0, r1, block):
-        ssb_kernels.crop_bin(block, y0, x0, f, nby, nbx, out[r0:r1], numba=params.numba)
-        if own_total:
-            total[...] += block.sum(axis=(0, 1), dtype=np.float64)
+    def consume(r0, r1, block, acc):  # one read of each frame: crop/bin, frame total, per-pixel statistics
+        return ssb_kernels.crop_bin_stats(block, y0, x0, f, nby, nbx, out[r0:r1], own if own_total else acc,
+                                          numba=params.numba)
 
-    bad = dense_pass(x, grid, semiangle_mrad, params.bad_pixels, method, consume)
+    bad = dense_pass(x, grid, semiangle_mrad, params.bad_pixels, method, consume, fused=True)
     if own_total:
-        mean = total / (sy * sx)
+        mean = (own[1] / (sy * sx)).reshape(grid.shape)
     else:  # the mean pattern with the bad pixels repaired (a hot pixel must not pass for the disc's peak)
         mean = np.array(bad.mean, np.float64)
         for y, xx, ys, xs in bad.neighbours:

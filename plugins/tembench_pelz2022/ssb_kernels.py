@@ -156,26 +156,67 @@ def crop_bin_numpy(block, y0, x0, f, nby, nbx, out):
 
 
 if HAVE_NUMBA:
-    @_nb.njit(parallel=True, cache=True, nogil=True)
-    def _crop_bin_nb(block, y0, x0, f, nby, nbx, out):  # pragma: no cover - compiled
-        r, sx = block.shape[0], block.shape[1]
-        for n in _nb.prange(r * sx):
-            a = n // sx
-            b = n - a * sx
-            for i in range(nby):
+    # no "nnan"/"ninf": a NaN/inf must reach the frame total (the finite check reads it there)
+    @_nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+    def _crop_bin_stats_nb(d3, y0, x0, f, nby, nbx, out3, stats, first, total, changes, frame_tot, zero):  # pragma: no cover
+        n_frames, ny, nx = d3.shape
+        for n in range(n_frames):
+            s = zero
+            if stats:  # every pixel: the frame total, the per-pixel float64 total and "differs from the first frame"
+                for iy in range(ny):
+                    row = zero
+                    for ix in range(nx):
+                        v = d3[n, iy, ix]
+                        row += v
+                        total[iy, ix] += v
+                        changes[iy, ix] += v != first[iy, ix]
+                    s += row
+            else:
+                for iy in range(ny):
+                    row = zero
+                    for ix in range(nx):
+                        row += d3[n, iy, ix]
+                    s += row
+            frame_tot[n] = s
+            for i in range(nby):  # the window, binned f × f (the frame is in cache now)
                 for j in range(nbx):
-                    out[a, b, i, j] = 0.0
-            for iy in range(f * nby):
-                i = iy // f
-                row = y0 + iy
-                for ix in range(f * nbx):
-                    out[a, b, i, ix // f] += np.float32(block[a, b, row, x0 + ix])
+                    out3[n, i, j] = 0.0
+                for a in range(f):
+                    row = y0 + f * i + a
+                    for j in range(nbx):
+                        acc = np.float32(0.0)
+                        c = x0 + f * j
+                        for b in range(f):
+                            acc += np.float32(d3[n, row, c + b])
+                        out3[n, i, j] += acc
 
 
-def crop_bin(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, numba: bool | None = None):
-    """Crop the window (y0, x0, f·nby × f·nbx) of every frame of ``block`` (rows, scan_x, k_y, k_x) and sum
-    f×f pixels into ``out`` (rows, scan_x, nby, nbx) float32, reading each frame's window once."""
-    if not use_numba(numba):
-        return crop_bin_numpy(block, y0, x0, f, nby, nbx, out)
-    _crop_bin_nb(block, int(y0), int(x0), int(f), int(nby), int(nbx), out)
-    return out
+def crop_bin_stats(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, acc=None, numba: bool | None = None):
+    """The f × f binned crop (y0, x0, f·nby × f·nbx) of every frame of ``block`` (rows, scan_x, k_y, k_x) into ``out`` and, in the same read of
+    each frame, its total (returned, (frames,) float: a NaN/inf pixel makes it non-finite — the finite check)
+    and, if ``acc`` = (first, total, changes) ((k_y·k_x,) first frame, float64 and int64 accumulators), each
+    pixel's value added to ``total`` and 1 to ``changes`` where it differs from ``first`` (in place).
+    The one pass over the raw data that SSB makes (``ssb.fused_crop_bin``); numpy twin: the same results."""
+    r, sx, ny, nx = block.shape
+    d3 = block.reshape(r * sx, ny, nx)
+    out3 = out.reshape(r * sx, nby, nbx)
+    if use_numba(numba) and d3.flags.c_contiguous and r * sx:
+        float_data = d3.dtype in (np.float32, np.float64)
+        zero = d3.dtype.type(0) if float_data else np.float64(0)
+        tot = np.empty(r * sx, dtype=d3.dtype if float_data else np.float64)
+        if acc is None:
+            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out3, False, np.zeros((1, 1), d3.dtype),
+                               np.zeros((1, 1)), np.zeros((1, 1), np.int64), tot, zero)
+        else:
+            first, total, changes = acc
+            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out3, True,
+                               np.ascontiguousarray(first, dtype=d3.dtype).reshape(ny, nx), total.reshape(ny, nx),
+                               changes.reshape(ny, nx), tot, zero)
+        return tot
+    crop_bin_numpy(block, y0, x0, f, nby, nbx, out)
+    b = d3.reshape(r * sx, ny * nx)
+    if acc is not None:
+        first, total, changes = acc
+        total.reshape(-1)[...] += b.sum(axis=0, dtype=np.float64)
+        changes.reshape(-1)[...] += (b != np.asarray(first).reshape(-1)).sum(axis=0)
+    return b.sum(axis=1, dtype=d3.dtype if d3.dtype.kind == "f" else np.float64)
