@@ -425,7 +425,7 @@ _COST_FFT_NS = 0.3
 _MIN_EXACT_NS = 20e6
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)  # one grid's elements (a 2048² multiplier is 16 MB)
 def _spread_multiplier(Z: int, gpts: tuple, sampling: tuple, parametrization: str, band_limit, my: int, mx: int,
                        width: int, beta: float) -> np.ndarray:
     """(ny, nx) float32 filter from the kept spectrum of the oversampled deposit to the (unnormalised)
