@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tembench import hookimpl
+from tembench_friedrich2023.airpi import AIRPIReconstructor  # imports jax only when it runs
 from tembench_friedrich2023.dislocation import DislocationField
 from tembench_friedrich2023.quantify import ColumnFit, ColumnFitScore, CRLBPrecision
 from tembench_friedrich2023.restore import CNNRestore  # imports jax only when the step runs
@@ -11,7 +12,8 @@ from tembench_friedrich2023.ricom_recon import RiCOMReconstructor
 
 @hookimpl
 def tembench_register_reconstructors():
-    return [ColumnFit, RiCOMReconstructor]
+    return [ColumnFit, RiCOMReconstructor,
+            AIRPIReconstructor]
 
 
 @hookimpl
