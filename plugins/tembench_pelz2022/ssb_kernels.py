@@ -160,6 +160,8 @@ if HAVE_NUMBA:
     @_nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
     def _crop_bin_stats_nb(d3, y0, x0, f, nby, nbx, out3, stats, first, total, changes, frame_tot, zero):  # pragma: no cover
         n_frames, ny, nx = d3.shape
+        w = f * nbx
+        tmp = np.empty(w, np.float32)
         for n in range(n_frames):
             s = zero
             if stats:  # every pixel: the frame total, the per-pixel float64 total and "differs from the first frame"
@@ -178,17 +180,18 @@ if HAVE_NUMBA:
                         row += d3[n, iy, ix]
                     s += row
             frame_tot[n] = s
-            for i in range(nby):  # the window, binned f × f (the frame is in cache now)
-                for j in range(nbx):
-                    out3[n, i, j] = 0.0
-                for a in range(f):
+            for i in range(nby):  # the window, binned f × f (the frame is in cache now): f rows summed
+                for c in range(w):  # into one (contiguous, vectorised), then f columns
+                    tmp[c] = np.float32(d3[n, y0 + f * i, x0 + c])
+                for a in range(1, f):
                     row = y0 + f * i + a
-                    for j in range(nbx):
-                        acc = np.float32(0.0)
-                        c = x0 + f * j
-                        for b in range(f):
-                            acc += np.float32(d3[n, row, c + b])
-                        out3[n, i, j] += acc
+                    for c in range(w):
+                        tmp[c] += np.float32(d3[n, row, x0 + c])
+                for j in range(nbx):
+                    acc = np.float32(0.0)
+                    for b in range(f):
+                        acc += tmp[f * j + b]
+                    out3[n, i, j] = acc
 
 
 def crop_bin_stats(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, acc=None, numba: bool | None = None):
