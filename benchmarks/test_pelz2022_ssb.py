@@ -39,6 +39,18 @@ def _optics():
     return ProbeOptics(200.0, constants.wavelength_A(200.0), 25.0, {})
 
 
+def best_cpu_of(fn, n: int = 5) -> float:
+    """Fastest process CPU time of ``n`` calls after a warm-up (s): with one thread (``TEMBENCH_FFT_WORKERS=1
+    NUMBA_NUM_THREADS=1``) this is the work itself, insensitive to other jobs on shared cores."""
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
+
+
 @pytest.mark.parametrize("scan,det", [(64, 64), (64, 128)])
 def test_ssb_vs_fft_floor_64(benchmark, scan, det):
     """The SSB core and the whole call against the FFT floor, in one run.
@@ -74,7 +86,21 @@ def test_ssb_vs_fft_floor_64(benchmark, scan, det):
                                 ssb_default_rotation_estimated_ms=1e3 * t_default,
                                 ssb_over_fft_floor=t_core / t_fft, full_over_fft_floor=t_full / t_fft,
                                 full_over_fft_plus_read_floor=t_full / (t_fft + t_read), load_avg_1min=load)
+    # the same ratios in CPU time (meaningful at one thread: set TEMBENCH_FFT_WORKERS=1 NUMBA_NUM_THREADS=1)
+    c_fft = best_cpu_of(lambda: scipy.fft.rfft2(flat, axes=(0, 1), workers=fft_workers()))
+    c_read = best_cpu_of(lambda: [b.sum(dtype=np.float32) for _, _, b in scan_row_chunks(x)])
+    c_core = best_cpu_of(lambda: ssb.SSBData(small, g, opt, step).phase(normalization="wiener"))
+    c_pass = best_cpu_of(lambda: ssb.fused_crop_bin(x, grid, opt.semiangle_mrad, given))
+    c_full = best_cpu_of(lambda: ssb.SSB().reconstruct(m, given, np))
+    threads = f"FFT workers {fft_workers()}, NUMBA_NUM_THREADS {os.environ.get('NUMBA_NUM_THREADS', 'default')}"
+    benchmark.extra_info.update(cpu_fft_floor_ms=1e3 * c_fft, cpu_read_floor_ms=1e3 * c_read, cpu_core_ms=1e3 * c_core,
+                                cpu_pass_ms=1e3 * c_pass, cpu_full_ms=1e3 * c_full, cpu_full_over_fft_floor=c_full / c_fft,
+                                cpu_full_over_fft_plus_read_floor=c_full / (c_fft + c_read), threads=threads)
     benchmark.pedantic(lambda: ssb.SSB().reconstruct(m, given, np), rounds=3, iterations=1)
+    print(f"\nCPU time ({threads}; load {os.getloadavg()[0]:.1f}): FFT floor {1e3 * c_fft:.1f} ms, read floor "
+          f"{1e3 * c_read:.1f} ms, core {1e3 * c_core:.1f} ms ({c_core / c_fft:.2f}x floor), pass {1e3 * c_pass:.1f} ms, "
+          f"whole call {1e3 * c_full:.1f} ms = {c_full / c_fft:.1f}x FFT floor, {c_full / (c_fft + c_read):.2f}x FFT + read "
+          "floors")
     print(f"\nSSB {x.shape[0]}x{x.shape[1]} scan, detector {x.shape[2]}x{x.shape[3]} -> {g.shape[0]}x{g.shape[1]} "
           f"(load {load:.1f}): FFT floor {1e3 * t_fft:.1f} ms, read floor {1e3 * t_read:.1f} ms; core {1e3 * t_core:.1f} ms "
           f"({t_core / t_fft:.2f}x floor); whole call {1e3 * t_full:.1f} ms ({t_full / t_fft:.1f}x FFT floor, "
