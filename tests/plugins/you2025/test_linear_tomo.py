@@ -27,6 +27,8 @@ def test_projection_is_shifted_turned_sum_and_adjoint_is_exact():
     s, e, t = 0.5, (3.0, 25.0, -4.0), (0.3, -0.7)
     ref = T.shift_image((s * euler_rotate(v, e).sum(axis=0)).astype(np.float32), t, s)
     np.testing.assert_allclose(LT.project(v.astype(np.float32), e, t, s), ref, atol=1e-4 * float(np.abs(ref).max()))
+    # the fast path (tilt and sum fused, psi on the 2D projection) is the frame's slabs operator
+    np.testing.assert_allclose(LT.project(v, e, (0, 0), s), T.slabs(v, e, 20, s)[0], rtol=1e-5, atol=1e-6)
     rng = np.random.default_rng(1)
     img = rng.standard_normal((3, 20, 20))
     es = np.array([e, (0.0, -40.0, 0.0), (1.0, 10.0, 2.0)])
@@ -115,6 +117,14 @@ def test_downsampled_images_keep_the_rotation_centre():
     assert float((w * xx).sum()) * f == pytest.approx(c[2], abs=0.02)
 
 
+def test_cc_shift_finds_large_and_subpixel_shifts():
+    v, _ = blobs(n=32, n_blobs=6, r_hi=8.0, width=1.5)
+    img = LT.project(v, (0, 30, 0), (0, 0), 0.5)
+    for d in ((3.3, -5.1), (-0.2, 0.35), (6.0, 6.0)):
+        got = LT.cc_shift(img, T.shift_image(img, d, 0.5), 0.5)
+        np.testing.assert_allclose(got, d, atol=0.1 * 0.5)
+
+
 def _gauge_free(tau, euler):
     return LT._fix_translation_gauge(tau, np.zeros_like(tau), euler, "3d")
 
@@ -135,7 +145,10 @@ def test_recovers_known_translations_same_operator():
     err = np.abs(_gauge_free(res.translations_A, euler) - _gauge_free(tau, euler)) / s
     assert err.max() < 0.5
     np.testing.assert_array_equal(res.euler_deg, euler)
-    assert res.history["alignment_loss"][-1] < 0.05 * res.history["alignment_loss"][0]
+    assert res.history["alignment_loss"][-1] <= res.history["alignment_loss"][0]
+    # the centre-of-mass start alone is already within a voxel here (compact object, no background)
+    com = LT.com_translations(y, s, 0.1)
+    assert np.abs(_gauge_free(com, euler) - _gauge_free(tau, euler)).max() / s < 1.0
 
 
 def _atom_tilt_series(euler, tau, n=32, s=0.5, seed=1):
@@ -168,8 +181,8 @@ def _atom_tilt_series(euler, tau, n=32, s=0.5, seed=1):
 def test_recovers_translations_and_angles_from_independently_projected_atoms():
     """No inverse crime: atoms projected by the potential code at the true alignment (τ up to ±3 voxels, tilt and
     psi errors N(0, 0.5°)); from nominal angles and τ = 0 with the default schedule (6 outer iterations on 2×
-    down-sampled images, 6 at full resolution). Measured (gauge removed): τ 0.09 voxel max; psi 0.22° max (rms 0.21° →
-    0.08°); tilt 0.77° max, rms 0.47° → 0.27° — per-projection tilt angles are weakly determined (module doc): the
+    down-sampled images, 6 at full resolution). Measured (gauge removed): τ 0.05 voxel max; psi 0.22° max (rms 0.21° →
+    0.08°); tilt 0.72° max, rms 0.47° → 0.24° — per-projection tilt angles are weakly determined (module doc): the
     0.2° of issue 15 is met for psi, not for the tilt."""
     n, s = 32, 0.5
     rng = np.random.default_rng(1)
@@ -180,7 +193,8 @@ def test_recovers_translations_and_angles_from_independently_projected_atoms():
     truth = nominal + err
     tau = rng.uniform(-1.5, 1.5, (len(tilts), 2))
     y = _atom_tilt_series(truth, tau, n, s)
-    res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau), dict(refine_euler=("tilt", "psi")))
+    res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
+                                     dict(refine_euler=("tilt", "psi"), n_outer=6, n_outer_full=6))
     t_err = np.abs(_gauge_free(res.translations_A, res.euler_deg) - _gauge_free(tau, truth)) / s
     idx = [1, 2]
     e_err = LT._fix_euler_gauge(res.euler_deg, nominal, idx) - LT._fix_euler_gauge(truth, nominal, idx)
@@ -197,8 +211,8 @@ def test_recovers_translations_and_angles_from_independently_projected_atoms():
 @pytest.mark.slow
 def test_recovers_angles_same_operator_many_tilts():
     """Projections made with the operator, 25 tilts ±60°, psi and tilt errors N(0, 0.5°), τ up to ±3 voxels, 14
-    outer iterations at full resolution: measured τ 0.015 voxel max, tilt 0.39° max / 0.16° rms, psi 0.30° max (next
-    to tilt 0 and at the end tilt) / 0.09° rms."""
+    outer iterations at full resolution: measured τ 0.02 voxel max, tilt 0.41° max / 0.12° rms, psi 0.27° max (next
+    to tilt 0 and at the end tilt) / 0.07° rms."""
     n, s = 32, 0.5
     v, _ = blobs(n=n, n_blobs=14, seed=1, r_lo=5.0, r_hi=12.0, width=1.2, dtype=np.float32)
     rng = np.random.default_rng(5)
@@ -259,7 +273,7 @@ def unaligned_series():
 @pytest.mark.slow
 def test_reconstructor_recovers_translations_from_msp_projections(unaligned_series):
     """The whole route (msp per tilt → projections on the TomoGrid → Alg. 2) on multislice data of atoms — not the
-    tomography operator: the true translations (gauge removed) within 0.5 voxel (measured 0.27 voxel max)."""
+    tomography operator: the true translations (gauge removed) within 0.5 voxel (measured 0.26 voxel max)."""
     from tembench_you2025.tilt_series import true_alignment
 
     m = unaligned_series
