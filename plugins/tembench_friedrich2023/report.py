@@ -1,4 +1,5 @@
-"""Report sections of Friedrich 2023 runs: precision vs the CRLB, count maps vs truth, raw vs restored.
+"""Report sections of Friedrich 2023 runs: precision vs the CRLB, count maps vs truth, raw vs restored; the
+phase-method sections (riCOM, AIRPI, Table 5.1) are in :mod:`tembench_friedrich2023.report_phase`.
 
 Reads only the run folder: ``aggregates.parquet`` (rows of the ``crlb`` quantifier) and the per-row
 artifacts ``artifacts/<row>.npz`` (``column_fit.*`` fitted/true columns and counts, ``recon_preview``
@@ -251,13 +252,17 @@ def displacement_section(table, swept, run_dir) -> str | None:
 
 
 def report_sections(table, scenario, run_dir) -> list[dict]:
-    """Sections only for runs with a column_fit reconstructor."""
-    if table is None or table.empty or "reconstructor_name" not in table or \
-            not (table["reconstructor_name"] == "column_fit").any():
+    """Phase-method sections for runs with a ricom or airpi reconstructor (report_phase); the column-fit
+    sections for runs with a column_fit reconstructor."""
+    from tembench_friedrich2023.report_phase import phase_sections, wants_phase_sections
+
+    if table is None or table.empty or "reconstructor_name" not in table:
         return []
     run_dir = Path(run_dir)
     swept = _swept(table, scenario)
-    out = []
+    out = phase_sections(table, swept, scenario, run_dir) if wants_phase_sections(table) else []
+    if not (table["reconstructor_name"] == "column_fit").any():
+        return out
     prec = precision_section(_load_aggregates(run_dir), swept)
     if prec:
         out.append({"title": "Friedrich 2023: precision vs the Cramér–Rao bound", "html": prec[0], "markdown": prec[1]})
