@@ -187,3 +187,48 @@ def test_backward_gradient_of_a_complex_potential_against_finite_differences(ban
         fd = (loss(v + h * d) - loss(v - h * d)) / (2 * h)
         terms = np.real(np.conj(g) * d).astype(np.float64)
         assert fd == pytest.approx(terms.sum(), abs=2e-3 * np.abs(terms).sum())
+
+
+def test_hrtem_options_reach_the_multislice_and_a_batch_of_exit_waves_is_imaged_wave_by_wave():
+    """hrtem_exit_wave passes its transmission option on (= multislice of a plane wave with it) and keeps no
+    waves unless asked; image_waves of a batch of exit waves (B, ny, nx) is (n_defocus, B, ny, nx), each the
+    image of its own wave; a negative slice thickness is refused."""
+    rng = np.random.default_rng(28)
+    shape, s = (20, 24), (0.2, 0.17)
+    v = (20.0 * rng.standard_normal((2,) + shape)).astype(np.float32)
+    kw = dict(energy_keV=E, sampling_A=s)
+    for bt in (True, False):
+        r = M.hrtem_exit_wave(v, 1.5, bandlimit_transmission=bt, **kw)
+        assert r.waves is None
+        want = M.multislice(np.ones(shape, np.complex64), 1.5, potentials=v, bandlimit_transmission=bt, **kw)
+        np.testing.assert_allclose(r.exit_wave, want.exit_wave, atol=1e-6)
+    assert M.hrtem_exit_wave(v, 1.5, keep_waves=True, **kw).waves.shape == (2,) + shape
+    h = M.defocus_ctfs(shape, s, E, [0.0, 80.0, -40.0], {"C30": 5e4}, 20.0)
+    waves = np.stack([_incident(rng, shape) for _ in range(2)])
+    got = M.image_waves(waves, h)
+    assert got.shape == (3, 2) + shape
+    for b in range(2):
+        np.testing.assert_allclose(got[:, b], M.image_waves(waves[b], h), atol=1e-6)
+        np.testing.assert_allclose(got[:, b], np.fft.ifft2(h * np.fft.fft2(waves[b])), atol=2e-6)
+    with pytest.raises(TembenchError, match="slice_thickness_A must be >= 0"):
+        M.multislice(np.ones(shape, np.complex64), [1.0, -0.5], potentials=v, **kw)
+
+
+@pytest.mark.parametrize("bandlimit_transmission", [True, False])
+def test_hrtem_gradient_with_either_transmission_option_against_finite_differences(bandlimit_transmission):
+    """The HRTEM loss gradient w.r.t. the slices with and without the band limit on t (the backward pass
+    must use the forward's option), along a direction aligned with the gradient and a random one."""
+    rng = np.random.default_rng(29)
+    shape, s = (24, 20), (0.2, 0.2)
+    v = (30.0 * rng.standard_normal((3,) + shape)).astype(np.float32)   # white: the band limit on t matters
+    kw = dict(energy_keV=E, sampling_A=s, defocus_values_A=[0.0, 120.0], aberrations={"C30": 1e5},
+              bandlimit_transmission=bandlimit_transmission)
+    meas = M.hrtem_images(1.3 * v + 2.0, 1.5, **kw)
+    loss, g = M.hrtem_loss_and_gradient(v, meas, 1.5, **kw)
+    for d in (np.sign(g) * rng.uniform(0.5, 1.5, v.shape), rng.standard_normal(v.shape)):
+        d = d.astype(np.float32)
+        h = 0.05
+        fd = (M.hrtem_loss_and_gradient(v + h * d, meas, 1.5, **kw)[0]
+              - M.hrtem_loss_and_gradient(v - h * d, meas, 1.5, **kw)[0]) / (2 * h)
+        terms = (g * d).astype(np.float64)
+        assert fd == pytest.approx(terms.sum(), rel=5e-3, abs=2e-3 * np.abs(terms).sum())
