@@ -20,4 +20,11 @@ def test_there_is_a_quick_msp_scenario():
 def test_scenario_validates(path):
     sc = load_scenario(path)
     assert sc.spec.name == path.stem
-    assert "msp" in [r.name for r in sc.spec.reconstructors]
+    names = {r.name for r in sc.spec.reconstructors}
+    assert names & {"msp", "joint_linear_tomo", "e2e_ptycho_tomo"}, names
+
+
+def test_there_is_a_quick_tomography_scenario_with_both_routes():
+    sc = load_scenario(ROOT / "scenarios" / "you2025_tilt_range_quick.yaml")
+    assert {r.name for r in sc.spec.reconstructors} == {"joint_linear_tomo", "e2e_ptycho_tomo"}
+    assert sc.spec.forward.name == "stem4d_tilt_series"
