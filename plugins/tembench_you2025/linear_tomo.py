@@ -50,10 +50,15 @@ it by < 0.1° (oracle). 25 tilts and 60 warm-started outer iterations (``reset_v
 errors of a blob phantom to 0.19° max.
 
 Measured on msp projections (13 tilts ±60°, 0.25 Å voxels, 96³, a 10-atom Cu/Si/O cluster, true translations up
-to 3.4 Å and Euler errors N(0, 0.5°) on all three angles, noise-free): with the centre-of-mass pre-alignment the
-translations come out at 0.03 Å median / 0.07 Å max (6 coarse iterations, angles fixed, 23 s at load 11) and
-0.005 / 0.012 Å with 6 more at full resolution refining all three angles (155 s) — but the angles got worse
-there (tilt rms 0.33° → 0.88°, misorientation median 0.62° → 0.78°), hence angles are not refined by default.
+to 3.4 Å and Euler errors N(0, 0.5°) on all three angles, 8 msp iterations per tilt) with the defaults (6 coarse
+iterations, angles fixed; 16–31 s for Alg. 2 at load 11): translation errors (3D gauge removed) 0.05 Å median /
+0.11 Å max noise-free, 0.06 / 0.14 Å at the paper's 1.9·10⁴ e/Å² per tilt (Poisson) — the paper: half within
+0.4 Å, max 0.8 Å. Without the thresholds (0 / 0.1) the noise-free case gives 0.03 / 0.07 Å but the noisy one
+fails (0.17 / 1.2 Å). With 6 more iterations at full resolution refining all three angles (155 s) the translations
+reach 0.005 / 0.012 Å noise-free, but the angles got worse (tilt rms 0.33° → 0.88°, misorientation median
+0.62° → 0.78°; refining tilt and psi on the coarse grid only: tilt rms 2.6°): the projected msp phase is not a
+linear projection (dynamical scattering), and the angles follow its inconsistencies along the flat directions —
+hence angles are not refined by default.
 
 Near tilt 0, rot and psi turn about the same axis (ZYZ gimbal): only rot + psi is determined there; the damping
 splits the update between them. Compare recovered orientations by rotation matrices, or refine a subset of the
@@ -273,8 +278,8 @@ class LinearTomoParams(Params):
     n_volume_steps: int = Field(30, ge=1, le=10000, description="volume steps T per outer iteration (FISTA, 1/Lipschitz)")
     n_final_steps: int = Field(60, ge=0, le=10000, description="volume steps at full resolution with the final alignment")
     downsample: int = Field(2, ge=1, le=16, description="alignment loops on images averaged over downsample² pixels")
-    threshold_fraction: float = Field(0.0, ge=0, lt=1, description="alignment targets max(y − t, 0), t = fraction·max y "
-                                      "(flattens the background; 0: none)")
+    threshold_fraction: float = Field(0.1, ge=0, lt=1, description="alignment targets max(y − t, 0), t = fraction·max y "
+                                      "(flattens the background, the paper's pre-processing; 0: none)")
     refine_translations: bool = Field(True, description="update τ (γ₂)")
     refine_euler: tuple[str, ...] = Field((), description="Euler angles updated (γ₃), e.g. ('tilt', 'psi'); default "
                                           "none: on msp projections of a 10-atom cluster refining them made them "
@@ -286,7 +291,7 @@ class LinearTomoParams(Params):
     prealign: str = Field("com", description="'com': start τ at the projections' centres of mass (after the "
                           "threshold: a compact object's centre of mass projects like a point, so τ_k = com_k − "
                           "(R_k c)_yx, the unknown c being the 3D gauge); 'none': start at τ⁰")
-    com_threshold_fraction: float = Field(0.1, ge=0, lt=1, description="background flattened before the centres "
+    com_threshold_fraction: float = Field(0.3, ge=0, lt=1, description="background flattened before the centres "
                                           "of mass: max(y − f·max y, 0)")
     translation_search: bool = Field(True, description="on the down-sampled images, start each τ update with the "
                                      "cross-correlation peak between the model and the measured projection (global, "
