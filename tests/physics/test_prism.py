@@ -118,6 +118,34 @@ def test_smatrix_holds_the_plane_waves_of_the_aperture():
         assert np.abs(ratio - np.exp(1j * chi)).max() < 1e-4
 
 
+@pytest.mark.parametrize("f", [2, (2, 3)])
+def test_grouped_band_products_equal_per_probe_products(potential, monkeypatch, f):
+    """Large S-matrix windows are contracted by groups of probes over bands of field rows
+    (``SMatrix._band_products``): the same exit waves as the per-probe products, windows wrapping in y
+    and x, 3 probe modes, groups larger than the band's probe limit and probes left alone."""
+    from tembench.physics import prism as PR
+
+    w = prism_window((N, N), f)
+    probe = make_probe_modes(w, S, 200.0, 25.0)
+    power = np.abs(np.fft.fft2(probe[0])) ** 2
+    t = np.exp(1j * potential[:2] * np.float32(1e-3)).astype(np.complex64)
+    sm = SMatrix(t, 1.0, energy_keV=200.0, sampling_A=S, window_gpts=w, select=power > power.max() * 1e-12)
+    rng = np.random.default_rng(5)
+    oy = np.concatenate([[N - 1, N - 3, N - 2, N - 1, N - 5], rng.integers(0, 9, 30), [40, 41, 3 * N // 4]])
+    origins = np.stack([oy, rng.integers(0, N, oy.size)], axis=1)
+    origins[:4, 1] = [N - 1, 0, N - w[1] // 2, 5]  # windows across both periodic edges
+    coeffs = (rng.normal(size=(len(oy), 3, sm.n_waves)) + 1j * rng.normal(size=(len(oy), 3, sm.n_waves)))
+    coeffs = coeffs.astype(np.complex64)
+    monkeypatch.setattr(PR, "BAND_PRODUCT_BYTES", 1 << 62)
+    single = sm.exit_waves(coeffs, origins)
+    monkeypatch.setattr(PR, "BAND_PRODUCT_BYTES", 0)
+    monkeypatch.setattr(PR, "SCAN_BATCH_BYTES", 8 * 3 * (w[0] + w[0] // 4) * N * 16)  # at most 16 probes a band
+    left = sm._band_products(coeffs, origins, np.zeros_like(single))
+    assert 0 < len(left) < 5  # the two rows 40-41 and the lone 3N/4 are left; the rest go by bands
+    grouped = sm.exit_waves(coeffs, origins)
+    assert _rel(grouped, single) < 1e-6
+
+
 def test_refusals():
     with pytest.raises(TembenchError, match="does not divide the 72 x 72-pixel field"):
         prism_window((N, N), 5)
