@@ -69,11 +69,13 @@ def test_a_stack_longer_than_one_transmission_chunk():
     np.testing.assert_allclose(r.exit_wave, want, atol=5e-5 * np.abs(want).max())
     assert r.waves.shape == (n,) + shape
     np.testing.assert_allclose(r.waves[-1], _reference(wave, v[:-1], 0.8, s), atol=5e-5 * np.abs(want).max())
-    # with the default band limit: the same as propagating the stack's precomputed transmissions
-    a = M.multislice(wave, 0.8, energy_keV=E, sampling_A=s, potentials=v).exit_wave
-    t = M.transmission_functions(v, energy_keV=E, sampling_A=s)
-    b = M.multislice(wave, 0.8, energy_keV=E, sampling_A=s, transmissions=t).exit_wave
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    # with a band limit (the default, and a narrower one): the same as propagating the stack's precomputed
+    # transmissions
+    for bl in ({}, {"band_limit": 0.5}):
+        a = M.multislice(wave, 0.8, energy_keV=E, sampling_A=s, potentials=v, **bl).exit_wave
+        t = M.transmission_functions(v, energy_keV=E, sampling_A=s, **bl)
+        b = M.multislice(wave, 0.8, energy_keV=E, sampling_A=s, transmissions=t, **bl).exit_wave
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("band", [dict(band_limit=None, bandlimit_transmission=False),
@@ -214,15 +216,17 @@ def test_hrtem_options_reach_the_multislice_and_a_batch_of_exit_waves_is_imaged_
         M.multislice(np.ones(shape, np.complex64), [1.0, -0.5], potentials=v, **kw)
 
 
-@pytest.mark.parametrize("bandlimit_transmission", [True, False])
-def test_hrtem_gradient_with_either_transmission_option_against_finite_differences(bandlimit_transmission):
-    """The HRTEM loss gradient w.r.t. the slices with and without the band limit on t (the backward pass
-    must use the forward's option), along a direction aligned with the gradient and a random one."""
+@pytest.mark.parametrize("bandlimit_transmission, band_limit", [(True, 2 / 3), (False, 2 / 3), (True, 0.5)])
+def test_hrtem_gradient_with_either_transmission_option_against_finite_differences(bandlimit_transmission,
+                                                                                    band_limit):
+    """The HRTEM loss gradient w.r.t. the slices with and without the band limit on t, and with a narrower
+    band limit (the backward pass must use the forward's options), along a direction aligned with the
+    gradient and a random one."""
     rng = np.random.default_rng(29)
     shape, s = (24, 20), (0.2, 0.2)
     v = (30.0 * rng.standard_normal((3,) + shape)).astype(np.float32)   # white: the band limit on t matters
     kw = dict(energy_keV=E, sampling_A=s, defocus_values_A=[0.0, 120.0], aberrations={"C30": 1e5},
-              bandlimit_transmission=bandlimit_transmission)
+              bandlimit_transmission=bandlimit_transmission, band_limit=band_limit)
     meas = M.hrtem_images(1.3 * v + 2.0, 1.5, **kw)
     loss, g = M.hrtem_loss_and_gradient(v, meas, 1.5, **kw)
     for d in (np.sign(g) * rng.uniform(0.5, 1.5, v.shape), rng.standard_normal(v.shape)):
