@@ -1,0 +1,249 @@
+"""AIRPI (Friedrich 2023 ch. 4): stitching (eqs 4.4–4.8), step weights (eq 4.10), frame conventions, and the
+held-out comparison against the probe-only baseline and iCOM (the issue's done-when)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from tembench.errors import TembenchError
+from tembench.types import Geometry, Measurement
+from tembench_friedrich2023 import airpi as A
+
+E_KEV, ALPHA = 300.0, 20.0
+
+
+def _truth_patches(phi, positions_px, margin, probe_k):
+    """ψ_out(k) in the network's frame for an object phase φ(y, x) (callable, canvas px): ψ_in·exp(iφ)."""
+    n = A.N_FRAME
+    pin = A.to_real(probe_k)
+    r = np.arange(n) - n // 2
+    out = []
+    for py, px in positions_px:
+        yy = py + margin + r[:, None]
+        xx = px + margin + r[None, :]
+        out.append(A.to_fourier(pin * np.exp(1j * phi(yy, xx))))
+    return np.array(out)
+
+
+def test_stitching_exact_when_prediction_is_truth():
+    """Eqs 4.6–4.8: ψ_out = ψ_in·T at every position ⇒ arg Σ_n T·ω_n = arg T exactly (positions on the canvas grid)."""
+    p = A.frame_pixel_A(E_KEV, ALPHA)
+    probe_k = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
+    n = 48
+
+    def phi(y, x):
+        return 0.3 * np.sin(2 * np.pi * y / 7.3) + 0.2 * np.cos(2 * np.pi * (x + y) / 5.1) + 0.05 * (x % 3)
+
+    st = A.Stitcher(((n - 1) * p, (n - 1) * p), p, probe_k)
+    pos = [(i, j) for i in range(0, n, 3) for j in range(0, n, 3)]
+    st.add(_truth_patches(phi, pos, st.margin, probe_k), np.array(pos, float) * p)
+    ph, w = st.phase((n, n))
+    yy, xx = np.mgrid[0:n, 0:n] + st.margin
+    err = np.angle(np.exp(1j * (ph - phi(yy, xx))))
+    assert (w > 0).mean() > 0.9
+    assert np.abs(err[w > 0]).max() < 1e-5
+
+
+def test_stitching_subpixel_positions_use_the_phase_factor():
+    """Eq 4.4: positions between canvas pixels are placed by the phase ramp; a band-limited object comes back.
+
+    Without the ramp (patches snapped to the nearest pixel) the error is the object's gradient × the offset,
+    ≈ 0.2 rad here; with it the residual is the Fourier interpolation of the probe's tails (≪ 0.02 rad).
+    """
+    p = A.frame_pixel_A(E_KEV, ALPHA)
+    probe_k = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
+    n, step = 40, 1.37  # step in canvas px: every position sits between pixels
+
+    def phi(y, x):  # spatial frequency well inside the frame's band (period ≥ 6 px)
+        return 0.4 * np.sin(2 * np.pi * y / 9.0) + 0.3 * np.cos(2 * np.pi * x / 6.5)
+
+    pos = [(i * step, j * step) for i in range(int(n / step) + 1) for j in range(int(n / step) + 1)]
+    st = A.Stitcher((n * p, n * p), p, probe_k)
+    m = st.margin
+    r = np.arange(A.N_FRAME) - A.N_FRAME // 2
+    pin = A.to_real(probe_k)
+    waves = [A.to_fourier(pin * np.exp(1j * phi(py + m + r[:, None], px + m + r[None, :]))) for py, px in pos]
+    st.add(np.array(waves), np.array(pos) * p)
+    ph, w = st.phase((n, n))
+    yy, xx = np.mgrid[0:n, 0:n] + m
+    err = np.angle(np.exp(1j * (ph - phi(yy, xx))))
+    inner = (slice(4, -4), slice(4, -4))
+    assert np.abs(err[inner]).max() < 0.02
+
+
+def test_patch_weight_eq_4_7():
+    probe_k = A.probe_frame(E_KEV, ALPHA)
+    pin = A.to_real(probe_k)
+    w = A.patch_weight(pin[None])[0]
+    i = np.abs(pin) ** 2
+    assert np.all(w[i <= 0.1 * i.max()] == 0)
+    on = i > 0.1 * i.max()
+    np.testing.assert_allclose(w[on], i[on] / i.sum(), rtol=1e-6)
+
+
+def test_step_weights_eq_4_10():
+    """ζ_xy = 1/(Δs·50) next to the centre, ζ_d = 1/(√2·Δs·50) on the diagonal (the authors' code), centre 1."""
+    for ds in (0.05, 0.2, 0.5):
+        z = A.step_weights(ds)
+        zxy, zd = 1 / (ds * 50), 1 / (np.sqrt(2) * ds * 50)
+        np.testing.assert_allclose(z, [[zd, zxy, zd], [zxy, 1.0, zxy], [zd, zxy, zd]], rtol=1e-12)
+    # the network input carries them: a kernel of identical patterns gives channels in the ratio of ζ
+    probe_k = A.probe_frame(E_KEV, ALPHA)
+    cbed = np.abs(probe_k) ** 2 * 7.0
+    x = A.network_inputs(np.broadcast_to(cbed, (1, 3, 3, *cbed.shape)), probe_k, 0.2)[0]
+    on = np.abs(probe_k) > 0.9999  # inside the aperture's soft edge
+    np.testing.assert_allclose(x[4][on], 1.0, rtol=1e-5)   # counts·n_ap/⟨counts⟩ = |ψ_in|² = 1 in the disc
+    np.testing.assert_allclose(x[1][on], 0.1, rtol=1e-5)
+    np.testing.assert_allclose(x[0][on], 1 / (np.sqrt(2) * 10), rtol=1e-5)
+    with pytest.raises(TembenchError, match="positive"):
+        A.step_weights(0.0)
+
+
+def test_rebin_is_block_binning_and_conserves_counts():
+    rng = np.random.default_rng(0)
+    data = rng.random((64, 64))
+    # data pixel 1 mrad, centre at 32; frame pixel 2 mrad, centre frame pixel 16 ↔ angle 0 (edges at ±1 mrad)
+    ry = A.rebin_matrix(64, 32.0, 1.0, 2.0)
+    binned = ry @ data @ ry.T
+    # frame pixel j spans data pixels (j − 16)·2 + 32 − 1 + [−0.5 … 1.5]: half of pixel 31+2(j−16), all of 32+…, half of 33+…
+    j = 20
+    lo = 32 + 2 * (j - 16) - 1
+    ref = 0.5 * data[lo] + data[lo + 1] + 0.5 * data[lo + 2]
+    np.testing.assert_allclose((ry @ data)[j], ref)
+    # frame covers [−33, 31] mrad, the data [−32.5, 31.5]: every data pixel counts once except half of the last
+    wt = np.ones(64)
+    wt[63] = 0.5
+    np.testing.assert_allclose(binned.sum(), wt @ data @ wt, rtol=1e-12)
+
+
+def test_training_probe_matches_inference_probe():
+    """The label of an empty window (multislice data generator) is the probe the reconstructor builds."""
+    from tembench_friedrich2023 import airpi_train as T
+
+    rng = np.random.default_rng(3)
+    T_RECIPE = dict(T.RECIPE)
+    try:
+        T.RECIPE["vacuum_fraction"] = 1.0
+        c = T.simulate_crystal(rng)
+    finally:
+        T.RECIPE.clear()
+        T.RECIPE.update(T_RECIPE)
+    ab = {"C30": T.RECIPE["C30_A"], "C10": T.scherzer_C10_A(c["energy_keV"], T.RECIPE["C30_A"])}
+    pk = A.probe_frame(c["energy_keV"], c["semiangle_mrad"], ab)
+    assert np.abs(c["probe"] - pk).max() < 1e-5
+    assert np.abs(c["labels"] - pk[None]).max() < 1e-5
+    # and stitching that probe as the exit wave gives a flat object
+    st = A.Stitcher((1.0, 1.0), A.frame_pixel_A(c["energy_keV"], c["semiangle_mrad"]), pk)
+    st.add(c["labels"][:4], np.array([[0, 0], [0, 0.5], [0.5, 0], [0.5, 0.5]]))
+    ph, w = st.phase((4, 4))
+    assert np.abs(ph).max() < 1e-5
+
+
+def test_training_data_deterministic():
+    from tembench_friedrich2023 import airpi_train as T
+
+    a = T.make_dataset(2, 7, log=lambda m: None)
+    b = T.make_dataset(2, 7, log=lambda m: None)
+    for ca, cb in zip(a, b):
+        assert ca["frames"].tobytes() == cb["frames"].tobytes()
+        assert ca["labels"].tobytes() == cb["labels"].tobytes()
+    x1 = T.sample_batch(a, np.random.default_rng(1), 4)[0]
+    x2 = T.sample_batch(b, np.random.default_rng(1), 4)[0]
+    assert x1.tobytes() == x2.tobytes()
+
+
+@pytest.mark.slow
+def test_tiny_training_run_is_deterministic(tmp_path):
+    """Same seed → the same weights bit for bit (data, noise draws, initialisation and Adam steps)."""
+    pytest.importorskip("optax")
+    from tembench_friedrich2023 import airpi_train as T
+
+    metas = [T.train(tmp_path / d, steps=3, n_crystals=2, log=lambda m: None) for d in ("a", "b")]
+    a, b = (np.load(tmp_path / d / f"{T.VERSION}.npz") for d in ("a", "b"))
+    assert sorted(a.files) == sorted(b.files)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a.files)
+    assert metas[0]["history"]["val_loss"] == metas[1]["history"]["val_loss"]
+    assert np.isfinite(metas[0]["history"]["val_loss"][-1])
+
+
+def _measurement(shape=(5, 5, 16, 16)):
+    return Measurement("4dstem", np.ones(shape, np.float32), ("scan_y", "scan_x", "k_y", "k_x"),
+                       Geometry(energy_keV=300.0, semiangle_mrad=20.0, scan_step_A=(0.2, 0.2),
+                                detector_sampling_mrad=(5.0, 5.0)))
+
+
+def test_bad_input_is_refused():
+    rec = A.AIRPIReconstructor()
+    with pytest.raises(TembenchError, match="3 x 3"):
+        rec.reconstruct(_measurement((2, 5, 16, 16)), rec.Params(mode="probe_only"), np)
+    with pytest.raises(TembenchError, match="no shipped weights"):
+        rec.reconstruct(_measurement(), rec.Params(weights="nope"), np)
+    with pytest.raises(TembenchError, match="semiangle"):
+        A.frame_pixel_A(300.0, 0.0)
+
+
+def test_without_jax_names_the_extra(monkeypatch):
+    for name in list(sys.modules):
+        if name == "jax" or name.startswith("jax."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "jax", None)
+    rec = A.AIRPIReconstructor()
+    with pytest.raises(TembenchError, match=r'pip install -e "\.\[nn\]"'):
+        rec.reconstruct(_measurement(), rec.Params(), np)
+    # the baseline needs no network
+    out = rec.reconstruct(_measurement(), rec.Params(mode="probe_only"), np)
+    assert out.quantity == "phase_rad" and out.sampling_A[0] == pytest.approx(A.frame_pixel_A(300.0, 20.0))
+
+
+def test_untrained_network_is_the_probe_only_baseline(tmp_path):
+    """Zero residual (the initial output conv is zero): the network's skip connections alone = the baseline."""
+    pytest.importorskip("jax")
+    w = tmp_path / "init.npz"
+    A.save_weights(w, A.init_params(0), A.DEFAULT_WIDTHS)
+    rng = np.random.default_rng(0)
+    probe_k = A.probe_frame(E_KEV, ALPHA)
+    data = rng.poisson(np.broadcast_to(np.abs(probe_k) ** 2 * 2.0, (6, 5, 32, 32))).astype(np.float32)
+    grid = type("G", (), {"shape": (32, 32), "centre_px": (16.0, 16.0), "sampling_mrad": (2.5, 2.5)})()
+    net = A.reconstruct_airpi(data, grid, 0.3, E_KEV, ALPHA, None, "network", str(w))
+    base = A.reconstruct_airpi(data, grid, 0.3, E_KEV, ALPHA, None, "probe_only")
+    assert base["phase"].std() > 1e-3
+    np.testing.assert_allclose(net["phase"], base["phase"], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    pytest.importorskip("jax")
+    from tembench_friedrich2023 import airpi_train as T
+
+    return T.heldout_measurement()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="done-when NOT met by the CPU-scale airpi_v1: at 500 e/Å² held-out NCC "
+                   "AIRPI 0.470 < probe-only 0.534, iCOM 0.515 (docs/airpi.md); strict: a better network flips it")
+def test_beats_probe_only_and_icom_at_low_dose_heldout(heldout):
+    """Done-when: on twisted bilayer MoS2 (a structure the network never saw; stem4d, 300 kV, 20 mrad, 0.2 Å
+    step) at 500 e/Å² (20 e/pattern), AIRPI's phase correlates better with the true phase than the probe-only
+    baseline and iCOM (cross_correlation NCC; numbers in the weights' sidecar and docs/airpi.md)."""
+    from tembench_friedrich2023 import airpi_train as T
+
+    res = T.evaluate_heldout(doses=(500.0,), measurement=heldout, log=lambda m: None)[500.0]
+    assert res["airpi"] > res["probe_only"] + 0.02, res
+    assert res["airpi"] > res["icom"] + 0.02, res
+
+
+@pytest.mark.slow
+def test_heldout_high_dose_and_shipped_numbers(heldout):
+    """At 1e5 e/Å² the shipped network is (narrowly) ahead of both baselines, and the sidecar's numbers are
+    what this environment reproduces (same scenario and seed → the same NCC)."""
+    from tembench_friedrich2023 import airpi_train as T
+
+    res = T.evaluate_heldout(doses=(1.0e5,), seed=T.SEED + 5 + 2, measurement=heldout, log=lambda m: None)[1.0e5]
+    assert res["airpi"] > res["icom"] + 0.005, res
+    assert res["airpi"] > res["probe_only"], res
+    shipped = A.weights_metadata()["heldout"]["ncc"]["100000"]
+    assert res["airpi"] == pytest.approx(shipped["airpi"], abs=2e-3)
+    assert res["icom"] == pytest.approx(shipped["icom"], abs=1e-6)
