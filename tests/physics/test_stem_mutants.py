@@ -131,6 +131,9 @@ def test_defocus_spread_modes_are_coherent_probes_at_the_gauss_hermite_defocus_n
         assert modes.shape == (n,) + w
         want = [np.sqrt(wt) * coherent(base["C10"] - x * spread) for x, wt in zip(nodes, weights)]
         _assert_same_modes(modes, want, atol=2e-6)
+    no_c10 = S.make_probe_modes(w, s, E, 20.0, {"C12": 8.0, "phi12": 0.4}, n_modes=2, defocus_spread_A=30.0)
+    _assert_same_modes(no_c10, [np.sqrt(0.5) * S.make_probe_modes(w, s, E, 20.0, {"C12": 8.0, "phi12": 0.4, "C10": c})[0]
+                                for c in (30.0, -30.0)], atol=2e-6)   # no C10 given: the nodes about 0
     for one in (S.make_probe_modes(w, s, E, 20.0, base, defocus_spread_A=30.0),    # n_modes = 1 by default
                 S.make_probe_modes(w, s, E, 20.0, base, n_modes=3)):               # nothing to spread over
         assert one.shape == (1,) + w
@@ -188,10 +191,10 @@ def test_probe_window_check_reads_the_outer_sixteenth_and_one_percent_of_the_int
     v = np.zeros((1, 64, 64), np.float32)
     kw = dict(energy_keV=E, sampling_A=0.1, positions_A=[[3.0, 3.0]])
 
-    def probe(w, row, frac):   # amplitude 1 at the centre and √(f/(1−f)) on one pixel of row ``row``
+    def probe(w, row, frac, axis=0):   # amplitude 1 at the centre, √(f/(1−f)) on one pixel of row (column) ``row``
         p = np.zeros((w, w), np.complex64)
         p[w // 2, w // 2] = 1.0
-        p[row, w // 2] = np.sqrt(frac / (1 - frac))
+        p[(row, w // 2) if axis == 0 else (w // 2, row)] = np.sqrt(frac / (1 - frac))
         return p
 
     for w, inside, outside in ((32, 2, 1), (16, 1, 0)):   # border 2 pixels for w = 32, 1 pixel for w = 16
@@ -202,6 +205,9 @@ def test_probe_window_check_reads_the_outer_sixteenth_and_one_percent_of_the_int
             S.stem_scan(v, 1.0, probe=probe(w, outside, 0.011), **kw)
         with pytest.raises(TembenchError, match="larger than its window"):
             S.stem_scan(v, 1.0, probe=3 * probe(w, w - 1 - outside, 0.011), **kw)   # any scale, either edge
+        S.stem_scan(v, 1.0, probe=probe(w, inside, 0.02, axis=1), **kw)             # the same along x
+        with pytest.raises(TembenchError, match="larger than its window"):
+            S.stem_scan(v, 1.0, probe=probe(w, outside, 0.011, axis=1), **kw)
 
 
 # --- binning, cropping, streaming and batches of stem_scan ----------------------------------------------------
@@ -288,7 +294,7 @@ def test_given_transmissions_band_options_a_2d_probe_and_window_refusals():
             S.stem_scan(v, 2.0, **{**kw, "probe": p})
 
 
-@pytest.mark.parametrize("field, window", [((48, 40), (48, 40)), ((45, 40), (45, 40)), ((48, 40), (30, 27))])
+@pytest.mark.parametrize("field, window", [((48, 40), (48, 40)), ((45, 39), (45, 39)), ((48, 40), (30, 27))])
 def test_scan_patterns_are_the_multislice_of_the_placed_probe(field, window):
     """One position by its documented geometry: the window's pixel (wy//2, wx//2) on the whole pixel o
     nearest ρ, the probe moved by the rest ρ − o·s (Fourier shift), the field's band-limited transmissions
