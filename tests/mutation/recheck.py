@@ -16,10 +16,10 @@ anything else (collection error ...) = error. With --status 'not checked' --samp
 runs a random sample of the mutants a stopped (too slow) mutmut run never reached, which estimates
 the score of the rest. With --direct the test calls are first run once without a mutant, in a forked
 child exactly as the mutants' run (the same order and inherited state): if that fails the tool stops —
-otherwise an order-dependent test (a module-level random generator) would "kill" every mutant. Verdicts go to <workdir>/recheck.txt (one line per
-mutant, "name: verdict") and the per-module table (mutants, killed, survived, score) counting the
-original verdicts of results.txt with the rechecked ones replaced is printed and kept in
-<workdir>/summary_rechecked.txt.
+otherwise an order-dependent test (a module-level random generator) would "kill" every mutant.
+Verdicts go to <workdir>/recheck.txt (one line per mutant, "name: verdict") and the per-module table
+(mutants, killed, survived, score) counting the original verdicts of results.txt with the rechecked
+ones replaced is printed and kept in <workdir>/summary_rechecked.txt.
 """
 
 from __future__ import annotations

@@ -131,9 +131,10 @@ def test_defocus_spread_modes_are_coherent_probes_at_the_gauss_hermite_defocus_n
         assert modes.shape == (n,) + w
         want = [np.sqrt(wt) * coherent(base["C10"] - x * spread) for x, wt in zip(nodes, weights)]
         _assert_same_modes(modes, want, atol=2e-6)
-    no_c10 = S.make_probe_modes(w, s, E, 20.0, {"C12": 8.0, "phi12": 0.4}, n_modes=2, defocus_spread_A=30.0)
-    _assert_same_modes(no_c10, [np.sqrt(0.5) * S.make_probe_modes(w, s, E, 20.0, {"C12": 8.0, "phi12": 0.4, "C10": c})[0]
-                                for c in (30.0, -30.0)], atol=2e-6)   # no C10 given: the nodes about 0
+    astig = {"C12": 8.0, "phi12": 0.4}   # no C10 given: the nodes about 0
+    no_c10 = S.make_probe_modes(w, s, E, 20.0, astig, n_modes=2, defocus_spread_A=30.0)
+    _assert_same_modes(no_c10, [np.sqrt(0.5) * S.make_probe_modes(w, s, E, 20.0, {**astig, "C10": c})[0]
+                                for c in (30.0, -30.0)], atol=2e-6)
     for one in (S.make_probe_modes(w, s, E, 20.0, base, defocus_spread_A=30.0),    # n_modes = 1 by default
                 S.make_probe_modes(w, s, E, 20.0, base, n_modes=3)):               # nothing to spread over
         assert one.shape == (1,) + w
@@ -161,7 +162,8 @@ def test_scanned_signal_is_symmetric_about_an_atom_for_odd_windows_and_non_squar
     s = (0.16, 0.2)
     n = (64, 50)
     atom = np.array([32 * s[0], 25 * s[1]])   # (y, x) Å, on a grid point (atoms are given as (x, y, z))
-    v = P.projected_potential([[atom[1], atom[0], 1.0]], [79], gpts=n, sampling_A=s, slice_thickness_A=2.0, z_range_A=(0, 2.0))
+    v = P.projected_potential([[atom[1], atom[0], 1.0]], [79], gpts=n, sampling_A=s, slice_thickness_A=2.0,
+                              z_range_A=(0, 2.0))
     d = np.array([[0.13, 0.07], [-0.21, 0.11], [0.05, -0.32]])
     period = np.array([n[0] * s[0], n[1] * s[1]])
     # the mirror pairs, then the atom itself and two of its periodic images (across the field's edges)
@@ -373,7 +375,8 @@ def test_gradient_without_slices_against_finite_differences():
 
 
 def test_position_curvature_is_the_gauss_newton_matrix_of_finite_difference_amplitudes():
-    """H_b = 2 Σ_k ∇_ρ√Î ∇_ρ√Îᵀ (docstring), with ∇_ρ√Î from central differences of stem_scan's patterns,
+    """H_b = 2 Σ_k ∇_ρ√Î ∇_ρ√Îᵀ (docstring), with ∇_ρ√Î from central differences of stem_scan's
+    patterns,
     without and with ε (√(Î+ε)); non-square pixels, positions in two batches."""
     rng = np.random.default_rng(4)
     n, s = (48, 44), (0.18, 0.2)
