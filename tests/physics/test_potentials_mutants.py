@@ -44,3 +44,24 @@ def test_even_grids_hold_nothing_at_the_nyquist_row_and_column(method):
             assert spec[:, gpts[1] // 2].max() < 1e-6 * scale
         odd_edge = spec[(gpts[0] - 1) // 2] if gpts[0] % 2 else spec[:, (gpts[1] - 1) // 2]
         assert odd_edge.max() > 1e-4 * scale
+
+
+@pytest.mark.parametrize("method", ["exact", "spread"])
+def test_slices_with_equal_signatures_but_different_atoms_are_not_repeats(method):
+    """Repeated slices are found by six sums (count, Σx, Σy, ΣZ, Σxy, Σx²y) and then confirmed atom by atom.
+    Three atoms on a line at x0 + (1, 2, −3) Å and their mirror image x0 + (−1, −2, 3) Å share all six
+    sums yet are different slices: each must get its own potential (= that slice computed alone), while a
+    true repeat (the same atoms listed in another order) equals its original."""
+    x0, y0 = 3.5, 3.25   # binary fractions: the float sums agree exactly, so the signatures do collide
+    a = [(x0 + d, y0) for d in (1.0, 2.0, -3.0)]
+    b = [(x0 - d, y0) for d in (1.0, 2.0, -3.0)]
+    kw = dict(gpts=GPTS, sampling_A=S, slice_thickness_A=2.0, z_range_A=(0.0, 6.0), method=method)
+    pos = [(x, y, 0.5) for x, y in a] + [(x, y, 2.5) for x, y in b] + [(x, y, 4.5) for x, y in a[::-1]]
+    v = P.projected_potential(pos, [14] * 9, **kw)
+    alone_a = P.projected_potential([(x, y, 0.5) for x, y in a], [14] * 3, **kw)[0]
+    alone_b = P.projected_potential([(x, y, 2.5) for x, y in b], [14] * 3, **kw)[1]
+    scale = np.abs(alone_a).max()
+    assert np.abs(alone_a - alone_b).max() > 0.1 * scale          # the two slices do differ
+    np.testing.assert_allclose(v[0], alone_a, atol=1e-5 * scale)
+    np.testing.assert_allclose(v[1], alone_b, atol=1e-5 * scale)
+    np.testing.assert_allclose(v[2], alone_a, atol=1e-5 * scale)
