@@ -2,6 +2,7 @@
 finite differences."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +15,13 @@ from tembench.physics.optics import ctf
 from tembench.physics.propagation import band_limit_mask, propagate, propagator
 
 RNG = np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _rng_per_test(request):
+    """A generator seeded by the test's own name: results do not depend on which tests ran before."""
+    global RNG
+    RNG = np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def _rand_wave(shape, mask=None):
