@@ -38,6 +38,7 @@ from tembench import Params, Reconstructor
 from tembench.errors import TembenchError
 from tembench.physics.constants import wavelength_A
 from tembench.types import Reconstruction
+from tembench_friedrich2023.restore_unet import he_init, n_parameters  # noqa: F401  (n_parameters re-exported)
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_WEIGHTS = "airpi_v1"
@@ -172,20 +173,7 @@ def conv_shapes(widths=DEFAULT_WIDTHS) -> dict[str, tuple[int, int, int, int]]:
 
 def init_params(seed: int, widths=DEFAULT_WIDTHS) -> dict[str, np.ndarray]:
     """He-normal kernels, zero biases; the output conv starts at zero (the net starts as the probe skip)."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in conv_shapes(widths).items():
-        fan_in = shape[1] * shape[2] * shape[3]
-        w = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
-        if name == "out":
-            w = np.zeros(shape)
-        params[f"{name}/w"] = w.astype(np.float32)
-        params[f"{name}/b"] = np.zeros(shape[0], np.float32)
-    return params
-
-
-def n_parameters(params) -> int:
-    return int(sum(np.size(v) for v in params.values()))
+    return he_init(conv_shapes(widths), seed)
 
 
 def _conv(jax, x, params, name, stride=1):

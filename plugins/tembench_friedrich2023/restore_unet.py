@@ -58,9 +58,15 @@ def conv_shapes(widths=DEFAULT_WIDTHS) -> dict[str, tuple[int, int, int, int]]:
 
 def init_params(seed: int, widths=DEFAULT_WIDTHS) -> dict[str, np.ndarray]:
     """He-normal kernels, zero biases; the output conv starts at zero (the net starts as the identity)."""
+    return he_init(conv_shapes(widths), seed)
+
+
+def he_init(shapes: dict, seed: int) -> dict[str, np.ndarray]:
+    """``{name/w, name/b}`` for conv kernels of ``shapes`` (out, in, kh, kw): He-normal weights, zero biases,
+    and a zero ``out`` kernel (a network with a skip connection starts as its skip)."""
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in conv_shapes(widths).items():
+    for name, shape in shapes.items():
         fan_in = shape[1] * shape[2] * shape[3]
         w = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
         if name == "out":
