@@ -86,8 +86,12 @@ def alignment_figure(table, swept, run_dir, max_rows: int = 6) -> str | None:
     if not items:
         return None
     items = items[:max_rows]
-    fig, axes = plt.subplots(1, len(items), figsize=(3.6 * len(items), 3.1), squeeze=False)
-    for ax, (meth, lab, t, tt, te) in zip(axes[0], items):
+    ncols = min(3, len(items))
+    nrows = -(-len(items) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(items):]:
+        ax.axis("off")
+    for ax, (meth, lab, t, tt, te) in zip(axes.ravel(), items):
         _, resid = volume_shift_part(t - tt, te)
         shown = tt + resid          # recovered minus the volume-shift part the data cannot fix
         x = te[:, 1]                # the tilt angle
@@ -95,11 +99,12 @@ def alignment_figure(table, swept, run_dir, max_rows: int = 6) -> str | None:
             ax.plot(x, tt[:, a], color=col, lw=1, ls="--", label=f"{name} true")
             ax.plot(x, shown[:, a], color=col, marker="o", ms=3, lw=0, label=f"{name} recovered")
         err = np.linalg.norm(resid, axis=1)
-        ax.set_title(f"{meth}\n{lab}\nmedian |error| {np.median(err):.2f} Å, max {err.max():.2f} Å", fontsize=8)
+        ax.set_title(f"{meth}: {lab}\nmedian |error| {np.median(err):.2f} Å, max {err.max():.2f} Å", fontsize=9)
         ax.set_xlabel("tilt (deg)")
         ax.set_ylabel("translation (Å)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    axes[0][ncols - 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
     return ("<p>Global translation of each tilt, recovered (dots) vs simulated (dashed), after removing the part "
             "equivalent to a 3D shift of the whole volume (not measurable). The paper reports half the tilts "
             "within 0.4 Å and all within 0.8 Å.</p>" + _img(_uri(fig), "alignment"))
