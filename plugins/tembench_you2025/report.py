@@ -130,6 +130,20 @@ MSP_METRICS = ("ncc", "fsc_gt_resolution_A", "fsc_half_resolution_A", "position_
                "position_error_after_A")
 
 
+def _tick(v) -> str:
+    """A short tick label for a swept value: numbers as %g, a list of angles (e.g. tilt_angles_deg) as ±max (n)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    text = str(v)
+    try:
+        nums = [float(t) for t in text.strip("[]() ").replace(",", " ").split()]
+    except ValueError:
+        return text
+    if len(nums) > 2:
+        return f"±{max(abs(a) for a in nums):g} ({len(nums)})"
+    return text
+
+
 def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) -> tuple[str, str] | None:
     """Metric vs the first swept parameter, one line per method (by default NCC, FRC resolution, position
     error; ``candidates``: the columns to plot where present)."""
@@ -142,7 +156,12 @@ def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) ->
     x = swept[0]
     rest = swept[1:]
     groups = ok.groupby(rest, dropna=False) if rest else [((), ok)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.9 * len(metrics), 3.0), squeeze=False)
+    ncols = min(4, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.0 * nrows), squeeze=False)
+    for ax in grid.ravel()[len(metrics):]:
+        ax.axis("off")
+    axes = [list(grid.ravel()[:len(metrics)])]
     rows_md = []
     for gkey, g in groups:
         gl = "" if not rest else ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, np.atleast_1d(gkey)))
@@ -155,7 +174,7 @@ def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) ->
                 ax.plot(np.arange(len(xv)) if categorical else xv, d[m], marker="o",
                         label=f"{meth}" + (f" ({gl})" if gl else ""))
                 if categorical:
-                    ax.set_xticks(np.arange(len(xv)), [f"{v:g}" if isinstance(v, float) else str(v) for v in d[x]])
+                    ax.set_xticks(np.arange(len(xv)), [_tick(v) for v in d[x]])
             for _, rr in d.iterrows():
                 rows_md.append([gl, meth, rr[x]] + [rr[m] for m in metrics])
     for ax, m in zip(axes[0], metrics):
@@ -165,7 +184,8 @@ def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) ->
         if (vals > 0).all() and np.isfinite(vals).all() and vals.max() / vals.min() > 20:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    grid[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
     head = ["group", "method", x.split(".")[-1]] + metrics
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(
         "| " + " | ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in r) + " |"

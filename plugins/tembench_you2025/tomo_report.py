@@ -82,6 +82,8 @@ def alignment_figure(table, swept, run_dir, max_rows: int = 6) -> str | None:
         te = _section_arrays(arrs, "euler_true_deg")
         if t is None or tt is None or te is None:
             continue
+        if any(lab == _label(r, swept) and np.array_equal(t, prev) for _, lab, prev, _, _ in items):
+            continue  # e2e holds Alg. 2's alignment fixed: the same panel once per point
         items.append((str(r["reconstructor"]), _label(r, swept), t, tt, te))
     if not items:
         return None
