@@ -143,3 +143,17 @@ def test_spread_path_with_an_element_missing_from_a_batch_of_slices():
     vs = P.projected_potential(pos, num, method="spread", **kw)
     err = np.linalg.norm((vs - ve).reshape(n, -1), axis=1) / np.linalg.norm(ve.reshape(n, -1), axis=1)
     assert err.max() < 1e-4
+
+
+def test_spread_path_wraps_atoms_outside_the_cell_like_the_exact_path():
+    """The grid is periodic: atoms at x, y < 0 or beyond the cell (up to two cells away) give the potential of
+    their periodic images on both paths."""
+    L = np.array([GPTS[1] * S[1], GPTS[0] * S[0]])
+    base = np.array([[1.0, 1.5, 0.3], [3.0, 4.0, 0.6], [5.5, 2.0, 0.9], [0.4, 5.0, 1.2]])
+    shifted = base.copy()
+    shifted[:, :2] += np.array([[-1, 0], [1, 1], [0, -2], [2, 1]]) * L
+    kw = dict(gpts=GPTS, sampling_A=S, slice_thickness_A=2.0, z_range_A=(0.0, 2.0))
+    ref = P.projected_potential(base, [14, 14, 79, 79], method="exact", **kw)
+    for method in ("exact", "spread"):
+        v = P.projected_potential(shifted, [14, 14, 79, 79], method=method, **kw)
+        assert np.linalg.norm(v - ref) / np.linalg.norm(ref) < 1e-4, method
