@@ -95,19 +95,7 @@ _EULER_AXES = ("z", "y", "z")
 # --- the operator and its derivatives ------------------------------------------------------------------------
 def _shift(image, tau_yx_A, sampling_A, xp, derivatives=False):
     """Content moved by +τ (Fourier ramp, in the image's precision) and optionally ∂/∂τ_y, ∂/∂τ_x (per Å)."""
-    ny, nx = image.shape[-2:]
-    ky, kx = spatial_frequencies((ny, nx), (sampling_A, sampling_A), xp=xp)
-    ctype = xp.complex128 if image.dtype == np.float64 else xp.complex64
-    ky = ky.astype(np.float64)
-    kx = kx.astype(np.float64)
-    dy, dx = float(tau_yx_A[0]), float(tau_yx_A[1])
-    f = fft2(xp.asarray(image, ctype)) * xp.exp(-2j * math.pi * (ky * dy + kx * dx)).astype(ctype)
-    out = ifft2(f).real.astype(image.dtype)
-    if not derivatives:
-        return out
-    d_y = ifft2(f * (-2j * math.pi * ky).astype(ctype)).real.astype(image.dtype)
-    d_x = ifft2(f * (-2j * math.pi * kx).astype(ctype)).real.astype(image.dtype)
-    return out, xp.stack([d_y, d_x])
+    return tc.fourier_shift(image, tau_yx_A, sampling_A, xp, derivatives=derivatives)
 
 
 def _deriv_weights(coord, n):

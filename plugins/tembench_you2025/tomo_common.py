@@ -88,18 +88,35 @@ def nominal_euler_deg(geometry) -> np.ndarray:
     raise TembenchError(f"tomography: tilt_axis must be 'x' or 'y', got {axis!r}")
 
 
-def shift_image(image, shift_yx_A, sampling_A: float, xp=None):
-    """``image`` (…, ny, nx) with its content moved by +shift (y, x) Å: Fourier phase ramp, periodic.
-    Unitary; its adjoint is the shift by −shift."""
+def fourier_shift(image, shift_yx_A, sampling_A: float, xp=None, derivatives: bool = False):
+    """``image`` (…, ny, nx) with its content moved by +shift (y, x) Å by a Fourier phase ramp (periodic), in the
+    image's precision (complex128 for float64/complex128 input, else complex64); a real image stays real. With
+    ``derivatives``: also ∂/∂shift_y, ∂/∂shift_x (per Å) of the shifted image, stacked (2, …). Unitary; its
+    adjoint is the shift by −shift."""
     xp = xp or get_array_module(image)
     ny, nx = image.shape[-2:]
     ky, kx = spatial_frequencies((ny, nx), (sampling_A, sampling_A), xp=xp)
-    dy, dx = (float(v) for v in shift_yx_A)
-    if dy == 0.0 and dx == 0.0:
+    ctype = xp.complex128 if image.dtype in (np.float64, np.complex128) else xp.complex64
+    ky = ky.astype(np.float64)
+    kx = kx.astype(np.float64)
+    dy, dx = float(shift_yx_A[0]), float(shift_yx_A[1])
+    f = fft2(xp.asarray(image, ctype)) * xp.exp(-2j * math.pi * (ky * dy + kx * dx)).astype(ctype)
+
+    def back(spec):
+        out = ifft2(spec)
+        return out.astype(image.dtype) if xp.iscomplexobj(image) else out.real.astype(image.dtype)
+
+    if not derivatives:
+        return back(f)
+    return back(f), xp.stack([back(f * (-2j * math.pi * ky).astype(ctype)),
+                              back(f * (-2j * math.pi * kx).astype(ctype))])
+
+
+def shift_image(image, shift_yx_A, sampling_A: float, xp=None):
+    """:func:`fourier_shift` without derivatives; a zero shift returns a copy (no FFT round trip)."""
+    if float(shift_yx_A[0]) == 0.0 and float(shift_yx_A[1]) == 0.0:
         return image.copy()
-    ramp = xp.exp(-2j * math.pi * (ky.astype(np.float64) * dy + kx.astype(np.float64) * dx)).astype(xp.complex64)
-    out = ifft2(fft2(xp.asarray(image, xp.complex64)) * ramp)
-    return out if xp.iscomplexobj(image) else out.real.astype(image.dtype)
+    return fourier_shift(image, shift_yx_A, sampling_A, xp)
 
 
 def resample_to_grid(image, image_origin_yx_A, grid: TomoGrid, xp=None):
