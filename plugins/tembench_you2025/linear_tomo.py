@@ -82,7 +82,6 @@ from tembench._lazy import lazy_import
 from tembench.backend import asnumpy, fft2, get_array_module, ifft2
 from tembench.errors import TembenchError
 from tembench.physics import rotation as _rot
-from tembench.physics.grid import spatial_frequencies
 from tembench_you2025 import tomo_common as tc
 from tembench_you2025.msp import MSPParams
 
