@@ -22,6 +22,7 @@ import os
 import time
 
 import numpy as np
+from _timing import interleaved_min_wall_cpu
 import pytest
 
 pytest.importorskip("jax")
@@ -35,17 +36,7 @@ BATCH = 256
 
 
 def _best(fns: dict, rounds: int = 3) -> dict:
-    for f in fns.values():
-        f()
-    wall = {k: np.inf for k in fns}
-    cpu = {k: np.inf for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            f()
-            wall[k] = min(wall[k], time.perf_counter() - t)
-            cpu[k] = min(cpu[k], time.process_time() - c)
-    return {"wall": wall, "cpu": cpu}
+    return interleaved_min_wall_cpu(fns, rounds)
 
 
 def test_airpi_inference_and_training_speed():

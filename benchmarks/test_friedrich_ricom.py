@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _timing import interleaved_min_wall_cpu
 import pytest
 from threadpoolctl import threadpool_limits
 
@@ -46,18 +47,7 @@ def _pattern():
 
 
 def _best(fns: dict, rounds: int = 5) -> dict:
-    """Best wall and CPU time of each function over ``rounds``, interleaved (after one warm-up each)."""
-    for f in fns.values():
-        f()
-    wall = {k: np.inf for k in fns}
-    cpu = {k: np.inf for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            f()
-            wall[k] = min(wall[k], time.perf_counter() - t)
-            cpu[k] = min(cpu[k], time.process_time() - c)
-    return {"wall": wall, "cpu": cpu}
+    return interleaved_min_wall_cpu(fns, rounds)
 
 
 def _load() -> str:
