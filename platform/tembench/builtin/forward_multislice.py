@@ -73,6 +73,27 @@ def _stem_field(cell_A, p):
     return (ny, nx), (cell_A[1] / ny, cell_A[0] / nx)
 
 
+def _check_angles(p, sampling) -> None:
+    """stem4d's angle checks on the grid it will use: the aperture and every detector inside the band limit.
+
+    Shared by ``simulate`` and ``preflight`` (so ``tembench validate`` refuses what the run would)."""
+    check_sampling_for_aperture(sampling, p.energy_keV, p.semiangle_mrad, p.band_limit)
+    amax = max_scattering_angle_mrad(sampling, p.energy_keV, p.band_limit)
+    for name, (inner, outer) in p.detectors.items():
+        if inner is not None and inner >= amax:
+            raise TembenchError(
+                f"stem4d: detector {name!r} starts at {inner} mrad but sampling_A {p.sampling_A} Å keeps angles "
+                f"only up to {amax:.1f} mrad; use sampling_A <= {p.sampling_A * amax / inner / 1.05:.4f} Å"
+            )
+        if outer is not None and outer > amax * 1.01:
+            # a silently truncated annulus would under-count high-angle scattering (HAADF vs thickness)
+            raise TembenchError(
+                f"stem4d: detector {name!r} reaches {outer} mrad but sampling_A {p.sampling_A} Å keeps angles "
+                f"only up to {amax:.1f} mrad (2/3 band limit); use sampling_A <= "
+                f"{p.sampling_A * amax / outer:.4f} Å, or outer angle null (= up to {amax:.0f} mrad)"
+            )
+
+
 def _tilted_stack(sample, angles, axis, dz, margin_A=2.0, matrices=None, translations_xyz_A=None):
     """Rotated positions per tilt and one common slab (z0, n_slices) that holds all of them.
 
@@ -444,6 +465,7 @@ class STEM4D(ForwardModel):
         if upstream is None or upstream.cell_A is None:
             return None
         gpts, sampling = _stem_field(upstream.cell_A, p)
+        _check_angles(p, sampling)  # refuse at validation what simulate() would refuse after the sample is built
         angles = _tilt_angles(p)
         n_slices = _footprint_slices(upstream, angles, p.tilt_axis, p.slice_thickness_A)
         if p.algorithm == "prism":
@@ -452,7 +474,13 @@ class STEM4D(ForwardModel):
             except TembenchError:
                 return None  # simulate() gives the precise error
         else:
-            window = _explicit_window(p, sampling) or (min(64, gpts[0]), min(64, gpts[1]))  # the probe's: ≥ this
+            explicit = _explicit_window(p, sampling)
+            if explicit is not None and (explicit[0] > gpts[0] or explicit[1] > gpts[1]):
+                raise TembenchError(
+                    f"stem4d: the probe window {explicit} px is larger than the field of view {gpts} px "
+                    f"({upstream.cell_A[1]:.1f} x {upstream.cell_A[0]:.1f} Å); pad the sample with vacuum, or use a "
+                    "coarser detector_sampling_mrad / smaller window_gpts")
+            window = explicit or (min(64, gpts[0]), min(64, gpts[1]))  # the probe's: ≥ this
         start = (0.0, 0.0) if p.scan_start_A is None else p.scan_start_A
         end = (upstream.cell_A[1], upstream.cell_A[0]) if p.scan_end_A is None else p.scan_end_A
         if np.any(np.asarray(p.scan_step_A, dtype=float) <= 0):
@@ -483,21 +511,8 @@ class STEM4D(ForwardModel):
         ab = normalize_aberrations(p.aberrations)
         if p.defocus_A is not None:
             ab["C10"] = -float(p.defocus_A)
-        check_sampling_for_aperture(sampling, p.energy_keV, p.semiangle_mrad, p.band_limit)
+        _check_angles(p, sampling)
         amax = max_scattering_angle_mrad(sampling, p.energy_keV, p.band_limit)
-        for name, (inner, outer) in p.detectors.items():
-            if inner is not None and inner >= amax:
-                raise TembenchError(
-                    f"stem4d: detector {name!r} starts at {inner} mrad but sampling_A {p.sampling_A} Å keeps angles "
-                    f"only up to {amax:.1f} mrad; use sampling_A <= {p.sampling_A * amax / inner / 1.05:.4f} Å"
-                )
-            if outer is not None and outer > amax * 1.01:
-                # a silently truncated annulus would under-count high-angle scattering (HAADF vs thickness)
-                raise TembenchError(
-                    f"stem4d: detector {name!r} reaches {outer} mrad but sampling_A {p.sampling_A} Å keeps angles "
-                    f"only up to {amax:.1f} mrad (2/3 band limit); use sampling_A <= "
-                    f"{p.sampling_A * amax / outer:.4f} Å, or outer angle null (= up to {amax:.0f} mrad)"
-                )
         if p.algorithm == "prism":
             window = prism_window(gpts, p.prism_interpolation)
         else:
