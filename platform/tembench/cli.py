@@ -156,9 +156,17 @@ def _cmd_compare(args) -> int:
 
     from tembench.report import compare
 
-    table = compare(args.run_a, args.run_b)
+    pairs = {}
+    for item in args.pair or []:
+        a_label, sep, b_label = item.partition("=")
+        if not sep or not a_label or not b_label:
+            raise TembenchError(f"--pair expects A_LABEL=B_LABEL (a reconstructor of each run), got {item!r}")
+        pairs[a_label] = b_label
+    table = compare(args.run_a, args.run_b, pairs)
     with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200):
         print(f"A = {args.run_a}\nB = {args.run_b}")
+        for a_label, b_label in table.attrs.get("paired", {}).items():
+            print(f"paired: {a_label} (A) with {b_label} (B)")
         print(table.to_string(float_format=lambda x: f"{x:.4g}"))
     return 0
 
@@ -240,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="put two runs side by side")
     c.add_argument("run_a")
     c.add_argument("run_b")
+    c.add_argument("--pair", action="append", metavar="A_LABEL=B_LABEL",
+                   help="match reconstructor A_LABEL of run A with B_LABEL of run B (repeatable); two single-method "
+                        "runs with different labels are paired automatically")
     c.set_defaults(func=_cmd_compare)
 
     ca = sub.add_parser("cache", help="show or prune the stage cache (the .cache folders of output folders)")

@@ -1087,9 +1087,30 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def compare(run_a: str | Path, run_b: str | Path) -> pd.DataFrame:
-    """Side-by-side mean of every shared metric per (swept values, method) for two runs."""
+def compare(run_a: str | Path, run_b: str | Path, pairs: dict[str, str] | None = None) -> pd.DataFrame:
+    """Side-by-side mean of every shared metric per (swept values, method) for two runs.
+
+    Rows are matched by reconstructor label. ``pairs`` maps a label of run A to a label of run B to match two
+    different methods (e.g. ``{"ren2020": "e2e_ptycho_tomo"}`` for the same sample reconstructed two ways); the
+    row is then labelled ``"<A label> | <B label>"``. When each run holds exactly one method and the labels
+    differ, they are paired without being asked (``compare.paired`` on the returned frame says so)."""
     ta, tb = load_table(Path(run_a)), load_table(Path(run_b))
+    la = list(dict.fromkeys(ta["reconstructor"].dropna())) if "reconstructor" in ta else []
+    lb = list(dict.fromkeys(tb["reconstructor"].dropna())) if "reconstructor" in tb else []
+    pairs = dict(pairs or {})
+    if not pairs and len(la) == 1 and len(lb) == 1 and la != lb:
+        pairs = {la[0]: lb[0]}
+    for a_label, b_label in pairs.items():
+        from tembench.errors import RunDirectoryError
+
+        if a_label not in la:
+            raise RunDirectoryError(f"--pair {a_label}={b_label}: run A has no reconstructor {a_label!r} (it has {la})")
+        if b_label not in lb:
+            raise RunDirectoryError(f"--pair {a_label}={b_label}: run B has no reconstructor {b_label!r} (it has {lb})")
+    if pairs:
+        joined = {a: f"{a} | {b}" for a, b in pairs.items()}
+        ta = ta.assign(reconstructor=ta["reconstructor"].replace(joined))
+        tb = tb.assign(reconstructor=tb["reconstructor"].replace({b: joined[a] for a, b in pairs.items()}))
     ma, mb = _manifest(Path(run_a)), _manifest(Path(run_b))
     sa, sb = list(ma.get("swept", [])), list(mb.get("swept", []))
     for path in [p for p in sa if p not in sb] + [p for p in sb if p not in sa]:
@@ -1118,4 +1139,6 @@ def compare(run_a: str | Path, run_b: str | Path) -> pd.DataFrame:
     out = pd.concat({"A": a, "B": b}, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1, level=0, sort_remaining=False)
     for m in metrics:
         out[(m, "B−A")] = out[(m, "B")] - out[(m, "A")]
-    return out[[c for m in metrics for c in [(m, "A"), (m, "B"), (m, "B−A")]]]
+    out = out[[c for m in metrics for c in [(m, "A"), (m, "B"), (m, "B−A")]]]
+    out.attrs["paired"] = pairs
+    return out

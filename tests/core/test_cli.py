@@ -120,3 +120,29 @@ def test_list_and_validate_do_not_import_heavy_modules():
     assert lines[0] == "LIST []", lines
     # validating a crystal reads it with ASE (ase.build imports scipy.sparse and scipy.fft); nothing else
     assert set(eval(lines[1].split(" ", 1)[1])) <= {"scipy.fft", "scipy.sparse"}, lines
+
+
+def test_compare_pairs_two_methods_run_on_the_same_data(registry, scenario_file, tmp_path, capsys):
+    """The cross-paper case: run A reconstructs with one method, run B with another; rows are matched by a
+    --pair (or automatically for two single-method runs) and B−A is computed, not two half-empty rows."""
+    one = dummy_plugin.SCENARIO.replace("  - {name: dummy_identity, label: b}\n", "")
+    a = scenario_file(one)
+    b = scenario_file(one.replace("label: a}", "label: other}"), name="b.yaml")
+    assert _run(["run", str(a), "--out", str(tmp_path / "a"), "-q", "--no-report"], capsys)[0] == 0
+    assert _run(["run", str(b), "--out", str(tmp_path / "b"), "-q", "--no-report"], capsys)[0] == 0
+    run_a, run_b = next((tmp_path / "a").glob("run-*")), next((tmp_path / "b").glob("run-*"))
+    from tembench.report import compare
+
+    for pairs in (None, {"a": "other"}):
+        table = compare(run_a, run_b, pairs)
+        assert set(table.index.get_level_values("reconstructor")) == {"a | other"}
+        assert len(table) == 3  # one row per sigma, both runs in it
+        diff = table[("mean", "B−A")]
+        np_diff = table[("mean", "B")] - table[("mean", "A")]
+        assert diff.notna().all() and (diff == np_diff).all()
+    code, out, _ = _run(["compare", str(run_a), str(run_b), "--pair", "a=other"], capsys)
+    assert code == 0 and "paired: a (A) with other (B)" in out and "a | other" in out
+    code, _, err = _run(["compare", str(run_a), str(run_b), "--pair", "a=nope"], capsys)
+    assert code == 2 and "run B has no reconstructor 'nope'" in err
+    code, _, err = _run(["compare", str(run_a), str(run_b), "--pair", "a"], capsys)
+    assert code == 2 and "--pair expects A_LABEL=B_LABEL" in err
