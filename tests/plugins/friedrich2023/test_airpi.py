@@ -238,7 +238,7 @@ def test_beats_probe_only_and_icom_at_low_dose_heldout(heldout):
 @pytest.mark.slow
 def test_heldout_high_dose_and_shipped_numbers(heldout):
     """At 1e5 e/Å² the shipped network is (narrowly) ahead of both baselines, and the sidecar's numbers are
-    what this environment reproduces (same scenario and seed → the same NCC)."""
+    what this environment reproduces (same scenario and seed → the same NCC, up to the FFT plans of the machine)."""
     from tembench_friedrich2023 import airpi_train as T
 
     res = T.evaluate_heldout(doses=(1.0e5,), seed=T.SEED + 5 + 2, measurement=heldout, log=lambda m: None)[1.0e5]
@@ -246,4 +246,7 @@ def test_heldout_high_dose_and_shipped_numbers(heldout):
     assert res["airpi"] > res["probe_only"], res
     shipped = A.weights_metadata()["heldout"]["ncc"]["100000"]
     assert res["airpi"] == pytest.approx(shipped["airpi"], abs=2e-3)
-    assert res["icom"] == pytest.approx(shipped["icom"], abs=1e-6)
+    # not bit for bit across machines: the held-out data are simulated with pyFFTW plans from this machine's
+    # wisdom (tembench.backend), and a plan measured on another machine rounds differently; Poisson counts
+    # then flip here and there. Measured on a fresh machine of the same kind: iCOM 0.892315 vs 0.892389 shipped
+    assert res["icom"] == pytest.approx(shipped["icom"], abs=1e-3)
