@@ -1,5 +1,7 @@
 """4D-STEM: normalisation, batch cropping, virtual detectors, streaming, gradients, abTEM."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,13 @@ from tembench.physics import potentials as P
 from tembench.physics import stem as S
 
 RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(autouse=True)
+def _rng_per_test(request):
+    """A generator seeded by the test's own name: results do not depend on which tests ran before."""
+    global RNG
+    RNG = np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def _si(cells_xy, cells_z=1, n_per_cell=54):
