@@ -55,8 +55,12 @@ def main() -> None:
     ap.add_argument("--also", action="append", default=[],
                     help="more verdict files of earlier rechecks to fold in (their verdicts stand too)")
     ap.add_argument("--direct", action="store_true",
-                    help="call the test functions (module.py[::name]; parametrize expanded; monkeypatch, "
+                    help="call the test functions (module.py[::name]; parametrize and parametrised fixtures (request.param) expanded; monkeypatch, "
                          "tmp_path and plain conftest fixtures, computed once and shared) in the forked child instead of a pytest session: no pytest start-up per mutant")
+    ap.add_argument("--map", default="",
+                    help="with --direct: mutmut's mutants/mutmut-stats.json (of a run of the same sources and tests, e.g. "
+                         "generated with MUTMUT_PATTERNS='zz_nomatch_*'): each mutant runs only the test functions that "
+                         "execute its function, as mutmut does; a mutant whose function no test executes is 'no tests'")
     ap.add_argument("--pytest-arg", action="append", default=[], help="e.g. --pytest-arg=--deselect=tests/x.py::t")
     ap.add_argument("--no-copy", action="store_true",
                     help="use the scratch project's own copies of the test files (those of the mutated commit) "
@@ -121,10 +125,8 @@ def main() -> None:
         supported = {"monkeypatch", "tmp_path"}
         fixtures = {}
 
-        def resolve_fixture(name, folder, mod=None):
-            """Value of a fixture ``name`` (no yield, no request) of the test module or a conftest.py above it."""
-            if name in fixtures:
-                return fixtures[name]
+        def fixture_def(name, folder, mod=None):
+            """The fixture object ``name`` of the test module or of a conftest.py above it."""
             for d in [folder, *folder.parents]:
                 conf = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None)
                              and os.path.abspath(m.__file__) == str(d / "conftest.py")), None)
@@ -132,13 +134,32 @@ def main() -> None:
                 if not hasattr(fx, "_get_wrapped_function"):
                     fx = getattr(conf, name, None) if conf is not None else None
                 if fx is not None and hasattr(fx, "_get_wrapped_function"):
-                    f = fx._get_wrapped_function()
-                    deps = f.__code__.co_varnames[:f.__code__.co_argcount]
-                    fixtures[name] = f(**{a: resolve_fixture(a, folder, mod) for a in deps})
-                    return fixtures[name]
+                    return fx
                 if d == Path.cwd():
                     break
             raise LookupError(name)
+
+        def fixture_params(name, folder, mod=None):
+            """The ``params`` of a parametrised fixture (``request.param``), or None."""
+            try:
+                marker = getattr(fixture_def(name, folder, mod), "_fixture_function_marker", None)
+            except LookupError:
+                return None
+            return list(marker.params) if marker is not None and marker.params else None
+
+        def resolve_fixture(name, folder, mod=None, param=None):
+            """Value of a fixture ``name`` (no yield; ``request`` only for ``request.param``) of the test module
+            or a conftest.py above it; a parametrised fixture once per ``param``."""
+            key = name if param is None else (name, repr(param))
+            if key in fixtures:
+                return fixtures[key]
+            f = fixture_def(name, folder, mod)._get_wrapped_function()
+            deps = f.__code__.co_varnames[:f.__code__.co_argcount]
+            import types
+
+            fixtures[key] = f(**{a: types.SimpleNamespace(param=param) if a == "request" else resolve_fixture(a, folder, mod)
+                                 for a in deps})
+            return fixtures[key]
         for t in args.tests:
             path, _, name = t.partition("::")
             mod = next((m for m in list(sys.modules.values())
@@ -165,6 +186,11 @@ def main() -> None:
                         rows.append(dict(zip(names, v if len(names) > 1 else (v,))))
                     grids.append(rows)
                 params = set(fn.__code__.co_varnames[:fn.__code__.co_argcount])
+                folder = Path(path).resolve().parent
+                for n in sorted(params - {k for g in grids for k in g[0]} - supported):
+                    values = fixture_params(n, folder, mod)   # a parametrised fixture: one call per param
+                    if values is not None:
+                        grids.append([{n: resolve_fixture(n, folder, mod, v)} for v in values])
                 given = {n for g in grids for n in g[0]} if grids else set()
                 for n in params - given - supported:   # conftest fixtures: computed once here, shared
                     try:
@@ -175,13 +201,15 @@ def main() -> None:
                     print(f"direct: {fn.__name__} skipped (fixtures {sorted(params - given - supported)})")
                     continue
                 for combo in itertools.product(*grids) if grids else [()]:
-                    calls.append((fn, {k: v for d in combo for k, v in d.items()}))
+                    calls.append((fn, {k: v for d in combo for k, v in d.items()}, f"{path}::{fn.__name__}"))
         print(f"direct: {len(calls)} test calls per mutant", flush=True)
 
-    def run_direct():
+    def run_direct(only=None):
         import tempfile
 
-        for fn, kwargs in calls:
+        for fn, kwargs, test_id in calls:
+            if only is not None and test_id not in only:
+                continue
             kw = dict(kwargs)
             names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
             kw.update({n: fixtures[n] for n in names if n in fixtures and n not in kw})
@@ -208,9 +236,24 @@ def main() -> None:
             sys.exit("the direct test calls fail without a mutant (traceback above); fix them first")
         print("direct: the calls pass without a mutant", flush=True)
 
+    tests_of = None
+    if args.map:
+        import json
+
+        stats = json.loads(Path(args.map).read_text())["tests_by_mangled_function_name"]
+        tests_of = {f: {t.split("[")[0] for t in ts} for f, ts in stats.items()}
     verdicts = dict(previous)
     t0 = time.time()
     for i, name in enumerate(todo):
+        selected = None
+        if tests_of is not None:
+            selected = tests_of.get(re.sub(r"__mutmut_\d+$", "", name), set())
+            if not any(test_id in selected for *_, test_id in calls):
+                verdicts[name] = "no tests"
+                with open(rc_file, "a") as fh:
+                    fh.write(f"{name}: no tests\n")
+                print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f} s] {name}: no tests", flush=True)
+                continue
         pid = os.fork()
         if pid == 0:
             os.environ["MUTANT_UNDER_TEST"] = name
@@ -219,7 +262,7 @@ def main() -> None:
             os.dup2(devnull, 2)
             if args.direct:
                 try:
-                    run_direct()
+                    run_direct(selected)
                     rc = 0
                 except BaseException:  # noqa: BLE001 - any failure of a test under the mutant kills it
                     rc = 1

@@ -15,7 +15,7 @@ import scipy.stats
 
 from tembench.errors import TembenchError
 from tembench.types import Geometry, Measurement
-from tembench_pelz2022 import dpc
+from tembench_pelz2022 import dpc, ssb
 from tembench_pelz2022.virtual import VirtualDetector, detector_angles
 
 N_DET, D_MRAD = 16, 2.0   # 16² detector pixels of 2 mrad: the corner pixel (0, 0) is at 8√2·2 = 22.63 mrad
@@ -118,3 +118,173 @@ def test_probe_optics_scan_grid_and_rotation_helpers_follow_their_contracts():
                       "t", rotation_deg=12.0)
     assert rec.quantity == "phase_rad" and rec.data.dtype == np.float32 and rec.kind == "image"
     assert rec.sampling_A == (0.3, 0.5) and rec.origin_A == (1.0, 2.0) and rec.extras == {"rotation_deg": 12.0}
+
+
+# --- session 6 (issue 18 §6, the dpc.py / ssb.py sample): definitions and known objects -------------------
+
+def _hand_grid():
+    from tembench_pelz2022.eer_ops import DetectorGrid
+
+    # non-square pixels and a centre off the middle: the two axes must not be exchanged or squared wrongly
+    return DetectorGrid((9, 12), (4.0, 6.0), (2.0, 1.5))
+
+
+def _beyond(grid, limit_mrad):
+    """The dark-field definition written out pixel by pixel: angle > limit (mrad)."""
+    out = np.zeros(grid.shape, bool)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ay = (i - grid.centre_px[0]) * grid.sampling_mrad[0]
+            ax = (j - grid.centre_px[1]) * grid.sampling_mrad[1]
+            out[i, j] = math.hypot(ay, ax) > limit_mrad
+    return out
+
+
+def test_dark_field_mask_is_every_pixel_beyond_1_2_semiangles():
+    grid = _hand_grid()
+    for alpha in (3.0, 4.4, 7.0):
+        mask = dpc.dark_field_mask(grid, alpha)
+        want = _beyond(grid, 1.2 * alpha)   # docs: "the counts beyond 1.2 α"
+        assert mask.dtype == bool and mask.shape == grid.shape
+        np.testing.assert_array_equal(mask, want)
+        assert 0 < want.sum() < want.size
+        np.testing.assert_array_equal(dpc.dark_field_mask(grid, alpha, factor=1.5), _beyond(grid, 1.5 * alpha))
+    # strictly beyond: pixel (4, 0) lies 6 columns × 1.5 mrad = 9 mrad left of the centre, pixel (0, 6) 8 mrad above
+    assert not dpc.dark_field_mask(grid, 9.0, factor=1.0)[4, 0] and dpc.dark_field_mask(grid, 8.99, factor=1.0)[4, 0]
+    assert not dpc.dark_field_mask(grid, 8.0, factor=1.0)[0, 6] and dpc.dark_field_mask(grid, 7.99, factor=1.0)[0, 6]
+    # no pixel beyond (the disc fills the detector) or no semiangle: None, and the branch falls back to the skew
+    assert dpc.dark_field_mask(grid, 20.0) is None and dpc.dark_field_mask(grid, None) is None
+
+
+def test_dark_field_image_counts_the_electrons_beyond_the_disc_dense_and_events():
+    from tembench.eer import ElectronEvents
+
+    grid = _hand_grid()
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(0.7, (5, 6) + grid.shape).astype(np.float32)
+    want = (counts * _beyond(grid, 1.2 * 4.4)).sum(axis=(2, 3))
+    dense = dpc.dark_field_image(counts, grid, 4.4)
+    assert dense.dtype == np.float64 and dense.shape == (5, 6)
+    np.testing.assert_array_equal(dense, want)
+    ev = dpc.dark_field_image(ElectronEvents.from_dense(counts), grid, 4.4)
+    assert ev.dtype == np.float64 and ev.shape == (5, 6)
+    np.testing.assert_array_equal(ev, want)
+    # the same image comes out of the fused COM pass (the 4th sum) ...
+    *_, dark = dpc.checked_gradient_field(counts, grid, 0.025, 4.4, "t", bad_pixels="ignore")
+    np.testing.assert_array_equal(dark, want)
+    # ... and of the events path of checked_gradient_field
+    *_, dark_ev = dpc.checked_gradient_field(ElectronEvents.from_dense(counts), grid, 0.025, 4.4, "t")
+    np.testing.assert_array_equal(dark_ev, want)
+    assert dpc.dark_field_image(counts, grid, 20.0) is None
+
+
+def _sinusoid_gradient(shape, step, ky_i=2, kx_i=3, amp=0.3):
+    """φ = amp·sin(q·r) on a periodic grid and its exact gradient (rad/Å)."""
+    qy = 2 * math.pi * ky_i / (shape[0] * step[0])
+    qx = 2 * math.pi * kx_i / (shape[1] * step[1])
+    y = np.arange(shape[0])[:, None] * step[0]
+    x = np.arange(shape[1])[None, :] * step[1]
+    arg = qy * y + qx * x
+    phi = amp * np.sin(arg)
+    return phi, amp * qy * np.cos(arg), amp * qx * np.cos(arg), (qy, qx)
+
+
+def test_curl_and_divergence_of_a_gradient_and_of_a_rotated_gradient():
+    shape, step = (24, 30), (0.3, 0.45)   # non-square step: each axis must use its own
+    phi, gy, gx, (qy, qx) = _sinusoid_gradient(shape, step)
+    curl, div = dpc.curl_div(gy, gx, step)
+    np.testing.assert_allclose(curl, 0.0, atol=1e-12)
+    np.testing.assert_allclose(div, -(qy ** 2 + qx ** 2) * phi, atol=1e-12)   # ∇²φ
+    # a field turned by 90° is divergence-free: (g_y, g_x) → (g_x, −g_y) has curl −∇²φ... written out:
+    # curl = ∂x g_y' − ∂y g_x' = ∂x g_x + ∂y g_y = ∇²φ, div = ∂y g_x − ∂x g_y = 0
+    curl, div = dpc.curl_div(gx, -gy, step)
+    np.testing.assert_allclose(curl, -(qy ** 2 + qx ** 2) * phi, atol=1e-12)
+    np.testing.assert_allclose(div, 0.0, atol=1e-12)
+
+
+def test_icom_integrates_a_sinusoid_with_its_own_step_per_axis():
+    shape, step = (24, 30), (0.3, 0.45)
+    phi, gy, gx, _ = _sinusoid_gradient(shape, step)
+    np.testing.assert_allclose(dpc.icom(gy, gx, step), phi - phi.mean(), atol=1e-12)
+    out, hist = dpc.iterative_dpc(gy, gx, step, n_iter=200, padding_factor=1.0)
+    np.testing.assert_allclose(out, phi - phi.mean(), atol=2e-5)   # float32 iterations
+    assert hist[0] == pytest.approx(1.0) and hist[-1] < 1e-4
+
+
+@pytest.mark.parametrize("theta", [0.0, 35.0, 120.0, 250.0])
+def test_orientation_of_a_rotated_gradient_field(theta):
+    from tembench_pelz2022.common import rotation_matrix
+
+    shape, step = (33, 31), (0.3, 0.3)   # odd sizes: no Nyquist row, the spectral gradient is exactly curl-free
+    rng = np.random.default_rng(2)
+    # a gradient field with a positive-skew phase (sharp positive peaks): g_det = R(θ)ᵀ ∇φ
+    y, x = np.mgrid[:33, :31] * 0.3
+    phi = sum(0.1 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.5) for cy, cx in rng.uniform(0, 9.6, (6, 2)))
+    q = dpc._freqs(shape, step)
+    fphi = np.fft.fft2(phi)
+    gy, gx = (np.real(np.fft.ifft2(1j * qq * fphi)) for qq in q)
+    R = rotation_matrix(theta)
+    dy, dx = R[0, 0] * gy + R[1, 0] * gx, R[0, 1] * gy + R[1, 1] * gx     # Rᵀ g
+    est = dpc.estimate_orientation(dy, dx, step, transpose=False)
+    assert abs((est["rotation_deg"] - theta % 180.0 + 90) % 180 - 90) < 1e-6
+    assert est["curl_fraction"]["as_read"] < 1e-12 and est["transpose"] is False
+    # the estimate for both transpose options: the transposed field of a curl-free one is not curl-free
+    both = dpc.estimate_orientation(dy, dx, step)
+    assert both["transpose"] is False and both["curl_fraction"]["transposed"] > 0.1
+    assert both["transpose_margin"] == pytest.approx(4.0 / math.sqrt(2 * 33 * 31))
+    flipped = dpc.estimate_orientation(dx, dy, step)
+    assert flipped["transpose"] is True and flipped["curl_fraction"]["transposed"] < 1e-12
+    # 180° branch by the skew (no dark field): atoms advance the phase, so the phase comes back positive
+    o = dpc.resolve_orientation(dy, dx, step, None, False)
+    assert abs((o["rotation_deg"] - theta + 180) % 360 - 180) < 1e-6 and o["branch"]["by"] == "skew"
+    np.testing.assert_allclose(o["gy"], gy, atol=1e-9)
+    np.testing.assert_allclose(o["gx"], gx, atol=1e-9)
+    assert o["branch"]["skew"] > 0 and o["branch"]["dark_field_corr"] is None
+    # by the dark field: an image correlated with φ picks the same branch, an anti-correlated one the other
+    for dark, want in ((phi, theta), (-phi, theta + 180.0)):
+        o = dpc.resolve_orientation(dy, dx, step, None, False, dark_field=dark)
+        assert o["branch"]["by"] == "dark_field" and o["branch"]["dark_field_corr"] > 0
+        assert abs((o["rotation_deg"] - want + 180) % 360 - 180) < 1e-6
+    # a dark-field image of the wrong shape or with a NaN is not used
+    for bad in (phi[:-1], np.where(phi > phi.max() / 2, np.nan, phi)):
+        assert dpc.resolve_orientation(dy, dx, step, None, False, dark_field=bad)["branch"]["by"] == "skew"
+    # a given rotation is used as it is (no branch choice), for resolve_orientation and resolve_rotation
+    for given in (theta, theta + 180.0, 10.0):
+        o = dpc.resolve_orientation(dy, dx, step, given, None)
+        assert o["rotation_deg"] == given and o["transpose"] is False and "branch" not in o
+        r, ry, rx = dpc.resolve_rotation(dy, dx, step, given)
+        assert r == given
+        want = dpc.rotate_field(dy, dx, given)
+        np.testing.assert_array_equal(ry, want[0])
+        np.testing.assert_array_equal(rx, want[1])
+
+
+def test_ssb_scan_frequencies_follow_each_axis_step():
+    """A pattern intensity modulated as cos(2π K0·R) over the scan puts G(k, K) at K = K0: with a non-square scan
+    step (0.3 Å × 0.5 Å) the trotter grid must use each axis' own step."""
+    from tembench_pelz2022.common import ProbeOptics
+    from tembench_pelz2022.eer_ops import DetectorGrid
+
+    sy, sx, step = 12, 10, (0.3, 0.5)
+    grid = DetectorGrid((16, 16), (8.0, 8.0), (2.0, 2.0))
+    disc = grid.radius_mrad() < 10.0
+    y = np.arange(sy)[:, None] * step[0]
+    x = np.arange(sx)[None, :] * step[1]
+    K0 = (2 / (sy * step[0]), 3 / (sx * step[1]))            # (0.556, 0.6) 1/Å
+    mod = 1.0 + 0.2 * np.cos(2 * math.pi * (K0[0] * y + K0[1] * x))
+    data = (mod[:, :, None, None] * disc).astype(np.float32)
+    d = ssb.SSBData(data, grid, ProbeOptics(200.0, 0.025079340, 10.0, {}), step)
+    power = (np.abs(d.G) ** 2).sum(-1)
+    power[0, 0] = 0
+    iy, ix = np.unravel_index(np.argmax(power), power.shape)
+    # the half plane of K (rfft): K0 or −K0, whichever has K_x ≥ 0
+    assert (d.KYs[iy, ix], d.KXs[iy, ix]) == (pytest.approx(K0[0]), pytest.approx(K0[1]))
+    # the Wiener rings are as wide as the coarser of the two frequency steps, 1/(12·0.3) vs 1/(10·0.5)
+    assert d.dK_A_inv == pytest.approx(1 / (sy * step[0]))
+    d2 = ssb.SSBData(data.transpose(1, 0, 2, 3).copy(), grid, ProbeOptics(200.0, 0.025079340, 10.0, {}), (0.5, 0.3))
+    assert d2.dK_A_inv == pytest.approx(1 / (sy * step[0]))
+    # the bright field is normalised to a mean of 1: scale = 1 / (mean count of a bright-field pixel); here every
+    # disc pixel holds mod(R), whose mean over whole periods is 1, and ×3 data have a mean of 3
+    assert d.mean_bf == pytest.approx(1.0, rel=1e-6)
+    assert ssb.SSBData(3 * data, grid, d.optics, step).mean_bf == pytest.approx(3.0, rel=1e-6)
+    assert d.scale == pytest.approx(1.0 / d.mean_bf)
