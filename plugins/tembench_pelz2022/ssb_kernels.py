@@ -158,40 +158,88 @@ def crop_bin_numpy(block, y0, x0, f, nby, nbx, out):
 if HAVE_NUMBA:
     # no "nnan"/"ninf": a NaN/inf must reach the frame total (the finite check reads it there)
     @_nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-    def _crop_bin_stats_nb(d3, y0, x0, f, nby, nbx, out3, stats, first, total, changes, frame_tot, zero):  # pragma: no cover
+    def _crop_bin_stats_nb(d3, y0, x0, f, nby, nbx, out2, stats, first, total, changes, frame_tot, zero):  # pragma: no cover
+        # Frames in groups of four, each frame read once, row by row: the row sums (frame totals), the
+        # per-pixel statistics (one float64 add and one int64 add per pixel per four frames: the
+        # accumulators, larger than L1 for a 128² detector, are swept a quarter as often) and, for
+        # rows inside the window, the f-row bin into tmp while the row is in cache. out2[frame, pixel]
+        # is either (frames, nby·nbx) C order or the transposed view of a detector-major array.
         n_frames, ny, nx = d3.shape
         w = f * nbx
-        tmp = np.empty(w, np.float32)
-        for n in range(n_frames):
-            s = zero
-            if stats:  # every pixel: the frame total, the per-pixel float64 total and "differs from the first frame"
-                for iy in range(ny):
-                    row = zero
-                    for ix in range(nx):
-                        v = d3[n, iy, ix]
-                        row += v
-                        total[iy, ix] += v
-                        changes[iy, ix] += v != first[iy, ix]
-                    s += row
-            else:
-                for iy in range(ny):
-                    row = zero
-                    for ix in range(nx):
-                        row += d3[n, iy, ix]
-                    s += row
-            frame_tot[n] = s
-            for i in range(nby):  # the window, binned f × f (the frame is in cache now): f rows summed
-                for c in range(w):  # into one (contiguous, vectorised), then f columns
-                    tmp[c] = np.float32(d3[n, y0 + f * i, x0 + c])
-                for a in range(1, f):
-                    row = y0 + f * i + a
-                    for c in range(w):
-                        tmp[c] += np.float32(d3[n, row, x0 + c])
-                for j in range(nbx):
-                    acc = np.float32(0.0)
-                    for b in range(f):
-                        acc += tmp[f * j + b]
-                    out3[n, i, j] = acc
+        ye = y0 + f * nby
+        tmp = np.empty((4, w), np.float32)
+        for n0 in range(0, n_frames, 4):
+            m = min(4, n_frames - n0)
+            for k in range(m):
+                frame_tot[n0 + k] = zero
+            s0 = zero
+            s1 = zero
+            s2 = zero
+            s3 = zero
+            for iy in range(ny):
+                if m == 4:
+                    r0 = zero
+                    r1 = zero
+                    r2 = zero
+                    r3 = zero
+                    if stats:
+                        for ix in range(nx):
+                            a = d3[n0, iy, ix]
+                            b = d3[n0 + 1, iy, ix]
+                            c = d3[n0 + 2, iy, ix]
+                            e = d3[n0 + 3, iy, ix]
+                            r0 += a
+                            r1 += b
+                            r2 += c
+                            r3 += e
+                            total[iy, ix] += (np.float64(a) + np.float64(b)) + (np.float64(c) + np.float64(e))
+                            fv = first[iy, ix]
+                            changes[iy, ix] += (np.int64(a != fv) + np.int64(b != fv)) + (np.int64(c != fv) + np.int64(e != fv))
+                    else:
+                        for ix in range(nx):
+                            r0 += d3[n0, iy, ix]
+                            r1 += d3[n0 + 1, iy, ix]
+                            r2 += d3[n0 + 2, iy, ix]
+                            r3 += d3[n0 + 3, iy, ix]
+                    s0 += r0
+                    s1 += r1
+                    s2 += r2
+                    s3 += r3
+                else:
+                    for k in range(m):
+                        r = zero
+                        for ix in range(nx):
+                            v = d3[n0 + k, iy, ix]
+                            r += v
+                            if stats:
+                                total[iy, ix] += v
+                                changes[iy, ix] += v != first[iy, ix]
+                        frame_tot[n0 + k] += r
+                if iy >= y0 and iy < ye:  # the window: f rows summed into tmp (contiguous, vectorised), then f columns
+                    q = (iy - y0) % f
+                    for k in range(m):
+                        src = d3[n0 + k, iy, x0:x0 + w]  # a slice: indices known ≥ 0, so the loop vectorises
+                        t = tmp[k]
+                        if q == 0:
+                            for c in range(w):
+                                t[c] = np.float32(src[c])
+                        else:
+                            for c in range(w):
+                                t[c] += np.float32(src[c])
+                    if q == f - 1:
+                        i = (iy - y0) // f
+                        for k in range(m):
+                            t = tmp[k]
+                            for j in range(nbx):
+                                acc = t[f * j]
+                                for b in range(1, f):
+                                    acc += t[f * j + b]
+                                out2[n0 + k, i * nbx + j] = acc
+            if m == 4:
+                frame_tot[n0] = s0
+                frame_tot[n0 + 1] = s1
+                frame_tot[n0 + 2] = s2
+                frame_tot[n0 + 3] = s3
 
 
 def crop_bin_stats(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, acc=None, numba: bool | None = None):
@@ -199,24 +247,29 @@ def crop_bin_stats(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, acc
     each frame, its total (returned, (frames,) float: a NaN/inf pixel makes it non-finite — the finite check)
     and, if ``acc`` = (first, total, changes) ((k_y·k_x,) first frame, float64 and int64 accumulators), each
     pixel's value added to ``total`` and 1 to ``changes`` where it differs from ``first`` (in place).
+    ``out``: (rows, scan_x, nby, nbx), or 2-D (frames, nby·nbx) — e.g. ``dm[:, f0:f1].T``, the frames' columns of a
+    detector-major (nby·nbx, scan_y·scan_x) array (what :class:`ssb.SSBData` transforms fastest).
     The one pass over the raw data that SSB makes (``ssb.fused_crop_bin``); numpy twin: the same results."""
     r, sx, ny, nx = block.shape
     d3 = block.reshape(r * sx, ny, nx)
-    out3 = out.reshape(r * sx, nby, nbx)
+    out2 = out if out.ndim == 2 else out.reshape(r * sx, nby * nbx)
     if use_numba(numba) and d3.flags.c_contiguous and r * sx:
         float_data = d3.dtype in (np.float32, np.float64)
         zero = d3.dtype.type(0) if float_data else np.float64(0)
         tot = np.empty(r * sx, dtype=d3.dtype if float_data else np.float64)
         if acc is None:
-            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out3, False, np.zeros((1, 1), d3.dtype),
+            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out2, False, np.zeros((1, 1), d3.dtype),
                                np.zeros((1, 1)), np.zeros((1, 1), np.int64), tot, zero)
         else:
             first, total, changes = acc
-            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out3, True,
+            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out2, True,
                                np.ascontiguousarray(first, dtype=d3.dtype).reshape(ny, nx), total.reshape(ny, nx),
                                changes.reshape(ny, nx), tot, zero)
         return tot
-    crop_bin_numpy(block, y0, x0, f, nby, nbx, out)
+    if out.ndim == 2:
+        out[...] = crop_bin_numpy(block, y0, x0, f, nby, nbx, np.empty((r, sx, nby, nbx), np.float32)).reshape(r * sx, -1)
+    else:
+        crop_bin_numpy(block, y0, x0, f, nby, nbx, out)
     b = d3.reshape(r * sx, ny * nx)
     if acc is not None:
         first, total, changes = acc

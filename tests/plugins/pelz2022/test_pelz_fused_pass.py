@@ -82,3 +82,24 @@ def test_stream_pass_statistics_and_finite_check_with_a_fused_consumer():
     d[3, 1, 2, 2] = np.nan
     with pytest.raises(TembenchError, match=r"scan \(y=3, x=1\), detector pixel \(ky=2, kx=2\)"):
         stream_pass(d, "t", fused=fused, max_bytes=5 * 120 * 4 * 2)
+
+
+@pytest.mark.parametrize("numba", NUMBA)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_crop_bin_stats_any_frame_count_and_a_detector_major_output(numba, dtype):
+    # 15 frames: three groups of four and a remainder of three (the kernel reads frames four at a time);
+    # the output also as the transposed view of a detector-major (pixels, frames) array
+    d = _data(dtype, (3, 5, 17, 19), seed=3)
+    y0, x0, f, nby, nbx = 2, 1, 4, 3, 4
+    want = d[:, :, y0:y0 + f * nby, x0:x0 + f * nbx].astype(np.float64).reshape(3, 5, nby, f, nbx, f).sum(axis=(3, 5))
+    total, changes = _direct_stats(d)
+    for layout in ("scan-major", "detector-major"):
+        dm = np.full((nby * nbx, 15), np.nan, np.float32)
+        out = np.full((3, 5, nby, nbx), np.nan, np.float32)
+        acc = (d[0, 0].reshape(-1).copy(), np.zeros(17 * 19), np.zeros(17 * 19, np.int64))
+        tot = ssb_kernels.crop_bin_stats(d, y0, x0, f, nby, nbx, out if layout == "scan-major" else dm.T, acc, numba=numba)
+        got = out if layout == "scan-major" else dm.T.reshape(3, 5, nby, nbx)
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+        np.testing.assert_array_equal(tot, d.reshape(15, -1).astype(np.float64).sum(axis=1))
+        np.testing.assert_array_equal(acc[1], total)
+        np.testing.assert_array_equal(acc[2], changes)
