@@ -40,6 +40,32 @@ def _x_key(swept: list[str]) -> str | None:
     return dose[0] if dose else (swept[0] if swept else None)
 
 
+def _varying(table: pd.DataFrame, swept: list[str]) -> list[str]:
+    """The swept keys that take more than one value in the table, in the scenario's order."""
+    return [k for k in swept if k in table and table[k].astype(str).nunique() > 1]
+
+
+def _point_keys(table: pd.DataFrame, swept: list[str]) -> list[str]:
+    """The keys that name a point: the dose alone for a dose sweep (as before), every varying key of a grid of two
+    or more (e.g. scan step × dose, the step study of Fig. 4.7)."""
+    var = _varying(table, swept)
+    if len(var) > 1:
+        return var
+    x = _x_key(swept)
+    return [x] if x else []
+
+
+def _point_label(r, keys: list[str], short: bool = False) -> str:
+    if len(keys) == 1:
+        return _fmt_x(r[keys[0]])
+    return ", ".join(f"{_short_name(k) if short else _axis_name(k)} {_fmt_x(r[k])}" for k in keys)
+
+
+def _short_name(key: str) -> str:
+    k = key.split(".")[-1]
+    return {"dose_e_per_A2": "dose", "scan_step_A": "step"}.get(k, k)
+
+
 def _fmt_x(v) -> str:
     try:
         f = float(v)
@@ -54,7 +80,7 @@ def _axis_name(xkey: str | None) -> str:
     if not xkey:
         return "point"
     k = xkey.split(".")[-1]
-    return "dose (e/Å²)" if k == "dose_e_per_A2" else k
+    return {"dose_e_per_A2": "dose (e/Å²)", "scan_step_A": "scan step (Å)"}.get(k, k)
 
 
 def _fmt_num(v) -> str:
@@ -170,13 +196,13 @@ def _grey(ax, img: dict, extent_lim=None):
     ax.set_yticks([])
 
 
-def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, max_rows: int = 6):
+def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, max_rows: int = 8):
     """(html, png bytes) of the phase images: rows = swept points, columns = truth + methods; or None."""
     t = _ok_rows(table)
     if t.empty or "reconstructor" not in t:
         return None
     methods = method_order(t, scenario)
-    xkey = _x_key(swept)
+    keys = _point_keys(t, swept)
     points = t.sort_values("point_index")["point_index"].drop_duplicates().tolist()[:max_rows]
     images = {}
     for _, r in t[t["point_index"].isin(points)].iterrows():
@@ -197,7 +223,7 @@ def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, m
     h = float(np.clip(w * ny / max(nx, 1), 1.2, 4.0))
     fig, axs = plt.subplots(len(points), len(cols), figsize=(w * len(cols), (h + 0.5) * len(points)), squeeze=False)
     for i, p in enumerate(points):
-        xval = t[t["point_index"] == p][xkey].iloc[0] if xkey else p
+        prow = t[t["point_index"] == p].iloc[0]
         for j, c in enumerate(cols):
             ax = axs[i][j]
             if c == "truth":
@@ -212,14 +238,17 @@ def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, m
                 ax.axis("off")
                 ax.set_title(f"{c}: failed" if c in methods else "", fontsize=11)
             if j == 0:
-                ax.set_ylabel(f"{_axis_name(xkey)}\n{_fmt_x(xval)}", fontsize=12)
+                label = ("\n".join(f"{_axis_name(k)} {_fmt_x(prow[k])}" for k in keys) if len(keys) > 1 else
+                         f"{_axis_name(keys[0])}\n{_fmt_x(prow[keys[0]])}" if keys else str(p))
+                ax.set_ylabel(label, fontsize=12)
     fig.tight_layout()
     uri = figure_uri(fig, dpi=80)
     where = ("each image over its own field of view in Å (same axes for all), the truth at the first scan-grid "
              "method's pixels" if lim is not None else "images in pixels (no EMD files: add "
              "<code>save: {reconstructions: emd}</code> to the scenario for the field of view and the truth at the "
              "reconstruction's pixels)")
-    note = (f"<p>Reconstructed phase of every method (columns) at each {html.escape(_axis_name(xkey))} "
+    what = " × ".join(_axis_name(k) for k in keys) or "point"
+    note = (f"<p>Reconstructed phase of every method (columns) at each {html.escape(what)} "
             f"(rows), repeat 0; grey scale per image (0.5–99.5 percentile); titles: NCC with σ·V_proj. {where}. "
             "The ADF image is intensity, not phase (read its NCC only).</p>")
     return note + img_tag(uri, "phase images side by side"), base64.b64decode(uri.split(",", 1)[1])
@@ -277,22 +306,23 @@ def methods_table(table: pd.DataFrame, swept: list[str], run_dir: Path, scenario
     """Table 5.1 of one run: per method NCC and resolution at each swept value, time per frame (median over the
     points), frames/s and peak memory of the reconstruction (max over the points)."""
     t = _ok_rows(table)
-    xkey = _x_key(swept)
+    keys = _point_keys(t, swept)
     if t.empty or "ncc" not in t:
         return pd.DataFrame()
     res = _resolution_metric(t)
-    n_frames = frames_per_scan(table, run_dir)
+    # a swept scan step changes the frames per scan from point to point: no single time per frame then
+    n_frames = None if any(k.endswith("scan_step_A") for k in keys) else frames_per_scan(table, run_dir)
     rows = []
     for m in method_order(t, scenario):
         g = t[t["reconstructor"].astype(str) == m]
-        g = g.sort_values(xkey, key=lambda v: pd.to_numeric(v, errors="coerce")) if xkey else g
+        g = g.sort_values(keys[::-1], key=lambda v: pd.to_numeric(v, errors="coerce")) if keys else g
         row = {"method": m}
         for _, r in g.iterrows():
-            lab = _fmt_x(r[xkey]) if xkey else str(r["point_index"])
+            lab = _point_label(r, keys, short=True) if keys else str(r["point_index"])
             row[f"NCC {lab}"] = r["ncc"]
         if res:
             for _, r in g.iterrows():
-                lab = _fmt_x(r[xkey]) if xkey else str(r["point_index"])
+                lab = _point_label(r, keys, short=True) if keys else str(r["point_index"])
                 row[f"res {lab} (Å)"] = r[res]
         tr = pd.to_numeric(g.get("time_reconstruct_s"), errors="coerce").median()
         row["recon (s)"] = tr
@@ -318,7 +348,9 @@ def phase_sections(table: pd.DataFrame, swept: list[str], scenario, run_dir: Pat
     plots = metric_plots(table, swept, scenario, run_dir)
     if plots:
         names = [p.name for p in sorted((run_dir / "figures").glob("friedrich_*_vs_sweep.png"))]
-        out.append({"title": "Friedrich 2023: NCC vs dose", "html": plots,
+        lay = sweep_layout(table, swept)
+        xname = _axis_name(lay.x) if lay.x and lay.x in swept else "dose"
+        out.append({"title": f"Friedrich 2023: NCC vs {xname.split(' (')[0]}", "html": plots,
                     "markdown": "\n\n".join(f"![{n}](figures/{n})" for n in names)})
     tab = methods_table(table, swept, run_dir, scenario)
     if not tab.empty:

@@ -139,3 +139,26 @@ def test_methods_scenario_validates_and_has_a_header():
     names = {r.name for r in sc.spec.reconstructors}
     assert {"ssb", "dpc", "icom", "ricom", "msp"} <= names
     assert sc.spec.save is not None and sc.spec.save.reconstructions == "emd"   # the report's truth column
+
+
+def test_methods_table_of_a_step_by_dose_grid_keeps_every_point(tmp_path):
+    # the step study (Fig. 4.7) sweeps scan step × dose: each (step, dose) gets its own column — one key per
+    # column would overwrite the NCC of one step by another's — and no time per frame (frames differ per step)
+    steps, doses = [0.2, 0.4, 1.6], [np.inf, 500.0]
+    rows = []
+    for i, (st, d) in enumerate([(s, d) for s in steps for d in doses]):
+        for m in ("airpi", "icom"):
+            rows.append({"status": "ok", "repeat": 0, "point_index": i, "reconstructor": m, "reconstructor_name": m,
+                         "forward.scan_step_A": st, "noise.poisson_dose.dose_e_per_A2": d,
+                         "ncc": round(st + (d == 500.0) / 10 + (m == "icom") / 100, 3), "time_reconstruct_s": 1.0})
+    t = pd.DataFrame(rows)
+    tab = rp.methods_table(t, ["forward.scan_step_A", "noise.poisson_dose.dose_e_per_A2"], tmp_path).set_index("method")
+    ncc = [c for c in tab.columns if c.startswith("NCC")]
+    assert len(ncc) == 6
+    assert tab.loc["icom", "NCC step 1.6, dose 500"] == pytest.approx(1.71)
+    assert tab.loc["airpi", "NCC step 0.4, dose ∞"] == pytest.approx(0.4)
+    assert "µs / frame" not in tab.columns
+    # a dose-only sweep keeps the short labels
+    one = t[t["forward.scan_step_A"] == 0.2]
+    tab1 = rp.methods_table(one, ["noise.poisson_dose.dose_e_per_A2"], tmp_path)
+    assert [c for c in tab1.columns if c.startswith("NCC")] == ["NCC 500", "NCC ∞"]
