@@ -272,6 +272,50 @@ def tilt_loss_and_gradient(volume, intensities, k: int, problem: TiltSeriesProbl
     return loss, zyx_view(grad, axis)
 
 
+def predict_intensities(volume, k: int, problem: TiltSeriesProblem, xp=None):
+    """The model's images of tilt k, |ψ_{k,j}|² (n_defocus, ny, nx) float32, for a (z, y, x) volume in V.
+
+    The forward half of :func:`tilt_loss_and_gradient`. With ``problem.slice_binning = 1`` and the
+    ground-truth potential on the voxel grid this is how Ren's own code made the paper's data
+    (``AETGenerateMeasurement``: the solver's forward model at ``slice_binning_factor = 1`` applied
+    to the 480³, 0.5 Å potential stack); :func:`paper_protocol_series` builds such a series.
+    """
+    xp = xp or get_array_module(volume)
+    p = problem
+    stored = xp.ascontiguousarray(volume.transpose(STORAGE[p.tilt_axis]), dtype=xp.float32)
+    w = rotate_bin_apply(p.rotate_bin_operator(k, xp), stored, p.tilt_axis, np.float32(p.voxel_A[0]), xp)
+    t = transmission_function(w, p.sigma, xp)
+    res = multislice(plane_wave(volume.shape[1:], xp), p.slab_distances_A, transmissions=t, keep_waves=False,
+                     energy_keV=p.energy_keV, sampling_A=p.sampling_yx, propagator=p.propagator,
+                     band_limit=p.band_limit, bandlimit_transmission=False, xp=xp)
+    psi = _image_waves(res.exit_wave, p, xp)
+    return (psi.real ** 2 + psi.imag ** 2).astype(xp.float32)
+
+
+def paper_protocol_series(measurement, sample, xp=np):
+    """``measurement`` with its data replaced by Ren's data protocol (a controlled experiment, not a forward model).
+
+    The sample's potential on the reconstruction's own voxel grid (``Sample.potential_volume`` at
+    the detector pixel), imaged by :func:`predict_intensities` with one voxel per slice (N_B = 1),
+    the exact propagator and no band limit. Only the geometry of ``measurement`` (a noise-free
+    ``hrtem_tilt_series`` of the same sample) is used. Refuses a grid that does not cover the cell.
+    """
+    if measurement.counted:
+        raise TembenchError("paper_protocol_series: give the noise-free measurement; apply poisson_dose afterwards")
+    problem = build_problem(measurement, slice_binning=1, xp=xp)
+    volume = np.asarray(sample.potential_volume(problem.voxel_A[0]), np.float32)
+    if volume.shape != problem.shape or abs(problem.origin_A[0]) > 1e-6 * problem.voxel_A[0]:
+        raise TembenchError(f"paper_protocol_series: the potential grid {volume.shape} does not coincide with the "
+                            f"reconstruction grid {problem.shape} (origin {problem.origin_A}); use a cubic cell that "
+                            "is a whole number of detector pixels")
+    v = xp.asarray(volume)
+    data = np.stack([np.asarray(predict_intensities(v, k, problem, xp).get() if xp is not np
+                                else predict_intensities(v, k, problem, xp))
+                     for k in range(len(problem.tilt_angles_deg))])
+    return measurement.replace(data=data, provenance=[*measurement.provenance,
+                                                      {"component": "ren2020.paper_protocol_series", "slice_binning": 1}])
+
+
 def _owner(a):
     return a if a.base is None else a.base
 
