@@ -17,7 +17,8 @@ from tembench_you2025.report import _img, _label, _mpl, _npz, _swept, _uri, comp
 from tembench_you2025.tomo_scores import volume_shift_part
 
 TOMO_METHODS = ("joint_linear_tomo", "e2e_ptycho_tomo")
-TOMO_METRICS = ("fsc_gt_resolution_A", "fsc_half_resolution_A", "depth_elongation_rel", "depth_elongation_ratio",
+TOMO_METRICS = ("fsc_gt_resolution_A", "fsc_half_resolution_A", "depth_elongation_rel",
+                "depth_elongation_true_sites_rel", "depth_wedge_cc_axial", "depth_wedge_cc_lateral",
                 "position_error_mean_pm", "pct_atoms_found", "pct_false_positives",
                 "translation_error_median_A", "translation_error_max_A", "rotation_error_max_deg")
 
@@ -123,8 +124,12 @@ def tomo_report_sections(table, scenario, run_dir) -> list[dict]:
     out = []
     cmp = comparison(table, swept, TOMO_METRICS, note=(
         "<p>Mean over repeats, one line per method: FSC resolution vs the truth and between half sets (Å; "
-        "lower is better), depth elongation (median axial / lateral width of traced atoms relative to the "
-        "truth's; 1 = no missing-wedge stretch), atom tracing and alignment errors.</p>"))
+        "lower is better), depth elongation (median axial / lateral Gaussian width relative to the truth's; "
+        "1 = no missing-wedge stretch) at the traced atoms (false-positive peaks included) and at the true atom "
+        "sites of the registered volume (atoms whose fit fails left out), the Fourier correlation with the truth "
+        "inside the ±30° wedge about the beam that no tilt range up to ±60° measures (axial) and outside it "
+        "(lateral) — information recovered in the missing wedge raises the axial one — atom tracing and "
+        "alignment errors.</p>"))
     if cmp:
         out.append({"title": "You 2025 tomography: methods vs sweep", "html": cmp[0], "markdown": cmp[1]})
     # (FSC curves: the core's "Fourier shell / ring correlation" section shows them)

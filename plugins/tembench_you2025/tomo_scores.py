@@ -272,6 +272,34 @@ def elongation_ratios(volume, sites_vox, voxel_A, box_lateral_A, box_axial_A, ma
     return sz[keep] / sl[keep], sz[keep], sl[keep]
 
 
+def wedge_correlations(volume, truth, voxel_A: float, split_deg: float = 60.0, k_max_invA: float = 1.0,
+                       tilt_axis: str = "y") -> tuple[float, float]:
+    """Fourier correlation of a volume with the truth (both (z, y, x) on the same voxels) in two complementary
+    regions of k space, for k_min < |k| ≤ ``k_max_invA`` (k_min: the first shell, 1/(n·s)): the AXIAL wedge, where
+    the direction of k in the plane normal to the tilt axis is more than ``split_deg`` from the lateral axis (for a
+    single-axis tilt series (tilt axis ``tilt_axis``) with split 60°: the ±30° wedge about k_z that every tilt
+    range up to ±60° leaves unmeasured), and the rest (LATERAL; a tilt range ±θ measures up to θ from it). Returns (cc_axial, cc_lateral):
+    Re Σ F·conj(G) / √(Σ|F|² Σ|G|²) over each region. Missing-wedge elongation is low cc_axial at fair cc_lateral;
+    information the multislice model adds along the beam raises cc_axial."""
+    a = np.asarray(volume, np.float64)
+    g = np.asarray(truth, np.float64)
+    if a.shape != g.shape:
+        raise TembenchError(f"wedge_correlations: shapes {a.shape} and {g.shape}")
+    fa, fg = np.fft.fftn(a - a.mean()), np.fft.fftn(g - g.mean())
+    kz, ky, kx = np.meshgrid(*(np.fft.fftfreq(n, voxel_A) for n in a.shape), indexing="ij")
+    k = np.sqrt(kz**2 + ky**2 + kx**2)
+    k_lat = {"y": np.abs(kx), "x": np.abs(ky)}[tilt_axis]      # the lateral axis in the tilt plane
+    ang = np.degrees(np.arctan2(np.abs(kz), k_lat))             # 0: lateral, 90: along the beam
+    band = (k > 1.0 / (max(a.shape) * voxel_A) + 1e-12) & (k <= k_max_invA)
+    out = []
+    floor = 1e-12 * float(np.sum(np.abs(fa[band]) ** 2))       # a region the volume leaves empty reads 0, not 0/0
+    for region in (band & (ang > split_deg), band & (ang <= split_deg)):
+        num = float(np.real(np.sum(fa[region] * np.conj(fg[region]))))
+        den = float(np.sqrt(max(float(np.sum(np.abs(fa[region]) ** 2)), floor) * np.sum(np.abs(fg[region]) ** 2)))
+        out.append(num / den if den > 0 else float("nan"))
+    return out[0], out[1]
+
+
 def depth_sections(volume, origin_A, voxel_A: float, half_width_A: float, truth=None) -> dict:
     """xz sections (nz, nx) through the box centre, mean over |y − y_c| ≤ ``half_width_A``: of ``volume`` (voxel i at
     origin + i·s) and, given ``truth`` (voxel i at i·s, ``Sample.potential_volume``), of the truth at the same
@@ -314,6 +342,22 @@ class DepthElongation(Quantifier):
         "depth_sigma_z_median_A": Metric("Å", "lower", (0.0, None), description="median axial Gaussian σ (Å)"),
         "depth_sigma_lateral_median_A": Metric("Å", "lower", (0.0, None),
                                                description="median lateral Gaussian σ (Å)"),
+        "depth_elongation_true_sites_ratio": Metric("", "lower", (0.0, None),
+                                                    description="median σ_z/σ_lat fitted in the registered volume at "
+                                                                "the TRUE atom positions (not fooled by false "
+                                                                "positives; atoms whose fit fails are left out)"),
+        "depth_elongation_true_sites_rel": Metric("", "lower", (0.0, None),
+                                                  description="depth_elongation_true_sites_ratio / "
+                                                              "depth_elongation_truth_ratio"),
+        "depth_wedge_cc_axial": Metric("", "higher", (-1.0, 1.0),
+                                       description="Fourier correlation with the truth (registered) in the axial "
+                                                   "wedge (k within ±(90° − wedge_split_deg) of the beam in the tilt "
+                                                   "plane, |k| ≤ wedge_k_max_invA): the information linear "
+                                                   "tomography misses"),
+        "depth_wedge_cc_lateral": Metric("", "higher", (-1.0, 1.0),
+                                         description="the same in the complementary (measured, lateral) region"),
+        "depth_sigma_*_true_sites_A": Metric("Å", "lower", (0.0, None), diagnostic=True,
+                                             description="median axial / lateral σ at the true sites (Å)"),
         "depth_section_y_A": Metric("Å", None, diagnostic=True, description="y of the stored xz depth sections"),
         "depth_n_*": Metric("atoms", None, (0.0, None), diagnostic=True,
                             description="sites fitted (reconstruction / truth)"),
@@ -335,6 +379,13 @@ class DepthElongation(Quantifier):
                                                    "box centre (mean over |y − y_c| ≤ this, Å) of the volume and of "
                                                    "the truth as artifacts; None: no sections")
         parametrization: str = Field("lobato", description="potential parametrisation of the ground truth")
+        true_sites: bool = Field(True, description="also fit the reconstruction at the TRUE atom positions (after "
+                                 "registering it to the truth, as tomo_fsc): not fooled by false-positive peaks")
+        register_max_shift_A: float = Field(2.0, ge=0, le=50, description="registration search radius for the "
+                                            "true-site fits (Å per axis)")
+        wedge_split_deg: float = Field(60.0, gt=0, lt=90, description="axial wedge: k more than this from the lateral "
+                                       "axis in the tilt plane (60: the ±30° wedge about the beam)")
+        wedge_k_max_invA: float = Field(1.0, gt=0, description="wedge correlations up to this |k| (1/Å)")
 
         @field_validator("dog_sigmas_vox", "sigma_range_vox")
         @classmethod
@@ -374,9 +425,33 @@ class DepthElongation(Quantifier):
             out["depth_elongation_truth_ratio"] = float(np.median(t_ratio)) if len(t_ratio) else nan
             out["depth_n_truth_fitted"] = int(len(t_ratio))
             out["depth_elongation_rel"] = out["depth_elongation_ratio"] / out["depth_elongation_truth_ratio"]
+        if params.true_sites and sample is not None and len(sample):
+            out.update(self._true_sites(reconstruction, vol, sample, s, params, out.get("depth_elongation_truth_ratio")))
         if params.section_half_width_A is not None:
             out.update(depth_sections(vol, reconstruction.origin_A, s, params.section_half_width_A, gt))
         return out
+
+    @staticmethod
+    def _true_sites(reconstruction, vol, sample, s, params, truth_ratio):
+        """σ_z/σ_lat fitted in the reconstruction at the true atom positions (volume registered to the truth first:
+        its common shift is not measurable), so noise peaks that the tracer takes for atoms do not enter."""
+        t = truth_shift_A(reconstruction, sample, params.register_max_shift_A, params.parametrization)
+        origin = np.asarray(reconstruction.origin_A, np.float64) - t            # (z, y, x) after registration
+        shape = np.asarray(vol.shape)
+        sites = (sample.positions_A[:, ::-1] - origin) / s
+        inside = np.all((sites >= 0) & (sites <= shape - 1), axis=1)
+        ratio, sz, sl = elongation_ratios(vol, sites[inside], s, params.box_lateral_A, params.box_axial_A,
+                                          params.max_sites)
+        nan = float("nan")
+        med = float(np.median(ratio)) if len(ratio) else nan
+        truth = _truth_on_voxels(sample, vol.shape, origin, s, params.parametrization)
+        cc_ax, cc_lat = wedge_correlations(vol, truth, s, params.wedge_split_deg, params.wedge_k_max_invA)
+        return {"depth_wedge_cc_axial": cc_ax, "depth_wedge_cc_lateral": cc_lat,
+                "depth_elongation_true_sites_ratio": med,
+                "depth_elongation_true_sites_rel": med / truth_ratio if truth_ratio else nan,
+                "depth_sigma_z_true_sites_A": float(np.median(sz)) if len(sz) else nan,
+                "depth_sigma_lateral_true_sites_A": float(np.median(sl)) if len(sl) else nan,
+                "depth_n_true_sites": int(inside.sum()), "depth_n_true_sites_fitted": int(len(ratio))}
 
     @staticmethod
     def _truth(reconstruction, sample, s, params, gt):
@@ -419,6 +494,17 @@ def correlation_shift_vox(moving, reference, max_shift_vox: float | None = None)
         p = peak[axis] + float(np.clip(frac, -0.5, 0.5))
         d[axis] = p - n if p > n / 2 else p
     return d
+
+
+def _truth_on_voxels(sample, shape, origin_A, s, parametrization="lobato"):
+    """``Sample.potential_volume`` (voxel i at i·s) at the voxels of a volume of ``shape`` with ``origin_A``
+    (cubic interpolation, vacuum outside the cell)."""
+    from scipy.ndimage import map_coordinates
+
+    gt = np.asarray(sample.potential_volume(s, parametrization=parametrization), np.float64)
+    o = np.asarray(origin_A, np.float64) / s
+    coords = np.meshgrid(*(o[i] + np.arange(shape[i]) for i in range(3)), indexing="ij")
+    return map_coordinates(gt, coords, order=3, mode="constant", cval=0.0)
 
 
 def truth_shift_A(reconstruction, sample, max_shift_A: float = 2.0, parametrization: str = "lobato") -> np.ndarray:

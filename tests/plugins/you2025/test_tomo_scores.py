@@ -303,3 +303,65 @@ def test_registered_fsc_and_atom_tracing_remove_a_common_shift():
     o_at = TomoAtomTracing().score(rec, None, sample, TomoAtomTracing.parse_params({}))
     assert p_at["position_error_mean_pm"] > 40.0                # |t0| = 58 pm
     assert o_at["pct_atoms_found"] == 100.0 and o_at["position_error_mean_pm"] < 5.0
+
+
+# --- elongation not fooled by false positives; the axial-wedge correlation -------------------------------
+def test_true_site_elongation_ignores_false_positive_peaks():
+    """Atoms elongated 2× along z plus as many round noise peaks elsewhere (what an unconverged tomogram shows):
+    the traced median mixes both, the fit at the TRUE sites of the registered volume reads 2 for every atom."""
+    s = 0.25
+    shape = (40, 36, 36)
+    origin = (-1.0, -0.5, 0.25)
+    false = [(30.0, 8.0, 28.0), (6.0, 6.0, 6.0), (30.5, 28.0, 7.0), (18.0, 30.0, 30.0), (33.0, 17.0, 18.0),
+             (5.0, 17.0, 28.5)]
+    vol = _blobs(shape, SITES, 0.7, 0.35, s) + _blobs(shape, false, 0.35, 0.35, s, amp=1.2)
+    atoms = np.asarray(origin) + np.asarray(SITES) * s
+    sample = Sample(positions_A=atoms[:, ::-1], numbers=[26] * len(SITES), cell_A=[9.0, 9.0, 9.0])
+    rec = Reconstruction(kind="volume", data=vol.astype(np.float32), sampling_A=s, quantity="potential_V",
+                         origin_A=origin)
+    q = DepthElongation()
+    out = q.score(rec, None, sample, q.parse_params({"box_lateral_A": 0.9, "box_axial_A": 2.5}))
+    assert out["depth_n_fitted"] == len(SITES) + len(false)
+    assert out["depth_elongation_ratio"] < 1.6                      # the round false peaks are the majority
+    assert out["depth_n_true_sites"] == out["depth_n_true_sites_fitted"] == len(SITES)
+    assert out["depth_elongation_true_sites_ratio"] == pytest.approx(2.0, rel=0.03)
+    assert out["depth_elongation_true_sites_rel"] == pytest.approx(
+        out["depth_elongation_true_sites_ratio"] / out["depth_elongation_truth_ratio"])
+    off = q.score(rec, None, sample, q.parse_params({"true_sites": False}))
+    assert "depth_elongation_true_sites_ratio" not in off and "depth_wedge_cc_axial" not in off
+
+
+def _plane_waves(shape, s, waves):
+    """Σ cos(2π k·r) for k given as (|k| 1/Å, angle from +x towards +z in the xz plane, deg), on a periodic box whose
+    k lie on the FFT grid (rounded)."""
+    zz, yy, xx = np.indices(shape).astype(float)
+    v = np.zeros(shape)
+    for kmag, ang in waves:
+        mz = round(kmag * np.sin(np.radians(ang)) * shape[0] * s)
+        mx = round(kmag * np.cos(np.radians(ang)) * shape[2] * s)
+        v += np.cos(2 * np.pi * (mz * zz / shape[0] + mx * xx / shape[2]))
+    return v
+
+
+def test_wedge_correlations_split_k_space_by_the_angle_from_the_lateral_axis():
+    from tembench_you2025.tomo_scores import wedge_correlations
+
+    s, shape = 0.25, (32, 32, 32)
+    axial = _plane_waves(shape, s, [(0.6, 75.0)])                  # 75° from x: inside the ±30° wedge about z
+    lateral = _plane_waves(shape, s, [(0.6, 20.0), (0.4, 45.0)])   # measured directions
+    truth = axial + lateral
+    assert wedge_correlations(truth, truth, s) == pytest.approx((1.0, 1.0))
+    assert wedge_correlations(lateral, truth, s) == pytest.approx((0.0, 1.0), abs=1e-9)   # linear: wedge empty
+    wrong = _plane_waves(shape, s, [(0.5, 80.0)])                  # content in the wedge that the truth lacks
+    assert wedge_correlations(lateral + wrong, truth, s) == pytest.approx((0.0, 1.0), abs=1e-9)
+    assert wedge_correlations(lateral + wrong + axial, truth, s)[0] == pytest.approx(1 / np.sqrt(2))
+    assert wedge_correlations(axial - lateral, truth, s) == pytest.approx((1.0, -1.0))
+    # the axial wave (on the grid: k = (5, 1)/8 Å, 78.7° from x) leaves the wedge when the split is 80° (±10°)
+    cc = wedge_correlations(axial, truth, s, split_deg=80.0)
+    assert abs(cc[0]) < 1e-6 and cc[1] == pytest.approx(1 / np.sqrt(3))
+    assert wedge_correlations(axial, truth, s, split_deg=78.0) == pytest.approx((1.0, 0.0), abs=1e-9)
+    # beyond k_max nothing counts
+    assert wedge_correlations(lateral, truth, s, k_max_invA=0.5)[1] == pytest.approx(1.0)
+    assert np.isnan(wedge_correlations(truth, truth, s, k_max_invA=0.05)[0])
+    # a tilt axis x: waves in the xz plane have no k along the lateral axis y — all of them are axial
+    assert wedge_correlations(lateral, truth, s, tilt_axis="x")[0] == pytest.approx(np.sqrt(2 / 3), rel=1e-6)
