@@ -17,6 +17,13 @@ runs a random sample of the mutants a stopped (too slow) mutmut run never reache
 the score of the rest. With --direct the test calls are first run once without a mutant, in a forked
 child exactly as the mutants' run (the same order and inherited state): if that fails the tool stops —
 otherwise an order-dependent test (a module-level random generator) would "kill" every mutant.
+With --direct, parametrised fixtures (``params=``, read through ``request.param``) are expanded like
+``parametrize``; with --map <workdir>/mutants/mutmut-stats.json (mutmut's per-function test map, e.g. from a
+run with MUTMUT_PATTERNS='zz_nomatch_*', which only generates the mutants and collects the map) each mutant
+runs only the test functions that execute its function, as mutmut itself does — several times faster at a
+high load. --shard I/K splits the (random) list between K processes, each with its own --out; --also folds
+their verdicts together afterwards. When the checkout's tests have moved on since the mutated commit, use
+--no-copy for the scratch's own tests (the default copies the named test files from this checkout).
 Verdicts go to <workdir>/recheck.txt (one line per mutant, "name: verdict") and the per-module table
 (mutants, killed, survived, score) counting the original verdicts of results.txt with the rechecked
 ones replaced is printed and kept in <workdir>/summary_rechecked.txt.
@@ -49,6 +56,8 @@ def main() -> None:
                          "stopped mutmut run never reached (with --sample: a random sample of them)")
     ap.add_argument("--sample", type=int, default=0, help="run only this many of them, drawn at random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard", default="", help="I/K: run only every K-th mutant of the list from the I-th (0-based), "
+                                                 "for K processes side by side (give each its own --out)")
     ap.add_argument("--results", default="results.txt",
                     help="verdict list in the workdir; for 'not checked': mutmut results --all true > all.txt")
     ap.add_argument("--out", default="recheck.txt", help="verdict file in the workdir (earlier verdicts there stand)")
@@ -95,7 +104,16 @@ def main() -> None:
     if args.sample:
         import random
 
-        todo = random.Random(args.seed).sample(todo, min(args.sample, len(todo)))   # random order: a stopped run is a random sample
+        # random order: a stopped run is a random sample. The order is drawn over results.txt's verdicts alone
+        # (earlier rechecks only drop the mutants they already ran), so a run continued with --also, or split
+        # with --shard, goes on in the order of the first run with the same seed
+        pool = [n for n, v in results.items()
+                if v in statuses and (not args.only or any(fnmatch.fnmatch(n, g) for g in args.only))]
+        keep = set(todo)
+        todo = [n for n in random.Random(args.seed).sample(pool, min(args.sample, len(pool))) if n in keep]
+    if args.shard:
+        i, k = (int(v) for v in args.shard.split("/"))
+        todo = todo[i::k]
 
     os.chdir(mutants)
     sys.path.insert(0, str(mutants / "src"))

@@ -248,6 +248,14 @@ def test_orientation_of_a_rotated_gradient_field(theta):
     # a dark-field image of the wrong shape or with a NaN is not used
     for bad in (phi[:-1], np.where(phi > phi.max() / 2, np.nan, phi)):
         assert dpc.resolve_orientation(dy, dx, step, None, False, dark_field=bad)["branch"]["by"] == "skew"
+    # a given rotation: the curl fraction it leaves, Σ|ĉ|²/q² / (Σ|ĉ|²/q² + Σ|d̂|²/q²), is 0 at θ and 1 a quarter turn
+    # off (the curl of a gradient turned by 90° is its divergence), whatever the field's size (×1e-6: energies ≪ 1)
+    for scale in (1.0, 1e-6):
+        at = dpc.estimate_orientation(scale * dy, scale * dx, step, rotation_deg=theta, transpose=False)
+        off = dpc.estimate_orientation(scale * dy, scale * dx, step, rotation_deg=theta + 90.0, transpose=False)
+        assert at["rotation_deg"] == theta and at["curl_fraction"]["as_read"] < 1e-12
+        assert off["curl_fraction"]["as_read"] == pytest.approx(1.0, abs=1e-12)
+    assert dpc._curl_fraction_at(0 * dy, 0 * dx, step, theta) == 0.5   # no field: undecided
     # a given rotation is used as it is (no branch choice), for resolve_orientation and resolve_rotation
     for given in (theta, theta + 180.0, 10.0):
         o = dpc.resolve_orientation(dy, dx, step, given, None)
