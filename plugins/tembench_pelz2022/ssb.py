@@ -524,7 +524,8 @@ class SSB(Reconstructor):
 
 def fused_crop_bin(x: np.ndarray, grid: DetectorGrid, semiangle_mrad: float, params, method: str = "ssb"):
     """Dense data read once (in scan-row chunks, :func:`common.dense_pass`): the finite check, the bad-pixel
-    statistics and the bright-field crop/bin of every block into one float32 (scan_y, scan_x, n, n) array
+    statistics and the bright-field crop/bin of every block into one float32 (scan_y, scan_x, n, n) array (a view of
+    a row-major (scan_y, n·n, scan_x) array)
     (a second pass only when bad pixels are repaired); then the disc-calibration check on the mean pattern.
     Returns (small data, its detector grid, bad-pixel result or None)."""
     sy, sx = x.shape[:2]
@@ -540,11 +541,14 @@ def fused_crop_bin(x: np.ndarray, grid: DetectorGrid, semiangle_mrad: float, par
     nby, nbx = g.shape
     y0 = int(round(grid.centre_px[0] - (g.centre_px[0] * f + (f - 1) / 2)))
     x0 = int(round(grid.centre_px[1] - (g.centre_px[1] * f + (f - 1) / 2)))
-    out = np.empty((sy, sx, nby, nbx), np.float32)
+    # row-major (scan_y, nby·nbx, scan_x): each binned pixel's scan row contiguous, so the FFT over the scan
+    # (SSBData: rfft2 over scan axes, G scan-frequency-major as before, the same values) runs along contiguous
+    # rows first — 0.76–0.83x the time of the scan-major layout's (measured at 19² and 25² binned pixels)
+    rm = np.empty((sy, nby * nbx, sx), np.float32)
 
     def consume(r0, r1, block, acc):  # one read of each frame: crop/bin, frame total, per-pixel statistics
-        return ssb_kernels.crop_bin_stats(block, y0, x0, f, nby, nbx, out[r0:r1], own if own_total else acc,
-                                          numba=params.numba)
+        return ssb_kernels.crop_bin_stats(block, y0, x0, f, nby, nbx, rm[r0:r1].transpose(0, 2, 1),
+                                          own if own_total else acc, numba=params.numba)
 
     bad = dense_pass(x, grid, semiangle_mrad, params.bad_pixels, method, consume, fused=True)
     if own_total:
@@ -554,4 +558,4 @@ def fused_crop_bin(x: np.ndarray, grid: DetectorGrid, semiangle_mrad: float, par
         for y, xx, ys, xs in bad.neighbours:
             mean[y, xx] = mean[ys, xs].mean()
     check_disc_calibration(np.asarray(mean, np.float64)[None, None], grid, semiangle_mrad, method)
-    return out, g, bad
+    return rm.reshape(sy, nby, nbx, sx).transpose(0, 3, 1, 2), g, bad  # (scan_y, scan_x, nby, nbx): a view

@@ -158,13 +158,14 @@ def crop_bin_numpy(block, y0, x0, f, nby, nbx, out):
 if HAVE_NUMBA:
     # no "nnan"/"ninf": a NaN/inf must reach the frame total (the finite check reads it there)
     @_nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-    def _crop_bin_stats_nb(d3, y0, x0, f, nby, nbx, out2, stats, first, total, changes, frame_tot, zero):  # pragma: no cover
+    def _crop_bin_stats_nb(d3, y0, x0, f, nby, nbx, out3, stats, first, total, changes, frame_tot, zero):  # pragma: no cover
         # Frames in groups of four, each frame read once, row by row: the row sums (frame totals), the
         # per-pixel statistics (one float64 add and one int64 add per pixel per four frames: the
         # accumulators, larger than L1 for a 128² detector, are swept a quarter as often) and, for
-        # rows inside the window, the f-row bin into tmp while the row is in cache. out2[frame, pixel]
-        # is either (frames, nby·nbx) C order or the transposed view of a detector-major array.
+        # rows inside the window, the f-row bin into tmp while the row is in cache. out3[row, x, pixel]
+        # (frame = row·sx + x) may be any strided view (scan-major, or the row-major layout SSB uses).
         n_frames, ny, nx = d3.shape
+        sx = out3.shape[1]
         w = f * nbx
         ye = y0 + f * nby
         tmp = np.empty((4, w), np.float32)
@@ -230,11 +231,13 @@ if HAVE_NUMBA:
                         i = (iy - y0) // f
                         for k in range(m):
                             t = tmp[k]
+                            fr = n0 + k
+                            o = out3[fr // sx, fr % sx]
                             for j in range(nbx):
                                 acc = t[f * j]
                                 for b in range(1, f):
                                     acc += t[f * j + b]
-                                out2[n0 + k, i * nbx + j] = acc
+                                o[i * nbx + j] = acc
             if m == 4:
                 frame_tot[n0] = s0
                 frame_tot[n0 + 1] = s1
@@ -247,29 +250,26 @@ def crop_bin_stats(block, y0: int, x0: int, f: int, nby: int, nbx: int, out, acc
     each frame, its total (returned, (frames,) float: a NaN/inf pixel makes it non-finite — the finite check)
     and, if ``acc`` = (first, total, changes) ((k_y·k_x,) first frame, float64 and int64 accumulators), each
     pixel's value added to ``total`` and 1 to ``changes`` where it differs from ``first`` (in place).
-    ``out``: (rows, scan_x, nby, nbx), or 2-D (frames, nby·nbx) — e.g. ``dm[:, f0:f1].T``, the frames' columns of a
-    detector-major (nby·nbx, scan_y·scan_x) array (what :class:`ssb.SSBData` transforms fastest).
+    ``out``: (rows, scan_x, nby, nbx), or (rows, scan_x, nby·nbx) with any strides — e.g. ``rm[r0:r1].transpose(0, 2, 1)``
+    of a row-major (scan_y, nby·nbx, scan_x) array, the layout :func:`ssb.fused_crop_bin` fills (its FFT is faster).
     The one pass over the raw data that SSB makes (``ssb.fused_crop_bin``); numpy twin: the same results."""
     r, sx, ny, nx = block.shape
     d3 = block.reshape(r * sx, ny, nx)
-    out2 = out if out.ndim == 2 else out.reshape(r * sx, nby * nbx)
+    out3 = out.reshape(r, sx, nby * nbx) if out.ndim == 4 else out
     if use_numba(numba) and d3.flags.c_contiguous and r * sx:
         float_data = d3.dtype in (np.float32, np.float64)
         zero = d3.dtype.type(0) if float_data else np.float64(0)
         tot = np.empty(r * sx, dtype=d3.dtype if float_data else np.float64)
         if acc is None:
-            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out2, False, np.zeros((1, 1), d3.dtype),
+            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out3, False, np.zeros((1, 1), d3.dtype),
                                np.zeros((1, 1)), np.zeros((1, 1), np.int64), tot, zero)
         else:
             first, total, changes = acc
-            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out2, True,
+            _crop_bin_stats_nb(d3, int(y0), int(x0), int(f), int(nby), int(nbx), out3, True,
                                np.ascontiguousarray(first, dtype=d3.dtype).reshape(ny, nx), total.reshape(ny, nx),
                                changes.reshape(ny, nx), tot, zero)
         return tot
-    if out.ndim == 2:
-        out[...] = crop_bin_numpy(block, y0, x0, f, nby, nbx, np.empty((r, sx, nby, nbx), np.float32)).reshape(r * sx, -1)
-    else:
-        crop_bin_numpy(block, y0, x0, f, nby, nbx, out)
+    out3[...] = crop_bin_numpy(block, y0, x0, f, nby, nbx, np.empty((r, sx, nby, nbx), np.float32)).reshape(r, sx, -1)
     b = d3.reshape(r * sx, ny * nx)
     if acc is not None:
         first, total, changes = acc

@@ -86,19 +86,23 @@ def test_stream_pass_statistics_and_finite_check_with_a_fused_consumer():
 
 @pytest.mark.parametrize("numba", NUMBA)
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16])
-def test_crop_bin_stats_any_frame_count_and_a_detector_major_output(numba, dtype):
+def test_crop_bin_stats_any_frame_count_and_strided_outputs(numba, dtype):
     # 15 frames: three groups of four and a remainder of three (the kernel reads frames four at a time);
-    # the output also as the transposed view of a detector-major (pixels, frames) array
+    # the output also as strided views: row-major (scan_y, pixels, scan_x) as fused_crop_bin fills it, and
+    # detector-major (pixels, scan_y, scan_x)
     d = _data(dtype, (3, 5, 17, 19), seed=3)
     y0, x0, f, nby, nbx = 2, 1, 4, 3, 4
     want = d[:, :, y0:y0 + f * nby, x0:x0 + f * nbx].astype(np.float64).reshape(3, 5, nby, f, nbx, f).sum(axis=(3, 5))
     total, changes = _direct_stats(d)
-    for layout in ("scan-major", "detector-major"):
-        dm = np.full((nby * nbx, 15), np.nan, np.float32)
+    for layout in ("scan-major", "row-major", "detector-major"):
         out = np.full((3, 5, nby, nbx), np.nan, np.float32)
+        rm = np.full((3, nby * nbx, 5), np.nan, np.float32)
+        dm = np.full((nby * nbx, 3, 5), np.nan, np.float32)
+        view = {"scan-major": out, "row-major": rm.transpose(0, 2, 1), "detector-major": dm.transpose(1, 2, 0)}[layout]
         acc = (d[0, 0].reshape(-1).copy(), np.zeros(17 * 19), np.zeros(17 * 19, np.int64))
-        tot = ssb_kernels.crop_bin_stats(d, y0, x0, f, nby, nbx, out if layout == "scan-major" else dm.T, acc, numba=numba)
-        got = out if layout == "scan-major" else dm.T.reshape(3, 5, nby, nbx)
+        tot = ssb_kernels.crop_bin_stats(d, y0, x0, f, nby, nbx, view, acc, numba=numba)
+        got = {"scan-major": out, "row-major": rm.transpose(0, 2, 1).reshape(3, 5, nby, nbx),
+               "detector-major": dm.transpose(1, 2, 0).reshape(3, 5, nby, nbx)}[layout]
         np.testing.assert_array_equal(got, want.astype(np.float32))
         np.testing.assert_array_equal(tot, d.reshape(15, -1).astype(np.float64).sum(axis=1))
         np.testing.assert_array_equal(acc[1], total)
