@@ -107,3 +107,23 @@ def test_crop_bin_stats_any_frame_count_and_strided_outputs(numba, dtype):
         np.testing.assert_array_equal(tot, d.reshape(15, -1).astype(np.float64).sum(axis=1))
         np.testing.assert_array_equal(acc[1], total)
         np.testing.assert_array_equal(acc[2], changes)
+
+
+@pytest.mark.parametrize("n_stuck", [3, 200])
+def test_dead_pixels_are_the_never_changing_ones_with_a_lively_5x5_median(n_stuck):
+    # common.find_bad_pixels takes the 5x5 median of the change counts only where a pixel never changes (a few:
+    # per pixel; many: the whole filter); both must equal the definition on the whole detector
+    from scipy import ndimage
+
+    from tembench_pelz2022.common import DEAD_MIN_CHANGES, PixelStats, find_bad_pixels
+
+    rng = np.random.default_rng(n_stuck)
+    ky, kx = 24, 22
+    changes = rng.integers(0, 60, ky * kx)
+    changes[rng.choice(ky * kx, n_stuck, replace=False)] = 0
+    total = rng.random(ky * kx) + 1.0  # a flat mean pattern: no hot or negative pixels
+    stats = PixelStats(total * 100, changes.astype(np.int64), 100)
+    ch = changes.reshape(ky, kx)
+    want = (ch == 0) & (ndimage.median_filter(ch, size=5, mode="nearest") >= DEAD_MIN_CHANGES)
+    bad = find_bad_pixels(np.zeros((10, 10, ky, kx), np.float32), "t", stats=stats, max_fraction=1.0)
+    np.testing.assert_array_equal(bad.kind == 3, want)
