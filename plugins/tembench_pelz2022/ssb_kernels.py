@@ -61,11 +61,44 @@ def reduce_numpy(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, chunk=64):
 
 
 if HAVE_NUMBA:
+    @_nb.njit(cache=True, nogil=True)
+    def _disc_pixels_nb(ky0, dky, nky, kx0, dkx, nkx, k0):  # pragma: no cover - compiled
+        # the detector pixels inside the bright-field disc (centres), in ascending flat order: flat index, iy, ix,
+        # ky, kx, |k|² — the same arithmetic as the per-pixel test it replaces, so the same pixels and values
+        k02 = k0 * k0
+        n = 0
+        idx = np.empty(nky * nkx, np.int64)
+        piy = np.empty(nky * nkx, np.int64)
+        pix = np.empty(nky * nkx, np.int64)
+        pky = np.empty(nky * nkx)
+        pkx = np.empty(nky * nkx)
+        pkk = np.empty(nky * nkx)
+        for iy in range(nky):
+            kyy = ky0 + iy * dky
+            for ix in range(nkx):
+                kxx = kx0 + ix * dkx
+                kk = kyy * kyy + kxx * kxx
+                if kk < k02:
+                    idx[n] = iy * nkx + ix
+                    piy[n] = iy
+                    pix[n] = ix
+                    pky[n] = kyy
+                    pkx[n] = kxx
+                    pkk[n] = kk
+                    n += 1
+        return idx[:n], piy[:n], pix[:n], pky[:n], pkx[:n], pkk[:n]
+
     @_nb.njit(parallel=True, cache=True, nogil=True)
     def _reduce_nb(G, ky0, dky, nky, kx0, dkx, nkx, KY, KX, k0, Q, sums, counts):  # pragma: no cover - compiled
+        # per K: only the pixels inside the disc (a list made once), the aberration phase e^{−2ik·QK} from per-row
+        # and per-column tables (the same products, in the same order, as a running recurrence over the detector)
         n1, n2 = KY.shape
         k02 = k0 * k0
+        idx, piy, pix, pky, pkx, pkk = _disc_pixels_nb(ky0, dky, nky, kx0, dkx, nkx, k0)
+        npx = idx.shape[0]
         for a in _nb.prange(n1):
+            ey = np.empty(nky, np.complex128)
+            ex = np.empty(nkx, np.complex128)
             for b in range(n2):
                 Ky = KY[a, b]
                 Kx = KX[a, b]
@@ -74,44 +107,41 @@ if HAVE_NUMBA:
                 vx = Q[1, 0] * Ky + Q[1, 1] * Kx
                 theta = Ky * vy + Kx * vx
                 quad = (vy != 0.0) or (vx != 0.0)
-                ry = np.exp(-2j * dky * vy)
-                rx = np.exp(-2j * dkx * vx)
-                ey = np.exp(-2j * ky0 * vy)
-                ex0 = np.exp(-2j * kx0 * vx)
+                if quad:
+                    ry = np.exp(-2j * dky * vy)
+                    rx = np.exp(-2j * dkx * vx)
+                    e = np.exp(-2j * ky0 * vy)
+                    for iy in range(nky):
+                        ey[iy] = e
+                        e = e * ry
+                    e = np.exp(-2j * kx0 * vx)
+                    for ix in range(nkx):
+                        ex[ix] = e
+                        e = e * rx
                 sm = 0j
                 sp = 0j
                 st = 0j
                 nm = 0
                 np_ = 0
                 nt = 0
-                for iy in range(nky):
-                    kyy = ky0 + iy * dky
-                    ex = ex0
-                    base = iy * nkx
-                    for ix in range(nkx):
-                        kxx = kx0 + ix * dkx
-                        kk = kyy * kyy + kxx * kxx
-                        if kk < k02:
-                            dot = kyy * Ky + kxx * Kx
-                            inm = kk + KK - 2.0 * dot < k02
-                            inp = kk + KK + 2.0 * dot < k02
-                            if inm or inp:
-                                g = np.complex128(G[a, b, base + ix])
-                                if quad:
-                                    g = g * (ey * ex)
-                                if inm and inp:
-                                    st += g
-                                    nt += 1
-                                elif inm:
-                                    sm += g
-                                    nm += 1
-                                else:
-                                    sp += g
-                                    np_ += 1
+                for q in range(npx):
+                    dot = pky[q] * Ky + pkx[q] * Kx
+                    kk = pkk[q]
+                    inm = kk + KK - 2.0 * dot < k02
+                    inp = kk + KK + 2.0 * dot < k02
+                    if inm or inp:
+                        g = np.complex128(G[a, b, idx[q]])
                         if quad:
-                            ex = ex * rx
-                    if quad:
-                        ey = ey * ry
+                            g = g * (ey[piy[q]] * ex[pix[q]])
+                        if inm and inp:
+                            st += g
+                            nt += 1
+                        elif inm:
+                            sm += g
+                            nm += 1
+                        else:
+                            sp += g
+                            np_ += 1
                 sums[0, a, b] = -1j * np.exp(1j * theta) * sm
                 sums[1, a, b] = 1j * np.exp(-1j * theta) * sp
                 sums[2, a, b] = st
