@@ -43,6 +43,10 @@ LR = 1.0e-3
 WARMUP = 50
 DOSE_PER_PATTERN = (10.0, 1.0e5)
 NOISE_FREE_FRACTION = 0.1
+#: optional low-dose emphasis (v2 attempts): this fraction of the noisy samples draws its dose log-uniform in
+#: LOW_DOSE_RANGE instead of DOSE_PER_PATTERN (0 = the v1 recipe)
+LOW_DOSE_FRACTION = 0.0
+LOW_DOSE_RANGE = (10.0, 200.0)
 ELEMENTS = (3, 5, 6, 7, 8, 12, 14, 16, 22, 26, 29, 32, 38, 42, 47, 50, 56, 74, 79)
 RECIPE = {
     "energies_keV": [200.0, 300.0], "semiangle_mrad": [15.0, 25.0], "C30_A": 1.0e4, "defocus": "Scherzer",
@@ -169,26 +173,33 @@ def make_dataset(n_crystals: int, seed: int, log=print) -> list[dict]:
     return out
 
 
-def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: bool = True):
-    """(inputs (B, 12, N, N), labels ψ(k) (B, N, N) complex, probes ψ_in(k) (B, N, N)) with Poisson noise."""
+def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: bool = True,
+                 low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE, draws: int = 1):
+    """(inputs (B, 12, N, N), labels ψ(k) (B, N, N) complex, probes ψ_in(k) (B, N, N)) with Poisson noise.
+
+    ``draws`` > 1: B/draws samples, each with ``draws`` independent noise draws at one dose (consecutive rows),
+    for the loss on the draws' average (:func:`make_loss`, ``stitch``)."""
     n = A.N_FRAME
     xs, ys, ps = [], [], []
-    for _ in range(batch):
+    for _ in range(batch // draws):
         c = data[int(rng.integers(len(data)))]
         j = int(rng.integers(16))
         r, q = 1 + j // 4, 1 + j % 4
-        k = c["frames"][r - 1:r + 2, q - 1:q + 2]
+        k0 = c["frames"][r - 1:r + 2, q - 1:q + 2]
         n_ap = A.aperture_pixels(c["probe"])
-        if noise and rng.random() >= NOISE_FREE_FRACTION:
-            dose = float(np.exp(rng.uniform(*np.log(DOSE_PER_PATTERN))))
-            k = rng.poisson(np.clip(k, 0, None) * (dose / n_ap)).astype(np.float32)
-        xs.append(A.network_inputs(k[None], c["probe"], c["step_A"])[0])
-        ys.append(c["labels"][j])
-        ps.append(c["probe"])
-    return np.stack(xs), np.stack(ys).reshape(batch, n, n), np.stack(ps)
+        noisy = noise and rng.random() >= NOISE_FREE_FRACTION
+        if noisy:
+            rng_d = low_dose_range if low_dose_fraction and rng.random() < low_dose_fraction else DOSE_PER_PATTERN
+            dose = float(np.exp(rng.uniform(*np.log(rng_d))))
+        for _ in range(draws):
+            k = rng.poisson(np.clip(k0, 0, None) * (dose / n_ap)).astype(np.float32) if noisy else k0
+            xs.append(A.network_inputs(k[None], c["probe"], c["step_A"])[0])
+            ys.append(c["labels"][j])
+            ps.append(c["probe"])
+    return np.stack(xs), np.stack(ys).reshape(len(ys), n, n), np.stack(ps)
 
 
-def make_loss(forward, weights: dict | None = None):
+def make_loss(forward, weights: dict | None = None, draws: int = 1):
     """Eq 4.11 on a batch: L2 of |ψ(k)|², 3×(sin, cos)(k), |ψ(r)|², (sin, cos)(r), φ_obj(r), and (1 − xc(φ_obj))/2.
 
     Phase terms are averaged where the phase is defined: k-pixels with true |ψ(k)| > 0.03 (the disc is
@@ -230,6 +241,18 @@ def make_loss(forward, weights: dict | None = None):
         w = weights or LOSS_WEIGHTS
         total = (w["int_k"] * l_int_k + w["phase_k"] * l_ph_k + w["int_r"] * l_int_r + w["phase_r"] * l_ph_r
                  + w["obj"] * l_obj + w["xc"] * l_xc)
+        if w.get("bias", 0.0):  # v2 attempts: the batch-mean object-phase error per pixel (a patch-independent
+            # template in the prediction, which the stitching would add up coherently) is penalised
+            err = jnp.angle(jnp.exp(1j * (op - ot))) * mr
+            mean_err = jnp.sum(err, axis=0) / jnp.maximum(jnp.sum(mr, axis=0), 1.0)
+            total = total + w["bias"] * jnp.mean(mean_err ** 2) * err.shape[0]
+        if w.get("stitch", 0.0) and draws > 1:  # v2 attempts: the stitching averages the patches of many
+            # positions, so what the image keeps of a patch is its error *averaged over noise* (its bias); with
+            # ``draws`` noise draws of one sample in consecutive rows, the phase error of the draws' mean phasor
+            b, n1, n2 = op.shape
+            tbar = jnp.mean(jnp.exp(1j * op).reshape(b // draws, draws, n1, n2), axis=1)
+            e = jnp.angle(tbar * jnp.exp(-1j * ot[::draws]))
+            total = total + w["stitch"] * masked_mean(e ** 2, mr[::draws])
         return total, (l_int_k, l_ph_k, l_int_r, l_ph_r, l_obj, l_xc)
 
     return loss
@@ -237,7 +260,9 @@ def make_loss(forward, weights: dict | None = None):
 
 def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS, seed: int = SEED,
           widths=WIDTHS, version: str = VERSION, log=print, finetune_steps: int = FINETUNE_STEPS,
-          init_from: Path | None = None) -> dict:
+          init_from: Path | None = None, low_dose_fraction: float = LOW_DOSE_FRACTION,
+          low_dose_range=LOW_DOSE_RANGE, bias_weight: float = 0.0, data_cache: Path | None = None,
+          stitch_weight: float = 0.0, draws: int = 1) -> dict:
     """Generate the data (seed), train ``steps`` with eq 4.11, then ``finetune_steps`` with the object term
     ×10 (the thesis's second phase); write ``<version>.npz`` + ``.json`` into ``out_dir``. ``init_from``: start
     from those weights (e.g. ``steps=0`` to redo only the fine-tuning)."""
@@ -246,8 +271,18 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
     import optax
 
     t_start = time.time()
-    data = make_dataset(n_crystals, seed, log)
-    val = make_dataset(max(2, min(N_VAL_CRYSTALS, n_crystals // 4)), seed + 1, log)
+    cache = Path(data_cache) if data_cache else None
+    if cache is not None and cache.exists():  # the same seed and size give the same crystals: reuse them
+        with np.load(cache, allow_pickle=True) as z:
+            data, val = list(z["data"]), list(z["val"])
+        if len(data) != n_crystals:
+            raise ValueError(f"data cache {cache} holds {len(data)} crystals, not {n_crystals}")
+        log(f"data from {cache}")
+    else:
+        data = make_dataset(n_crystals, seed, log)
+        val = make_dataset(max(2, min(N_VAL_CRYSTALS, n_crystals // 4)), seed + 1, log)
+        if cache is not None:
+            np.savez(cache, data=np.array(data, dtype=object), val=np.array(val, dtype=object))
     t_data = time.time() - t_start
     log(f"data: {n_crystals} + {len(val)} crystals ({16 * n_crystals} samples) in {t_data:.0f} s")
     vrng = np.random.default_rng(seed + 3)
@@ -265,16 +300,21 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
                "finetune_from_step": steps}
     rng = np.random.default_rng(seed + 2)
     t0 = time.time()
+    lw = dict(LOSS_WEIGHTS)
+    if bias_weight:
+        lw["bias"] = bias_weight
+    if stitch_weight and draws > 1:
+        lw["stitch"] = stitch_weight
     phases = [(steps, optax.warmup_cosine_decay_schedule(0.0, LR, min(WARMUP, max(1, steps // 4)), steps, LR * 0.02)
-               if steps > 1 else LR, LOSS_WEIGHTS),
-              (finetune_steps, FINETUNE_LR, {**LOSS_WEIGHTS, "obj": LOSS_WEIGHTS["obj"] * FINETUNE_OBJ_WEIGHT})]
+               if steps > 1 else LR, lw),
+              (finetune_steps, FINETUNE_LR, {**lw, "obj": LOSS_WEIGHTS["obj"] * FINETUNE_OBJ_WEIGHT})]
     done = 0
     for n_steps, lr, weights in phases:
         if n_steps <= 0:
             continue
         opt = optax.adam(lr, b1=0.9)
         state = opt.init(params)
-        loss = make_loss(A.forward, weights)
+        loss = make_loss(A.forward, weights, draws)
 
         @jax.jit
         def step(params, state, x, yr, yi, pr, pi, loss=loss, opt=opt):
@@ -284,7 +324,8 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
 
         run = []
         for it in range(1, n_steps + 1):
-            x, y, pz = sample_batch(data, rng, BATCH)
+            x, y, pz = sample_batch(data, rng, BATCH, low_dose_fraction=low_dose_fraction,
+                                    low_dose_range=low_dose_range, draws=draws)
             params, state, l, _ = step(params, state, x, y.real, y.imag, pz.real, pz.imag)
             run.append(float(l))
             if it % 100 == 0 or it == n_steps:
@@ -308,12 +349,15 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
                   "step_weights": "1/(50 |dr|) (eq 4.10, authors' code)"},
         "architecture": "U-Net, 2 stride-2 down-samplings, 3x3 convs + SiLU, concat skips; outputs amplitude, "
                         "sin, cos of psi_out(k) = probe + residual (probe skip connection)",
-        "loss": {"weights": LOSS_WEIGHTS, "eq": "4.11"},
+        "loss": {"weights": lw, "eq": "4.11"},
+        "draws_per_sample": draws,
         "optimizer": {"name": "adam", "lr": LR, "schedule": "warmup_cosine", "warmup": WARMUP, "steps": steps,
                       "batch": BATCH, "finetune": {"steps": finetune_steps, "lr": FINETUNE_LR,
                                                    "obj_weight": FINETUNE_OBJ_WEIGHT},
                       "init_from": str(init_from) if init_from else None},
         "recipe": {**RECIPE, "n_crystals": n_crystals, "n_samples": 16 * n_crystals,
+                   **({"low_dose_fraction": low_dose_fraction, "low_dose_range": list(low_dose_range)}
+                      if low_dose_fraction else {}),
                    "n_val_crystals": len(val)},
         "history": history,
         "timing_s": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.time() - t_start, 1)},
@@ -384,13 +428,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS)
     ap.add_argument("--init-from", type=Path, default=None, help="start from these weights (.npz)")
     ap.add_argument("--evaluate-only", action="store_true", help="only re-score the weights in --out")
+    ap.add_argument("--version", default=VERSION, help="weights name (<out>/<version>.npz + .json)")
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--low-dose-fraction", type=float, default=LOW_DOSE_FRACTION,
+                    help="fraction of noisy samples with a dose log-uniform in --low-dose-range (e/pattern)")
+    ap.add_argument("--low-dose-range", type=float, nargs=2, default=LOW_DOSE_RANGE)
+    ap.add_argument("--data-cache", type=Path, default=None,
+                    help="an .npz of the generated crystals (written if absent, read if present; per seed and size)")
+    ap.add_argument("--draws", type=int, default=1, help="noise draws per sample in a batch (for --stitch-weight)")
+    ap.add_argument("--stitch-weight", type=float, default=0.0,
+                    help="weight of the object-phase error of the mean phasor over the --draws noise draws")
+    ap.add_argument("--bias-weight", type=float, default=0.0,
+                    help="weight of the batch-mean object-phase error (patch-independent template) penalty")
     args = ap.parse_args(argv)
     limit_threads()
     log = lambda m: print(m, flush=True)  # noqa: E731
     if not args.evaluate_only:
-        train(args.out, steps=args.steps, n_crystals=args.crystals, log=log, finetune_steps=args.finetune_steps,
-              init_from=args.init_from)
-    wpath = args.out / f"{VERSION}.npz"
+        train(args.out, steps=args.steps, n_crystals=args.crystals, seed=args.seed, version=args.version, log=log,
+              finetune_steps=args.finetune_steps, init_from=args.init_from,
+              low_dose_fraction=args.low_dose_fraction, low_dose_range=tuple(args.low_dose_range),
+              bias_weight=args.bias_weight, data_cache=args.data_cache, stitch_weight=args.stitch_weight,
+              draws=args.draws)
+    wpath = args.out / f"{args.version}.npz"
     res = evaluate_heldout(str(wpath), log=log)
     side = wpath.with_suffix(".json")
     meta = json.loads(side.read_text())

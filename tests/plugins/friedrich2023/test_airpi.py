@@ -155,6 +155,37 @@ def test_training_data_deterministic():
     assert x1.tobytes() == x2.tobytes()
 
 
+def test_noise_draw_groups_and_the_loss_on_their_mean():
+    """The v2 attempts' ``stitch`` term (airpi_train.make_loss): with ``draws`` noise draws of one sample in
+    consecutive rows, it scores the object-phase error of the draws' *mean* phasor — the part of a patch's error
+    the stitching cannot average away. A common offset c on every draw costs w·c²; offsets ±c that cancel over
+    the draws cost nothing there, while the per-draw object L2 sees c² in both cases."""
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from tembench_friedrich2023 import airpi_train as T
+
+    data = T.make_dataset(2, 7, log=lambda m: None)
+    x, y, p = T.sample_batch(data, np.random.default_rng(3), 8, draws=4, low_dose_fraction=1.0)
+    assert all(y[g * 4].tobytes() == y[g * 4 + k].tobytes() for g in range(2) for k in range(4))
+    assert any(x[g * 4].tobytes() != x[g * 4 + 1].tobytes() for g in range(2))  # independent draws
+    c = 0.3
+    yk = y.astype(np.complex128)
+
+    def fake(offsets):
+        ph = np.angle(yk) + np.asarray(offsets)[:, None, None]
+        return lambda params, x_: (jnp.asarray(np.abs(yk)), jnp.asarray(np.sin(ph)), jnp.asarray(np.cos(ph)))
+
+    w = {**T.LOSS_WEIGHTS, "stitch": 5.0}
+    w0 = dict(T.LOSS_WEIGHTS)
+    args = (None, x, y.real, y.imag, p.real, p.imag)
+    for offsets, expect in (([c] * 8, 5.0 * c * c), ([c, -c] * 4, 0.0)):
+        with_term = float(T.make_loss(fake(offsets), w, draws=4)(*args)[0])
+        without, parts = T.make_loss(fake(offsets), w0, draws=4)(*args)
+        assert with_term - float(without) == pytest.approx(expect, abs=1e-4), offsets
+        assert float(parts[4]) == pytest.approx(c * c, rel=1e-3)  # the per-draw object L2 sees both
+
+
 @pytest.mark.slow
 def test_tiny_training_run_is_deterministic(tmp_path):
     """Same seed → the same weights bit for bit (data, noise draws, initialisation and Adam steps)."""
