@@ -181,10 +181,11 @@ def _atom_tilt_series(euler, tau, n=32, s=0.5, seed=1):
 def test_recovers_translations_and_angles_from_independently_projected_atoms():
     """No inverse crime: atoms projected by the potential code at the true alignment (τ up to ±3 voxels, tilt and
     psi errors N(0, 0.5°)); from nominal angles and τ = 0 with the default schedule (6 outer iterations on 2×
-    down-sampled images, 6 at full resolution). Measured (gauge removed): τ 0.03 voxel max; psi 0.22° max (rms 0.21° →
-    0.08°); tilt 0.69° max, rms 0.47° → 0.23° — per-projection tilt angles are weakly determined (module doc): the
-    0.2° of issue 15 is met for psi, not for the tilt. No threshold: max(y − t, 0) is not a linear projection, and
-    with the default t = 0.1·max the angles come out worse (measured: psi 0.34°, tilt 0.75° max)."""
+    down-sampled images, 6 at full resolution; the angles by joint Gauss–Newton steps from outer iteration 5 on).
+    Measured (gauge removed): τ 0.02 voxel max; psi 0.15° max (rms 0.21° → 0.07°); tilt 0.26° max, rms 0.47° →
+    0.13° (the alternating per-tilt steps, ``angle_solver='alternating'``: psi 0.22°, tilt 0.69° max, tilt rms 0.23°).
+    No threshold: max(y − t, 0) is not a linear projection, and with the default t = 0.1·max the angles came out
+    worse (measured with the alternating steps: psi 0.34°, tilt 0.75° max)."""
     n, s = 32, 0.5
     rng = np.random.default_rng(1)
     tilts = np.arange(-60.0, 61.0, 10.0)
@@ -204,17 +205,18 @@ def test_recovers_translations_and_angles_from_independently_projected_atoms():
     print("tau err (voxels) max", t_err.max(), "euler err max", np.abs(e_err).max(0), "rms",
           np.sqrt((e_err**2).mean(0)), "start rms", np.sqrt((e_start**2).mean(0)))
     assert t_err.max() < 0.5
-    assert np.abs(e_err[:, 2]).max() < 0.3                             # psi
-    assert np.abs(e_err[:, 1]).max() < 0.9                             # tilt (end tilts weakest)
+    assert np.abs(e_err[:, 2]).max() < 0.25                            # psi
+    assert np.abs(e_err[:, 1]).max() < 0.4                             # tilt (end tilts weakest)
     rms, rms0 = np.sqrt((e_err**2).mean(0)), np.sqrt((e_start**2).mean(0))
-    assert rms[1] < 0.65 * rms0[1] and rms[2] < 0.5 * rms0[2]
+    assert rms[1] < 0.4 * rms0[1] and rms[2] < 0.5 * rms0[2]
 
 
 @pytest.mark.slow
 def test_recovers_angles_same_operator_many_tilts():
     """Projections made with the operator, 25 tilts ±60°, psi and tilt errors N(0, 0.5°), τ up to ±3 voxels, 14
-    outer iterations at full resolution: measured τ 0.02 voxel max, tilt 0.49° max / 0.13° rms, psi 0.27° max (next
-    to tilt 0 and at the end tilt) / 0.07° rms."""
+    outer iterations at full resolution with the alternating per-tilt steps (pinned: the joint steps take ≈ 5× the
+    time here): measured τ 0.02 voxel max, tilt 0.49° max / 0.13° rms, psi 0.27° max (next to tilt 0 and at the
+    end tilt) / 0.07° rms."""
     n, s = 32, 0.5
     v, _ = blobs(n=n, n_blobs=14, seed=1, r_lo=5.0, r_hi=12.0, width=1.2, dtype=np.float32)
     rng = np.random.default_rng(5)
@@ -227,7 +229,7 @@ def test_recovers_angles_same_operator_many_tilts():
     y = LT.project(v, truth, tau, s)
     res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
                                      dict(refine_euler=("tilt", "psi"), downsample=1, n_outer=14, n_outer_full=0,
-                                          threshold_fraction=0.0,
+                                          threshold_fraction=0.0, angle_solver="alternating",
                                           n_volume_steps=40, start_euler_outer=3, n_final_steps=2))
     idx = [1, 2]
     e_err = LT._fix_euler_gauge(res.euler_deg, nominal, idx) - LT._fix_euler_gauge(truth, nominal, idx)
@@ -236,6 +238,56 @@ def test_recovers_angles_same_operator_many_tilts():
     assert t_err.max() < 0.5
     assert np.abs(e_err[:, 1:]).max() < 0.5
     assert np.sqrt((e_err[:, 1:] ** 2).mean(axis=0)).max() < 0.2
+
+
+def _atoms_volume(n=24, n_atoms=20, r_lo=2.0, r_hi=8.5, width=1.0, min_d=2.5, seed=1):
+    """Gaussian "atoms" (voxel units, width 1 voxel) at least ``min_d`` apart, r_lo..r_hi from the box centre n/2."""
+    rng = np.random.default_rng(seed)
+    pts = []
+    while len(pts) < n_atoms:
+        q = rng.uniform(-r_hi, r_hi, 3)
+        if r_lo < np.linalg.norm(q) < r_hi and all(np.linalg.norm(q - r) > min_d for r in pts):
+            pts.append(q)
+    z, y, x = np.meshgrid(*(np.arange(n) - n / 2,) * 3, indexing="ij")
+    v = np.zeros((n, n, n))
+    for c in pts:
+        v += np.exp(-((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) / (2 * width**2))
+    return v.astype(np.float32)
+
+
+@pytest.mark.slow
+def test_joint_solver_recovers_known_euler_angles_and_shifts_same_operator():
+    """Issue 15: noise-free projections of 20 Gaussian atoms made with the operator at known alignment — 11 tilts
+    ±60°, errors of 0.5–1.5° (random sign) on all three Euler angles and shifts of 1–3 Å (2–6 voxels) — from the
+    nominal angles and τ = 0. Scored by :func:`tomo_scores.alignment_errors` (the common rotation removed by
+    Procrustes, the volume-shift part of τ by least squares — not the gauge fixes of this module). The joint
+    Gauss–Newton steps (V, τ, Θ together) reach the angles the alternating per-tilt steps do not (module doc).
+    Measured: rotation error median / max 0.04 / 0.16° (start 1.47 / 2.21°), τ 0.003 Å; the alternating steps on the
+    same schedule 0.40 / 0.72°; on two other draws the joint steps give 0.05 / 0.27° and 0.09 / 0.18° — the max at
+    the ±60° tilts is the weak part (docs/you2025_alignment_angles.md). Fails with the angle update removed."""
+    from tembench_you2025.tomo_scores import alignment_errors
+
+    n, s = 24, 0.5
+    v = _atoms_volume(n)
+    rng = np.random.default_rng(5)
+    tilts = np.linspace(-60.0, 60.0, 11)
+    nominal = np.stack([0 * tilts, tilts, 0 * tilts], 1)
+    truth = nominal + rng.uniform(0.5, 1.5, nominal.shape) * rng.choice([-1.0, 1.0], nominal.shape)
+    mag, phase = rng.uniform(1.0, 3.0, len(tilts)), rng.uniform(0, 2 * np.pi, len(tilts))
+    tau = np.stack([mag * np.sin(phase), mag * np.cos(phase)], 1)
+    y = LT.project(v, truth, tau, s)
+    res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
+                                     dict(refine_euler=LT.EULER_NAMES, downsample=1, n_outer=0, n_outer_full=10,
+                                          start_euler_outer=3, n_volume_steps=40, threshold_fraction=0.0,
+                                          n_final_steps=1))
+    start = alignment_errors(np.zeros_like(tau), nominal, tau, truth)
+    got = alignment_errors(res.translations_A, res.euler_deg, tau, truth)
+    print({k: round(got[k], 3) for k in ("translation_error_max_A", "rotation_error_median_deg",
+                                          "rotation_error_max_deg")}, "start", start["rotation_error_median_deg"])
+    assert start["rotation_error_median_deg"] > 1.0
+    assert got["translation_error_max_A"] < 0.5 * s
+    assert got["rotation_error_median_deg"] < 0.1
+    assert got["rotation_error_max_deg"] < 0.2
 
 
 def test_bad_input_is_refused():
