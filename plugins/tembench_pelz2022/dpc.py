@@ -122,8 +122,13 @@ def center_of_mass_chunked(x, grid, normalize: str = "frame", bad: BadPixels | N
     _check_dense(x, grid, normalize)
     sy, sx = x.shape[:2]
     sums = np.empty((sy * sx, 3), np.float64)
+    from tembench_pelz2022 import _kernels
+
     for r0, r1, block in clean_row_chunks(x, bad, max_bytes):
-        sums[r0 * sx:r1 * sx] = _block_moments(block, numba)[:, :3]
+        d3 = block.reshape(-1, *block.shape[2:])
+        # the kernel of eer_ops.center_of_mass (per-frame sums: the same bits in any chunking)
+        sums[r0 * sx:r1 * sx] = _kernels.dense_moments(d3 if d3.dtype in (np.float32, np.float64) else d3.astype(np.float64),
+                                                       numba=numba)
     return _com_from_sums(sums, (sy, sx), grid, normalize, numba)
 
 
