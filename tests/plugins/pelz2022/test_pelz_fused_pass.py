@@ -94,7 +94,8 @@ def test_crop_bin_stats_any_frame_count_and_strided_outputs(numba, dtype):
     y0, x0, f, nby, nbx = 2, 1, 4, 3, 4
     want = d[:, :, y0:y0 + f * nby, x0:x0 + f * nbx].astype(np.float64).reshape(3, 5, nby, f, nbx, f).sum(axis=(3, 5))
     total, changes = _direct_stats(d)
-    for layout in ("scan-major", "row-major", "detector-major"):
+    # (integer data in the scan-major layout only: each strided layout is one more numba compilation per dtype)
+    for layout in ("scan-major", "row-major", "detector-major") if dtype == np.float32 else ("scan-major",):
         out = np.full((3, 5, nby, nbx), np.nan, np.float32)
         rm = np.full((3, nby * nbx, 5), np.nan, np.float32)
         dm = np.full((nby * nbx, 3, 5), np.nan, np.float32)
