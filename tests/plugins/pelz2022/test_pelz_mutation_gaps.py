@@ -245,6 +245,10 @@ def test_orientation_of_a_rotated_gradient_field(theta):
         o = dpc.resolve_orientation(dy, dx, step, None, False, dark_field=dark)
         assert o["branch"]["by"] == "dark_field" and o["branch"]["dark_field_corr"] > 0
         assert abs((o["rotation_deg"] - want + 180) % 360 - 180) < 1e-6
+        # the reported statistics are those of the phase integrated from the returned field
+        out = dpc.icom(o["gy"], o["gx"], step)
+        assert o["branch"]["skew"] == pytest.approx(dpc._skew(out), rel=1e-9)
+        assert o["branch"]["dark_field_corr"] == pytest.approx(dpc._correlation(out, dark), rel=1e-9)
     # a dark-field image of the wrong shape or with a NaN is not used
     for bad in (phi[:-1], np.where(phi > phi.max() / 2, np.nan, phi)):
         assert dpc.resolve_orientation(dy, dx, step, None, False, dark_field=bad)["branch"]["by"] == "skew"
