@@ -80,3 +80,21 @@ def test_ren_scenarios_classify_species_by_rens_measure():
         sc = load_scenario(path)
         params = [q.params for q in sc.points[0].spec.quantifiers if q.name == "atom_tracing"]
         assert params and params[0].get("intensity_measure") == "peak_sigma", path
+
+
+def test_data_resolution_scenario_rows_and_note():
+    """ren2020_data_resolution: only the aperture-free 50 000 e/Å² row is Table-1 row 4(b); the others
+    name their aperture and show no paper values; the note describes the first (unprefixed) atom_tracing."""
+    import pandas as pd
+
+    sc = load_scenario(SCENARIOS / "ren2020_data_resolution.yaml")
+    settings = [table1.settings_of(p.spec, "ren2020") for p in sc.points]
+    rows = [table1.paper_row(s) for s in settings]
+    assert rows[0] is not None and rows[0][0].startswith("4(b)")
+    assert all(r is None for r in rows[1:])
+    assert [s["variant"] for s in settings[1:]] == [f"objective aperture {a} mrad" for a in ("16.4", "13.1", "9.85",
+                                                                                               "13.1")]
+    assert settings[0]["variant"] == "" and math.isinf(settings[4]["dose"])
+    t = pd.DataFrame({"reconstructor_name": ["ren2020_multislice_aet"], "status": ["ok"], "n_true": [2630]})
+    text = table1.note(t, sc)
+    assert "whole box" in text and "'shell'" not in text      # the labelled shell tracer is the second one
