@@ -57,6 +57,15 @@ def test_explicit_angles_need_no_semiangle_and_an_empty_annulus_is_refused():
     assert detector_angles("bf", 10.0, None, None, 40.0) == (0.0, 10.0)
 
 
+def test_correlation_is_pearson_and_zero_for_a_flat_image():
+    rng = np.random.default_rng(3)
+    a = rng.exponential(1.0, (20, 30)) + 5.0          # means far from 0: centring matters
+    b = 0.3 * a + rng.normal(size=a.shape) - 2.0
+    assert dpc._correlation(a, b) == pytest.approx(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), rel=1e-12)
+    assert dpc._correlation(a, -b) == pytest.approx(-dpc._correlation(a, b), rel=1e-12)
+    assert dpc._correlation(a, np.full_like(a, 3.0)) == 0.0
+
+
 def test_skewness_is_the_standardised_third_moment():
     rng = np.random.default_rng(1)
     for a in (rng.exponential(2.0, (40, 50)) + 3.0, -rng.gamma(4.0, 1.0, (30, 30))):
@@ -260,6 +269,7 @@ def test_orientation_of_a_rotated_gradient_field(theta):
         assert at["rotation_deg"] == theta and at["curl_fraction"]["as_read"] < 1e-12
         assert off["curl_fraction"]["as_read"] == pytest.approx(1.0, abs=1e-12)
     assert dpc._curl_fraction_at(0 * dy, 0 * dx, step, theta) == 0.5   # no field: undecided
+    assert dpc.estimate_orientation(0 * dy, 0 * dx, step)["curl_fraction"] == {"as_read": 0.5, "transposed": 0.5}
     # a given rotation is used as it is (no branch choice), for resolve_orientation and resolve_rotation
     for given in (theta, theta + 180.0, 10.0):
         o = dpc.resolve_orientation(dy, dx, step, given, None)
