@@ -387,3 +387,52 @@ def test_ssb_phase_defaults_to_the_least_squares_mean_normalisation():
     np.testing.assert_array_equal(d.phase(), d.phase(normalization="mean"))
     np.testing.assert_array_equal(d.spectrum(), d.spectrum(normalization="mean"))
     assert not np.array_equal(d.phase(), d.phase(normalization="sum"))
+
+
+def test_ssb_refuses_a_scan_thinner_than_4_along_either_axis():
+    from tembench_pelz2022.common import ProbeOptics
+    from tembench_pelz2022.eer_ops import DetectorGrid
+
+    grid = DetectorGrid((16, 16), (8.0, 8.0), (2.0, 2.0))
+    disc = (grid.radius_mrad() < 10.0).astype(np.float32)
+    opt = ProbeOptics(200.0, 0.025079340, 10.0, {})
+    for scan in ((3, 8), (8, 3)):
+        with pytest.raises(TembenchError, match="at least a 4x4 scan"):
+            ssb.SSBData(np.broadcast_to(disc, scan + disc.shape).copy(), grid, opt, (0.4, 0.4))
+    ssb.SSBData(np.broadcast_to(disc, (4, 4) + disc.shape).copy(), grid, opt, (0.4, 0.4))
+
+
+def test_ssb_options_reach_the_data_set(rotated17):
+    m, prepare = rotated17
+    d = prepare(17.0)
+    # the aberrations given to lune_signal are used: at the recorded C10 = 50 Å the lune signal is strong, an
+    # aberration-free probe model averages it away (60 vs ~1 at 50 Å: test_pelz_ssb_defaults)
+    assert d.lune_signal(17.0, {"C10": 0.0}, max_K=256) < 0.5 * d.lune_signal(17.0, None, max_K=256)
+    # a rotation change with non-quadratic aberrations folded in refolds them: the same G as folding at that rotation
+    ab = {"C10": 50.0, "C30": 2e5, "C23": 400.0, "phi23": 0.3}
+    d.set_fixed_aberrations(ab)
+    d.set_rotation(40.0)
+    e = prepare(40.0)
+    e.set_fixed_aberrations(ab)
+    assert d.folded == e.folded == {"C30": 2e5, "C23": 400.0, "phi23": 0.3}
+    np.testing.assert_allclose(d.G, e.G, rtol=0, atol=2e-4 * np.abs(e.G).max())
+    # the crop margin reaches the crop (no binning: a narrower window is a smaller grid; at 1.1 the window already
+    # fills this 32-pixel detector)
+    from tembench_pelz2022.common import load_4d, probe_optics, scan_step
+
+    x, grid = load_4d(m, "ssb")
+    opt, step = probe_optics(m.geometry, "ssb"), scan_step(m.geometry, "ssb")
+    small = ssb.prepare(x, grid, opt, step, max_detector_px=256, crop_margin=0.6).grid.shape
+    wide = ssb.prepare(x, grid, opt, step, max_detector_px=256, crop_margin=1.1).grid.shape
+    assert wide[0] > small[0] and wide[1] > small[1]
+
+
+def test_iterative_dpc_defaults_to_twofold_padding():
+    shape, step = (24, 30), (0.3, 0.45)
+    _, gy, gx, _ = _sinusoid_gradient(shape, step)
+    gy = gy + 0.01 * np.linspace(0, 1, 30)[None, :]      # non-periodic: the padding changes the result
+    a, _ = dpc.iterative_dpc(gy, gx, step, n_iter=4)
+    b, _ = dpc.iterative_dpc(gy, gx, step, n_iter=4, padding_factor=2.0)
+    c, _ = dpc.iterative_dpc(gy, gx, step, n_iter=4, padding_factor=3.0)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
