@@ -92,12 +92,15 @@ def main() -> None:
         if m:
             results[m.group(1)] = m.group(2).strip()
     previous = {}
-    rc_file = work / args.out
+    own = {}   # the verdicts of this --out file only: what it holds at the end (not the --also files', which
+    rc_file = work / args.out   # would overwrite a parallel shard's newer verdicts when the files are folded)
     for f in [*(work / a for a in args.also), rc_file]:
         if f.exists():  # earlier rechecks: their verdicts stand, their survivors are tried again
             for line in f.read_text().splitlines():
                 name, _, verdict = line.partition(": ")
                 previous[name] = verdict
+                if f == rc_file:
+                    own[name] = verdict
     todo = [n for n, v in results.items()
             if previous.get(n, v) in statuses
             and (not args.only or any(fnmatch.fnmatch(n, g) for g in args.only))]
@@ -304,7 +307,8 @@ def main() -> None:
         with open(rc_file, "a") as fh:   # kept as it goes: a run stopped early keeps its verdicts
             fh.write(f"{name}: {verdict}\n")
         print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f} s] {name}: {verdict}", flush=True)
-    rc_file.write_text("".join(f"{n}: {v}\n" for n, v in sorted(verdicts.items())))
+    own.update({n: verdicts[n] for n in todo if n in verdicts})
+    rc_file.write_text("".join(f"{n}: {v}\n" for n, v in sorted(own.items())))
 
     per = collections.defaultdict(collections.Counter)
     for name, v in results.items():
