@@ -57,7 +57,7 @@ def test_tilt_range_scenarios_compare_both_priors_on_the_same_data():
     linear volume — all reconstructors of one point see the same noisy measurement."""
     from tembench.scenario import load_scenario
 
-    for name in ("you2025_tilt_range_quick", "you2025_tilt_range"):
+    for name in ("you2025_wedge_priors", "you2025_tilt_range"):
         sc = load_scenario(SCENARIOS / f"{name}.yaml")
         rec = {r.label: r for r in sc.spec.reconstructors}
         assert rec["linear_nopos"].name == rec["linear_pos"].name == "joint_linear_tomo"
