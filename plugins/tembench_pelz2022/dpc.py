@@ -345,12 +345,17 @@ def _padded(shape, factor):
     return tuple(int(math.ceil(n * factor)) for n in shape)
 
 
-def _half_plane_norm2(a) -> float:
-    """Σ|X|² over the full spectrum of a real field whose ``rfft2`` is ``a`` (even last size: the
-    first and last columns are their own mirror images, every other column counts twice)."""
+def _half_plane_norm2(a, n_last: int | None = None) -> float:
+    """Σ|X|² over the full spectrum of a real field of last size ``n_last`` whose ``rfft2`` is ``a``: every
+    column counts twice except those that are their own mirror images — the first, and the last when
+    ``n_last`` is even (its Nyquist column). ``n_last=None`` means even, 2·(columns − 1)."""
+    cols = a.shape[-1]
+    n = 2 * (cols - 1) if n_last is None else int(n_last)
+    if n // 2 + 1 != cols:
+        raise ValueError(f"_half_plane_norm2: {cols} rfft columns do not belong to a last size of {n}")
     full = 2.0 * float(np.vdot(a, a).real)
     full -= float(np.vdot(a[..., 0], a[..., 0]).real)
-    if a.shape[-1] > 1:
+    if n % 2 == 0 and cols > 1:
         full -= float(np.vdot(a[..., -1], a[..., -1]).real)
     return full
 
@@ -401,7 +406,7 @@ def iterative_dpc(gy, gx, step_A, step_size: float = 0.5, n_iter: int = 64, lamb
         upd *= mu_inv
         upd *= np.complex64(-1j)
         phi_k += upd
-        if _half_plane_norm2(upd) <= tol * tol * max(_half_plane_norm2(phi_k), 1e-300):
+        if _half_plane_norm2(upd, px) <= tol * tol * max(_half_plane_norm2(phi_k, px), 1e-300):
             break
     phi = scipy.fft.irfft2(phi_k, s=(py, px), workers=workers)[:ny, :nx].astype(np.float64)
     return phi - phi.mean(), history

@@ -368,12 +368,14 @@ def test_half_plane_norm_is_parseval_for_an_even_last_size():
         assert dpc._half_plane_norm2(np.fft.rfft2(x)) == pytest.approx(full, rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="_half_plane_norm2 counts the last rfft column once, right only for an even "
-                   "last size; iterative_dpc pads to ceil(n·factor), odd e.g. for 31 columns at factor 1 (only the tol "
-                   "stopping rule is affected)")
 def test_half_plane_norm_is_parseval_for_an_odd_last_size():
+    """iterative_dpc pads to ceil(n·factor), odd e.g. for 31 columns at factor 1: the last rfft column is then not
+    its own mirror image and counts twice (it was counted once: the tol stopping rule was off)."""
     x = np.random.default_rng(6).normal(size=(6, 7))
-    assert dpc._half_plane_norm2(np.fft.rfft2(x)) == pytest.approx(float((np.abs(np.fft.fft2(x)) ** 2).sum()), rel=1e-12)
+    full = float((np.abs(np.fft.fft2(x)) ** 2).sum())
+    assert dpc._half_plane_norm2(np.fft.rfft2(x), 7) == pytest.approx(full, rel=1e-12)
+    with pytest.raises(ValueError, match="do not belong"):
+        dpc._half_plane_norm2(np.fft.rfft2(x), 9)
 
 
 def test_ssb_phase_defaults_to_the_least_squares_mean_normalisation():
