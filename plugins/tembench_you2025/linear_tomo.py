@@ -101,6 +101,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -306,7 +307,7 @@ class LinearTomoParams(Params):
                                     "fitted to every tilt, absorbs part of each tilt's error, so a full step falls "
                                     "short: 1.5 measured faster)")
     euler_step: float = Field(1.0, gt=0, le=2, description="γ₃: 1 = full Gauss–Newton step per tilt")
-    prealign: str = Field("com", description="'com': start τ at the projections' centres of mass (after the "
+    prealign: Literal["com", "none"] = Field("com", description="'com': start τ at the projections' centres of mass (after the "
                           "threshold: a compact object's centre of mass projects like a point, so τ_k = com_k − "
                           "(R_k c)_yx, the unknown c being the 3D gauge); 'none': start at τ⁰")
     com_threshold_fraction: float = Field(0.3, ge=0, lt=1, description="background flattened before the centres "
@@ -323,7 +324,7 @@ class LinearTomoParams(Params):
     max_translation_step_A: float = Field(1.0, gt=0, description="cap of one τ update per tilt (Å)")
     max_euler_step_deg: float = Field(1.0, gt=0, description="cap of one Θ update per angle (deg)")
     damping: float = Field(1e-3, ge=0, le=10, description="Levenberg–Marquardt μ relative to the mean diagonal")
-    angle_solver: str = Field("joint", description="how the outer iterations that update Θ (from "
+    angle_solver: Literal["joint", "alternating"] = Field("joint", description="how the outer iterations that update Θ (from "
                               "``start_euler_outer`` on, if ``refine_euler``) step: 'joint' — one Gauss–Newton step "
                               "on (V, τ, Θ) together (CGLS, V on its free set V > 0, warm-started volume); "
                               "'alternating' — per-tilt Gauss–Newton steps with V fixed (the volume absorbs most of "
@@ -332,7 +333,7 @@ class LinearTomoParams(Params):
                                  "to λ_max(AᵀA) (the squared norm of every scaled alignment column)")
     joint_cg_iterations: int = Field(150, ge=1, le=10000, description="CGLS iterations of each joint Gauss–Newton "
                                      "step (each costs one projection and one back-projection of all tilts)")
-    translation_gauge: str = Field("3d", description="'3d': remove the (R_k d)_yx part of τ − τ⁰ (a common 3D "
+    translation_gauge: Literal["3d", "mean", "none"] = Field("3d", description="'3d': remove the (R_k d)_yx part of τ − τ⁰ (a common 3D "
                                    "object shift); 'mean': its common mean; 'none'")
     fix_mean_euler: bool = Field(True, description="remove the mean change of each Euler angle (a common rotation)")
     fix_tilt_scale: bool = Field(False, description="also remove the part of the tilt changes proportional to the "
@@ -352,26 +353,8 @@ class LinearTomoParams(Params):
             raise ValueError(f"refine_euler: unknown angle(s) {bad}; use {EULER_NAMES}")
         return tuple(v)
 
-    @field_validator("prealign")
-    @classmethod
-    def _prealign(cls, v):
-        if v not in ("com", "none"):
-            raise ValueError(f"prealign must be 'com' or 'none', got {v!r}")
-        return v
 
-    @field_validator("angle_solver")
-    @classmethod
-    def _solver(cls, v):
-        if v not in ("joint", "alternating"):
-            raise ValueError(f"angle_solver must be 'joint' or 'alternating', got {v!r}")
-        return v
 
-    @field_validator("translation_gauge")
-    @classmethod
-    def _gauge(cls, v):
-        if v not in ("3d", "mean", "none"):
-            raise ValueError(f"translation_gauge must be '3d', 'mean' or 'none', got {v!r}")
-        return v
 
 
 @dataclass
