@@ -25,7 +25,10 @@ are in cycles/Å (the thesis's "px⁻¹" values are FFT indices k = k_per_A · N
 
 Orientation: COM_scan = R(θ)·T·COM_det as in the Pelz plugin; the rotation is a parameter or, when not
 given, estimated from the COM field seen so far with the Pelz estimator
-(:func:`tembench_pelz2022.dpc.resolve_orientation`). While the rotation is unknown the streaming image
+(:func:`tembench_pelz2022.dpc.resolve_orientation`): minimum curl, and the 180° branch by the sign of the
+integrated phase's correlation with the dark-field counts (beyond 1.2 α, :func:`tembench_pelz2022.dpc.dark_field_mask`),
+which the live class sums per scan position as patterns arrive (one more image-sized plane), the phase's positive
+skew being the fallback without a dark-field signal — as the ``ricom`` reconstructor and the Pelz ``icom``. While the rotation is unknown the streaming image
 is kept as two (four with an unknown transpose) partial images, linear in the rotation's cos/sin, so the
 estimate can change at any time without revisiting a frame (the thesis's GUI changes it live, too).
 """
@@ -40,7 +43,7 @@ from tembench.errors import TembenchError
 from tembench_friedrich2023 import ricom_kernels
 from tembench_pelz2022 import _kernels as pelz_kernels
 from tembench_pelz2022.common import rotation_matrix
-from tembench_pelz2022.dpc import icom, resolve_orientation
+from tembench_pelz2022.dpc import dark_field_mask, icom, resolve_orientation
 from tembench_pelz2022.eer_ops import DetectorGrid, center_of_mass
 
 __all__ = ["ricom_kernel", "filtered_kernel", "make_kernel", "ricom_image", "kernel_response",
@@ -186,7 +189,9 @@ class RiCOM:
     """Live riCOM: feed frames or electron-event chunks in any order, read :attr:`image` at any time.
 
     Memory: the image (and, with an unknown rotation, 1–3 more image-sized partial sums), the stored COM
-    field (2 images, for the rotation estimate) and the kernel — never the data. Each call computes the
+    field (2 images, for the rotation estimate), with an unknown rotation the dark-field counts per position
+    (1 image, for the 180° branch; needs ``semiangle_mrad``, which :meth:`from_geometry` takes from the
+    geometry) and the kernel — never the data. Each call computes the
     COM of its patterns (the Pelz plugin's COM arithmetic), turns it into the phase gradient and adds one
     n×n patch per pattern (numba when available).
 
@@ -198,7 +203,7 @@ class RiCOM:
                  wavelength_A: float | None = None, detector_sampling_mrad=None, centre_px=None,
                  rotation_deg: float | None = None, transpose: bool | None = False,
                  k_min_per_A: float | None = None, k_max_per_A: float | None = None, filter_grid_shape=None,
-                 numba: bool | None = None, icom_padding_factor: float = 1.0):
+                 numba: bool | None = None, icom_padding_factor: float = 1.0, semiangle_mrad: float | None = None):
         self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         if min(self.scan_shape) < 1:
             raise TembenchError(f"RiCOM: scan_shape must be positive, got {scan_shape}")
@@ -232,12 +237,24 @@ class RiCOM:
         self.com_y = np.zeros(self.scan_shape, np.float64)  # phase gradient, detector frame (rad/Å)
         self.com_x = np.zeros(self.scan_shape, np.float64)
         self.seen = np.zeros(self.scan_shape, bool)
+        # the 180° branch of an estimated rotation: counts beyond 1.2 α per position (the detector's units:
+        # mrad when calibrated, pixels otherwise); None = no dark-field pixels, the skew decides
+        self.semiangle_mrad = None if semiangle_mrad is None else float(semiangle_mrad)
+        self._dark_mask = None
+        self.dark = None
+        if self.rotation_deg is None and self.semiangle_mrad is not None and self.grid is not None:
+            self._set_dark_mask()
         self._planes = self._new_planes()
         self._next = 0
         self._cache = None
         self.last_orientation: dict | None = None
 
     # -- state ----------------------------------------------------------------------------------
+    def _set_dark_mask(self) -> None:
+        self._dark_mask = dark_field_mask(self.grid, self.semiangle_mrad)
+        if self._dark_mask is not None:
+            self.dark = np.zeros(self.scan_shape, np.float64)
+
     def _new_planes(self) -> dict:
         if self.kernel_size is None:
             return {}
@@ -256,12 +273,15 @@ class RiCOM:
     def nbytes(self) -> int:
         """Bytes held: image planes, COM field, coverage map and kernel (independent of the data size)."""
         k = 0 if self.uy is None else self.uy.nbytes + self.ux.nbytes * 2
-        return int(sum(p.nbytes for p in self._planes.values()) + self.com_y.nbytes * 2 + self.seen.nbytes + k)
+        dk = (0 if self.dark is None else self.dark.nbytes) + (0 if self._dark_mask is None else self._dark_mask.nbytes)
+        return int(sum(p.nbytes for p in self._planes.values()) + self.com_y.nbytes * 2 + self.seen.nbytes + k + dk)
 
     def reset(self) -> None:
         self.com_y[:] = 0
         self.com_x[:] = 0
         self.seen[:] = False
+        if self.dark is not None:
+            self.dark[:] = 0
         self._planes = self._new_planes()
         self._next = 0
         self._cache = None
@@ -293,6 +313,8 @@ class RiCOM:
         if self.grid is None:
             self.grid = DetectorGrid((int(shape[0]), int(shape[1])), (float(shape[0] // 2), float(shape[1] // 2)),
                                      (1.0, 1.0))
+            if self.rotation_deg is None and self.semiangle_mrad is not None:
+                self._set_dark_mask()
         elif tuple(shape) != tuple(self.grid.shape):
             raise TembenchError(f"RiCOM: patterns of shape {tuple(shape)} do not match the detector "
                                 f"{self.grid.shape}")
@@ -306,16 +328,18 @@ class RiCOM:
         if d.ndim != 3:
             raise TembenchError(f"RiCOM.add_frames: frames must be (F, k_y, k_x), got shape {d.shape}")
         self._need_grid(d.shape[1:])
-        if np.issubdtype(d.dtype, np.integer):
-            sums = ricom_kernels.integer_moments(np.ascontiguousarray(d), numba=self.numba)
+        mask = self._dark_mask
+        if np.issubdtype(d.dtype, np.integer):  # COM sums and dark-field counts in one pass (exact)
+            sums = ricom_kernels.integer_moments(np.ascontiguousarray(d), numba=self.numba, mask=mask)
         else:
             if not np.all(np.isfinite(d)):
                 raise TembenchError("RiCOM.add_frames: the patterns contain NaN or inf")
             d = np.ascontiguousarray(d, np.float64)
-            sums = pelz_kernels.dense_moments(d, numba=self.numba).astype(np.float64)
-        com_y, com_x, _ = pelz_kernels.com_finish(sums, "frame", self.grid.centre_px, self.grid.sampling_mrad,
-                                                  numba=self.numba)
-        self._add_com(com_y, com_x, *self._positions(len(d), indices))
+            sums = (pelz_kernels.dense_moments(d, numba=self.numba) if mask is None
+                    else pelz_kernels.dense_pass(d, mask, numba=self.numba)).astype(np.float64)
+        com_y, com_x, _ = pelz_kernels.com_finish(np.ascontiguousarray(sums[:, :3]), "frame", self.grid.centre_px,
+                                                  self.grid.sampling_mrad, numba=self.numba)
+        self._add_com(com_y, com_x, *self._positions(len(d), indices), None if mask is None else sums[:, 3])
 
     def add_events(self, events, indices=None) -> None:
         """Add electron events: a :class:`tembench.eer.ElectronEvents` chunk (its frames in order) or an
@@ -330,15 +354,27 @@ class RiCOM:
             events = ElectronEvents(offsets, np.asarray(det), (1, len(offsets) - 1), self.grid.shape)
         self._need_grid(events.detector_shape)
         com_y, com_x, _ = center_of_mass(events, self.grid, "frame", numba=self.numba)
-        self._add_com(com_y.ravel(), com_x.ravel(), *self._positions(events.n_frames, indices))
+        dark = None
+        if self._dark_mask is not None:  # the Pelz event mask sums (the same as its dark_field_image)
+            dark = pelz_kernels.csr_mask_sums(events.offsets, events.indices, self._dark_mask, numba=self.numba)
+        self._add_com(com_y.ravel(), com_x.ravel(), *self._positions(events.n_frames, indices), dark)
 
-    def add_com(self, com_y_mrad, com_x_mrad, indices=None) -> None:
-        """Add COM values (mrad, detector frame, relative to the unscattered beam) computed elsewhere."""
+    def add_com(self, com_y_mrad, com_x_mrad, indices=None, dark_field=None) -> None:
+        """Add COM values (mrad, detector frame, relative to the unscattered beam) computed elsewhere, and
+        optionally each pattern's dark-field counts (the 180° branch of an estimated rotation; without them the
+        branch is the phase's skew)."""
         cy = np.asarray(com_y_mrad, np.float64).ravel()
         cx = np.asarray(com_x_mrad, np.float64).ravel()
-        self._add_com(cy, cx, *self._positions(len(cy), indices))
+        df = None
+        if dark_field is not None and self.rotation_deg is None:
+            df = np.asarray(dark_field, np.float64).ravel()
+            if df.size != cy.size:
+                raise TembenchError(f"RiCOM.add_com: {df.size} dark-field values for {cy.size} COM values")
+            if self.dark is None:
+                self.dark = np.zeros(self.scan_shape, np.float64)
+        self._add_com(cy, cx, *self._positions(len(cy), indices), df)
 
-    def _add_com(self, com_y, com_x, ys, xs) -> None:
+    def _add_com(self, com_y, com_x, ys, xs, dark=None) -> None:
         gy = com_y * self.gradient_per_com
         gx = com_x * self.gradient_per_com
         if np.any(self.seen[ys, xs]):
@@ -346,6 +382,8 @@ class RiCOM:
         self.com_y[ys, xs] = gy
         self.com_x[ys, xs] = gx
         self.seen[ys, xs] = True
+        if dark is not None and self.dark is not None:
+            self.dark[ys, xs] = dark
         self._cache = None
         if self.kernel_size is None:
             return
@@ -366,16 +404,24 @@ class RiCOM:
     # -- output ---------------------------------------------------------------------------------
     def orientation(self) -> dict:
         """The orientation in use: given, or estimated from the COM field seen so far (Pelz estimator on the
-        scanned rows; minimum curl, transpose by curl fraction, 180° by positive phase skew)."""
+        scanned rows; minimum curl, transpose by curl fraction, 180° branch by the sign of the integrated phase's
+        correlation with the dark-field counts seen so far when that is ≥ 3σ, else by the phase's positive skew;
+        ``branch`` says which decided). Positions not yet seen hold the mean dark-field count of those seen, so
+        they add nothing to the correlation."""
         if self.rotation_deg is not None:
             return {"rotation_deg": self.rotation_deg, "transpose": bool(self.transpose), "estimated": False}
         rows = np.nonzero(self.seen.any(axis=1))[0]
         if len(rows) < 2:
             return {"rotation_deg": 0.0, "transpose": bool(self.transpose), "estimated": False}
         r0, r1 = int(rows[0]), int(rows[-1]) + 1
-        o = resolve_orientation(self.com_y[r0:r1], self.com_x[r0:r1], self.step_A, None, self.transpose)
+        dark = None
+        if self.dark is not None:
+            seen = self.seen[r0:r1]
+            dark = np.where(seen, self.dark[r0:r1], self.dark[r0:r1][seen].mean())
+        o = resolve_orientation(self.com_y[r0:r1], self.com_x[r0:r1], self.step_A, None, self.transpose,
+                                dark_field=dark)
         return {"rotation_deg": float(o["rotation_deg"]), "transpose": bool(o["transpose"]), "estimated": True,
-                "curl_fraction": o.get("curl_fraction")}
+                "curl_fraction": o.get("curl_fraction"), "branch": o.get("branch")}
 
     @property
     def image(self) -> np.ndarray:
@@ -407,6 +453,7 @@ class RiCOM:
 
         opt = probe_optics(geometry, "ricom")
         grid = DetectorGrid.from_geometry(geometry, detector_shape)
+        kw.setdefault("semiangle_mrad", opt.semiangle_mrad)  # the dark-field mask of the 180° branch
         return cls(scan_shape, kernel_size, detector_shape=detector_shape, step_A=scan_step(geometry, "ricom"),
                    wavelength_A=opt.wavelength_A, detector_sampling_mrad=grid.sampling_mrad,
                    centre_px=grid.centre_px, **kw)

@@ -15,7 +15,8 @@ from tembench.eer import ElectronEvents
 from tembench.errors import TembenchError
 from tembench_friedrich2023 import ricom_kernels
 from tembench_friedrich2023.ricom import (RiCOM, filtered_kernel, kernel_response, kernel_response_continuous,
-                                          line_integration_weight, make_kernel, ricom_image, ricom_kernel)
+                                          line_integration_weight, make_kernel, orientation_matrix, ricom_image,
+                                          ricom_kernel)
 from tembench_friedrich2023.ricom_recon import RiCOMReconstructor
 from tembench_pelz2022 import synthetic
 from tembench_pelz2022._kernels import HAVE_NUMBA
@@ -201,6 +202,18 @@ def test_integer_moments_equal_the_pelz_com():
         s.add_frames(d)
         np.testing.assert_allclose(s.com_y, ref[0], rtol=0, atol=1e-12)
         np.testing.assert_allclose(s.com_x, ref[1], rtol=0, atol=1e-12)
+    # the dark-field counts of the live 180° branch, in the same pass: the Pelz dense pass's masked sums, for the
+    # dark-field mask and for an arbitrary one
+    from tembench_pelz2022._kernels import dense_pass
+    from tembench_pelz2022.dpc import dark_field_mask
+
+    ring = dark_field_mask(grid, 5.0)
+    holes = np.zeros((17, 23), bool)
+    holes[5, 3] = holes[5, 9] = holes[11, 20] = True  # row 5: two masked pixels with bright pixels between
+    for mask in (ring, holes):
+        ref4 = dense_pass(d.astype(np.float64), mask, numba=False)
+        for nb in [False] + ([True] if HAVE_NUMBA else []):
+            np.testing.assert_array_equal(ricom_kernels.integer_moments(d, numba=nb, mask=mask), ref4)
 
 
 def test_events_and_frames_give_the_same_image(rotated):
@@ -285,26 +298,92 @@ def test_integer_moments_exact_at_full_16_bit_range():
 
 
 # --- the 180° branch of an estimated rotation at low dose ----------------------------------------------
-def test_estimated_rotation_takes_the_right_180_degree_branch_at_10_e_per_pattern():
+@pytest.fixture(scope="module")
+def strong_80kV():
+    """A strong 80 kV object (0.5 rad peaks) at 10 e/pattern: (measurement, truth |P|² ⋆ φ, noise draw by seed)."""
+    from functools import lru_cache
+
+    from tembench.builtin.noise import PoissonDose
+
+    phi = synthetic.gaussian_atoms_phase((64, 64), 0.25, 40, 0.2, 0.5, np.random.default_rng(11))
+    m = synthetic.simulate(phi, 0.25, 1, 80.0, 25.0).measurement
+
+    @lru_cache(maxsize=None)
+    def draw(seed):
+        return PoissonDose().apply(m, PoissonDose.Params(electrons_per_pattern=10), np.random.default_rng(seed))
+
+    return m, synthetic.probe_intensity_blur(phi, 0.25, 80.0, 25.0), draw
+
+
+def test_estimated_rotation_takes_the_right_180_degree_branch_at_10_e_per_pattern(strong_80kV):
     """friedrich2023_ricom's ricom21_est took the wrong 180° branch at ~20 e/pattern (NCC −0.35 instead of
     +0.35): the branch was the positive skew of the phase, a cubic statistic the noise swamps. The reconstructor
     now decides it as the Pelz icom does, by the phase's correlation with the dark-field counts (beyond 1.2 α).
     A strong 80 kV object at 10 e/pattern, three noise draws: every image correlates positively with the truth,
     the dark field decided, and in two of the draws the skew at the right branch is negative (measured −0.08,
     −0.15), i.e. the old criterion would have turned those images upside down."""
-    from tembench.builtin.noise import PoissonDose
     from tembench.builtin.quantifiers import normalized_cross_correlation as ncc
     from tembench_pelz2022.dpc import BRANCH_MIN_SIGMAS
 
-    phi = synthetic.gaussian_atoms_phase((64, 64), 0.25, 40, 0.2, 0.5, np.random.default_rng(11))
-    m = synthetic.simulate(phi, 0.25, 1, 80.0, 25.0).measurement
-    truth = synthetic.probe_intensity_blur(phi, 0.25, 80.0, 25.0)
+    _, truth, draw = strong_80kV
     skews = []
     for seed in (0, 2, 3):
-        low = PoissonDose().apply(m, PoissonDose.Params(electrons_per_pattern=10), np.random.default_rng(seed))
+        low = draw(seed)
         rec = RiCOMReconstructor().reconstruct(low, RiCOMReconstructor.Params(kernel_size=21), np)
         b = rec.extras["rotation_branch"]
         assert b["by"] == "dark_field" and b["dark_field_corr"] * 64 >= BRANCH_MIN_SIGMAS, (seed, b)
         assert ncc(np.asarray(rec.data, float), truth) > 0.15, (seed, rec.extras["rotation_deg"])
         skews.append(b["skew"])
     assert sum(s < 0 for s in skews) >= 2, skews
+
+
+def test_live_stream_takes_the_dark_field_branch_where_the_skew_fails(strong_80kV):
+    """The live class decides the 180° branch as the reconstructor does: it sums each pattern's dark-field counts
+    (beyond 1.2 α) in the live planes as frames or events arrive and correlates them with the integrated phase.
+    Strong 80 kV object at 10 e/pattern, noise draw 2 (of draws 0–5, the skew took the wrong branch in 0, 2, 3):
+    the stream gives +0.358 NCC with the truth; the old rule (skew only: no semiangle, no dark field) gives −0.358
+    on the same stream. The image still equals the batch riCOM of the field in the estimated orientation, events
+    equal frames, and the orientation and dark-field image are the reconstructor's / Pelz's own."""
+    import copy
+
+    from tembench.builtin.quantifiers import normalized_cross_correlation as ncc
+    from tembench_pelz2022.dpc import BRANCH_MIN_SIGMAS, dark_field_image
+
+    _, truth, draw = strong_80kV
+    low = draw(2)
+    counts = np.asarray(low.data).astype(np.uint16)
+    sy, sx, ky, kx = counts.shape
+    new = RiCOM.from_geometry(low.geometry, (sy, sx), (ky, kx), 21, rotation_deg=None)
+    assert new.semiangle_mrad == 25.0
+    for r0 in range(0, sy, 8):
+        new.add_frames(counts[r0:r0 + 8].reshape(-1, ky, kx))
+    old = copy.deepcopy(new)  # the old rule on the same stream: no dark-field counts, the skew decides
+    old.dark, old._cache = None, None
+    img, o = new.image, new.last_orientation
+    assert o["branch"]["by"] == "dark_field" and o["branch"]["dark_field_corr"] * 64 >= BRANCH_MIN_SIGMAS
+    assert ncc(img, truth) > 0.3  # measured 0.358
+    old_img = old.image
+    assert old.last_orientation["branch"]["by"] == "skew" and ncc(old_img, truth) < -0.3  # the old rule: −0.358
+    assert abs((old.last_orientation["rotation_deg"] - o["rotation_deg"]) % 360 - 180) < 1e-9
+    # the dark-field plane is the Pelz dark-field image (same mask, exact counts); memory: one more image + mask
+    np.testing.assert_array_equal(new.dark, dark_field_image(counts, new.grid, 25.0))
+    assert new.nbytes - old.nbytes == sy * sx * 8
+    # streaming == batch: the batch riCOM of the COM field turned by the estimated orientation
+    M = orientation_matrix(o["rotation_deg"], o["transpose"])
+    ref = ricom_image(M[0, 0] * new.com_y + M[0, 1] * new.com_x, M[1, 0] * new.com_y + M[1, 1] * new.com_x,
+                      *ricom_kernel(21, (0.25, 0.25)))
+    assert np.abs(img - ref).max() < 1e-12 * np.abs(ref).max()
+    # events == frames: chunks that cut scan rows; the same dark-field counts, orientation and image
+    ev = ElectronEvents.from_dense(counts)
+    off = ev.offsets.astype(np.int64)
+    e = RiCOM.from_geometry(low.geometry, (sy, sx), (ky, kx), 21, rotation_deg=None)
+    for f0 in range(0, sy * sx, 333):
+        f1 = min(f0 + 333, sy * sx)
+        e.add_events((off[f0:f1 + 1] - off[f0], ev.indices[off[f0]:off[f1]]))
+    np.testing.assert_array_equal(e.dark, new.dark)
+    np.testing.assert_allclose(e.image, img, rtol=0, atol=1e-12 * np.abs(img).max())
+    assert e.last_orientation["rotation_deg"] == pytest.approx(o["rotation_deg"], abs=1e-9)
+    # the reconstructor (batch, dark field from the Pelz COM pass) takes the same orientation and branch
+    rec = RiCOMReconstructor().reconstruct(low, RiCOMReconstructor.Params(kernel_size=21, bad_pixels="ignore"), np)
+    assert rec.extras["rotation_deg"] == pytest.approx(o["rotation_deg"], abs=1e-3)
+    assert rec.extras["rotation_branch"]["by"] == "dark_field"
