@@ -7,6 +7,7 @@
 #   bash tests/mutation/run_mutmut_physics.sh reconstructors   # builtin/reconstructors.py + Pelz ssb dpc common virtual
 #   bash tests/mutation/run_mutmut_physics.sh potentials       # potentials.py rotation.py
 #   bash tests/mutation/run_mutmut_physics.sh extra            # multislice.py stem.py + Ren prox.py model.py
+#   bash tests/mutation/run_mutmut_physics.sh tracing          # analysis/atom_tracing.py (the 3D atom tracer)
 #   (at a high load stop it and run the rest with tests/mutation/recheck.py --direct; docs/testing.md)
 #   MUTMUT_ONLY=optics bash tests/mutation/run_mutmut_physics.sh physics     # one module of a group
 #   MUTMUT_PATTERNS='*spatial_envelope*' bash tests/mutation/run_mutmut_physics.sh physics  # some functions
@@ -73,7 +74,14 @@ case "$GROUP" in
            $T/test_forward_multislice.py $T/test_physics_v2.py $T/test_physics_mutation_gaps.py
            tests/plugins/ren2020/test_ren_model.py tests/plugins/ren2020/test_ren_prox.py
            tests/plugins/ren2020/test_ren_mutation_gaps.py --deselect=$T/test_stem.py::test_patterns_match_abtem) ;;
-  *) echo "unknown group '$GROUP' (physics | reconstructors | potentials | extra)" >&2; exit 2 ;;
+  tracing)
+    # analysis/atom_tracing.py (the tracer and its scoring helpers) with the tests that run the real tracer;
+    # run_mutmut.sh covers it too, but without MUTMUT_REV / MUTMUT_TESTS / the plugin packages
+    modules=(src/tembench/analysis/atom_tracing.py)
+    tests=(tests/builtin/test_atom_tracing.py tests/builtin/test_atom_tracing_mutation_gaps.py
+           tests/builtin/test_scoring_rules.py tests/builtin/test_builtin_mutation_gaps.py
+           tests/plugins/you2025/test_tomo_scores.py) ;;
+  *) echo "unknown group '$GROUP' (physics | reconstructors | potentials | extra | tracing)" >&2; exit 2 ;;
 esac
 # MUTMUT_TESTS='tests/a.py tests/b.py' replaces the group's test selection (a faster, weaker run)
 if [[ -n "${MUTMUT_TESTS:-}" ]]; then read -r -a tests <<< "$MUTMUT_TESTS"; fi
