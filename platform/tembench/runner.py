@@ -547,6 +547,18 @@ def run_identity(scenario: Scenario, registry: Registry) -> dict[str, Any]:
     }
 
 
+def component_modules(spec: ScenarioSpec, registry: Registry) -> list[str]:
+    """The modules of the scenario's components plus the engine modules every unit runs (what a pool
+    worker imports before its first task, :meth:`ProcessExecutor.prestart`)."""
+    mods = ["tembench.runner", "tembench.store", "tembench.cache"]
+    for kind, c in _components_of(spec):
+        try:
+            mods.append(registry.get(kind, c.name).__module__)
+        except Exception:  # noqa: BLE001 - an unknown component is reported by the run itself
+            continue
+    return list(dict.fromkeys(mods))
+
+
 def run_id_for(scenario: Scenario, registry: Registry) -> str:
     return "run-" + stable_hash(run_identity(scenario, registry))[:12]
 
@@ -610,20 +622,24 @@ def run_scenario(scenario: Scenario, *, out: str | Path | None = None, run_id: s
     check_executor(kind, n_workers, options=spec.executor)  # before anything is written
     check_half_sets(scenario, registry)
     root = check_output_folder(Path(out) if out is not None else scenario.output_root)
-    ident = run_identity(scenario, registry)
-    rid = run_id or "run-" + stable_hash(ident)[:12]
-    run_dir = root / rid
-    scenario_hash = stable_hash(spec.model_dump(mode="json", exclude={"executor", "output"}))
-    store = RunStore(run_dir)
-    existing = store.read_manifest()
-    if existing is not None and existing.get("scenario_hash") != scenario_hash:
-        raise RunDirectoryError(
-            f"run folder {str(run_dir)!r} holds a run of a different scenario "
-            f"({existing.get('scenario')!r}, hash {str(existing.get('scenario_hash'))[:12]}). Nothing was changed. "
-            f"Choose another --run-id or output folder.")
-    # a dask cluster is started (or connected to, and its resources checked) before anything is written
+    # a dask cluster is started (or connected to, and its resources checked) before anything is written;
+    # a local pool's workers start now and import the components' modules while this process computes the
+    # run identity (pyFFTW, code fingerprints: ≈ 1 s)
     ex = make_executor(kind, n_workers, spec.executor.address, options=spec.executor, device=spec.device)
     try:
+        if hasattr(ex, "prestart"):
+            ex.prestart(component_modules(spec, registry))
+        ident = run_identity(scenario, registry)
+        rid = run_id or "run-" + stable_hash(ident)[:12]
+        run_dir = root / rid
+        scenario_hash = stable_hash(spec.model_dump(mode="json", exclude={"executor", "output"}))
+        store = RunStore(run_dir)
+        existing = store.read_manifest()
+        if existing is not None and existing.get("scenario_hash") != scenario_hash:
+            raise RunDirectoryError(
+                f"run folder {str(run_dir)!r} holds a run of a different scenario "
+                f"({existing.get('scenario')!r}, hash {str(existing.get('scenario_hash'))[:12]}). Nothing was "
+                f"changed. Choose another --run-id or output folder.")
         root.mkdir(parents=True, exist_ok=True)
         check_output_root(root, spec.name)
         cache_root = root / ".cache"
