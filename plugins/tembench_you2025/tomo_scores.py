@@ -18,6 +18,8 @@ Both return nothing for reconstructions they do not apply to (no alignment extra
   truth: a tomogram's common shift (every τ_k changed by (R_k t)_{y,x}) fits the data equally well, so each
   reconstruction fixes it by its own convention; scoring against truth removes it first (cross-correlation
   peak, |t| ≤ ``register_max_shift_A``; the origin moves, the data stay), and half B is registered onto half A.
+  With half sets, ``tomo_fsc`` also reports ``half_set_fluence_e_per_A2``: the total fluence over the whole tilt
+  series that one half set uses (the x axis of You 2025 Fig. 3e; :func:`half_set_fluence_e_per_A2`).
 """
 
 from __future__ import annotations
@@ -581,6 +583,28 @@ _REGISTER_HELP = ("register the volume to the truth first: the shift (|t| ≤ th
                   "is removed from its origin (a tomogram's common shift is not measurable); None: no registration")
 
 
+def half_set_fluence_e_per_A2(measurement) -> float | None:
+    """Total fluence (e/Å², summed over every tilt of the series) that ONE half set uses, the mean of halves A and
+    B — You 2025 Fig. 3e's x axis. It is the core's bookkeeping read back: ``poisson_dose`` records the full-scan
+    dose of the series (``geometry.extra['dose_total_e_per_A2']`` = dose per tilt × tilts) and
+    :func:`tembench.types.half_measurement` scales it by the fraction of the patterns the half holds (``split:
+    positions``: 1/n_subsets of the scan, each pattern at its full dose) or halves it (``split: dose``). None without
+    half sets or without a finite recorded dose."""
+    import math
+
+    from tembench.types import half_measurement, has_half_sets
+
+    if measurement is None or not has_half_sets(measurement):
+        return None
+    vals = []
+    for i in (0, 1):
+        v = half_measurement(measurement, i).geometry.extra.get("dose_total_e_per_A2")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None
+        vals.append(float(v))
+    return float(np.mean(vals))
+
+
 class TomoFSC(FourierShellCorrelation):
     """``fsc`` of a tomogram after removing its unmeasurable common shift: registered to the truth by
     cross-correlation (origin moved, data untouched); half B registered onto half A."""
@@ -588,13 +612,21 @@ class TomoFSC(FourierShellCorrelation):
     name = "tomo_fsc"
     version = "1"
     accepts = ("volume",)
-    metrics = {**FourierShellCorrelation.metrics, **_REG_METRICS}
+    metrics = {**FourierShellCorrelation.metrics, **_REG_METRICS,
+               "half_set_fluence_e_per_A2": Metric(
+                   "e/Å²", None, (0.0, None), diagnostic=True,
+                   description="total fluence over the whole tilt series used by one half set (mean of A and B; "
+                               "You 2025 Fig. 3e's x axis); only with half sets")}
 
     class Params(FourierShellCorrelation.Params):
         register_max_shift_A: float | None = Field(2.0, ge=0, le=50, description=_REGISTER_HELP)
 
     def score(self, reconstruction, measurement, sample, params):
-        return _registered_score(FourierShellCorrelation, self, reconstruction, measurement, sample, params)
+        out = _registered_score(FourierShellCorrelation, self, reconstruction, measurement, sample, params)
+        fluence = half_set_fluence_e_per_A2(measurement)
+        if fluence is not None:
+            out["half_set_fluence_e_per_A2"] = fluence
+        return out
 
 
 class TomoAtomTracing(AtomTracing):

@@ -262,6 +262,45 @@ def test_n_subsets_halves_hold_one_nth_or_are_refused():
         assert h.geometry.extra["pattern_fraction"] == pytest.approx(1 / 12)
 
 
+@pytest.mark.parametrize("n", [2, 20])
+def test_half_set_fluence_is_dose_per_tilt_times_tilts_over_n(n):
+    """You 2025 Fig. 3e's x axis by hand: 3 tilts at 1e4 e/Å² per tilt (per_image) on a 4 × 20 scan of 0.5 Å steps,
+    split into n interleaved subsets (each exactly 1/n of the 80 patterns): one half set uses 3 × 1e4 / n e/Å² over
+    the whole series. Cross-check: the electrons actually counted in half A's patterns over the scanned area."""
+    from tembench import Geometry, Measurement
+    from tembench.builtin.half_sets import HalfSets
+    from tembench.builtin.noise import PoissonDose
+    from tembench.types import half_measurement
+    from tembench_you2025.tomo_scores import half_set_fluence_e_per_A2
+
+    n_t, sy, sx, step, dose = 3, 4, 20, 0.5, 1.0e4
+    m = Measurement(kind="4dstem_tilt_series", data=np.full((n_t, sy, sx, 4, 4), 1 / 16, np.float32),
+                    axes=("tilt", "scan_y", "scan_x", "k_y", "k_x"),
+                    geometry=Geometry(tilt_angles_deg=[-10.0, 0.0, 10.0], tilt_axis="y", scan_step_A=step))
+    rng = np.random.default_rng(0)
+    m = PoissonDose().apply(m, PoissonDose.parse_params({"dose_e_per_A2": dose}), rng)
+    assert half_set_fluence_e_per_A2(m) is None                      # not split yet
+    m = HalfSets().apply(m, HalfSets.parse_params({"split": "positions", "n_subsets": n}), rng)
+    f = half_set_fluence_e_per_A2(m)
+    assert f == pytest.approx(n_t * dose / n, rel=1e-12)              # 15 000 / 1 500 e/Å²
+    mask = half_measurement(m, 0).extras["pattern_mask"]
+    assert mask.sum() == sy * sx // n
+    counted = np.asarray(m.data)[:, mask].sum() / (sy * sx * step ** 2)  # electrons of half A per Å² of the field
+    assert counted == pytest.approx(f, rel=0.03)                       # 30 000 electrons at 1/20: ±0.6 %
+    # tomo_fsc reports it beside the half-set FSC
+    from tembench import Reconstruction
+    from tembench_you2025.tomo_scores import TomoFSC
+
+    vol = np.random.default_rng(1).normal(size=(8, 8, 8))
+    half = [Reconstruction(kind="volume", data=vol + 0.1 * np.random.default_rng(i).normal(size=vol.shape),
+                           sampling_A=(0.4, 0.4, 0.4), quantity="potential_V") for i in (2, 3)]
+    rec = Reconstruction(kind="volume", data=vol, sampling_A=(0.4, 0.4, 0.4), quantity="potential_V",
+                         extras={"half_sets": half})
+    out = TomoFSC().score(rec, m, None, TomoFSC.parse_params({"ground_truth": False, "register_max_shift_A": None}))
+    assert out["half_set_fluence_e_per_A2"] == pytest.approx(n_t * dose / n)
+    assert np.isfinite(out["fsc_half_resolution_A"])
+
+
 # --- registration of a tomogram to the truth before fsc / atom tracing --------------------------------------
 def test_registered_fsc_and_atom_tracing_remove_a_common_shift():
     """A perfect volume whose content is displaced by t0 (the gauge a reconstruction may pick): plain fsc and
