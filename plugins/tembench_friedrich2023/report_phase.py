@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from tembench.report import figure_uri, img_tag, plot_metric, prepared, pyplot, sweep_layout
+from tembench.report import img_tag, plot_metric, prepared, pyplot, sweep_layout
 
 #: reconstructors whose run gets these sections
 PHASE_METHODS = ("ricom", "airpi")
@@ -196,7 +196,25 @@ def _grey(ax, img: dict, extent_lim=None):
     ax.set_yticks([])
 
 
-def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, max_rows: int = 8):
+def grey_png_uri(fig, dpi: int, levels: int = 64) -> str:
+    """The figure (grey images, black text on white) as a greyscale PNG of ``levels`` grey values, as a data URI (the
+    figure is closed): about a third of the RGBA PNG's bytes for these noisy images (the committed examples stay small)."""
+    import io
+
+    from PIL import Image
+
+    plt = pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    buf.seek(0)
+    out = io.BytesIO()
+    Image.open(buf).convert("L").quantize(levels).save(out, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, max_rows: int = 8,
+               dpi: int = 64):
     """(html, png bytes) of the phase images: rows = swept points, columns = truth + methods; or None."""
     t = _ok_rows(table)
     if t.empty or "reconstructor" not in t:
@@ -220,7 +238,8 @@ def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, m
     plt = pyplot()
     ny, nx = (ref or next(iter(images.values()))[0])["data"].shape
     w = 2.3
-    h = float(np.clip(w * ny / max(nx, 1), 1.2, 4.0))
+    h = float(np.clip(w * ny / max(nx, 1), 1.2, 3.2))  # tall scans: the NCC plot below stays on the first screen
+    fs = 11
     fig, axs = plt.subplots(len(points), len(cols), figsize=(w * len(cols), (h + 0.5) * len(points)), squeeze=False)
     for i, p in enumerate(points):
         prow = t[t["point_index"] == p].iloc[0]
@@ -228,21 +247,21 @@ def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, m
             ax = axs[i][j]
             if c == "truth":
                 _grey(ax, gt, lim)
-                ax.set_title("truth σ·V_proj", fontsize=11)
+                ax.set_title("truth σ·V_proj", fontsize=fs)
             elif (p, c) in images:
                 img, r = images[(p, c)]
                 _grey(ax, img, lim)
                 ncc = r.get("ncc", np.nan)
-                ax.set_title(f"{c}" + (f"  NCC {ncc:.2f}" if np.isfinite(ncc) else ""), fontsize=11)
+                ax.set_title(f"{c}" + (f"  NCC {ncc:.2f}" if np.isfinite(ncc) else ""), fontsize=fs)
             else:
                 ax.axis("off")
-                ax.set_title(f"{c}: failed" if c in methods else "", fontsize=11)
+                ax.set_title(f"{c}: failed" if c in methods else "", fontsize=fs)
             if j == 0:
                 label = ("\n".join(f"{_axis_name(k)} {_fmt_x(prow[k])}" for k in keys) if len(keys) > 1 else
                          f"{_axis_name(keys[0])}\n{_fmt_x(prow[keys[0]])}" if keys else str(p))
-                ax.set_ylabel(label, fontsize=12)
+                ax.set_ylabel(label, fontsize=fs + 1)
     fig.tight_layout()
-    uri = figure_uri(fig, dpi=80)
+    uri = grey_png_uri(fig, dpi)  # 64 dpi: a 2.3-inch panel is 147 px, above the scans' 42–109 px
     where = ("each image over its own field of view in Å (same axes for all), the truth at the first scan-grid "
              "method's pixels" if lim is not None else "images in pixels (no EMD files: add "
              "<code>save: {reconstructions: emd}</code> to the scenario for the field of view and the truth at the "
@@ -335,6 +354,22 @@ def methods_table(table: pd.DataFrame, swept: list[str], run_dir: Path, scenario
     return pd.DataFrame(rows)
 
 
+#: the core appends plugin sections after its generic panels, ~3 screens down; this script (in the last section)
+#: moves every "Friedrich 2023: …" section (its h2 and the nodes up to the next h2) before the core's "Results"
+#: heading, so the images with the truth and the NCC-vs-dose plot come right after the verdict (and are in the
+#: examples' first-screen screenshots). Without JavaScript, or without a "Results" heading, they stay at the end.
+MOVE_UP_SCRIPT = """<script>(function () {
+  var hs = [].slice.call(document.querySelectorAll("h2"));
+  var res = hs.filter(function (h) { return h.textContent.trim() === "Results"; })[0];
+  if (!res) { return; }
+  hs.filter(function (h) { return h.textContent.indexOf("Friedrich 2023:") === 0; }).forEach(function (h) {
+    var nodes = [h], n = h.nextSibling;
+    while (n && n.nodeName !== "H2") { nodes.push(n); n = n.nextSibling; }
+    nodes.forEach(function (x) { res.parentNode.insertBefore(x, res); });
+  });
+})();</script>"""
+
+
 def phase_sections(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path) -> list[dict]:
     run_dir = Path(run_dir)
     out = []
@@ -366,4 +401,6 @@ def phase_sections(table: pd.DataFrame, swept: list[str], scenario, run_dir: Pat
         out.append({"title": "Friedrich 2023: methods (Table 5.1)",
                     "html": note + tab.to_html(index=False, border=0, formatters=fmt),
                     "markdown": tab.to_markdown(index=False, floatfmt=".3g")})
+    if out:
+        out[-1]["html"] += MOVE_UP_SCRIPT
     return out

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 #: example folder -> scenario file stem
 EXAMPLES = {"quick": "quick", "pelz2022_dose": "pelz2022_dose", "ren2020": "ren2020_quick",
-            "ren2020_table1": "ren2020_table1"}
+            "ren2020_table1": "ren2020_table1",
+            "friedrich2023_methods": "friedrich2023_methods",
+            "friedrich2023_ricom": "friedrich2023_ricom"}
 KEEP = ("report.html", "report.md", "results.csv", "manifest.json")
 
 

@@ -106,6 +106,9 @@ def test_report_has_the_sections_and_figures(run):
     assert (figs / "friedrich_phase_images.png").stat().st_size > 5000
     assert (figs / "friedrich_ncc_vs_sweep.png").exists() and (figs / "friedrich_resolution_A_vs_sweep.png").exists()
     assert "Å (same axes for all)" in text   # EMD geometry used
+    # the sections are moved up before the core's "Results" (the script's anchor must exist; once per page)
+    assert text.count(rp.MOVE_UP_SCRIPT) == 1 and "<h2>Results</h2>" in text
+    assert text.index("Friedrich 2023: methods (Table 5.1)") < text.index(rp.MOVE_UP_SCRIPT)
 
 
 def test_without_emd_files_the_previews_are_shown_in_pixels(run):
