@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import pandas as pd
 import pytest
 
 from tembench import backend
@@ -82,3 +83,72 @@ def test_plan_mode_memo_follows_the_environment(monkeypatch):
             backend._plan_mode()
     monkeypatch.delenv("TEMBENCH_FFTW_EFFORT")
     assert backend._plan_mode() == base
+
+
+# --- which simulations are tasks of their own (phase 1) ------------------------------------------------
+class _Recording:
+    """A serial stand-in for a pool: records what the runner maps (function name, number of tasks)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def map_unordered(self, fn, tasks, *, weights=None, on_lost=None):
+        from tembench.executors import _ordered
+
+        tasks = _ordered(tasks, weights)
+        self.calls.append((fn.__name__, len(tasks)))
+        for t in tasks:
+            yield fn(t)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_ONE_USER = """
+name: one_user
+seed: 3
+repeats: 1
+sample: dummy_dot
+forward: {name: dummy_image, params: {n: 16}}
+noise: [{name: dummy_noise, params: {sigma: 0.1}}]
+reconstructors: [{name: dummy_identity}]
+quantifiers: [dummy_mean]
+sweep:
+  grid:
+    forward.n: [16, 24, 32]
+"""
+
+
+@pytest.mark.parametrize("text, phase1", ids=["one_user", "repeats", "noise_sweep"], argvalues=[
+    (_ONE_USER, None),  # every simulation serves one unit: the unit simulates it (no barrier between phases)
+    (_ONE_USER.replace("repeats: 1", "repeats: 2"), ("run_forward_task", 3)),  # shared by two repeats: once, first
+    (_ONE_USER.replace("forward.n: [16, 24, 32]", "forward.n: [16, 24]\n    noise.0.sigma: [0.0, 0.2]"),
+     ("run_forward_task", 2)),
+])
+def test_only_shared_simulations_run_as_their_own_tasks(registry, tmp_path, monkeypatch, text, phase1):
+    """A simulation one unit needs runs inside that unit (no wait for the others); a shared one runs once,
+    before its units; the table is the serial one either way."""
+    from tembench import runner as runner_mod
+    from tembench.scenario import parse_scenario
+
+    import dummy_plugin
+
+    rec = _Recording()
+    monkeypatch.setattr(runner_mod, "make_executor", lambda *a, **k: rec)
+    sc = parse_scenario(text)
+    res = runner_mod.run_scenario(sc, out=tmp_path / "pool", executor="processes", progress=False, report=False)
+    n_sim = dummy_plugin.CALLS["simulate"]
+    assert (res.table["status"] == "ok").all()
+    assert rec.calls[0] == phase1 if phase1 else rec.calls[0][0] == "run_unit"
+    assert rec.calls[-1] == ("run_unit", sc.n_units)
+    # each distinct simulation computed exactly once either way, and the table equals the serial one
+    assert n_sim == len({p.spec.forward.params["n"] for p in sc.points})
+    ref = runner_mod.run_scenario(sc, out=tmp_path / "serial", executor="serial", progress=False, report=False)
+    cols = [c for c in ref.table.columns if not c.startswith(("time_", "wall_", "peak_memory", "run_id"))]
+    pd.testing.assert_frame_equal(res.table[cols].reset_index(drop=True), ref.table[cols].reset_index(drop=True))
