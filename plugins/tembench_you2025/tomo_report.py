@@ -55,11 +55,13 @@ def depth_sections(table, swept, run_dir, max_points: int = 8) -> str | None:
     for key in sorted(points)[:max_points]:
         d = points[key]
         n = 1 + len(d["methods"])
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
-        lo, hi = np.percentile(d["truth"], [0.5, 99.8])
+        fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.5), squeeze=False)
         for ax, (title, img) in zip(axes[0], [("truth", d["truth"])] + d["methods"]):
-            ax.imshow(img, cmap="gray", vmin=min(lo, 0.0), vmax=hi, origin="upper")
-            ax.set_title(title, fontsize=8)
+            # each panel on its own scale (0 … its 99.8th percentile): a reconstruction's peaks are lower than the
+            # truth's, and on the truth's scale the streaks along z that show the missing wedge are invisible
+            hi = float(np.percentile(img, 99.8))
+            ax.imshow(img, cmap="gray", vmin=0.0, vmax=hi if hi > 0 else 1.0, origin="upper")
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("x", fontsize=7)
             ax.set_ylabel("z (beam)", fontsize=7)
             ax.set_xticks([])
@@ -67,11 +69,11 @@ def depth_sections(table, swept, run_dir, max_points: int = 8) -> str | None:
         fig.suptitle(d["label"], fontsize=9, y=1.02)
         blocks.append(_img(_uri(fig), f"depth sections {d['label']}"))
     return ("<p>Depth sections (xz, normal to the tilt axis y, through the box centre, mean over ±1 Å in y): the "
-            "missing wedge stretches atoms along z (the beam, vertical). Potential in V, one grey scale per row "
-            "(the truth's).</p>" + "".join(blocks))
+            "missing wedge stretches atoms along z (the beam, vertical). Potential in V, each panel from 0 (black) "
+            "to its own 99.8th percentile (white; negative values black).</p>" + "".join(blocks))
 
 
-def alignment_figure(table, swept, run_dir, max_rows: int = 6) -> str | None:
+def alignment_figure(table, swept, run_dir, max_rows: int = 12) -> str | None:
     """Recovered vs true translation per tilt (the unmeasurable volume-shift part removed) per method and point."""
     plt = _mpl()
     items = []
@@ -84,8 +86,12 @@ def alignment_figure(table, swept, run_dir, max_rows: int = 6) -> str | None:
         te = _section_arrays(arrs, "euler_true_deg")
         if t is None or tt is None or te is None:
             continue
-        if any(lab == _label(r, swept) and np.array_equal(t, prev) for _, lab, prev, _, _ in items):
-            continue  # e2e holds Alg. 2's alignment fixed: the same panel once per point
+        same = next((i for i, (_, lab, prev, _, _) in enumerate(items) if lab == _label(r, swept)
+                     and np.array_equal(t, prev)), None)
+        if same is not None:  # e2e holds Alg. 2's alignment fixed: the same panel once per point, both names on it
+            m0, *rest = items[same]
+            items[same] = (f"{m0} = {r['reconstructor']}", *rest)
+            continue
         items.append((str(r["reconstructor"]), _label(r, swept), t, tt, te))
     if not items:
         return None
