@@ -78,6 +78,11 @@ class StageKeys:
     noise: str
     recon: dict[str, str]
     noise_steps: list[str] = field(default_factory=list)
+    #: what seeds the random stages (:func:`rng_for`): the scenario's seed, the repeat and the components'
+    #: names and parameters, but not their code fingerprints or the environment, so a change of code that
+    #: leaves a stage's result alone (a faster runner, a new plugin module) draws the same sample and noise
+    sample_seed: str = ""
+    noise_step_seeds: list[str] = field(default_factory=list)
 
 
 def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[str, Any] | None = None) -> StageKeys:
@@ -94,7 +99,19 @@ def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[st
              for i in range(len(chain))]
     recon = {r.key: stable_hash({"stage": "recon", "up": noise, "c": _component_id(registry, "reconstructor", r)})
              for r in spec.reconstructors}
-    return StageKeys(sample, forward, noise, recon, steps)
+    named = {"sample": _seed_id(registry, "sample", spec.sample),
+             "forward": _seed_id(registry, "forward_model", spec.forward)}
+    seed_chain = [_seed_id(registry, "noise_model", n) for n in spec.noise]
+    sample_seed = stable_hash({"stage": "sample", "c": named["sample"], "seed": spec.seed})
+    step_seeds = [stable_hash({"stage": "noise", "up": named, "seed": spec.seed, "repeat": repeat,
+                               "c": seed_chain[: i + 1]}) for i in range(len(seed_chain))]
+    return StageKeys(sample, forward, noise, recon, steps, sample_seed, step_seeds)
+
+
+def _seed_id(registry: Registry, kind: str, comp) -> dict[str, Any]:
+    """A component as the random stages see it: its name and validated parameters (no code fingerprint)."""
+    cls = registry.get(kind, comp.name)
+    return {"name": comp.name, "params": cls.parse_params(comp.params).model_dump(mode="json")}
 
 
 def half_recon_key(recon_key: str, index: int) -> str:
@@ -151,7 +168,7 @@ def _sample(spec: ScenarioSpec, registry: Registry, cache: StageCache, keys: Sta
     s_cls = registry.get("sample", spec.sample.name)
     return _cached_stage(
         cache, "sample", keys.sample,
-        lambda: s_cls().build(s_cls.parse_params(spec.sample.params), rng_for(keys.sample, spec.seed)), False)
+        lambda: s_cls().build(s_cls.parse_params(spec.sample.params), rng_for(keys.sample_seed, spec.seed)), False)
 
 
 def _simulate(spec: ScenarioSpec, registry: Registry, cache: StageCache, keys: StageKeys, track_memory: bool):
@@ -171,8 +188,8 @@ def _stamp(measurement, cls, params: dict[str, Any]):
     return measurement
 
 
-def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, step_keys: list[str]):
-    for n, key in zip(spec.noise, step_keys):
+def _apply_noise(spec: ScenarioSpec, registry: Registry, measurement, step_seeds: list[str]):
+    for n, key in zip(spec.noise, step_seeds):
         rng = rng_for(key, spec.seed)
         cls = registry.get("noise_model", n.name)
         if has_half_sets(measurement):
@@ -331,8 +348,8 @@ def run_unit(task: UnitTask) -> UnitResult:
     except Exception as exc:  # noqa: BLE001
         return error_rows("forward", _format_error(exc))
     try:
-        noisy, t_noise, _, _ = _cached_stage(cache, "noise", keys.noise,
-                                             lambda: _apply_noise(spec, registry, measurement, keys.noise_steps), False)
+        noisy, t_noise, _, _ = _cached_stage(
+            cache, "noise", keys.noise, lambda: _apply_noise(spec, registry, measurement, keys.noise_step_seeds), False)
     except Exception as exc:  # noqa: BLE001
         return error_rows("noise", _format_error(exc))
 

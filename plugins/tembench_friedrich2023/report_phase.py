@@ -151,7 +151,7 @@ def rebuild_sample(scenario):
     registry = get_registry()
     keys = stage_keys(spec, registry, 0)
     s_cls = registry.get("sample", spec.sample.name)
-    return s_cls().build(s_cls.parse_params(spec.sample.params), rng_for(keys.sample, spec.seed))
+    return s_cls().build(s_cls.parse_params(spec.sample.params), rng_for(keys.sample_seed, spec.seed))
 
 
 def truth_image(scenario, ref: dict | None) -> dict | None:
