@@ -16,7 +16,8 @@ and writes one row per (point, repeat, reconstructor).
 * Half sets: if the noise chain ends with ``half_sets``, every reconstructor also reconstructs
   halves A and B (each its own cached stage, keyed by :func:`half_recon_key`), and quantifiers
   see them as ``reconstruction.extras["half_sets"] = [A, B]``; the full-data reconstruction
-  stays the main one.
+  stays the main one. Its input is the data before the split, so its key chains the noise steps
+  before ``half_sets``: a sweep over the split (e.g. ``n_subsets``) reconstructs the full data once.
 * Aggregates: once every repeat of a point is finished (in this session or an earlier one), the
   main process calls ``aggregate`` of every quantifier with ``aggregates = True`` on the scores
   read back from the run folder, and writes ``aggregates.parquet`` / ``.csv``
@@ -97,7 +98,11 @@ def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[st
     # conversion to electron events) leaves the realisations of the steps before it unchanged
     steps = [stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat, "c": chain[: i + 1]})
              for i in range(len(chain))]
-    recon = {r.key: stable_hash({"stage": "recon", "up": noise, "c": _component_id(registry, "reconstructor", r)})
+    # the full-data reconstruction sees the data before a trailing `half_sets` split (the runner strips it)
+    full_up = noise
+    if spec.noise and spec.noise[-1].name == HALF_SETS_STEP:
+        full_up = steps[-2] if len(steps) > 1 else forward
+    recon = {r.key: stable_hash({"stage": "recon", "up": full_up, "c": _component_id(registry, "reconstructor", r)})
              for r in spec.reconstructors}
     named = {"sample": _seed_id(registry, "sample", spec.sample),
              "forward": _seed_id(registry, "forward_model", spec.forward)}
@@ -114,9 +119,15 @@ def _seed_id(registry: Registry, kind: str, comp) -> dict[str, Any]:
     return {"name": comp.name, "params": cls.parse_params(comp.params).model_dump(mode="json")}
 
 
-def half_recon_key(recon_key: str, index: int) -> str:
-    """Stage key of the reconstruction of half set ``index`` (0 = A, 1 = B) of a reconstructor's input."""
-    return stable_hash({"stage": "recon_half", "up": recon_key, "half": int(index)})
+#: the noise step that splits a measurement into half sets (``tembench.builtin.half_sets``)
+HALF_SETS_STEP = "half_sets"
+
+
+def half_recon_key(recon_key: str, index: int, split_key: str) -> str:
+    """Stage key of the reconstruction of half set ``index`` (0 = A, 1 = B) of a reconstructor's input:
+    the full reconstruction's key and the key of the noise chain with the split (``split_key``), since the
+    full one does not depend on how the data are split."""
+    return stable_hash({"stage": "recon_half", "up": recon_key, "split": split_key, "half": int(index)})
 
 
 def rng_for(key: str, seed: int) -> np.random.Generator:
@@ -355,8 +366,12 @@ def run_unit(task: UnitTask) -> UnitResult:
 
     xp = get_array_module(spec.device)
     halves = has_half_sets(noisy)
-    # reconstructors see the full data only; the halves go through half_measurement()
-    full = noisy.replace(extras={k: v for k, v in noisy.extras.items() if k != HALF_SETS}) if halves else noisy
+    # reconstructors see the full data only, exactly as before the split (no half-set extras or provenance:
+    # its cache key does not depend on the split); the halves go through half_measurement()
+    full = noisy.replace(
+        extras={k: v for k, v in noisy.extras.items() if k != HALF_SETS},
+        provenance=[p for p in noisy.provenance if HALF_SETS_STEP not in (p.get("component"), p.get("name"))],
+    ) if halves else noisy
     for r in spec.reconstructors:
         rk = row_key(task.point_index, task.point_id, task.repeat, r.key)
         if store.has_row(rk):
@@ -377,7 +392,7 @@ def run_unit(task: UnitTask) -> UnitResult:
                 half_recons, t_halves, peak_halves, hits = [], 0.0, float("nan"), []
                 for i in (0, 1):
                     rec_i, t_i, peak_i, hit_i = _cached_stage(
-                        cache, "recon", half_recon_key(keys.recon[r.key], i),
+                        cache, "recon", half_recon_key(keys.recon[r.key], i, keys.noise),
                         lambda i=i: _reconstruct_half(r_cls, r, r_params, noisy, i, xp), task.track_memory)
                     half_recons.append(rec_i)
                     t_halves += t_i

@@ -289,3 +289,37 @@ def test_tables_equal_with_and_without_cache_hits(reg, tmp_path):
     b = run_scenario(other, out=tmp_path, progress=False, report=False).table
     assert dummy_plugin.CALLS["reconstruct"] == calls and b["recon_cache_hit"].all()
     pd.testing.assert_series_equal(a["mean"], b["mean"])
+
+
+def test_full_reconstruction_is_shared_across_splits_and_halves_are_not(reg, tmp_path, monkeypatch):
+    """The full-data reconstruction's input is the data before the split, so a sweep over the split
+    reconstructs it once (and a run without the split reuses it); each split's halves are their own."""
+    from tembench import runner as runner_mod
+
+    seen = []
+    original = MaskedSum.reconstruct
+
+    def counting(self, measurement, params, xp):
+        seen.append(measurement.extras.get("half_index", "full"))
+        return original(self, measurement, params, xp)
+
+    monkeypatch.setattr(MaskedSum, "reconstruct", counting)
+    sweep = POSITIONS + "sweep:\n  grid:\n    noise.1.n_subsets: [2, 4]\n"
+    res = run_scenario(parse_scenario(sweep), out=tmp_path / "sweep", progress=False, report=False)
+    t = res.table.sort_values("point_index")
+    assert (t["status"] == "ok").all(), t.get("error")
+    assert sorted(seen, key=str) == [0, 0, 1, 1, "full"]  # the full data once, each split's halves
+    arrs = []
+    for rel in t["artifacts"]:
+        with np.load(res.run_dir / rel) as z:
+            arrs.append({k: z[k] for k in z.files})
+    assert np.array_equal(arrs[0]["halves_probe.full"], arrs[1]["halves_probe.full"])
+    assert not np.array_equal(arrs[0]["halves_probe.half_a"], arrs[1]["halves_probe.half_a"], equal_nan=True)
+    # the second point's full reconstruction came from the first point's cache entry, its halves did not
+    keys = [runner_mod.stage_keys(p.spec, reg, 0) for p in parse_scenario(sweep).points]
+    rk = [k.recon["toy_masked_sum"] for k in keys]
+    assert rk[0] == rk[1]
+    assert runner_mod.half_recon_key(rk[0], 0, keys[0].noise) != runner_mod.half_recon_key(rk[1], 0, keys[1].noise)
+    # the same data without the split: the same full key (its cache entry is reused)
+    plain = parse_scenario(POSITIONS.replace("  - {name: half_sets, params: {split: positions}}\n", ""))
+    assert runner_mod.stage_keys(plain.points[0].spec, reg, 0).recon["toy_masked_sum"] == rk[0]
