@@ -291,3 +291,47 @@ def test_tilt_measurement_keeps_one_tilt():
     assert one.kind == "4dstem" and one.geometry.tilt_angles_deg == [10.0]
     np.testing.assert_array_equal(one.data, m.data[1])
     assert dataclasses.is_dataclass(one.geometry)
+
+
+def test_joint_linear_tomo_reconstruction_carries_the_msp_state(monkeypatch):
+    grid = TC.tomo_grid((2, 2), 0.5, (0.0, 0.0, 0.0), nz=2)
+    res = SimpleNamespace(volume_V=np.ones(grid.shape, np.float32), euler_deg=np.zeros((2, 3)),
+                          translations_A=np.ones((2, 2)), history={"alignment_loss": [2.0], "final_loss": [1.0]})
+    msp = [(SimpleNamespace(probe=np.full((1, 2, 2), k), positions_A=np.full((3, 2), float(k)), pattern_scale=k + 1.0,
+                            origin_A=(k, -k)), np.array([0, 2, 3])) for k in range(2)]
+    monkeypatch.setattr(LT, "linear_stage", lambda m, p, xp: (res, msp, grid, "proj"))
+    ex = LT.JointLinearTomo().reconstruct(None, None, np).extras
+    np.testing.assert_array_equal(ex["positions_A"], np.stack([np.zeros((3, 2)), np.ones((3, 2))]))
+    np.testing.assert_array_equal(ex["probe_modes"][:, 0, 0, 0], [0, 1])
+    np.testing.assert_array_equal(ex["pattern_indices"], [0, 2, 3])
+    np.testing.assert_array_equal(ex["pattern_scale"], [1.0, 2.0])
+    np.testing.assert_array_equal(ex["msp_origin_A"], [(0, 0), (1, -1)])
+    assert ex["projections_VA"] == "proj" and ex["shape"] == [2, 2, 2]
+
+
+def test_true_site_fits_honour_max_sites(monkeypatch):
+    """depth_elongation at the true sites fits at most ``max_sites`` of them, as at the traced sites."""
+    seen = []
+
+    def spy(vol, sites, s, box_lat, box_ax, max_sites=None):
+        seen.append(max_sites)
+        return np.ones(1), np.ones(1), np.ones(1)
+
+    monkeypatch.setattr(TS, "elongation_ratios", spy)
+    monkeypatch.setattr(TS, "truth_shift_A", lambda *a, **k: np.zeros(3))
+    monkeypatch.setattr(TS, "_truth_on_voxels", lambda sample, shape, origin, s, par: np.zeros(shape))
+    monkeypatch.setattr(TS, "wedge_correlations", lambda *a, **k: (0.5, 0.5))
+    sample = SimpleNamespace(positions_A=np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]))
+    rec = SimpleNamespace(origin_A=(0.0, 0.0, 0.0))
+    params = TS.DepthElongation.Params(max_sites=7)
+    out = TS.DepthElongation._true_sites(rec, np.zeros((8, 8, 8)), sample, 0.5, params, 2.0)
+    assert seen == [7] and out["depth_n_true_sites"] == 2 and out["depth_elongation_true_sites_rel"] == 0.5
+
+
+def test_e2e_errors_name_the_e2e_reconstructor(monkeypatch):
+    m, pos, mask = _tilt_series()
+    m = m.replace(geometry=m.geometry.replace(scan_positions_A=None))
+    grid = TC.tomo_grid((4, 4), 0.5, (0.0, 1.0, 1.0))
+    monkeypatch.setattr(LT, "linear_stage", lambda meas, lp, xp: (None, [(None, None)] * 2, grid))
+    with pytest.raises(Exception, match="e2e_ptycho_tomo needs Geometry.scan_positions_A"):
+        E.e2e_stage(m, E.E2EPtychoTomoParams())

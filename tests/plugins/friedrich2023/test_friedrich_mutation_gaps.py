@@ -1,0 +1,252 @@
+"""Tests written for the survivors of the Friedrich 2023 mutation sample (tests/mutation/RESULTS_plugins.md).
+
+Each pins a rule by a hand-built case, a closed form or an independent computation (never the current output):
+riCOM's kernel defaults, orientation matrix, embedding guard, filter grid and position checks; AIRPI's wave
+composition, kernel gathering, Fourier convention, output grid, weights round trip and the reconstructor's
+wiring; the column-fit image grid, border rule, LSQ sandwich covariance (against finite differences); the χ²
+interval at one degree of freedom, the SCS library rules, the mixture labels, the image units read from the
+geometry and the CRLB aggregate (pooled χ² interval, pm units)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from tembench import Geometry, Measurement
+from tembench.errors import TembenchError
+from tembench_friedrich2023 import airpi as A
+from tembench_friedrich2023 import columns as C
+from tembench_friedrich2023 import counting
+from tembench_friedrich2023 import quantify as Q
+from tembench_friedrich2023 import ricom as R
+from tembench_friedrich2023 import stats
+
+
+# --- riCOM -----------------------------------------------------------------------------------------------------
+def test_ricom_kernel_defaults_to_a_unit_step():
+    uy, ux = R.ricom_kernel(5)
+    # eq 3.4 at step 1: U(m) = m / (2π |m|²); (row 2 + 1, col 2) is m = (1, 0)
+    assert uy[3, 2] == pytest.approx(1 / (2 * np.pi)) and ux[2, 4] == pytest.approx(2 / (2 * np.pi * 4))
+    fy, fx = R.filtered_kernel(5, k_max_per_A=0.3)
+    gy, gx = R.filtered_kernel(5, 1.0, k_max_per_A=0.3)
+    np.testing.assert_array_equal(fy, gy)
+    np.testing.assert_array_equal(fx, gx)
+
+
+def test_orientation_matrix_is_the_rotation_unless_transposed():
+    c, s = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
+    rot = np.array([[c, s], [-s, c]])          # counter-clockwise in (x, y), written for (y, x) vectors
+    np.testing.assert_allclose(R.orientation_matrix(30.0), rot)
+    np.testing.assert_allclose(R.orientation_matrix(30.0, True), rot @ [[0, 1], [1, 0]])
+
+
+def test_embed_refuses_a_grid_shorter_than_the_kernel_on_either_axis():
+    u = np.ones((5, 5))
+    for shape in ((3, 8), (8, 3)):
+        with pytest.raises(TembenchError, match="smaller than the kernel"):
+            R._embed(u, shape)
+    assert R._embed(u, (5, 6)).sum() == 25
+
+
+def test_stream_filters_on_the_given_grid_and_fixes_the_transpose_with_a_rotation():
+    grid = (32, 40)
+    r = R.RiCOM((12, 12), kernel_size=7, k_max_per_A=0.2, filter_grid_shape=grid)
+    uy, ux = R.filtered_kernel(7, 1.0, None, 0.2, grid)
+    np.testing.assert_array_equal(r.uy, uy)
+    np.testing.assert_array_equal(r.ux, ux)
+    assert np.abs(R.filtered_kernel(7, 1.0, None, 0.2, (12, 12))[0] - uy).max() > 1e-6   # the grid matters
+    assert R.RiCOM((4, 4), kernel_size=3, rotation_deg=10.0, transpose=None).transpose is False
+
+
+def test_stream_refuses_a_row_outside_the_scan_by_name():
+    r = R.RiCOM((4, 5), kernel_size=3)
+    with pytest.raises(TembenchError, match="outside the scan"):
+        r.add_com(np.zeros(1), np.zeros(1), indices=np.array([[4, 0]]))
+    with pytest.raises(TembenchError, match="outside the scan"):
+        r.add_com(np.zeros(1), np.zeros(1), indices=np.array([[0, 5]]))
+
+
+def test_ricom_reconstructor_builds_its_kernel_with_both_cut_offs(monkeypatch):
+    from tembench_friedrich2023.ricom_recon import RiCOMReconstructor
+
+    seen = []
+    real = R.make_kernel
+
+    def spy(n, step, k_min=None, k_max=None, grid_shape=None):
+        seen.append((n, k_min, k_max, grid_shape))
+        return real(n, step, k_min, k_max, grid_shape)
+
+    monkeypatch.setattr(R, "make_kernel", spy)
+    rng = np.random.default_rng(0)
+    m = Measurement("4dstem", rng.poisson(50.0, (6, 7, 16, 16)).astype(np.float32), ("scan_y", "scan_x", "k_y", "k_x"),
+                    Geometry(energy_keV=300.0, semiangle_mrad=20.0, scan_step_A=(0.3, 0.3),
+                             detector_sampling_mrad=(5.0, 5.0)))
+    rec = RiCOMReconstructor()
+    with warnings.catch_warnings():   # a signal-check warning on this noise-only data is not the point
+        warnings.simplefilter("ignore")
+        rec.reconstruct(m, rec.Params(kernel_size=3, k_min_per_A=0.1, k_max_per_A=0.9, rotation_deg=0.0,
+                                      transpose=False), np)
+    assert seen == [(3, 0.1, 0.9, (6, 7))]
+
+
+# --- AIRPI (non-network parts) ----------------------------------------------------------------------------------
+def test_compose_wave_puts_the_amplitude_on_the_unit_circle():
+    amp, phi = np.array([2.0, 0.5]), np.array([0.3, -2.0])
+    s, c = 3.0 * np.sin(phi), 3.0 * np.cos(phi)             # any radius: renormalised
+    np.testing.assert_allclose(A.compose_wave(amp, s, c, eps=0.0), amp * np.exp(1j * phi))
+
+
+def test_kernels_at_gathers_the_3x3_neighbourhood_in_scan_order():
+    rows, cols = np.meshgrid(np.arange(5), np.arange(6), indexing="ij")
+    frames = 100 * rows + cols                              # value = 100·row + col
+    k = A.kernels_at(frames, np.array([1, 3]), np.array([4, 2]))
+    want = [[[100 * (r + dy) + (c + dx) for dx in (-1, 0, 1)] for dy in (-1, 0, 1)] for r, c in ((1, 4), (3, 2))]
+    np.testing.assert_array_equal(k, want)
+
+
+def test_to_fourier_shifts_each_patch_of_a_batch_only_over_its_own_axes():
+    rng = np.random.default_rng(1)
+    psi = rng.standard_normal((3, 8, 8)) + 1j * rng.standard_normal((3, 8, 8))
+    got = A.to_fourier(psi)
+    for b in range(3):
+        np.testing.assert_allclose(got[b], np.fft.fftshift(np.fft.fft2(psi[b])) / 8.0, atol=1e-12)
+    np.testing.assert_allclose(A.to_real(got), psi, atol=1e-12)
+
+
+def test_weights_round_trip_and_a_missing_kernel_is_named(tmp_path):
+    widths = (2, 3, 4)
+    params = {f"{n}/{t}": np.full(s if t == "w" else s[:1], 0.5, np.float32)
+              for n, s in A.conv_shapes(widths).items() for t in ("w", "b")}
+    A.save_weights(tmp_path / "w.npz", params, widths)
+    back, w = A.load_weights_file(tmp_path / "w.npz")
+    assert w == widths and set(back) == set(params)
+    del params["out/b"]
+    A.save_weights(tmp_path / "bad.npz", params, widths)
+    with pytest.raises(TembenchError, match="out/b"):
+        A.load_weights_file(tmp_path / "bad.npz")
+
+
+def test_probe_only_reconstruction_covers_the_scan_extent_on_the_frame_pixel():
+    """Output grid ⌊extent/p⌋ + 1 per axis (p = λ/4α), on a non-square scan: the stitched canvas is cut to it."""
+    scan, step = (5, 8), (0.25, 0.3)
+    x = np.ones((*scan, 16, 16), np.float32)
+    from tembench_pelz2022.common import DetectorGrid
+
+    grid = DetectorGrid((16, 16), (8.0, 8.0), (5.0, 5.0))
+    out = A.reconstruct_airpi(x, grid, step, 300.0, 20.0, None, mode="probe_only")
+    p = A.frame_pixel_A(300.0, 20.0)
+    want = (math.floor(4 * 0.25 / p) + 1, math.floor(7 * 0.3 / p) + 1)
+    assert want[0] != want[1] and out["phase"].shape == want and out["coverage"].shape == want
+    assert out["n_patches"] == 3 * 6
+
+
+def test_airpi_reconstructor_passes_the_aberrations_and_reports_the_detector_reach(monkeypatch):
+    seen = {}
+
+    def spy(x, grid, step, energy, semiangle, aberrations, mode, weights, chunk):
+        seen.update(aberrations=aberrations, step=step)
+        return {"phase": np.zeros((3, 3), np.float32), "coverage": np.ones((3, 3)), "pixel_A": 0.1, "n_patches": 9}
+
+    monkeypatch.setattr(A, "reconstruct_airpi", spy)
+    m = Measurement("4dstem", np.ones((5, 5, 12, 16), np.float32), ("scan_y", "scan_x", "k_y", "k_x"),
+                    Geometry(energy_keV=300.0, semiangle_mrad=20.0, scan_step_A=(0.2, 0.2),
+                             detector_sampling_mrad=(5.0, 5.0), aberrations_A={"C10": 50.0}))
+    rec = A.AIRPIReconstructor().reconstruct(m, A.AIRPIReconstructor.Params(mode="probe_only"), np)
+    assert seen["aberrations"]["C10"] == 50.0
+    # detector pixel angles (i − n//2)·5 mrad: y −30 … 25, x −40 … 35 → the nearest edge is 25 mrad
+    assert rec.extras["detector_reach_mrad"] == pytest.approx(25.0)
+
+
+# --- column fitting and bounds ------------------------------------------------------------------------------------
+def test_image_grid_coordinates_use_each_axis_origin_and_step():
+    y, x = C.ImageGrid((2, 3), (0.5, 0.25), (1.0, 5.0)).coords()
+    np.testing.assert_allclose(y, [1.0, 1.0, 1.0, 1.5, 1.5, 1.5])
+    np.testing.assert_allclose(x, [5.0, 5.25, 5.5] * 2)
+
+
+def test_find_columns_border_excludes_columns_near_every_edge():
+    grid = C.ImageGrid((40, 40), (0.1, 0.1), (0.0, 0.0))
+    yy, xx = np.meshgrid(np.arange(40) * 0.1, np.arange(40) * 0.1, indexing="ij")
+    centres = [(2.0, 0.2), (2.0, 3.7), (0.2, 2.0), (3.7, 2.0), (2.0, 2.0)]   # (y, x): left, right, top, bottom, middle
+    img = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.15**2)) for cy, cx in centres)
+    x, y = C.find_columns(img, grid, min_distance_A=0.5, smooth_A=0.0, threshold_rel=0.3, border_A=0.5)
+    np.testing.assert_allclose(np.c_[y, x], [[2.0, 2.0]], atol=1e-9)
+
+
+def test_lsq_covariance_is_the_sandwich_of_the_finite_difference_jacobian():
+    grid = C.ImageGrid((14, 14), (0.2, 0.2), (0.0, 0.0))
+    m = C.ColumnModel([1.3], [1.4], [2.0], [0.35], [0.3])
+    alpha = 50.0
+    cov = C.lsq_covariance(m, grid, alpha)
+    th = m.theta()
+    f = m.image(grid, 6.0).ravel()
+    J = np.empty((f.size, th.size))
+    for i in range(th.size):
+        d = np.zeros_like(th)
+        d[i] = 1e-6
+        J[:, i] = (m.with_theta(th + d).image(grid, 6.0).ravel() - m.with_theta(th - d).image(grid, 6.0).ravel()) / 2e-6
+    a = np.linalg.inv(J.T @ J)
+    want = a @ (J.T @ (J * (f / alpha)[:, None])) @ a
+    np.testing.assert_allclose(cov, want, rtol=1e-4, atol=1e-12 * np.abs(want).max())
+    bound = C.crlb(m, grid, alpha, window_sigmas=6.0, method="exact")
+    assert cov[0, 0] >= bound.var_x_A2[0] * (1 - 1e-9)       # Gauss–Markov: LSQ never beats the bound
+
+
+# --- statistics and counting --------------------------------------------------------------------------------------
+def test_variance_interval_with_one_degree_of_freedom():
+    s2, lo, hi = stats.variance_ci_from(2.0, 1, 0.9)
+    assert s2 == 2.0
+    assert lo == pytest.approx(2.0 / st.chi2.ppf(0.95, 1)) and hi == pytest.approx(2.0 / st.chi2.ppf(0.05, 1))
+    with pytest.raises(TembenchError):
+        stats.variance_ci_from(2.0, 0)
+
+
+def test_library_with_a_repeated_count_is_refused_and_scaled_libraries_are_scaled():
+    with pytest.raises(TembenchError, match="duplicate"):
+        counting.interpolate_library([1, 2, 2, 3], [1.0, 2.0, 2.1, 3.0])
+    p = Q.ColumnFitScore.Params(library=[(1, 10.0), (2, 20.0), (3, 30.0)], library_scs_scale=2.0)
+    n, s = Q.ColumnFitScore()._library(p)
+    np.testing.assert_allclose(np.asarray(s)[np.argsort(n)], [20.0, 40.0, 60.0])
+
+
+def test_mixture_labels_are_the_rank_of_the_nearest_component():
+    rng = np.random.default_rng(2)
+    v = np.concatenate([rng.normal(10, 0.3, 40), rng.normal(20, 0.3, 40), rng.normal(30, 0.3, 40)])
+    v = np.append(v, np.nan)
+    sel = counting.mixture_counts(v, k_max=5, offset=4)
+    want = np.r_[np.zeros(40), np.ones(40), 2 * np.ones(40), -1].astype(int)
+    np.testing.assert_array_equal(sel.labels, want)
+    np.testing.assert_array_equal(sel.counts, np.where(want >= 0, want + 4, -1))
+
+
+def test_image_units_read_the_geometry_when_no_step_counts():
+    m = Measurement("image", np.zeros((4, 4)), ("y", "x"), Geometry(energy_keV=300.0,
+                                                                     extra={"electrons_per_unit_intensity": 7.5}))
+    assert Q.image_units(m) == (7.5, 1.0)
+    assert Q.image_units(m.replace(geometry=Geometry(energy_keV=300.0))) == (None, 1.0)
+
+
+def test_crlb_aggregate_pools_chi2_intervals_and_reports_picometres():
+    """Three repeats, two columns; sample variances with N − 1 = 2 dof each, pooled over columns (4 dof; 8 for the
+    position, x and y together); CRLBs of 0.01 Å² → 10 pm."""
+    xs = np.array([[0.0, 1.0], [0.1, 1.2], [-0.1, 0.9]])
+    ys = np.array([[0.0, 1.0], [0.2, 1.1], [0.1, 0.95]])
+    scs = np.array([[5.0, 6.0], [5.5, 6.2], [4.8, 5.9]])
+    reps = [{"x_A": xs[i], "y_A": ys[i], "scs": scs[i], "crlb_x_A2": [0.01, 0.01], "crlb_y_A2": [0.01, 0.01],
+             "crlb_scs": [0.04, 0.04], "true_x_A": [0.0, 1.0], "true_y_A": [0.0, 1.0]} for i in range(3)]
+    p = Q.CRLBPrecision.Params(min_repeats=3, confidence=0.95)
+    out = Q.CRLBPrecision().aggregate(reps, None, p)
+    r2 = xs.var(axis=0, ddof=1) / 0.01
+    pooled = float(np.sum(2 * r2) / 4)
+    assert out["precision_ratio_x_pooled"] == pytest.approx(math.sqrt(pooled))
+    assert out["precision_ratio_x_ci_low"] == pytest.approx(math.sqrt(4 * pooled / st.chi2.ppf(0.975, 4)))
+    assert out["precision_ratio_x_ci_high"] == pytest.approx(math.sqrt(4 * pooled / st.chi2.ppf(0.025, 4)))
+    v_pos = 0.5 * (xs.var(axis=0, ddof=1) + ys.var(axis=0, ddof=1))
+    pooled_pos = float(np.sum(4 * v_pos / 0.01) / 8)
+    assert out["precision_ratio_position_ci_low"] == pytest.approx(math.sqrt(8 * pooled_pos / st.chi2.ppf(0.975, 8)))
+    assert out["crlb_position_median_pm"] == pytest.approx(10.0)
+    assert out["std_position_median_pm"] == pytest.approx(100 * float(np.median(np.sqrt(v_pos))))
