@@ -205,10 +205,15 @@ def test_variance_interval_with_one_degree_of_freedom():
         stats.variance_ci_from(2.0, 0)
 
 
-def test_library_with_a_repeated_count_is_refused_and_scaled_libraries_are_scaled():
+def test_library_with_a_repeated_count_is_refused_and_scaled_libraries_are_scaled(tmp_path):
     with pytest.raises(TembenchError, match="duplicate"):
         counting.interpolate_library([1, 2, 2, 3], [1.0, 2.0, 2.1, 3.0])
     p = Q.ColumnFitScore.Params(library=[(1, 10.0), (2, 20.0), (3, 30.0)], library_scs_scale=2.0)
+    n, s = Q.ColumnFitScore()._library(p)
+    np.testing.assert_allclose(np.asarray(s)[np.argsort(n)], [20.0, 40.0, 60.0])
+    csv = tmp_path / "lib.csv"                              # the same library from a file: scaled too
+    csv.write_text("n_atoms_true_median,scs_normalized_median\n1,10\n2,20\n3,30\n")
+    p = Q.ColumnFitScore.Params(library_path=str(csv), library_scs_scale=2.0)
     n, s = Q.ColumnFitScore()._library(p)
     np.testing.assert_allclose(np.asarray(s)[np.argsort(n)], [20.0, 40.0, 60.0])
 

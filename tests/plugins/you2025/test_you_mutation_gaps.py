@@ -335,3 +335,25 @@ def test_e2e_errors_name_the_e2e_reconstructor(monkeypatch):
     monkeypatch.setattr(LT, "linear_stage", lambda meas, lp, xp: (None, [(None, None)] * 2, grid))
     with pytest.raises(Exception, match="e2e_ptycho_tomo needs Geometry.scan_positions_A"):
         E.e2e_stage(m, E.E2EPtychoTomoParams())
+
+
+def test_translation_search_runs_on_the_down_sampled_loop_only(monkeypatch):
+    """translation_search: the cross-correlation start of the τ update is used on the down-sampled images (factor
+    > 1), not in the full-resolution loop, and not at all when switched off."""
+    seen = []
+
+    def spy(vol, tgt, euler, tau, euler0, tau0, sc, refine_idx, do_euler, p, hist, xp, search=False):
+        seen.append((sc, search))
+        return tau, euler
+
+    monkeypatch.setattr(LT, "_alignment_step", spy)
+    y = LT.project(_blobs(n=8), np.zeros((2, 3)), np.zeros((2, 2)), 0.5)
+    common = dict(n_outer=1, n_outer_full=1, n_volume_steps=1, n_final_steps=1, downsample=2, prealign="none",
+                  power_iterations=2)
+    LT.joint_linear_tomography(y, 0.5, np.zeros((2, 3)), np.zeros((2, 2)), LT.LinearTomoParams(**common))
+    assert seen == [(1.0, True), (0.5, False)]
+    seen.clear()
+    LT.joint_linear_tomography(y, 0.5, np.zeros((2, 3)), np.zeros((2, 2)),
+                               LT.LinearTomoParams(translation_search=False, **common))
+    assert seen == [(1.0, False), (0.5, False)]
+
