@@ -235,3 +235,27 @@ def test_trace_atoms_thresholds_background_and_integrated_intensity_criterion():
     # the size criterion: FWHM below min_size_vox voxels removes every atom of σ < that · 0.5 Å / 2.355
     res = trace_atoms(vol, d, min_size_vox=2.355 * 0.33 / 0.5)
     assert sorted(np.round(res.sigma_A, 3).tolist()) == [0.35, 0.38, 0.4]
+
+
+def test_batches_of_sites_give_the_same_model_and_fits(monkeypatch):
+    """Sites are processed in batches of _CHUNK_ELEMENTS // window size: with batches of 2 sites the rendered
+    model, the refined sites and a whole trace equal the one-batch results (and the exact rendering)."""
+    vol, d, c, A, s = _blobs()
+    one = render_sites(vol.shape, c, A, s, d, radius_A=2.0)
+    res1 = trace_atoms(vol, d)
+    win = at._Window(1.1, d)
+    anchor = np.rint(c).astype(np.int64)
+    ref1 = at._refine(vol, anchor, c + 0.1, A * 0.9, s, np.ones(4, bool), win, 5, (0.1, 1.0), 1e-9)
+    monkeypatch.setattr(at, "_CHUNK_ELEMENTS", 2 * len(at._Window(2.0, d)))
+    assert [(sl.start, sl.stop) for sl in at._chunks(5, len(at._Window(2.0, d)))] == [(0, 2), (2, 4), (4, 5)]
+    assert [(sl.start, sl.stop) for sl in at._chunks(3, 10**9)] == [(0, 1), (1, 2), (2, 3)]   # ≥ 1 per batch
+    many = render_sites(vol.shape, c, A, s, d, radius_A=2.0)
+    np.testing.assert_allclose(many, one, rtol=1e-13, atol=1e-15)
+    # every Gaussian is cut at 2 Å from its anchor voxel, ≥ 2 − 0.433 Å from its centre
+    assert np.abs(many - vol).max() < 4 * np.exp(-(2.0 - 0.5 * np.linalg.norm(d)) ** 2 / (2 * 0.4 ** 2))
+    monkeypatch.setattr(at, "_CHUNK_ELEMENTS", len(win))               # one site per batch
+    ref2 = at._refine(vol, anchor, c + 0.1, A * 0.9, s, np.ones(4, bool), win, 5, (0.1, 1.0), 1e-9)
+    for a, b in zip(ref1, ref2):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    res2 = trace_atoms(vol, d)
+    np.testing.assert_allclose(res2.positions_vox, res1.positions_vox, atol=1e-9)

@@ -177,3 +177,54 @@ def test_skipped_detection_and_its_notes():
     assert common.find_bad_pixels(ev, "t").kind.shape == (6, 7)
     small = common.find_bad_pixels(_hot_negative_case(), "t", disc_radius_px=2.9)
     assert not small.checked and "2.9 px < 3 px" in small.note and not small
+
+
+def test_load_4d_takes_array_likes_refuses_bad_shapes_and_kinds():
+    from tembench.types import Geometry, Measurement
+
+    geo = Geometry(energy_keV=200.0, semiangle_mrad=5.0, detector_sampling_mrad=(2.0, 1.5), scan_step_A=0.5)
+    d = np.arange(3 * 4 * 5 * 6, dtype=np.float32).reshape(3, 4, 5, 6)
+    axes = ("scan_y", "scan_x", "k_y", "k_x")
+    x, grid = common.load_4d(Measurement(kind="4dstem", data=d.tolist(), axes=axes, geometry=geo), "t")
+    assert isinstance(x, np.ndarray) and np.array_equal(x, d)          # a nested list: converted
+    assert grid.shape == (5, 6) and tuple(grid.sampling_mrad) == (2.0, 1.5)
+    x, _ = common.load_4d(Measurement(kind="4dstem", data=d, axes=axes, geometry=geo), "t")
+    assert x is d                                                         # an array: as it is
+    with pytest.raises(TembenchError, match=re.escape("t: 4D-STEM data must be (scan_y, scan_x, k_y, k_x), "
+                                                      "got shape (3, 4, 30)")):
+        common.load_4d(Measurement(kind="4dstem", data=d.reshape(3, 4, 30), axes=axes[:3], geometry=geo), "t")
+    with pytest.raises(TembenchError, match=r"t: accepts measurement kinds \('4dstem', 'eer'\), got 'image'"):
+        common.load_4d(Measurement(kind="image", data=d[0, 0], axes=("y", "x"), geometry=geo), "t")
+    bad = d.copy()
+    bad[2, 3, 4, 5] = np.nan
+    with pytest.raises(TembenchError, match=r"scan \(y=2, x=3\), detector pixel \(ky=4, kx=5\)"):
+        common.load_4d(Measurement(kind="4dstem", data=bad, axes=axes, geometry=geo), "t")
+    x, _ = common.load_4d(Measurement(kind="4dstem", data=bad, axes=axes, geometry=geo), "t", check=False)
+    assert x is bad                                                       # the caller checks
+
+
+def test_bad_pixel_check_policies_small_disc_and_refusal_messages():
+    from types import SimpleNamespace
+
+    x = _hot_negative_case()
+    grid = SimpleNamespace(sampling_mrad=(2.0, 0.5))             # √(2 · 0.5) = 1 mrad/px
+    assert common.expected_disc_radius_px(grid, 4.5) == 4.5 and common.expected_disc_radius_px(grid, None) is None
+    assert common.bad_pixel_check(x, grid, 4.5, "ignore", "t") is None
+    assert common.bad_pixel_check(x, grid, 4.5, "repair", "t").counts() == {"hot": 2, "negative": 1, "dead": 0}
+    with pytest.raises(TembenchError, match=r"^m: the detector has 3 bad pixel"):
+        common.bad_pixel_check(x, grid, 4.5, "refuse", "m")
+    # a disc of 2.9 px (under the 3 px the 5x5 median needs): detection skipped, nothing refused
+    small = common.bad_pixel_check(x, grid, 2.9, "refuse", "t")
+    assert not small.checked and "disc radius 2.9 px" in small.note
+    with pytest.raises(TembenchError, match=r"^m: bad_pixels must be 'repair', 'refuse' or 'ignore', got 'fix'"):
+        common.bad_pixel_check(x, grid, 4.5, "fix", "m")
+    # too many: 10 more isolated hot pixels, 13 of 144 (9.0 % > 5 %); the message names the first ones
+    many = x.copy()
+    for ky, kx in [(0, 3), (0, 6), (0, 9), (3, 0), (9, 0), (11, 3), (11, 6), (11, 8), (3, 11), (8, 11)]:
+        many[:, :, ky, kx] = 1000.0
+    with pytest.raises(TembenchError, match=re.escape(
+            "m: 13 of 144 detector pixels (9.0 % > 5 %) look defective (hot pixel (ky=0, kx=3), mean 1000, most "
+            "extreme in frame scan (y=0, x=0); hot pixel (ky=0, kx=6), mean 1000, most extreme in frame scan (y=0, "
+            "x=0); hot pixel (ky=0, kx=9), mean 1000, most extreme in frame scan (y=0, x=0) and 10 more)")):
+        common.find_bad_pixels(many, "m")
+    assert len(common.find_bad_pixels(many, "m", max_fraction=0.1).neighbours) == 13
