@@ -174,8 +174,10 @@ def make_dataset(n_crystals: int, seed: int, log=print) -> list[dict]:
 
 
 def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: bool = True,
-                 low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE, draws: int = 1):
+                 low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE, draws: int = 1,
+                 doses: list | None = None):
     """(inputs (B, 12, N, N), labels ψ(k) (B, N, N) complex, probes ψ_in(k) (B, N, N)) with Poisson noise.
+    ``doses``: a list that receives each row's dose in electrons per pattern (inf: noise-free).
 
     ``draws`` > 1: B/draws samples, each with ``draws`` independent noise draws at one dose (consecutive rows),
     for the loss on the draws' average (:func:`make_loss`, ``stitch``)."""
@@ -196,7 +198,102 @@ def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: 
             xs.append(A.network_inputs(k[None], c["probe"], c["step_A"])[0])
             ys.append(c["labels"][j])
             ps.append(c["probe"])
+            if doses is not None:
+                doses.append(dose if noisy else np.inf)
     return np.stack(xs), np.stack(ys).reshape(len(ys), n, n), np.stack(ps)
+
+
+#: a v2 attempt (session 7, not shipped), the low-passed target: at a dose of D electrons per pattern the draws' mean object is compared with the
+#: truth smoothed by a Gaussian of σ = LOWPASS_PX · min(1, √(LOWPASS_DOSE / D)) frame pixels (none when noise-free)
+LOWPASS_DOSE = 20.0
+
+
+def lowpass_filters(doses, sigma_px: float) -> np.ndarray:
+    """Gaussian transfer functions exp(−2π²σ²|f|²) (B, N, N), unshifted FFT order, one per row's dose."""
+    n = A.N_FRAME
+    f = np.fft.fftfreq(n)
+    f2 = f[:, None] ** 2 + f[None, :] ** 2
+    d = np.asarray(doses, np.float64)
+    fin = np.isfinite(d)
+    sig = np.where(fin, sigma_px * np.minimum(1.0, np.sqrt(LOWPASS_DOSE / np.where(fin, d, 1.0))), 0.0)
+    return np.exp(-2.0 * np.pi ** 2 * sig[:, None, None] ** 2 * f2[None]).astype(np.float32)
+
+
+#: a v2 attempt (session 7, not shipped), the stitched-field loss: the 16 interior patches of a crystal's 6×6 scan are stitched (eqs 4.4–4.8) on
+#: a canvas of CANVAS frame pixels (a 32-px patch plus the positions' spread, ≤ 3 · 4/2 = 6 px)
+CANVAS = 40
+
+
+def sample_scans(data: list[dict], rng: np.random.Generator, crystals: int, noise: bool = True,
+                 low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE):
+    """All 16 interior kernels of ``crystals`` crystals, one dose and one Poisson draw per crystal (its 36 patterns
+    share them, as in a real scan, so adjacent kernels share their noisy patterns), with the stitching geometry:
+    (inputs (B, 12, N, N), labels ψ(k), probes ψ_in(k), ramps (B, N, N) complex (eq 4.4), ω (B, N, N) (eq 4.7),
+    canvas offsets (B, 2) int), B = 16·crystals."""
+    n = A.N_FRAME
+    fy, fx = A.centred_frequencies(1.0)
+    rr, cc = np.meshgrid(np.arange(1, SCAN - 1), np.arange(1, SCAN - 1), indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    xs, ys, ps, ramps, ws, offs = [], [], [], [], [], []
+    for _ in range(crystals):
+        c = data[int(rng.integers(len(data)))]
+        frames = c["frames"]
+        n_ap = A.aperture_pixels(c["probe"])
+        if noise and rng.random() >= NOISE_FREE_FRACTION:
+            rng_d = low_dose_range if low_dose_fraction and rng.random() < low_dose_fraction else DOSE_PER_PATTERN
+            dose = float(np.exp(rng.uniform(*np.log(rng_d))))
+            frames = rng.poisson(np.clip(frames, 0, None) * (dose / n_ap)).astype(np.float32)
+        xs.append(A.network_inputs(A.kernels_at(frames, rr, cc), c["probe"], c["step_A"]))
+        ys.append(c["labels"])
+        ps.append(np.broadcast_to(c["probe"], (len(rr), n, n)))
+        u = np.stack([rr - 1, cc - 1], axis=1) * (c["step_A"] / A.frame_pixel_A(c["energy_keV"], c["semiangle_mrad"]))
+        whole = np.round(u).astype(np.int32)
+        frac = u - whole
+        ramp = np.exp(-2j * np.pi * (fy[None] * frac[:, 0, None, None] + fx[None] * frac[:, 1, None, None]))
+        ramps.append(ramp.astype(np.complex64))
+        ws.append(A.patch_weight(A.to_real(c["probe"][None] * ramp)).astype(np.float32))
+        offs.append(whole)
+    return (np.concatenate(xs), np.concatenate(ys), np.concatenate(ps), np.concatenate(ramps), np.concatenate(ws),
+            np.concatenate(offs))
+
+
+def canvas_error(t_pred, t_true, w, offsets, per: int = 16):
+    """Stitched-field term (a v2 attempt, session 7): the unit phasors ω·T_patch of predicted and true patches (B, N, N) are
+    added on a CANVAS² canvas per group of ``per`` consecutive patches (one crystal's scan), and the phase error
+    of the stitched predicted object, minus its coverage-weighted mean (NCC ignores an offset), is averaged with
+    the coverage Σω / max Σω as weight. Returns the mean over the groups (rad²)."""
+    import jax
+    import jax.numpy as jnp
+
+    def place(t, o):
+        return jax.lax.dynamic_update_slice(jnp.zeros((CANVAS, CANVAS), t.dtype), t, (o[0], o[1]))
+
+    put = jax.vmap(place)
+    b, n1, n2 = t_pred.shape
+    cp = put(t_pred, offsets).reshape(b // per, per, CANVAS, CANVAS).sum(1)
+    ct = put(t_true, offsets).reshape(b // per, per, CANVAS, CANVAS).sum(1)
+    cw = put(w.astype(jnp.float32), offsets).reshape(b // per, per, CANVAS, CANVAS).sum(1)
+    q = cw / jnp.maximum(jnp.max(cw, axis=(-2, -1), keepdims=True), 1e-12)
+    z = cp * jnp.conj(ct)
+    e = jnp.angle(jnp.where(q > 0, z, 1.0))  # uncovered pixels: no angle(0) (its gradient is NaN)
+    qs = jnp.maximum(jnp.sum(q, axis=(-2, -1)), 1e-12)
+    e = e - (jnp.sum(q * e, axis=(-2, -1)) / qs)[:, None, None]
+    return jnp.mean(jnp.sum(q * e ** 2, axis=(-2, -1)) / qs)
+
+
+def canvas_term(pred_k, true_k, probe_k, ramp_re, ramp_im, om, offs):
+    """:func:`canvas_error` of predicted and true exit waves ψ(k) (B, N, N): eq 4.4's sub-pixel ramp, eq 4.5 to real
+    space, T_patch = ψ_out ψ_in*/|ψ_out ψ_in*| · ω (eq 4.6), as :class:`airpi.Stitcher` does."""
+    import jax.numpy as jnp
+
+    ramp = ramp_re + 1j * ramp_im
+    pin_s = A.to_real(probe_k * ramp, jnp)
+
+    def unit(v):
+        r = A.to_real(v * ramp, jnp) * jnp.conj(pin_s)
+        return r / jnp.sqrt(r.real ** 2 + r.imag ** 2 + 1e-12) * om
+
+    return canvas_error(unit(pred_k), unit(true_k), om, offs)
 
 
 def make_loss(forward, weights: dict | None = None, draws: int = 1):
@@ -211,7 +308,7 @@ def make_loss(forward, weights: dict | None = None, draws: int = 1):
     def masked_mean(v, m):
         return jnp.sum(v * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-    def loss(params, x, y_re, y_im, p_re, p_im):
+    def loss(params, x, y_re, y_im, p_re, p_im, *geo):
         amp, s, c = forward(params, x)
         yk = y_re + 1j * y_im
         pk = p_re + 1j * p_im
@@ -251,8 +348,25 @@ def make_loss(forward, weights: dict | None = None, draws: int = 1):
             # ``draws`` noise draws of one sample in consecutive rows, the phase error of the draws' mean phasor
             b, n1, n2 = op.shape
             tbar = jnp.mean(jnp.exp(1j * op).reshape(b // draws, draws, n1, n2), axis=1)
-            e = jnp.angle(tbar * jnp.exp(-1j * ot[::draws]))
+            if w.get("lowpass", 0.0) and geo:  # v2 attempt: the target is the truth the data can support at this dose:
+                # ψ_out ψ_in* (the object weighted by the probe intensity) smoothed by the rows' Gaussian
+                zt = (yr * jnp.conj(pin))[::draws]
+                zt = jnp.fft.ifft2(jnp.fft.fft2(zt) * geo[0][::draws])
+                e = jnp.angle(tbar * jnp.conj(zt))
+            else:
+                e = jnp.angle(tbar * jnp.exp(-1j * ot[::draws]))
             total = total + w["stitch"] * masked_mean(e ** 2, mr[::draws])
+            if w.get("hfvar", 0.0):  # v2 attempt: the draws' scatter about their mean at the pixel scale (the noise
+                # a low-pass removes from the stitched image), high-passed by a masked Gaussian of σ = 1 frame px
+                m = mr.reshape(b // draws, draws, n1, n2)
+                dev = jnp.angle(jnp.exp(1j * op).reshape(b // draws, draws, n1, n2) * jnp.conj(tbar)[:, None]) * m
+                f = np.fft.fftfreq(n1)
+                g = jnp.asarray(np.exp(-2.0 * np.pi ** 2 * (f[:, None] ** 2 + f[None, :] ** 2)), jnp.complex64)
+                sm = jnp.fft.ifft2(jnp.fft.fft2(dev) * g).real / jnp.maximum(jnp.fft.ifft2(jnp.fft.fft2(m) * g).real, 1e-3)
+                total = total + w["hfvar"] * masked_mean(((dev - sm) * m) ** 2, m)
+        if w.get("canvas", 0.0) and len(geo) == 4:  # v2 attempt: the error that survives the stitching of a scan's
+            # adjacent patches
+            total = total + w["canvas"] * canvas_term(pred_k, yk, pk, *geo)
         return total, (l_int_k, l_ph_k, l_int_r, l_ph_r, l_obj, l_xc)
 
     return loss
@@ -262,7 +376,8 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
           widths=WIDTHS, version: str = VERSION, log=print, finetune_steps: int = FINETUNE_STEPS,
           init_from: Path | None = None, low_dose_fraction: float = LOW_DOSE_FRACTION,
           low_dose_range=LOW_DOSE_RANGE, bias_weight: float = 0.0, data_cache: Path | None = None,
-          stitch_weight: float = 0.0, draws: int = 1) -> dict:
+          stitch_weight: float = 0.0, draws: int = 1, lr: float = LR, lowpass_px: float = 0.0,
+          hfvar_weight: float = 0.0, canvas_weight: float = 0.0, scan_crystals: int = 2) -> dict:
     """Generate the data (seed), train ``steps`` with eq 4.11, then ``finetune_steps`` with the object term
     ×10 (the thesis's second phase); write ``<version>.npz`` + ``.json`` into ``out_dir``. ``init_from``: start
     from those weights (e.g. ``steps=0`` to redo only the fine-tuning)."""
@@ -305,8 +420,14 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
         lw["bias"] = bias_weight
     if stitch_weight and draws > 1:
         lw["stitch"] = stitch_weight
-    phases = [(steps, optax.warmup_cosine_decay_schedule(0.0, LR, min(WARMUP, max(1, steps // 4)), steps, LR * 0.02)
-               if steps > 1 else LR, lw),
+    if canvas_weight:
+        lw["canvas"] = canvas_weight
+    if lowpass_px and stitch_weight and draws > 1:
+        lw["lowpass"] = lowpass_px
+    if hfvar_weight and stitch_weight and draws > 1:
+        lw["hfvar"] = hfvar_weight
+    phases = [(steps, optax.warmup_cosine_decay_schedule(0.0, lr, min(WARMUP, max(1, steps // 4)), steps, lr * 0.02)
+               if steps > 1 else lr, lw),
               (finetune_steps, FINETUNE_LR, {**lw, "obj": LOSS_WEIGHTS["obj"] * FINETUNE_OBJ_WEIGHT})]
     done = 0
     for n_steps, lr, weights in phases:
@@ -317,16 +438,23 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
         loss = make_loss(A.forward, weights, draws)
 
         @jax.jit
-        def step(params, state, x, yr, yi, pr, pi, loss=loss, opt=opt):
-            (l, parts), g = jax.value_and_grad(loss, has_aux=True)(params, x, yr, yi, pr, pi)
+        def step(params, state, *batch, loss=loss, opt=opt):
+            (l, parts), g = jax.value_and_grad(loss, has_aux=True)(params, *batch)
             upd, state = opt.update(g, state, params)
             return optax.apply_updates(params, upd), state, l, parts
 
         run = []
         for it in range(1, n_steps + 1):
-            x, y, pz = sample_batch(data, rng, BATCH, low_dose_fraction=low_dose_fraction,
-                                    low_dose_range=low_dose_range, draws=draws)
-            params, state, l, _ = step(params, state, x, y.real, y.imag, pz.real, pz.imag)
+            if canvas_weight:  # whole scans: 16 adjacent kernels per crystal, one noise draw each
+                x, y, pz, ramp, om, offs = sample_scans(data, rng, scan_crystals, low_dose_fraction=low_dose_fraction,
+                                                        low_dose_range=low_dose_range)
+                geo = (ramp.real, ramp.imag, om, offs)
+            else:
+                doses = []
+                x, y, pz = sample_batch(data, rng, BATCH, low_dose_fraction=low_dose_fraction,
+                                        low_dose_range=low_dose_range, draws=draws, doses=doses)
+                geo = (lowpass_filters(doses, lowpass_px),) if lw.get("lowpass") else ()
+            params, state, l, _ = step(params, state, x, y.real, y.imag, pz.real, pz.imag, *geo)
             run.append(float(l))
             if it % 100 == 0 or it == n_steps:
                 v = validate(params)  # always with the eq-4.11 weights, comparable across phases
@@ -351,7 +479,9 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
                         "sin, cos of psi_out(k) = probe + residual (probe skip connection)",
         "loss": {"weights": lw, "eq": "4.11"},
         "draws_per_sample": draws,
-        "optimizer": {"name": "adam", "lr": LR, "schedule": "warmup_cosine", "warmup": WARMUP, "steps": steps,
+        **({"canvas": {"weight": canvas_weight, "crystals_per_step": scan_crystals, "patches_per_crystal": 16,
+                       "canvas_px": CANVAS}} if canvas_weight else {}),
+        "optimizer": {"name": "adam", "lr": lr, "schedule": "warmup_cosine", "warmup": WARMUP, "steps": steps,
                       "batch": BATCH, "finetune": {"steps": finetune_steps, "lr": FINETUNE_LR,
                                                    "obj_weight": FINETUNE_OBJ_WEIGHT},
                       "init_from": str(init_from) if init_from else None},
@@ -420,6 +550,38 @@ def evaluate_heldout(weights: str = A.DEFAULT_WEIGHTS, doses=HELDOUT_DOSES, seed
     return out
 
 
+#: the done-when's robustness check: noise draws of the held-out set (noise seeds SEED + 5 + i, i = 0 … n − 1)
+HELDOUT_DRAWS = 5
+
+
+def evaluate_draws(weights: str = A.DEFAULT_WEIGHTS, dose: float = 500.0, draws: int = HELDOUT_DRAWS,
+                   seed: int = SEED + 5, measurement=None, log=print) -> dict:
+    """NCC of AIRPI, the probe-only baseline and iCOM on ``draws`` Poisson draws of the held-out set at one dose, and
+    the paired differences AIRPI − baseline over the draws (mean, standard error = sd/√n)."""
+    from tembench.registry import get_registry
+
+    reg = get_registry()
+    sample, m0 = measurement or heldout_measurement()
+    noise = reg.get("noise_model", "poisson_dose")
+    q = reg.get("quantifier", "cross_correlation")
+    rc, ic = reg.get("reconstructor", "airpi"), reg.get("reconstructor", "icom")
+    rows = []
+    for i in range(draws):
+        m = noise().apply(m0, noise.Params(dose_e_per_A2=dose), np.random.default_rng(seed + i))
+        recs = {"airpi": rc().reconstruct(m, rc.Params(weights=weights), np),
+                "probe_only": rc().reconstruct(m, rc.Params(mode="probe_only"), np),
+                "icom": ic().reconstruct(m, ic.Params(rotation_deg=0.0), np)}
+        rows.append({k: float(q().score(r, m, sample, q.Params())["ncc"]) for k, r in recs.items()})
+        log(f"dose {dose:g} draw {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
+    out = {"dose_e_per_A2": dose, "seeds": [seed + i for i in range(draws)], "rows": rows,
+           "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
+    for b in ("probe_only", "icom"):
+        d = np.array([r["airpi"] - r[b] for r in rows])
+        out[f"airpi_minus_{b}"] = {"mean": float(d.mean()),
+                                   "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tembench_friedrich2023.airpi_train", description=__doc__)
     ap.add_argument("--steps", type=int, default=STEPS)
@@ -440,6 +602,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the object-phase error of the mean phasor over the --draws noise draws")
     ap.add_argument("--bias-weight", type=float, default=0.0,
                     help="weight of the batch-mean object-phase error (patch-independent template) penalty")
+    ap.add_argument("--canvas-weight", type=float, default=0.0,
+                    help="weight of the stitched-field term: a crystal's 16 adjacent patches stitched, phase error")
+    ap.add_argument("--scan-crystals", type=int, default=2, help="crystals (x 16 patches) per step with --canvas-weight")
+    ap.add_argument("--lowpass-px", type=float, default=0.0,
+                    help="with --stitch-weight: the draws' mean is compared with the truth smoothed by a Gaussian of "
+                         "this sigma (frame px) at 20 e/pattern, sigma ~ 1/sqrt(dose) above")
+    ap.add_argument("--hfvar-weight", type=float, default=0.0,
+                    help="with --stitch-weight: weight of the draws' pixel-scale scatter about their mean")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of the first phase (default LR)")
     args = ap.parse_args(argv)
     limit_threads()
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -448,7 +619,9 @@ def main(argv: list[str] | None = None) -> int:
               finetune_steps=args.finetune_steps, init_from=args.init_from,
               low_dose_fraction=args.low_dose_fraction, low_dose_range=tuple(args.low_dose_range),
               bias_weight=args.bias_weight, data_cache=args.data_cache, stitch_weight=args.stitch_weight,
-              draws=args.draws)
+              draws=args.draws, canvas_weight=args.canvas_weight, scan_crystals=args.scan_crystals,
+              lr=args.lr or LR, lowpass_px=args.lowpass_px,
+              hfvar_weight=args.hfvar_weight)
     wpath = args.out / f"{args.version}.npz"
     res = evaluate_heldout(str(wpath), log=log)
     side = wpath.with_suffix(".json")

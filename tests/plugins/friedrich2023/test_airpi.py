@@ -186,13 +186,58 @@ def test_noise_draw_groups_and_the_loss_on_their_mean():
         assert float(parts[4]) == pytest.approx(c * c, rel=1e-3)  # the per-draw object L2 sees both
 
 
+def test_canvas_term_is_the_stitchers_error():
+    """The session-7 attempt's stitched-field term (airpi_train.canvas_error, JAX) equals an independent numpy
+    computation with the production Stitcher (eqs 4.4–4.8): per crystal, the 16 interior patches of the predicted
+    and the true exit waves stitched, phase error minus its coverage-weighted mean, averaged with Σω/max Σω."""
+    jax = pytest.importorskip("jax")
+    from tembench_friedrich2023 import airpi_train as T
+
+    rng = np.random.default_rng(0)
+    probe = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
+    pa = A.frame_pixel_A(E_KEV, ALPHA)
+    data = []
+    for step in (1.5, 1.0):  # frame px: half-pixel positions (the eq-4.4 ramp) and whole ones
+        waves = A.to_fourier(A.to_real(probe)[None] * np.exp(1j * rng.normal(0, 0.3, (36, 32, 32))))
+        data.append({"frames": (np.abs(waves) ** 2).reshape(6, 6, 32, 32).astype(np.float32),
+                     "labels": waves.reshape(6, 6, 32, 32)[1:-1, 1:-1].reshape(16, 32, 32).astype(np.complex64),
+                     "probe": probe, "step_A": step * pa, "energy_keV": E_KEV, "semiangle_mrad": ALPHA})
+    x, y, p, ramp, om, offs = T.sample_scans(data, np.random.default_rng(1), 2, low_dose_fraction=1.0)
+    off = rng.normal(0.0, 0.3, len(y))
+    yk = y.astype(np.complex128)
+    pred = yk * np.exp(1j * off)[:, None, None]  # a constant phase per patch: ψ_out(k)·e^{ic}
+    got = float(jax.jit(T.canvas_term)(pred.astype(np.complex64), y, p, ramp.real, ramp.imag, om, offs))
+    # the same with the numpy Stitcher, crystal by crystal (each group of 16 rows is one crystal's interior)
+    expect = []
+    for g in range(2):
+        sl = slice(16 * g, 16 * g + 16)
+        c = next(d for d in data if d["labels"].tobytes() == y[sl].tobytes())
+        pa = A.frame_pixel_A(c["energy_keV"], c["semiangle_mrad"])
+        rr, cc = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+        pos = np.stack([rr.ravel(), cc.ravel()], 1) * c["step_A"]
+        phs = []
+        for waves in (pred[sl], yk[sl]):
+            st = A.Stitcher((3 * c["step_A"], 3 * c["step_A"]), pa, c["probe"])
+            st.add(waves, pos)
+            phs.append((st.T, st.W))
+        (tp, w), (tt, _) = phs
+        q = w / w.max()
+        cov = w > 0
+        e = np.angle(tp[cov] * np.conj(tt[cov]))
+        e = e - np.sum(q[cov] * e) / q[cov].sum()
+        expect.append(np.sum(q[cov] * e ** 2) / q[cov].sum())
+    assert float(np.mean(expect)) > 1e-3
+    assert got == pytest.approx(float(np.mean(expect)), rel=2e-3)
+
+
 @pytest.mark.slow
 def test_tiny_training_run_is_deterministic(tmp_path):
     """Same seed → the same weights bit for bit (data, noise draws, initialisation and Adam steps)."""
     pytest.importorskip("optax")
     from tembench_friedrich2023 import airpi_train as T
 
-    metas = [T.train(tmp_path / d, steps=3, n_crystals=2, log=lambda m: None) for d in ("a", "b")]
+    # 3 + 2 steps: both phases (the default fine-tuning is 600 steps, which made this test take minutes)
+    metas = [T.train(tmp_path / d, steps=3, n_crystals=2, finetune_steps=2, log=lambda m: None) for d in ("a", "b")]
     a, b = (np.load(tmp_path / d / f"{T.VERSION}.npz") for d in ("a", "b"))
     assert sorted(a.files) == sorted(b.files)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a.files)
@@ -255,7 +300,9 @@ def heldout():
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="done-when NOT met by the CPU-scale airpi_v1: at 500 e/Å² held-out NCC "
                    "AIRPI 0.470 < probe-only 0.534, iCOM 0.515 (docs/airpi.md; the best unshipped fine-tune, "
-                   "a loss on the mean of 16 noise draws, reached 0.550); strict: a better network flips it")
+                   "a loss on the mean of 16 noise draws, reached 0.550 here but over five draws 0.527 vs "
+                   "probe-only 0.517, iCOM 0.536; session 7's stitched-field, low-passed-target and "
+                   "draw-consistency recipes were worse); strict: a better network flips it")
 def test_beats_probe_only_and_icom_at_low_dose_heldout(heldout):
     """Done-when: on twisted bilayer MoS2 (a structure the network never saw; stem4d, 300 kV, 20 mrad, 0.2 Å
     step) at 500 e/Å² (20 e/pattern), AIRPI's phase correlates better with the true phase than the probe-only
