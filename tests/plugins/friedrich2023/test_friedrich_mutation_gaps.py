@@ -171,7 +171,8 @@ def test_image_grid_coordinates_use_each_axis_origin_and_step():
 def test_find_columns_border_excludes_columns_near_every_edge():
     grid = C.ImageGrid((40, 40), (0.1, 0.1), (0.0, 0.0))
     yy, xx = np.meshgrid(np.arange(40) * 0.1, np.arange(40) * 0.1, indexing="ij")
-    centres = [(2.0, 0.2), (2.0, 3.7), (0.2, 2.0), (3.7, 2.0), (2.0, 2.0)]   # (y, x): left, right, top, bottom, middle
+    # (y, x): left, right, top, bottom — each 0.1 Å inside the 0.5 Å border (the last pixel is at 3.9 Å) — and middle
+    centres = [(2.0, 0.4), (2.0, 3.5), (0.4, 2.0), (3.5, 2.0), (2.0, 2.0)]
     img = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.15**2)) for cy, cx in centres)
     x, y = C.find_columns(img, grid, min_distance_A=0.5, smooth_A=0.0, threshold_rel=0.3, border_A=0.5)
     np.testing.assert_allclose(np.c_[y, x], [[2.0, 2.0]], atol=1e-9)
@@ -255,3 +256,22 @@ def test_crlb_aggregate_pools_chi2_intervals_and_reports_picometres():
     assert out["precision_ratio_position_ci_low"] == pytest.approx(math.sqrt(8 * pooled_pos / st.chi2.ppf(0.975, 8)))
     assert out["crlb_position_median_pm"] == pytest.approx(10.0)
     assert out["std_position_median_pm"] == pytest.approx(100 * float(np.median(np.sqrt(v_pos))))
+
+
+def test_probe_only_waves_are_the_measured_amplitude_with_the_probe_phase():
+    """The no-network baseline: |ψ| = (x^0.1 of the central CBED)^(0.5/0.1) = √counts, phase of cos χ + i sin χ."""
+    x = np.zeros((1, A.N_IN, 2, 2))
+    x[0, 4] = np.array([[4.0, 9.0], [16.0, 0.0]]) ** A.POWER     # compressed counts c^0.1
+    chi = np.array([[0.3, -1.2], [2.0, 0.0]])
+    x[0, 10], x[0, 11] = np.cos(chi), np.sin(chi)
+    np.testing.assert_allclose(A.probe_only_waves(x)[0], np.array([[2.0, 3.0], [4.0, 0.0]]) * np.exp(1j * chi),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_fisher_information_refuses_a_non_positive_or_infinite_dose():
+    grid = C.ImageGrid((8, 8), (0.2, 0.2), (0.0, 0.0))
+    m = C.ColumnModel([0.7], [0.7], [1.0], [0.3], [0.1])
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(TembenchError, match="electrons per image unit"):
+            C.fisher_information(m, grid, bad)
+    assert C.fisher_information(m, grid, 10.0).shape == (5, 5)

@@ -197,6 +197,7 @@ def test_e2e_reconstructor_returns_re_v_and_absorption_im_v(monkeypatch):
     rec = E.E2EPtychoTomo().reconstruct(None, None, np)
     np.testing.assert_array_equal(rec.data, vol.real)
     np.testing.assert_array_equal(rec.extras["absorption_V"], vol.imag)
+    assert rec.kind == "volume" and rec.quantity == "potential_V" and rec.sampling_A == (0.5, 0.5, 0.5)
     assert rec.extras["linear_volume_V"] == "L" and rec.extras["probe_modes"] == "P"
 
 
@@ -300,7 +301,9 @@ def test_joint_linear_tomo_reconstruction_carries_the_msp_state(monkeypatch):
     msp = [(SimpleNamespace(probe=np.full((1, 2, 2), k), positions_A=np.full((3, 2), float(k)), pattern_scale=k + 1.0,
                             origin_A=(k, -k)), np.array([0, 2, 3])) for k in range(2)]
     monkeypatch.setattr(LT, "linear_stage", lambda m, p, xp: (res, msp, grid, "proj"))
-    ex = LT.JointLinearTomo().reconstruct(None, None, np).extras
+    rec = LT.JointLinearTomo().reconstruct(None, None, np)
+    assert rec.kind == "volume" and rec.quantity == "potential_V" and rec.origin_A == grid.origin_A
+    ex = rec.extras
     np.testing.assert_array_equal(ex["positions_A"], np.stack([np.zeros((3, 2)), np.ones((3, 2))]))
     np.testing.assert_array_equal(ex["probe_modes"][:, 0, 0, 0], [0, 1])
     np.testing.assert_array_equal(ex["pattern_indices"], [0, 2, 3])
@@ -357,3 +360,48 @@ def test_translation_search_runs_on_the_down_sampled_loop_only(monkeypatch):
                                LT.LinearTomoParams(translation_search=False, **common))
     assert seen == [(1.0, False), (0.5, False)]
 
+
+
+def test_slice_thickness_from_the_simulation_record():
+    """Without ``slice_thickness_A`` the msp slices split the simulated thickness dz·n_simulated evenly; 2 Å when
+    the geometry records no simulation."""
+    g = Geometry(energy_keV=200.0, slice_thickness_A=1.5, extra={"n_slices_simulated": 10})
+    assert M._slice_thickness(M.MSPParams(n_slices=4, slice_thickness_A=None), g) == pytest.approx(1.5 * 10 / 4)
+    assert M._slice_thickness(M.MSPParams(n_slices=4, slice_thickness_A=3.0), g) == 3.0
+    assert M._slice_thickness(M.MSPParams(n_slices=4, slice_thickness_A=None), Geometry(energy_keV=200.0)) == 2.0
+
+
+def test_two_probe_modes_are_orthogonalised_with_their_incoherent_sum_kept():
+    rng = np.random.default_rng(5)
+    modes = (rng.standard_normal((2, 6, 6)) + 1j * rng.standard_normal((2, 6, 6))).astype(np.complex64)
+    modes[1] += 0.8 * modes[0]                                # strongly overlapping
+    out = M.orthogonalize_modes(modes)
+    gram = np.einsum("iyx,jyx->ij", out.astype(np.complex128), out.conj().astype(np.complex128))
+    assert abs(gram[0, 1]) < 1e-4 * abs(gram[0, 0]) and abs(gram[0, 0]) >= abs(gram[1, 1])
+    np.testing.assert_allclose((np.abs(out) ** 2).sum(0), (np.abs(modes) ** 2).sum(0), rtol=1e-4)
+
+
+def test_linear_stage_projects_each_tilts_msp_result_onto_the_tomography_grid(monkeypatch):
+    """Step 2's input: Σ Re V of each tilt resampled onto the grid centred on the rotation centre, started from
+    the nominal Euler angles and τ⁰ = 0."""
+    m, pos, mask = _tilt_series()
+    rng = np.random.default_rng(6)
+    res = [M.MSPResult(potentials_VA=(rng.standard_normal((2, 6, 6)) + 0j).astype(np.complex64),
+                       probe=np.ones((1, 4, 4), np.complex64), positions_A=pos, sampling_A=(0.5, 0.5),
+                       origin_A=(-0.5, -1.0), slice_thickness_A=1.0, pattern_scale=1.0) for _ in range(2)]
+    monkeypatch.setattr(TC, "msp_tilt_series", lambda meas, p, xp=np: [(r, np.arange(6)) for r in res])
+    seen = {}
+
+    def spy(proj, s, euler0, tau0, algo, xp=np, progress=None):
+        seen.update(proj=proj, s=s, euler0=euler0, tau0=tau0, nz=algo.nz)
+        return "lin"
+
+    monkeypatch.setattr(LT, "joint_linear_tomography", spy)
+    out = LT.linear_stage(m, {"nz": 4})
+    grid = TC.tomo_grid((6, 6), 0.5, TC.rotation_centre_zyx_A(m.geometry), nz=4)
+    assert out[0] == "lin" and out[2] == grid and seen["s"] == 0.5 and seen["nz"] == 4
+    np.testing.assert_array_equal(seen["euler0"], [[0.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
+    np.testing.assert_array_equal(seen["tau0"], np.zeros((2, 2)))
+    for k in range(2):
+        want = TC.resample_to_grid(res[k].projection().astype(np.float32), res[k].origin_A, grid)
+        np.testing.assert_allclose(seen["proj"][k], want, rtol=1e-6, atol=1e-6)
