@@ -259,3 +259,48 @@ def test_batches_of_sites_give_the_same_model_and_fits(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     res2 = trace_atoms(vol, d)
     np.testing.assert_allclose(res2.positions_vox, res1.positions_vox, atol=1e-9)
+
+
+def test_fit_centre_is_held_within_one_voxel_of_the_anchor_on_both_sides():
+    d = np.array([0.5, 0.5, 0.5])
+    win = at._Window(1.6, d)
+    anchor = np.array([[5, 5, 5]])
+    flat, _ = win.index(anchor, (11, 11, 11))
+    for x_true, bound in ((6.8, 6.0), (3.2, 4.0)):          # an atom 1.8 voxels off, above and below
+        y = _exact((11, 11, 11), d, [[5.0, 5.0, x_true]], [1.0], [0.6]).reshape(-1)[flat]
+        c, _, _ = at._fit_gaussians(y, np.ones_like(y), anchor, win, anchor.astype(float), np.array([1.0]),
+                                    np.array([0.6]), 30, (0.3, 0.9), 1e-9)
+        assert abs(c[0, 2] - 5.0) <= 1.0 + 1e-12 and c[0, 2] == pytest.approx(bound, abs=0.05)
+
+
+def test_trace_atoms_refusals_name_the_problem():
+    vol, d, *_ = _blobs()
+    for kw, msg in (({"background": "mean"}, "background must be 'zero' or 'median', got 'mean'"),
+                    ({"sigma_range_vox": (0.0, 1.5)}, r"need 0 < sigma_range_vox\[0\]"),
+                    ({"sigma_init_vox": 2.0}, r"got \(0.25, 1.5\) and 2.0")):
+        with pytest.raises(at.TembenchError, match=msg):
+            trace_atoms(vol, d, **kw)
+    with pytest.raises(at.TembenchError, match="needs a real-valued volume, got dtype complex128"):
+        trace_atoms(vol.astype(complex), d)
+    one = trace_atoms(vol, d, max_rounds=1)
+    assert one.converged is False and trace_atoms(vol, d).converged is True
+
+
+def test_trace_history_counts_removed_new_sites_apart_and_rms_shift_by_definition():
+    vol, d, c, A, s = _blobs()
+    # threshold 0.7: the 0.6 and 0.5 atoms are candidates (DoG above half the threshold's response) but
+    # fitted below 0.7 — new sites dropped in their first round are not "removed" (only existing sites are)
+    res = trace_atoms(vol, d, intensity_threshold=0.7)
+    h = res.history
+    assert h["n_candidates"][0] == 4.0 and h["n_sites"][0] == 2.0 and h["n_added"][0] == 2.0
+    assert h["n_removed"] == [0.0] * len(h["n_removed"])
+    # two atoms 1.6 Å apart: the second round refits each with the other subtracted, so the sites move; the
+    # recorded RMS shift is √(mean |Δc·d/d_ref|²) between the positions after round 1 and after round 2
+    pair = _exact((16, 16, 16), d, [[8.0, 8.0, 6.9], [8.2, 7.9, 10.1]], [1.0, 0.8], [0.4, 0.35])
+    r1, r2 = trace_atoms(pair, d, max_rounds=1), trace_atoms(pair, d, max_rounds=2)
+    assert len(r1) == len(r2) == 2
+    o1, o2 = np.lexsort(r1.positions_vox.T[::-1]), np.lexsort(r2.positions_vox.T[::-1])
+    moved = (r2.positions_vox[o2] - r1.positions_vox[o1]) * d / 0.5
+    want = np.sqrt(np.mean(np.sum(moved ** 2, axis=1)))
+    assert want > 1e-3                                      # they did move
+    assert r2.history["rms_shift_vox"][1] == pytest.approx(want, rel=1e-9)
