@@ -275,3 +275,34 @@ def test_fisher_information_refuses_a_non_positive_or_infinite_dose():
         with pytest.raises(TembenchError, match="electrons per image unit"):
             C.fisher_information(m, grid, bad)
     assert C.fisher_information(m, grid, 10.0).shape == (5, 5)
+
+
+def test_stream_detector_centre_defaults_to_pixel_n_over_2():
+    r = R.RiCOM((4, 4), kernel_size=3, detector_shape=(7, 9))
+    assert tuple(r.grid.centre_px) == (3.0, 4.0)
+
+
+def test_columns_in_field_use_each_axis_extent_and_shift_periodic_images():
+    """A 10 × 20 image of 0.5 Å pixels spans y ≤ 4.5, x ≤ 9.5 Å; a column at x = −8 Å has its periodic image
+    (cell 10 Å) at x = 2 Å, which is kept with the shifted coordinate."""
+    from types import SimpleNamespace
+
+    grid = C.ImageGrid((10, 20), (0.5, 0.5), (0.0, 0.0))
+    cols = {"x_A": np.array([2.0, 2.0, -8.0]), "y_A": np.array([4.0, 8.0, 1.0]), "n_atoms": np.array([3, 5, 7])}
+    sample = SimpleNamespace(cell_A=(10.0, 1000.0, 5.0))
+    out = Q.columns_in_field(cols, sample, grid, border_A=0.0)
+    order = np.argsort(out["n_atoms"])
+    np.testing.assert_array_equal(out["n_atoms"][order], [3, 7])
+    np.testing.assert_allclose(out["x_A"][order], [2.0, 2.0])
+    np.testing.assert_allclose(out["y_A"][order], [4.0, 1.0])
+
+
+def test_crlb_aggregate_goes_on_past_a_kind_without_a_bound():
+    """A kind whose CRLB is never positive reads NaN; the kinds after it are still reported."""
+    rng = np.random.default_rng(4)
+    reps = [{"x_A": rng.normal(0, 0.1, 2), "y_A": rng.normal(0, 0.1, 2), "scs": rng.normal(5, 0.2, 2),
+             "crlb_x_A2": [0.0, 0.0], "crlb_y_A2": [0.01, 0.01], "crlb_scs": [0.04, 0.04],
+             "true_x_A": [0.0, 0.0], "true_y_A": [0.0, 0.0]} for _ in range(3)]
+    out = Q.CRLBPrecision().aggregate(reps, None, Q.CRLBPrecision.Params(min_repeats=3))
+    assert math.isnan(out["precision_ratio_x"])
+    assert np.isfinite(out["precision_ratio_y"]) and np.isfinite(out["precision_ratio_scs_pooled"])
