@@ -18,10 +18,71 @@ from tembench_you2025.report import _img, _label, _mpl, _npz, _swept, _uri, comp
 from tembench_you2025.tomo_scores import volume_shift_part
 
 TOMO_METHODS = ("joint_linear_tomo", "e2e_ptycho_tomo")
+
+
+def _quantized_png(data: bytes, colors: int = 64) -> bytes:
+    try:
+        import io
+
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data)).convert("RGB").quantize(colors=colors)
+        out = io.BytesIO()
+        img.save(out, format="PNG", optimize=True)
+        return out.getvalue()
+    except ImportError:  # pragma: no cover - Pillow ships with matplotlib
+        return data
+
+
+def _shrink_images(page: str, colors: int = 64) -> str:
+    """Every PNG data URI in ``page`` re-encoded with an adaptive palette (see :func:`_small_uri`)."""
+    import base64
+    import re
+
+    def sub(m):
+        return "data:image/png;base64," + base64.b64encode(
+            _quantized_png(base64.b64decode(m.group(1)), colors)).decode()
+
+    return re.sub(r"data:image/png;base64,([A-Za-z0-9+/=]+)", sub, page)
+
+
+def _small_uri(fig, dpi: int = 72, colors: int = 64) -> str:
+    """A figure as a PNG data URI with an adaptive palette of ``colors`` colours (3–4× smaller than RGBA: the
+    example reports embed every figure and must stay small). Falls back to the plain PNG without Pillow."""
+    import base64
+    import io
+
+    plt = _mpl()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(_quantized_png(buf.getvalue(), colors)).decode()
+
+
 TOMO_METRICS = ("fsc_gt_resolution_A", "fsc_half_resolution_A", "depth_elongation_rel",
                 "depth_elongation_true_sites_rel", "depth_wedge_cc_axial", "depth_wedge_cc_lateral",
                 "position_error_mean_pm", "pct_atoms_found", "pct_false_positives",
                 "translation_error_median_A", "translation_error_max_A", "rotation_error_max_deg")
+
+
+def _short_label(row, swept) -> str:
+    """``_label`` with a swept list of tilt angles shown as its range and count (±45° (10 tilts)), not every angle."""
+    parts = []
+    for k in swept:
+        v = row[k]
+        vals = None
+        if isinstance(v, str) and v.strip().startswith("["):
+            try:
+                vals = [float(a) for a in v.strip("[] ").split(",") if a.strip()]
+            except ValueError:
+                vals = None
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            vals = [float(a) for a in v]
+        if vals and k.endswith("tilt_angles_deg"):
+            parts.append(f"±{max(abs(a) for a in vals):g}° ({len(vals)} tilts)")
+        else:
+            parts.append(f"{k.split('.')[-1]}={v}")
+    return ", ".join(parts) or "point " + str(row.get("point_index", ""))
 
 
 def _rows(table):
@@ -47,7 +108,7 @@ def depth_sections(table, swept, run_dir, max_points: int = 8) -> str | None:
         if xz is None or gxz is None:
             continue
         key = r.get("point_index", 0)
-        d = points.setdefault(key, {"label": _label(r, swept), "truth": gxz, "methods": []})
+        d = points.setdefault(key, {"label": _short_label(r, swept), "truth": gxz, "methods": []})
         d["methods"].append((str(r["reconstructor"]), xz))
     if not points:
         return None
@@ -67,7 +128,7 @@ def depth_sections(table, swept, run_dir, max_points: int = 8) -> str | None:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(d["label"], fontsize=9, y=1.02)
-        blocks.append(_img(_uri(fig), f"depth sections {d['label']}"))
+        blocks.append(_img(_small_uri(fig, dpi=64, colors=32), f"depth sections {d['label']}"))
     return ("<p>Depth sections (xz, normal to the tilt axis y, through the box centre, mean over ±1 Å in y): the "
             "missing wedge stretches atoms along z (the beam, vertical). Potential in V, each panel from 0 (black) "
             "to its own 99.8th percentile (white; negative values black).</p>" + "".join(blocks))
@@ -86,13 +147,13 @@ def alignment_figure(table, swept, run_dir, max_rows: int = 12) -> str | None:
         te = _section_arrays(arrs, "euler_true_deg")
         if t is None or tt is None or te is None:
             continue
-        same = next((i for i, (_, lab, prev, _, _) in enumerate(items) if lab == _label(r, swept)
+        same = next((i for i, (_, lab, prev, _, _) in enumerate(items) if lab == _short_label(r, swept)
                      and np.array_equal(t, prev)), None)
         if same is not None:  # e2e holds Alg. 2's alignment fixed: the same panel once per point, both names on it
             m0, *rest = items[same]
             items[same] = (f"{m0} = {r['reconstructor']}", *rest)
             continue
-        items.append((str(r["reconstructor"]), _label(r, swept), t, tt, te))
+        items.append((str(r["reconstructor"]), _short_label(r, swept), t, tt, te))
     if not items:
         return None
     items = items[:max_rows]
@@ -117,7 +178,7 @@ def alignment_figure(table, swept, run_dir, max_rows: int = 12) -> str | None:
     fig.tight_layout()
     return ("<p>Global translation of each tilt, recovered (dots) vs simulated (dashed), after removing the part "
             "equivalent to a 3D shift of the whole volume (not measurable). The paper reports half the tilts "
-            "within 0.4 Å and all within 0.8 Å.</p>" + _img(_uri(fig), "alignment"))
+            "within 0.4 Å and all within 0.8 Å.</p>" + _img(_small_uri(fig), "alignment"))
 
 
 #: You 2025 Fig. 3e (experiment, Te nanoparticle): (total fluence of one subset e/Å², resolution Å, what the paper says)
@@ -222,7 +283,7 @@ def fluence_figure(table, scenario, run_dir) -> str | None:
             "0.82 Å one-bit; 2.21·10⁴ e/Å² at 1/20: 2.84 Å) — another sample and scale, drawn for orientation only. "
             "A resolution at Nyquist means the curve never crossed.</p>")
     tab = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + body + "</table>"
-    return note + _img(_uri(fig), "FSC resolution vs fluence") + tab
+    return note + _img(_small_uri(fig), "FSC resolution vs fluence") + tab
 
 
 def tomo_report_sections(table, scenario, run_dir) -> list[dict]:
@@ -243,7 +304,8 @@ def tomo_report_sections(table, scenario, run_dir) -> list[dict]:
         "(lateral) — information recovered in the missing wedge raises the axial one — atom tracing and "
         "alignment errors.</p>"))
     if cmp:
-        out.append({"title": "You 2025 tomography: methods vs sweep", "html": cmp[0], "markdown": cmp[1]})
+        out.append({"title": "You 2025 tomography: methods vs sweep", "html": _shrink_images(cmp[0]),
+                    "markdown": cmp[1]})
     # (FSC curves: the core's "Fourier shell / ring correlation" section shows them)
     ds = depth_sections(table, swept, run_dir)
     if ds:

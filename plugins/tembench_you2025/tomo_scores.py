@@ -143,7 +143,8 @@ class AlignmentError(Quantifier):
         "volume_shift_*_A": Metric("Å", None, diagnostic=True, description="displacement of the volume's content "
                                    "from the truth implied by the translation errors (x, y, z): −t with τ − τ_true = "
                                    "(R_k t)_{y,x}"),
-        "euler_error_max_*_deg": Metric("deg", "lower", (0.0, 180.0), description="max over tilts of the error "
+        "euler_error_max_*_deg": Metric("deg", "lower", (0.0, 180.0), diagnostic=True,
+                                        description="max over tilts of the error "
                                         "of one Euler angle (rot and psi are degenerate near tilt 0)"),
         "rotation_error_max_deg": Metric("deg", "lower", (0.0, 180.0), headline=True,
                                          description="max over tilts of the angle of R_true⁻¹ R_recovered Q, the "
@@ -341,10 +342,11 @@ class DepthElongation(Quantifier):
                                                            "voxel, at the true atom positions"),
         "depth_elongation_rel": Metric("", "lower", (0.0, None),
                                        description="depth_elongation_ratio / depth_elongation_truth_ratio"),
-        "depth_sigma_z_median_A": Metric("Å", "lower", (0.0, None), description="median axial Gaussian σ (Å)"),
-        "depth_sigma_lateral_median_A": Metric("Å", "lower", (0.0, None),
+        "depth_sigma_z_median_A": Metric("Å", "lower", (0.0, None), diagnostic=True,
+                                         description="median axial Gaussian σ (Å)"),
+        "depth_sigma_lateral_median_A": Metric("Å", "lower", (0.0, None), diagnostic=True,
                                                description="median lateral Gaussian σ (Å)"),
-        "depth_elongation_true_sites_ratio": Metric("", "lower", (0.0, None),
+        "depth_elongation_true_sites_ratio": Metric("", "lower", (0.0, None), diagnostic=True,
                                                     description="median σ_z/σ_lat fitted in the registered volume at "
                                                                 "the TRUE atom positions (not fooled by false "
                                                                 "positives; atoms whose fit fails are left out)"),

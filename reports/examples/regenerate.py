@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES = {"quick": "quick", "pelz2022_dose": "pelz2022_dose", "ren2020": "ren2020_quick",
             "ren2020_table1": "ren2020_table1",
             "friedrich2023_methods": "friedrich2023_methods",
+            "you2025_tilt_range": "you2025_tilt_range",
             "friedrich2023_ricom": "friedrich2023_ricom"}
 KEEP = ("report.html", "report.md", "results.csv", "manifest.json")
 
