@@ -405,3 +405,34 @@ def test_linear_stage_projects_each_tilts_msp_result_onto_the_tomography_grid(mo
     for k in range(2):
         want = TC.resample_to_grid(res[k].projection().astype(np.float32), res[k].origin_A, grid)
         np.testing.assert_allclose(seen["proj"][k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_depth_elongation_fits_at_most_max_sites_and_the_truth_at_the_true_columns(monkeypatch):
+    """The traced-site fits honour ``max_sites``; the truth fits run on the ground-truth volume at the true atoms
+    in voxels of the truth's grid (z, y, x)/s, with the same boxes and cap."""
+    import tembench.analysis.atom_tracing as AT
+
+    seen = []
+
+    def spy(vol, sites, s, box_lat, box_ax, max_sites=None):
+        seen.append((np.asarray(vol).shape, np.asarray(sites), s, box_lat, box_ax, max_sites))
+        return np.ones(1), np.ones(1), np.ones(1)
+
+    monkeypatch.setattr(TS, "elongation_ratios", spy)
+    class Traced:
+        positions_vox = np.array([[1.0, 2.0, 3.0]])
+
+        def __len__(self):
+            return 1
+
+    monkeypatch.setattr(AT, "trace_atoms", lambda *a, **k: Traced())
+    p = TS.DepthElongation.Params(max_sites=5, truth=False, true_sites=False, section_half_width_A=None)
+    rec = SimpleNamespace(kind="volume", sampling_A=(0.5, 0.5, 0.5), data=np.zeros((6, 6, 6)), origin_A=(0.0, 0.0, 0.0))
+    TS.DepthElongation().score(rec, None, None, p)
+    assert seen[-1][5] == 5 and seen[-1][2] == 0.5
+    sample = SimpleNamespace(positions_A=np.array([[1.0, 2.0, 1.5], [50.0, 50.0, 50.0]]))   # (x, y, z) Å
+    gt = np.zeros((7, 7, 7))
+    TS.DepthElongation._truth(rec, sample, 0.5, p, gt)
+    shape, sites, s, box_lat, box_ax, cap = seen[-1]
+    assert shape == gt.shape and s == 0.5 and (box_lat, box_ax, cap) == (p.box_lateral_A, p.box_axial_A, 5)
+    np.testing.assert_allclose(sites, [[3.0, 4.0, 2.0]])         # (z, y, x)/s of the one atom inside the box
