@@ -316,7 +316,7 @@ def depth_sections(volume, origin_A, voxel_A: float, half_width_A: float, truth=
     iy = np.arange(max(0, ny // 2 - k), min(ny, ny // 2 + k + 1))
     out = {"depth_section_xz": vol[:, iy, :].mean(axis=1).astype(np.float32),
            "depth_section_origin_zx_A": np.array([origin_A[0], origin_A[2]], np.float64),
-           "depth_section_y_A": float(origin_A[1] + s * ny // 2)}
+           "depth_section_y_A": float(origin_A[1] + s * (ny // 2))}
     if truth is not None:
         o = np.asarray(origin_A, np.float64) / s
         zz, yy, xx = np.meshgrid(o[0] + np.arange(nz), o[1] + iy, o[2] + np.arange(nx), indexing="ij")

@@ -278,10 +278,8 @@ def test_depth_section_covering_every_row_is_the_mean_over_y():
     np.testing.assert_allclose(out["depth_section_xz"], vol[:, 2, :], rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="depth_sections reports depth_section_y_A = origin + s * ny // 2, which Python "
-                   "reads as origin + floor(s·ny / 2), not origin + s·(ny // 2), the row it averages about "
-                   "(0.2 Å voxels, 15 rows: 1.0 instead of 1.4 Å)")
 def test_depth_section_y_is_the_centre_row():
+    # was origin + s * ny // 2, which Python reads as floor(s·ny / 2) (0.2 Å voxels, 15 rows: 1.0 instead of 1.4 Å)
     out = TS.depth_sections(np.zeros((3, 15, 4)), (0.0, 0.0, 0.0), 0.2, half_width_A=0.0)
     assert out["depth_section_y_A"] == pytest.approx(0.2 * 7)
 
