@@ -228,3 +228,23 @@ def test_bad_pixel_check_policies_small_disc_and_refusal_messages():
             "x=0); hot pixel (ky=0, kx=9), mean 1000, most extreme in frame scan (y=0, x=0) and 10 more)")):
         common.find_bad_pixels(many, "m")
     assert len(common.find_bad_pixels(many, "m", max_fraction=0.1).neighbours) == 13
+
+
+def test_few_stuck_pixels_use_the_5x5_median_of_their_own_window():
+    """The 'few stuck pixels' path (their own 5x5 medians, edge-padded) against scipy's 5x5 median filter
+    (mode 'nearest') of the change counts: a quiet region (never changing) placed so that a window shifted by one
+    pixel, or mirrored, gives a different median at the stuck pixel (8, 8) and at the region's own pixels."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    x = rng.random((5, 5, 16, 16)).astype(np.float32)    # live pixels change in all 24 later frames
+    x[:, :, 8, 8] = 0.5                                   # stuck
+    x[:, :, 5:11, 5:7] = 0.5                              # quiet columns 3 and 2 left of it
+    x[:, :, 5, 5:10] = 0.5                                # and the row 3 above it
+    changes = (x.reshape(25, 256) != x.reshape(25, 256)[0]).sum(0).reshape(16, 16)
+    stuck = changes == 0
+    assert 8 * stuck.sum() < 256                          # the "few" path
+    want = stuck & (ndimage.median_filter(changes, size=5, mode="nearest") >= common.DEAD_MIN_CHANGES)
+    assert want[8, 8] and not want.all() and want.sum() < stuck.sum()   # both outcomes occur
+    bad = common.find_bad_pixels(x, "t", max_fraction=0.2)
+    np.testing.assert_array_equal(bad.kind == 3, want)
