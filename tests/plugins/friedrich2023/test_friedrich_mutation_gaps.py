@@ -306,3 +306,33 @@ def test_crlb_aggregate_goes_on_past_a_kind_without_a_bound():
     out = Q.CRLBPrecision().aggregate(reps, None, Q.CRLBPrecision.Params(min_repeats=3))
     assert math.isnan(out["precision_ratio_x"])
     assert np.isfinite(out["precision_ratio_y"]) and np.isfinite(out["precision_ratio_scs_pooled"])
+
+
+def test_poisson_cost_is_the_negative_log_likelihood_and_refuses_nonpositive_models():
+    """−log L of Poisson counts up to the constant Σ log y!: Σ f − Σ_{y>0} y log f; a model with f ≤ 0 anywhere has
+    no likelihood (∞), however small — the fit must never step there."""
+    y = np.array([0.0, 2.0, 5.0])
+    f = np.array([0.5, 1.5, 4.0])
+    want = -float(np.sum(st.poisson.logpmf(y, f))) - float(np.sum([math.lgamma(v + 1) for v in y]))
+    assert C._cost(y, f, "poisson") == pytest.approx(want, rel=1e-12)
+    for bad in ([0.0, 1.5, 4.0], [0.5, -1e-9, 4.0]):
+        assert C._cost(y, np.array(bad), "poisson") == math.inf
+    assert C._cost(y, f, "lsq") == pytest.approx(0.5 * float(np.sum((y - f) ** 2)))
+
+
+def test_true_columns_of_no_atoms_one_atom_and_a_stack():
+    from types import SimpleNamespace
+
+    empty = Q.true_columns(SimpleNamespace(positions_A=np.zeros((0, 3)), numbers=np.zeros(0, int)))
+    assert all(len(v) == 0 for v in empty.values()) and set(empty) == {"x_A", "y_A", "n_atoms", "Z"}
+    # two atoms stacked along z within the tolerance (one column of 2, Z the majority), one apart
+    s = SimpleNamespace(positions_A=np.array([[1.0, 2.0, 0.0], [1.2, 2.0, 3.0], [4.0, 2.0, 0.0]]),
+                        numbers=np.array([42, 42, 16]))
+    c = Q.true_columns(s, tol_A=0.3)
+    order = np.argsort(c["x_A"])
+    np.testing.assert_allclose(c["x_A"][order], [1.1, 4.0])
+    np.testing.assert_allclose(c["y_A"][order], [2.0, 2.0])
+    np.testing.assert_array_equal(c["n_atoms"][order], [2, 1])
+    np.testing.assert_array_equal(c["Z"][order], [42, 16])
+    one = Q.true_columns(SimpleNamespace(positions_A=np.array([[3.0, 1.0, 0.0]]), numbers=np.array([8])))
+    assert len(one["x_A"]) == 1 and one["n_atoms"][0] == 1 and one["Z"][0] == 8
