@@ -336,3 +336,26 @@ def test_true_columns_of_no_atoms_one_atom_and_a_stack():
     np.testing.assert_array_equal(c["Z"][order], [42, 16])
     one = Q.true_columns(SimpleNamespace(positions_A=np.array([[3.0, 1.0, 0.0]]), numbers=np.array([8])))
     assert len(one["x_A"]) == 1 and one["n_atoms"][0] == 1 and one["Z"][0] == 8
+
+
+def test_column_fit_score_counts_the_field_and_reports_the_scs_median():
+    """Noise-free Gaussian columns of known height: every fitted column lies in the field (its x extent is
+    origin + (n − 1)·step, not a division), none is a false positive, and the SCS median is 2π η σ² × the median
+    atom count of the matched columns (the normalised SCS of eq 2.19's columns)."""
+    from test_components import H_PER_ATOM, SIGMA, _sample_and_image
+
+    from tembench_friedrich2023.quantify import ColumnFit, ColumnFitScore
+
+    sample, m, model, counts = _sample_and_image()
+    rec = ColumnFit().reconstruct(m, ColumnFit.Params(min_distance_A=0.8, smooth_A=0.2), np)
+    q = ColumnFitScore()
+    out = q.score(rec, m, sample, q.Params(counting="none", border_A=0.5))
+    assert out["n_columns_true"] == out["n_matched"] == out["n_columns_fitted"] == len(model)
+    assert out["n_false_positives"] == 0
+    want = 2 * np.pi * H_PER_ATOM * SIGMA ** 2 * float(np.median(counts))
+    assert out["scs_normalized_median"] == pytest.approx(want, rel=0.02)
+    # a border that cuts the last row and column (at 9.6 Å; the field ends at 55 × 0.2 = 11.0 Å): 4 × 4 remain,
+    # for the truth and for the fitted columns alike
+    cut = q.score(rec, m, sample, q.Params(counting="none", border_A=1.5))
+    assert cut["n_columns_true"] == cut["n_columns_fitted"] == cut["n_matched"] == 16
+    assert cut["n_false_positives"] == 0
