@@ -359,3 +359,19 @@ def test_column_fit_score_counts_the_field_and_reports_the_scs_median():
     cut = q.score(rec, m, sample, q.Params(counting="none", border_A=1.5))
     assert cut["n_columns_true"] == cut["n_columns_fitted"] == cut["n_matched"] == 16
     assert cut["n_false_positives"] == 0
+
+
+def test_reference_bound_keeps_a_common_width():
+    """The bound of a common-width model is that of one shared σ (fewer parameters than one σ per column, so
+    the position bounds differ), and reference_bound must not drop the flag when it takes the live columns."""
+    grid = C.ImageGrid((40, 40), (0.2, 0.2), (0.0, 0.0))
+    x, y = np.array([2.0, 4.0, 6.0]), np.array([3.0, 4.5, 3.5])
+    shared = C.ColumnModel(x, y, [800.0, 1200.0, 1000.0], 0.5, [20.0], common_width=True)
+    own = C.ColumnModel(x, y, [800.0, 1200.0, 1000.0], 0.5, [20.0], common_width=False)
+    bound, live = Q.reference_bound(shared, grid, 6.0)
+    assert live.all()
+    want = C.crlb(shared, grid, 1.0, 6.0)
+    np.testing.assert_allclose(bound.var_x_A2, want.var_x_A2, rtol=1e-12)
+    np.testing.assert_allclose(bound.var_sigma_A2, want.var_sigma_A2, rtol=1e-12)
+    other = C.crlb(own, grid, 1.0, 6.0)
+    assert not np.allclose(bound.var_sigma_A2, other.var_sigma_A2, rtol=1e-3)
