@@ -434,3 +434,32 @@ def test_depth_elongation_fits_at_most_max_sites_and_the_truth_at_the_true_colum
     shape, sites, s, box_lat, box_ax, cap = seen[-1]
     assert shape == gt.shape and s == 0.5 and (box_lat, box_ax, cap) == (p.box_lateral_A, p.box_axial_A, 5)
     np.testing.assert_allclose(sites, [[3.0, 4.0, 2.0]])         # (z, y, x)/s of the one atom inside the box
+
+
+@pytest.mark.parametrize("where", [(0, 0), (0, -1), (-1, 0)], ids=["on_beam", "left_of_beam", "above_beam"])
+def test_initial_probe_disc_is_the_bright_field_grown_by_one_pixel_all_round(where):
+    """The probe's spectrum lives on the pixels above 30 % of the mean pattern's maximum, grown by one pixel along
+    each detector axis (periodically, around the unscattered beam at pixel n//2): a plus of 5 pixels around the
+    bright pixel here. A growth along the flattened array instead of an axis puts a pixel in the wrong row where
+    a row wraps (the beam sits at index 0 after ifftshift, so a bright pixel beside it is at the end of a row)."""
+    from tembench_you2025.msp import initial_probe
+
+    n = 8
+    mean = np.full((n, n), 0.05)
+    cy, cx = n // 2 + where[0], n // 2 + where[1]
+    mean[cy, cx] = 1.0
+    plus = ((1, 0), (-1, 0), (0, 1), (0, -1))
+    for dy, dx in plus:
+        mean[cy + dy, cx + dx] = 0.2
+    for dy, dx in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+        mean[cy + dy, cx + dx] = 0.1
+    p0 = initial_probe(mean, (0.2, 0.2), 200.0, {}, 1, 0.0, np.random.default_rng(0), np)
+    spec = np.abs(np.fft.fftshift(np.fft.fft2(np.asarray(p0)[0])))
+    support = spec > 1e-4 * spec.max()  # float32 rounding elsewhere
+    want = np.zeros((n, n), bool)
+    want[cy, cx] = True
+    for dy, dx in plus:
+        want[cy + dy, cx + dx] = True
+    np.testing.assert_array_equal(support, want)
+    # amplitudes √Ī on the support
+    np.testing.assert_allclose(spec[cy, cx + 1] / spec[cy, cx], np.sqrt(0.2), rtol=1e-5)
