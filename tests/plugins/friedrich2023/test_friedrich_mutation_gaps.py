@@ -375,3 +375,15 @@ def test_reference_bound_keeps_a_common_width():
     np.testing.assert_allclose(bound.var_sigma_A2, want.var_sigma_A2, rtol=1e-12)
     other = C.crlb(own, grid, 1.0, 6.0)
     assert not np.allclose(bound.var_sigma_A2, other.var_sigma_A2, rtol=1e-3)
+
+
+def test_live_orientation_waits_for_two_scanned_rows():
+    """Before two scan rows have been seen there is nothing to estimate a rotation from: the live view reports
+    0° and says it did not estimate; from the second row on it estimates."""
+    rng = np.random.default_rng(3)
+    live = R.RiCOM((4, 5), kernel_size=3)
+    assert live.orientation() == {"rotation_deg": 0.0, "transpose": False, "estimated": False}
+    live.add_com(rng.normal(size=5), rng.normal(size=5), indices=np.arange(5))  # row 0
+    assert live.orientation() == {"rotation_deg": 0.0, "transpose": False, "estimated": False}
+    live.add_com(rng.normal(size=5), rng.normal(size=5), indices=np.arange(5, 10))  # row 1
+    assert live.orientation()["estimated"] is True
