@@ -387,3 +387,18 @@ def test_live_orientation_waits_for_two_scanned_rows():
     assert live.orientation() == {"rotation_deg": 0.0, "transpose": False, "estimated": False}
     live.add_com(rng.normal(size=5), rng.normal(size=5), indices=np.arange(5, 10))  # row 1
     assert live.orientation()["estimated"] is True
+
+
+def test_linear_heights_are_the_exact_least_squares_heights_and_background():
+    """At fixed positions and widths the model is linear in the heights and the background: one step from any start
+    lands on the heights and background that made a noise-free image (a sign error in the step would move away)."""
+    grid = C.ImageGrid((40, 44), (0.2, 0.2), (0.0, 0.0))
+    x, y = np.array([2.0, 4.1, 6.3]), np.array([3.0, 4.4, 3.6])
+    truth = C.ColumnModel(x, y, [0.8, 1.3, 1.0], [0.45, 0.5, 0.4], [0.02])
+    img = truth.image(grid, window_sigmas=5.0)
+    start = C.ColumnModel(x, y, [0.2, 2.0, 0.5], [0.45, 0.5, 0.4], [0.3])
+    got = C._linear_heights(C._Evaluator(grid, 5.0), start, np.asarray(img, np.float64).ravel())
+    np.testing.assert_allclose(got.height, truth.height, rtol=1e-6)
+    np.testing.assert_allclose(got.background, truth.background, rtol=1e-6)
+    np.testing.assert_allclose(got.x_A, x)
+    np.testing.assert_allclose(got.sigma_A, truth.sigma_A)
