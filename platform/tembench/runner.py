@@ -55,7 +55,7 @@ from tembench.executors import TaskLost, make_executor, note_computation, print_
 from tembench.registry import Registry, get_registry
 from tembench.scenario import Scenario, ScenarioSpec, check_executor, stable_hash
 from tembench.store import RunStore, StageCache, check_output_folder, check_output_root, dumps
-from tembench.types import HALF_SETS, half_measurement, has_half_sets
+from tembench.types import HALF_SETS, HALF_SETS_STEP, full_measurement, half_measurement, has_half_sets
 
 PREVIEW_MAX_PIXELS = 384
 
@@ -89,9 +89,9 @@ class StageKeys:
 def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[str, Any] | None = None) -> StageKeys:
     """Content keys of every stage of one (point, repeat); each key chains the one before it."""
     env = identity.environment_identity(spec.device) if env is None else env
-    sample = stable_hash({"stage": "sample", "c": _component_id(registry, "sample", spec.sample), "seed": spec.seed,
-                          "env": env})
-    forward = stable_hash({"stage": "forward", "up": sample, "c": _component_id(registry, "forward_model", spec.forward)})
+    s_id, f_id = _component_id(registry, "sample", spec.sample), _component_id(registry, "forward_model", spec.forward)
+    sample = stable_hash({"stage": "sample", "c": s_id, "seed": spec.seed, "env": env})
+    forward = stable_hash({"stage": "forward", "up": sample, "c": f_id})
     chain = [_component_id(registry, "noise_model", n) for n in spec.noise]
     noise = stable_hash({"stage": "noise", "up": forward, "seed": spec.seed, "repeat": repeat, "c": chain})
     # each step is seeded by the chain up to and including it, so appending a step (e.g. a
@@ -104,23 +104,18 @@ def stage_keys(spec: ScenarioSpec, registry: Registry, repeat: int, env: dict[st
         full_up = steps[-2] if len(steps) > 1 else forward
     recon = {r.key: stable_hash({"stage": "recon", "up": full_up, "c": _component_id(registry, "reconstructor", r)})
              for r in spec.reconstructors}
-    named = {"sample": _seed_id(registry, "sample", spec.sample),
-             "forward": _seed_id(registry, "forward_model", spec.forward)}
-    seed_chain = [_seed_id(registry, "noise_model", n) for n in spec.noise]
+    named = {"sample": _seed_id(s_id), "forward": _seed_id(f_id)}
+    seed_chain = [_seed_id(c) for c in chain]
     sample_seed = stable_hash({"stage": "sample", "c": named["sample"], "seed": spec.seed})
     step_seeds = [stable_hash({"stage": "noise", "up": named, "seed": spec.seed, "repeat": repeat,
                                "c": seed_chain[: i + 1]}) for i in range(len(seed_chain))]
     return StageKeys(sample, forward, noise, recon, steps, sample_seed, step_seeds)
 
 
-def _seed_id(registry: Registry, kind: str, comp) -> dict[str, Any]:
-    """A component as the random stages see it: its name and validated parameters (no code fingerprint)."""
-    cls = registry.get(kind, comp.name)
-    return {"name": comp.name, "params": cls.parse_params(comp.params).model_dump(mode="json")}
-
-
-#: the noise step that splits a measurement into half sets (``tembench.builtin.half_sets``)
-HALF_SETS_STEP = "half_sets"
+def _seed_id(component_id: dict[str, Any]) -> dict[str, Any]:
+    """A component as the random stages see it: its name and validated parameters (:func:`_component_id` without
+    the code fingerprint)."""
+    return {"name": component_id["name"], "params": component_id["params"]}
 
 
 def half_recon_key(recon_key: str, index: int, split_key: str) -> str:
@@ -366,12 +361,9 @@ def run_unit(task: UnitTask) -> UnitResult:
 
     xp = get_array_module(spec.device)
     halves = has_half_sets(noisy)
-    # reconstructors see the full data only, exactly as before the split (no half-set extras or provenance:
-    # its cache key does not depend on the split); the halves go through half_measurement()
-    full = noisy.replace(
-        extras={k: v for k, v in noisy.extras.items() if k != HALF_SETS},
-        provenance=[p for p in noisy.provenance if HALF_SETS_STEP not in (p.get("component"), p.get("name"))],
-    ) if halves else noisy
+    # reconstructors see the full data only, exactly as before the split (its cache key does not depend on the
+    # split); the halves go through half_measurement()
+    full = full_measurement(noisy)
     for r in spec.reconstructors:
         rk = row_key(task.point_index, task.point_id, task.repeat, r.key)
         if store.has_row(rk):
@@ -621,7 +613,7 @@ def check_half_sets(scenario: Scenario, registry: Registry) -> None:
     for point in scenario.points:
         spec = point.spec
         for i, n in enumerate(spec.noise):
-            if n.name != "half_sets":
+            if n.name != HALF_SETS_STEP:
                 continue
             if i != len(spec.noise) - 1:
                 after = ", ".join(repr(m.name) for m in spec.noise[i + 1:])
@@ -758,14 +750,15 @@ def _run(scenario: Scenario, spec: ScenarioSpec, registry: Registry, store: RunS
             s = specs[id(u)] = ScenarioSpec.model_validate(u.spec)
             forward_key[id(u)] = stage_keys(s, registry, 0, env).forward
         n_users = Counter(forward_key.values())
-        unit_weights = []
+        weights: dict[str, float] = {}  # one preflight estimate per distinct simulation
         for u in units:
-            fk, s = forward_key[id(u)], specs[id(u)]
-            weight = _forward_weight(s, registry) if kind != "serial" else 0.0
-            unit_weights.append(weight if n_users[fk] == 1 else 0.0)
+            fk = forward_key[id(u)]
+            if fk not in weights:
+                weights[fk] = _forward_weight(specs[id(u)], registry) if kind != "serial" else 0.0
             if n_users[fk] > 1 and fk not in fwd_tasks and not StageCache(cache_root, use_cache).has("forward", fk):
                 fwd_tasks[fk] = ForwardTask(u.spec, str(cache_root), use_cache, track_memory)
-                fwd_weights[fk] = weight
+                fwd_weights[fk] = weights[fk]
+        unit_weights = [weights[forward_key[id(u)]] if n_users[forward_key[id(u)]] == 1 else 0.0 for u in units]
         fwd_errors: dict[str, str] = {}
         if fwd_tasks and kind != "serial":  # serially, phase 2 simulates on first use
             bar = _bar(len(fwd_tasks), 0, f"{spec.name}: simulate", progress)

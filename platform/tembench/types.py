@@ -269,6 +269,8 @@ class Reconstruction:
 # halves with every reconstructor and hands the two reconstructions to quantifiers as
 # ``reconstruction.extras[HALF_SETS] = [A, B]``.
 HALF_SETS = "half_sets"
+#: name of the noise step that makes the split (``tembench.builtin.half_sets``); it must end the noise chain
+HALF_SETS_STEP = "half_sets"
 #: bool (scan_y, scan_x) in a positions half set: True where the pattern is present (the data of
 #: absent patterns is still in the array and must be ignored). Same mask for every tilt.
 PATTERN_MASK = "pattern_mask"
@@ -277,6 +279,17 @@ PATTERN_MASK = "pattern_mask"
 def has_half_sets(measurement: Measurement) -> bool:
     """True if ``measurement`` was split by the ``half_sets`` step."""
     return isinstance(measurement.extras.get(HALF_SETS), dict)
+
+
+def full_measurement(measurement: Measurement) -> Measurement:
+    """The data of a measurement split by the ``half_sets`` step exactly as before the split: no
+    ``extras["half_sets"]`` and no provenance entry of the split, so a reconstruction of it (and its cache key)
+    does not depend on how the data were split. A measurement without half sets is returned as is."""
+    if not has_half_sets(measurement):
+        return measurement
+    return measurement.replace(
+        extras={k: v for k, v in measurement.extras.items() if k != HALF_SETS},
+        provenance=[p for p in measurement.provenance if HALF_SETS_STEP not in (p.get("component"), p.get("name"))])
 
 
 def half_measurement(measurement: Measurement, index: int) -> Measurement:
