@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from tembench.report import img_tag, plot_metric, prepared, pyplot, sweep_layout
+from tembench.report import figure_uri, img_tag, plot_metric, prepared, pyplot, sweep_layout
 
 #: reconstructors whose run gets these sections
 PHASE_METHODS = ("ricom", "airpi")
@@ -199,18 +199,7 @@ def _grey(ax, img: dict, extent_lim=None):
 def grey_png_uri(fig, dpi: int, levels: int = 64) -> str:
     """The figure (grey images, black text on white) as a greyscale PNG of ``levels`` grey values, as a data URI (the
     figure is closed): about a third of the RGBA PNG's bytes for these noisy images (the committed examples stay small)."""
-    import io
-
-    from PIL import Image
-
-    plt = pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    buf.seek(0)
-    out = io.BytesIO()
-    Image.open(buf).convert("L").quantize(levels).save(out, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    return figure_uri(fig, dpi=dpi, colors=levels, grey=True)
 
 
 def image_grid(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path, max_rows: int = 8,

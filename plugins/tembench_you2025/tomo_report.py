@@ -14,49 +14,30 @@ from pathlib import Path
 
 import numpy as np
 
-from tembench_you2025.report import _img, _label, _mpl, _npz, _swept, _uri, comparison
+from tembench_you2025.report import _img, _mpl, _npz, _swept, comparison
 from tembench_you2025.tomo_scores import volume_shift_part
 
 TOMO_METHODS = ("joint_linear_tomo", "e2e_ptycho_tomo")
 
 
-def _quantized_png(data: bytes, colors: int = 64) -> bytes:
-    try:
-        import io
-
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(data)).convert("RGB").quantize(colors=colors)
-        out = io.BytesIO()
-        img.save(out, format="PNG", optimize=True)
-        return out.getvalue()
-    except ImportError:  # pragma: no cover - Pillow ships with matplotlib
-        return data
-
-
 def _shrink_images(page: str, colors: int = 64) -> str:
-    """Every PNG data URI in ``page`` re-encoded with an adaptive palette (see :func:`_small_uri`)."""
+    """Every PNG data URI in ``page`` re-encoded with an adaptive palette (:func:`tembench.report.palette_png`)."""
     import base64
     import re
 
+    from tembench.report import palette_png
+
     def sub(m):
-        return "data:image/png;base64," + base64.b64encode(
-            _quantized_png(base64.b64decode(m.group(1)), colors)).decode()
+        return "data:image/png;base64," + base64.b64encode(palette_png(base64.b64decode(m.group(1)), colors)).decode()
 
     return re.sub(r"data:image/png;base64,([A-Za-z0-9+/=]+)", sub, page)
 
 
 def _small_uri(fig, dpi: int = 72, colors: int = 64) -> str:
-    """A figure as a PNG data URI with an adaptive palette of ``colors`` colours (3–4× smaller than RGBA: the
-    example reports embed every figure and must stay small). Falls back to the plain PNG without Pillow."""
-    import base64
-    import io
+    """A figure as a palette PNG data URI (3–4× smaller than RGBA: the example reports embed every figure)."""
+    from tembench.report import figure_uri
 
-    plt = _mpl()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(_quantized_png(buf.getvalue(), colors)).decode()
+    return figure_uri(fig, dpi=dpi, colors=colors)
 
 
 TOMO_METRICS = ("fsc_gt_resolution_A", "fsc_half_resolution_A", "depth_elongation_rel",
