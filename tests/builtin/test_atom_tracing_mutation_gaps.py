@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tembench.analysis import atom_tracing as at
-from tembench.analysis.atom_tracing import TraceResult, render_sites, trace_atoms
+from tembench.analysis.atom_tracing import render_sites, trace_atoms
 
 
 def _exact(shape, d, centres_vox, A, s):

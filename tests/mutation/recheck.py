@@ -295,7 +295,7 @@ def main() -> None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 rc = os.waitstatus_to_exitcode(status)
-                verdict = {0: "survived", 1: "killed"}.get(rc, f"error")
+                verdict = {0: "survived", 1: "killed"}.get(rc, "error")
                 break
             if time.time() > deadline:
                 os.kill(pid, signal.SIGKILL)

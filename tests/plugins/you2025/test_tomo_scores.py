@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tembench import Reconstruction, Sample
-from tembench.analysis.atom_tracing import render_sites
 from tembench.physics.rotation import euler_matrix, rotate_points
 from tembench.registry import get_registry
 from tembench_you2025 import tomo_common as T
