@@ -30,6 +30,8 @@ _PROBES = frozenset({"__wrapped__", "__signature__", "__func__", "__self__", "__
 class _Deferred(ModuleType):
     """Stand-in for a module that is imported on first attribute access."""
 
+    _skip: tuple[str, ...] = ()
+
     def __getattr__(self, attr: str):  # only reached when normal lookup fails
         if attr in _PROBES:
             raise AttributeError(attr)
@@ -37,15 +39,20 @@ class _Deferred(ModuleType):
         # (≈ 2 µs), and hot loops read deferred attributes tens of thousands of times per unit
         mod = sys.modules.get(self.__name__)
         if mod is None or isinstance(mod, _Deferred):
-            mod = importlib.import_module(self.__name__)
+            mod = _import_deferring(self.__name__, self._skip)
         return getattr(mod, attr)
 
     def __dir__(self):
         return dir(importlib.import_module(self.__name__))
 
 
-def lazy_import(name: str) -> ModuleType:
+def lazy_import(name: str, defer_submodules: tuple[str, ...] = ()) -> ModuleType:
     """``name`` if already imported, else a stand-in that imports it on first use.
+
+    ``defer_submodules``: submodules that the package's ``__init__`` imports but this code never uses
+    (e.g. ``pyfftw.interfaces``, which pulls in scipy.fftpack and dask.array: 0.4 s of a worker's
+    start); they are bound as stand-ins too when the package is imported, so they still import in
+    full on first use (:func:`_import_deferring`).
 
     Raises :class:`ModuleNotFoundError` at once when the module is not installed, so optional
     dependencies can still be probed with ``try: lazy_import(...) except ImportError``.
@@ -54,7 +61,27 @@ def lazy_import(name: str) -> ModuleType:
         return sys.modules[name]
     if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    return _Deferred(name)
+    mod = _Deferred(name)
+    mod._skip = tuple(defer_submodules)
+    return mod
+
+
+def _import_deferring(name: str, submodules: tuple[str, ...] = ()) -> ModuleType:
+    """Import ``name`` with each of ``submodules`` (not yet imported) replaced by a stand-in while the
+    package's ``__init__`` runs: its ``from . import sub`` binds the stand-in, which imports the real
+    submodule on first attribute access. The stand-ins leave ``sys.modules`` right after, so any later
+    ``import package.sub`` (e.g. by another library in the same process) runs the real import."""
+    if name in sys.modules and not isinstance(sys.modules[name], _Deferred):
+        return sys.modules[name]
+    placed = [s for s in submodules if s not in sys.modules]
+    for s in placed:
+        sys.modules[s] = _Deferred(s)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for s in placed:
+            if isinstance(sys.modules.get(s), _Deferred):
+                del sys.modules[s]
 
 
 #: packages whose deferred imports :func:`warm_imports` follows recursively (ours); a third-party

@@ -8,13 +8,14 @@ use ``scipy.fft`` with worker threads on the CPU and ``cupy.fft`` on the GPU.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from tembench._lazy import lazy_import
+from tembench._lazy import _Deferred, lazy_import
 from tembench.errors import DeviceError
 
 scipy = lazy_import("scipy")  # scipy.fft costs ~0.1-0.3 s to import: on first transform
@@ -96,12 +97,28 @@ def ifftn(x, axes=None):
 
 
 # --- planned in-place FFTs (optional pyFFTW on the CPU) --------------------------------------
-# pyFFTW is optional; measured 1.5-1.8x faster than scipy.fft for 96²-512² complex64. Its import
-# pulls in dask (~0.2 s), so it is deferred to the first plan.
+# pyFFTW is optional; measured 1.5-1.8x faster than scipy.fft for 96²-512² complex64. It is deferred
+# to the first plan, and its ``interfaces`` subpackage (numpy/scipy/dask drop-ins we never call, which
+# import scipy.fftpack and dask.array: 0.38 s of the 0.49 s ``import pyfftw``, measured) is deferred
+# further, to its first use by anyone.
 try:
-    _pyfftw = lazy_import("pyfftw")
+    _pyfftw = lazy_import("pyfftw", defer_submodules=("pyfftw.interfaces",))
 except ImportError:  # pragma: no cover - depends on the environment
     _pyfftw = None
+
+
+@functools.lru_cache(maxsize=1)
+def _pyfftw_version() -> str:
+    """pyFFTW's version from its installed metadata (the run identity asks for it before any plan, and
+    importing pyFFTW only to read ``__version__`` would cost its import in every process)."""
+    if _pyfftw is None:
+        return "none"
+    if not isinstance(_pyfftw, _Deferred):  # imported already
+        return str(_pyfftw.__version__)
+    try:
+        return importlib.metadata.version("pyFFTW")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout on the path
+        return str(_pyfftw.__version__)
 
 _PLANS: dict = {}
 
@@ -170,8 +187,7 @@ def _machine_key() -> str:
                     break  # the first processor's block is enough
     except OSError:  # pragma: no cover - not Linux
         cpu = platform.processor()
-    fftw = _pyfftw.__version__ if _pyfftw is not None else "none"
-    text = f"{platform.machine()}|{cpu}|pyfftw {fftw}"
+    text = f"{platform.machine()}|{cpu}|pyfftw {_pyfftw_version()}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -381,7 +397,7 @@ def fft_identity(device: str = "cpu") -> dict[str, str]:
         numba_on = importlib.util.find_spec("numba") is not None
     return {
         "library": lib,
-        "pyfftw": _pyfftw.__version__ if _pyfftw is not None else "none",
+        "pyfftw": _pyfftw_version(),
         "planner": planner,
         "wisdom": wisdom,
         "threads": str(planned_fft_threads()),

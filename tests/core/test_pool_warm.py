@@ -42,6 +42,62 @@ def test_warm_imports_follows_deferred_modules(deferred_pair):
     assert sys.modules[a].B.VALUE == 7  # the stand-in now reads the real module
 
 
+def test_deferred_submodule_imports_only_on_first_use(tmp_path, monkeypatch):
+    """lazy_import(pkg, defer_submodules=...): the package's own ``from . import heavy`` binds a stand-in
+    (pyFFTW's ``interfaces``, 0.38 s, is never used by us); the real submodule still imports on first
+    attribute access, and a later ``import pkg.heavy`` elsewhere gets the real module, not the stand-in."""
+    from tembench._lazy import lazy_import
+
+    pkg = tmp_path / "warmtest_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import heavy\nCORE = 1\n")
+    (pkg / "heavy.py").write_text("import warmtest_counter\nwarmtest_counter.N += 1\nVALUE = 5\n")
+    (pkg / "other.py").write_text("from warmtest_pkg import heavy\n")
+    (tmp_path / "warmtest_counter.py").write_text("N = 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("warmtest_pkg", "warmtest_pkg.heavy", "warmtest_pkg.other", "warmtest_counter")
+    for n in names:
+        sys.modules.pop(n, None)
+    try:
+        lazy = lazy_import("warmtest_pkg", defer_submodules=("warmtest_pkg.heavy",))
+        assert "warmtest_pkg" not in sys.modules
+        assert lazy.CORE == 1                                   # the package is imported ...
+        assert "warmtest_pkg" in sys.modules
+        assert "warmtest_pkg.heavy" not in sys.modules          # ... its heavy submodule is not
+        assert "warmtest_counter" not in sys.modules
+        real = sys.modules["warmtest_pkg"]
+        assert real.heavy.VALUE == 5                            # first use imports it, once
+        import warmtest_counter
+
+        assert warmtest_counter.N == 1
+        assert real.heavy is sys.modules["warmtest_pkg.heavy"]  # the stand-in was replaced
+        import warmtest_pkg.other  # noqa: F401 - a sibling importing it gets the real module
+
+        assert sys.modules["warmtest_pkg.other"].heavy is sys.modules["warmtest_pkg.heavy"]
+        assert warmtest_counter.N == 1
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
+
+def test_fft_identity_does_not_import_pyfftw():
+    """The run identity names pyFFTW's version from its metadata: reading it must not import pyFFTW (with
+    its interfaces: scipy.fftpack, dask.array), nor may planning import pyfftw.interfaces."""
+    import subprocess
+
+    code = ("import sys; from tembench.backend import fft_identity, _pyfftw, pyfftw_available\n"
+            "if not pyfftw_available(): print('skip'); raise SystemExit\n"
+            "fft_identity(); a = 'pyfftw' in sys.modules\n"
+            "import numpy as np; from tembench.backend import FFT2Plan\n"
+            "p = FFT2Plan((64, 64)); p.forward()\n"
+            "print(a, 'pyfftw' in sys.modules, 'pyfftw.interfaces' in sys.modules, 'dask' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.strip() == "skip":
+        pytest.skip("pyFFTW not installed")
+    assert out.stdout.split() == ["False", "True", "False", "False"]
+
+
 def test_warm_imports_skips_a_module_that_fails(tmp_path, monkeypatch):
     (tmp_path / "tembench_warmtest_broken.py").write_text("raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
