@@ -402,3 +402,130 @@ def test_linear_heights_are_the_exact_least_squares_heights_and_background():
     np.testing.assert_allclose(got.background, truth.background, rtol=1e-6)
     np.testing.assert_allclose(got.x_A, x)
     np.testing.assert_allclose(got.sigma_A, truth.sigma_A)
+
+
+# --- session 8: survivors of the third sample (positions 240–299 of the seed-9 order) ------------------------------
+def _hand_columns(n_iter=17):
+    """Twelve true columns of 1, 2 or 3 atoms (stacked 2 Å apart in z) on a 10 × 10 Å cell and a hand-made fit of
+    them: positions 0.01–0.03 Å off, Gaussian SCS = count + a small jitter, Voronoi SCS = 2 × count + 0.5."""
+    from tembench.types import Sample
+
+    xs, ys = np.meshgrid([2.0, 4.0, 6.0, 8.0], [2.0, 5.0, 8.0])
+    x, y = xs.ravel(), ys.ravel()
+    n = np.array([1, 2, 3, 1, 2, 3, 3, 2, 1, 2, 1, 3])
+    atoms = [(xi, yi, 2.0 * k) for xi, yi, c in zip(x, y, n) for k in range(c)]
+    sample = Sample(np.array(atoms), np.full(len(atoms), 78), [10.0, 10.0, 20.0], name="hand")
+    jitter = 0.02 * np.sin(np.arange(12.0))
+    cols = {"x_A": x + 0.01 * np.cos(np.arange(12.0)), "y_A": y - 0.03, "sigma_A": np.full(12, 0.4),
+            "scs_gauss_normalized": n + jitter, "scs_voronoi_normalized": 2.0 * n + 0.5,
+            "converged": True, "n_iter": n_iter, "fit_time_s": 0.25}
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(data=np.zeros((50, 50)), sampling_A=(0.2, 0.2), origin_A=(0.0, 0.0),
+                          extras={"columns": cols})
+    return sample, rec, cols, n
+
+
+def test_column_fit_score_reads_the_chosen_scs_and_counts_by_the_mixture():
+    """scs='gauss' / 'voronoi' picks that SCS; counting='gmm' reports the mixture's counts as ``counts`` (three
+    well-separated SCS levels 1, 2, 3 with the dimmest component = 1 atom give the true counts); the fit's
+    convergence and iteration count are passed through under their metric names."""
+    sample, rec, cols, n = _hand_columns()
+    q = Q.ColumnFitScore()
+    out = q.score(rec, None, sample, q.Params(scs="gauss", counting="gmm", border_A=1.0))
+    assert out["n_matched"] == 12
+    order = np.lexsort((out["true_x_A"], out["true_y_A"]))
+    want_n = n[np.lexsort((cols["x_A"].round(1), cols["y_A"].round(1)))]
+    np.testing.assert_array_equal(out["n_atoms_true"][order], want_n)
+    assert out["scs_normalized_median"] == pytest.approx(float(np.median(cols["scs_gauss_normalized"])))
+    np.testing.assert_array_equal(out["counts"], out["n_atoms_true"])
+    np.testing.assert_array_equal(out["gmm_counts"], out["n_atoms_true"])
+    assert out["fit_converged"] is True and out["fit_iterations"] == 17 and out["fit_time_s"] == 0.25
+    vor = q.score(rec, None, sample, q.Params(scs="voronoi", counting="none", border_A=1.0))
+    assert vor["scs_normalized_median"] == pytest.approx(float(np.median(2.0 * n + 0.5)))
+    np.testing.assert_array_equal(vor["counts"], np.full(12, -1))       # no counting: every count −1
+
+
+def test_column_fit_score_of_an_image_fitted_by_the_quantifier_keeps_its_own_units():
+    """A reconstruction without fitted columns is fitted by the quantifier; its SCS stay in the image's own units
+    (fraction per unit 1): the median is 2π η σ² × the median count of the noise-free Gaussian columns."""
+    from test_components import H_PER_ATOM, SIGMA, STEP, _sample_and_image
+
+    from tembench.types import Reconstruction
+
+    sample, m, model, counts = _sample_and_image()
+    plain = Reconstruction("image", np.asarray(m.data, float) * 3.0, (STEP, STEP), "intensity", origin_A=(0.0, 0.0))
+    q = Q.ColumnFitScore()
+    out = q.score(plain, m, sample, q.Params(counting="none", border_A=0.5,
+                                             fit={"min_distance_A": 0.8, "smooth_A": 0.2}))
+    assert out["n_matched"] == len(model)
+    want = 3.0 * 2 * np.pi * H_PER_ATOM * SIGMA ** 2 * float(np.median(counts))
+    assert out["scs_normalized_median"] == pytest.approx(want, rel=0.02)
+
+
+def test_crlb_score_reports_the_scs_bound_in_image_units():
+    """A Poisson fit in image units with α = 25 electrons per unit: the per-repeat bounds are those of the image-unit
+    model at α electrons per unit (positions in Å² whatever the units; the SCS in (image units · Å²)²)."""
+    from types import SimpleNamespace
+
+    from tembench.types import Sample
+
+    grid = C.ImageGrid((40, 40), (0.2, 0.2), (0.0, 0.0))
+    x, y = np.array([2.0, 4.5, 6.0]), np.array([3.0, 5.0, 2.5])
+    h, s, bg, alpha = np.array([0.8, 1.2, 1.0]), 0.45, 0.05, 25.0
+    m = C.ColumnModel(x, y, h, s, [bg])
+    img = m.image(grid, 6.0)
+    cols = {"x_A": x, "y_A": y, "height": h, "sigma_A": np.full(3, s), "background": np.array([bg]),
+            "common_width": False, "scs_gauss": 2 * np.pi * h * s ** 2, "electrons_per_unit": alpha,
+            "loss": "poisson", "window_sigmas": 6.0}
+    rec = SimpleNamespace(data=img, sampling_A=(0.2, 0.2), origin_A=(0.0, 0.0), extras={"columns": cols})
+    meas = SimpleNamespace(data=img, extras={})
+    sample = Sample(np.c_[x, y, np.zeros(3)], np.full(3, 78), [8.0, 8.0, 10.0], name="three")
+    q = Q.CRLBPrecision()
+    out = q.score(rec, meas, sample, q.Params(border_A=1.0))
+    assert out["electrons_per_unit"] == alpha and out["crlb_reference_refit"] is False
+    want = C.crlb(m, grid, alpha, 6.0)
+    order = [int(np.argmin(np.hypot(out["true_x_A"] - xi, out["true_y_A"] - yi))) for xi, yi in zip(x, y)]
+    np.testing.assert_allclose(out["crlb_x_A2"][order], want.var_x_A2, rtol=1e-9)
+    np.testing.assert_allclose(out["crlb_scs"][order], want.var_scs, rtol=1e-9)
+    rel = np.sqrt(want.var_scs) / (2 * np.pi * h * s ** 2)
+    assert out["crlb_scs_rel_median_pct"] == pytest.approx(100 * float(np.median(rel)), rel=1e-9)
+
+
+def test_crlb_aggregate_reports_both_ends_of_the_position_mae_interval():
+    """Eq 2.23 over repeats × columns: mean ± t(0.975, N − 1)·s/√N of the Euclidean errors (N = 6)."""
+    xs = np.array([[0.1, 1.0], [0.0, 1.3], [-0.2, 0.9]])
+    ys = np.array([[0.0, 1.1], [0.2, 1.0], [0.1, 0.8]])
+    reps = [{"x_A": xs[i], "y_A": ys[i], "scs": [5.0 + i, 6.0 - i], "crlb_x_A2": [0.01, 0.01],
+             "crlb_y_A2": [0.01, 0.01], "crlb_scs": [0.04, 0.04], "true_x_A": [0.0, 1.0], "true_y_A": [0.0, 1.0]}
+            for i in range(3)]
+    out = Q.CRLBPrecision().aggregate(reps, None, Q.CRLBPrecision.Params(min_repeats=3, confidence=0.95))
+    err = np.hypot(xs - [0.0, 1.0], ys - [0.0, 1.0]).ravel()
+    half = st.t.ppf(0.975, 5) * err.std(ddof=1) / math.sqrt(6)
+    assert out["position_mae_A"] == pytest.approx(err.mean())
+    assert out["position_mae_ci_low_A"] == pytest.approx(err.mean() - half)
+    assert out["position_mae_ci_high_A"] == pytest.approx(err.mean() + half)
+
+
+def test_network_inputs_carry_the_probe_amplitude_and_the_cos_sin_of_its_phase():
+    """Channels 9–11 of the network input are |ψ_in|, cos χ and sin χ of the probe on the frame; outside the
+    aperture (|ψ_in| = 0) the phase is undefined and the channels read (1, 0)."""
+    n = A.N_FRAME
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    amp = np.where(yy ** 2 + xx ** 2 <= (n // 4) ** 2, 1.0 + 0.01 * yy, 0.0)
+    chi = 0.05 * (yy ** 2 - 0.5 * xx ** 2) + 0.3
+    probe = amp * np.exp(1j * chi)
+    ck = np.ones((2, 3, 3, n, n), np.float32)
+    out = A.inputs_from_compressed(ck, np.ones((2, 3, 3)), probe, (0.2, 0.2))
+    inside = amp > 0
+    for b in range(2):
+        np.testing.assert_allclose(out[b, 9], amp, atol=1e-6)
+        np.testing.assert_allclose(out[b, 10], np.where(inside, np.cos(chi), 1.0), atol=1e-6)
+        np.testing.assert_allclose(out[b, 11], np.where(inside, np.sin(chi), 0.0), atol=1e-6)
+
+
+def test_live_ricom_names_the_units_of_its_image():
+    """Calibrated (wavelength and detector sampling given): a phase in rad; otherwise arbitrary units."""
+    assert R.RiCOM((4, 4), kernel_size=3).quantity == "arbitrary"
+    calibrated = R.RiCOM((4, 4), kernel_size=3, wavelength_A=0.0197, detector_sampling_mrad=(1.0, 1.0))
+    assert calibrated.quantity == "phase_rad"
