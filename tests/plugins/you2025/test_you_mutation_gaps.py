@@ -17,6 +17,7 @@ import pytest
 
 from conftest import DZ_A, scan_grid, simulate
 from tembench import Geometry, Measurement
+from tembench.errors import TembenchError
 from tembench_you2025 import e2e as E
 from tembench_you2025 import linear_tomo as LT
 from tembench_you2025 import msp as M
@@ -463,3 +464,227 @@ def test_initial_probe_disc_is_the_bright_field_grown_by_one_pixel_all_round(whe
     np.testing.assert_array_equal(support, want)
     # amplitudes √Ī on the support
     np.testing.assert_allclose(spec[cy, cx + 1] / spec[cy, cx], np.sqrt(0.2), rtol=1e-5)
+
+
+# --- session 8: third sample (positions 240–299 of the seed-9 order) and the joint solver's damping -----------------
+def _damping_problem():
+    """Blobs cut to a compact support (210 free voxels) seen at 7 tilts (1008 pixels): the joint step's least-squares
+    problem is over-determined, so its damped minimiser is unique and the damping term visibly shortens the step."""
+    v = _blobs(n=12)
+    v[v < 0.3 * v.max()] = 0.0
+    v = v.astype(np.float32)
+    s, nt = 0.5, 7
+    rng = np.random.default_rng(1)
+    euler = np.stack([np.zeros(nt), np.linspace(-50.0, 50.0, nt), np.zeros(nt)], axis=1)
+    target = LT.project(v, euler + np.stack([np.zeros(nt), rng.uniform(-0.4, 0.4, nt), np.zeros(nt)], axis=1),
+                        rng.uniform(-0.3, 0.3, (nt, 2)), s)
+    return v, s, euler, np.zeros((nt, 2)), target
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_joint_damping_is_the_levenberg_marquardt_term_of_the_normal_equations(damping):
+    """joint_damping d: the step minimises ‖A δV + J δp + r‖² + μ‖z‖² with z the scaled parameters (z = δp/c,
+    c = √λ/‖J_kj‖) and μ = d·λ, i.e. + d·Σ_kj ‖J_kj‖² δp_kj² — λ drops out. So at the (converged, CGLS) step the
+    normal equations read J_kjᵀ ℓ + d‖J_kj‖² δp_kj = 0 for every tilt k and parameter j (ℓ = the linearised
+    residual, built here from projection_jacobian) and A_Fᵀ ℓ = 0 on the free voxels. With d = 0.5 the damping
+    term is a large part of the balance (the alignment gradient alone does not vanish); without the argument it is 0."""
+    v, s, euler, tau, target = _damping_problem()
+    n = len(euler)
+    kw = {"damping": damping} if damping else {}                          # d = 0: the default
+    dv, d_tau, d_e, _, loss1 = LT._joint_gauss_newton(v, target, euler, tau, s, [1], True, 150, np, **kw)
+    res = LT.project(v, euler, tau, s).astype(np.float64) - target
+    lin = LT.project(dv, euler, tau, s).astype(np.float64) + res
+    jac = []
+    for k in range(n):
+        _, jt, je = LT.projection_jacobian(v, euler[k], tau[k], s)
+        jac.append([jt[0].astype(np.float64), jt[1].astype(np.float64), je[1].astype(np.float64)])
+        lin[k] += d_tau[k, 0] * jac[k][0] + d_tau[k, 1] * jac[k][1] + d_e[k, 0] * jac[k][2]
+    assert float((lin**2).sum()) == pytest.approx(loss1, rel=1e-3)
+    dp = np.concatenate([d_tau, d_e], axis=1)
+    g_lin = np.array([[float((jac[k][j] * lin[k]).sum()) for j in range(3)] for k in range(n)])
+    g_res = np.array([[float((jac[k][j] * res[k]).sum()) for j in range(3)] for k in range(n)])
+    norm2 = np.array([[float((jac[k][j] ** 2).sum()) for j in range(3)] for k in range(n)])
+    scale = np.abs(g_res).max()
+    assert np.abs(g_lin + damping * norm2 * dp).max() < 0.01 * scale       # measured 5e-4 (d = 0), 1.1e-3 (d = 0.5)
+    free = v > 0
+    g_vol = free * LT.project_adjoint(lin.astype(np.float32), euler, tau, s, v.shape[0])
+    g_vol0 = free * LT.project_adjoint(res.astype(np.float32), euler, tau, s, v.shape[0])
+    assert np.abs(g_vol).max() < 0.02 * np.abs(g_vol0).max()
+    if damping > 0:
+        assert np.abs(damping * norm2 * dp).max() > 0.1 * scale             # the term matters here
+        assert np.abs(g_lin).max() > 0.1 * scale
+
+
+def test_joint_damping_reaches_the_joint_step(monkeypatch):
+    """joint_linear_tomography hands ``joint_damping`` to the joint Gauss–Newton step (default 0)."""
+    seen = []
+
+    def spy(vol, target, euler, tau, sc, refine_idx, refine_tau, n_cg, xp, power_iterations=12, damping=0.0):
+        seen.append(damping)
+        return None, np.zeros((len(euler), 2)), np.zeros((len(euler), len(refine_idx))), 1.0, 0.5
+
+    monkeypatch.setattr(LT, "_joint_gauss_newton", spy)
+    v = _blobs(n=8)
+    euler = np.array([[0.0, -20.0, 0.0], [0.0, 20.0, 0.0]])
+    y = LT.project(v, euler, np.zeros((2, 2)), 0.5)
+    kw = {"n_outer": 1, "n_volume_steps": 1, "n_final_steps": 1, "downsample": 1, "prealign": "none",
+          "refine_euler": ("tilt",), "start_euler_outer": 0, "angle_solver": "joint", "power_iterations": 2}
+    LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)), LT.LinearTomoParams(joint_damping=0.25, **kw))
+    LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)), LT.LinearTomoParams(**kw))
+    assert seen == [0.25, 0.0]
+
+
+def test_e2e_stage_holds_the_linear_stage_alignment_fixed(monkeypatch):
+    """Alg. 3 starts from (and keeps) the Euler angles and translations of Alg. 2: e2e_stage passes linear_stage's."""
+    m, pos, mask = _tilt_series()
+    present = np.flatnonzero(mask.ravel())
+    grid = TC.tomo_grid((4, 4), 0.5, (0.0, 1.0, 1.0))
+    res = [SimpleNamespace(positions_A=pos[present], probe=np.ones((1, 4, 4)), sampling_A=(0.5, 0.5),
+                           pattern_scale=1.0) for _ in range(2)]
+    lin = SimpleNamespace(volume_V=np.zeros(grid.shape, np.float32),
+                          euler_deg=np.array([[1.0, 0.5, -2.0], [3.0, 10.25, 4.0]]),
+                          translations_A=np.array([[0.1, -0.2], [0.3, 0.4]]))
+    monkeypatch.setattr(LT, "linear_stage", lambda meas, lp, xp: (lin, [(r, present) for r in res], grid))
+    monkeypatch.setattr(E, "probe_at_volume_entrance", lambda probe, geo, grid, s, xp: probe)
+    seen = {}
+
+    def fake(pats, pos_k, geo, grid_, euler, tau, probes, e2e_params, *, pattern_scales, init_volume, xp, progress):
+        seen.update(euler=euler, tau=tau, grid=grid_)
+        return "e2e result"
+
+    monkeypatch.setattr(E, "reconstruct_e2e", fake)
+    E.e2e_stage(m, E.E2EPtychoTomoParams())
+    np.testing.assert_array_equal(seen["euler"], lin.euler_deg)
+    np.testing.assert_array_equal(seen["tau"], lin.translations_A)
+    assert seen["grid"] is grid
+
+
+def _tiny_e2e(n_tilts=4, n_pos=2):
+    grid = TC.tomo_grid((8, 8), 0.5, (1.0, 2.0, 2.0), nz=4)
+    rng = np.random.default_rng(2)
+    pats = [rng.uniform(0.5, 1.5, (n_pos, 4, 4)).astype(np.float32) for _ in range(n_tilts)]
+    pos = [np.array([[1.8, 1.9], [2.2, 2.1]])[:n_pos] for _ in range(n_tilts)]
+    euler = np.stack([np.zeros(n_tilts), 10.0 * np.arange(n_tilts), np.zeros(n_tilts)], axis=1)
+    probe = np.ones((1, 4, 4), np.complex64) / 4
+    return pats, pos, Geometry(energy_keV=200.0), grid, euler, np.zeros((n_tilts, 2)), probe
+
+
+def test_e2e_random_tilt_order_visits_each_tilt_once_per_epoch_in_a_shuffled_order(monkeypatch):
+    """tilt_order 'random': every epoch a permutation of the tilts (not the sequential one every time; seed 0);
+    'sequential': 0, 1, …, n − 1 each epoch. The visit order is read off the tilt angles the slabs are cut at."""
+    visited = []
+    real = E._slabs_of
+
+    def spy(vol, euler_k, b, s, xp):
+        visited.append(round(euler_k[1] / 10.0))
+        return real(vol, euler_k, b, s, xp)
+
+    monkeypatch.setattr(E, "_slabs_of", spy)
+    args = _tiny_e2e()
+    n, epochs = 4, 3
+    kw = {"n_epochs": epochs, "batch_size": 2, "slab_voxels": 2, "start_probe_epoch": None}
+    E.reconstruct_e2e(*args, E.E2EParams(tilt_order="sequential", **kw))
+    assert visited == list(range(n)) * epochs
+    visited.clear()
+    E.reconstruct_e2e(*args, E.E2EParams(tilt_order="random", **kw))
+    per_epoch = [visited[i * n:(i + 1) * n] for i in range(epochs)]
+    assert len(visited) == n * epochs and all(sorted(e) == list(range(n)) for e in per_epoch)
+    assert any(e != list(range(n)) for e in per_epoch)
+
+
+def test_com_prealignment_refuses_a_projection_without_signal():
+    """prealign 'com': a projection with nothing above the threshold has no centre of mass — refused by name
+    (not a division by zero): an all-zero projection, and one whose maximum is the threshold (fraction 1)."""
+    img = np.zeros((2, 6, 6))
+    img[0, 2, 3] = 1.0
+    with pytest.raises(TembenchError, match="prealign 'com': a projection has no signal above the threshold"):
+        LT.com_translations(img, 0.5)
+    one = img[:1]
+    np.testing.assert_allclose(LT.com_translations(one, 0.5), [[(2 - 3) * 0.5, 0.0]])
+    with pytest.raises(TembenchError, match="no signal above the threshold"):
+        LT.com_translations(one, 0.5, threshold_fraction=1.0)
+
+
+def test_msp_loss_history_is_the_sum_over_the_iterations_batches(monkeypatch, small_scan):
+    """hist['loss'][it] = Σ over the iteration's minibatches of the loss each batch reports (the divergence rule
+    compares these sums), and loss_relative = loss / Σ normalised intensities (= number of patterns)."""
+    patterns, geo, pos = small_scan
+    losses = []
+    real = M.stem_loss_and_gradient
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        losses.append(float(out[0]))
+        return out
+
+    monkeypatch.setattr(M, "stem_loss_and_gradient", spy)
+    p = M.MSPParams(n_iterations=2, start_probe_iter=5, **{**FAST, "batch_size": 7})
+    r = M.reconstruct_msp(patterns, pos, geo, p)
+    n_b = -(-len(pos) // 7)
+    assert n_b >= 3 and len(losses) == 2 * n_b
+    for it in range(2):
+        assert r.history["loss"][it] == pytest.approx(sum(losses[it * n_b:(it + 1) * n_b]), rel=1e-9)
+        assert r.history["loss_relative"][it] == pytest.approx(r.history["loss"][it] / len(pos), rel=1e-9)
+
+
+def test_msp_reconstruction_carries_the_slice_thickness_msp_state_reads(monkeypatch):
+    """MSP's extras hold the slice thickness under the key msp_state reads (else it reports NaN)."""
+    pot = np.zeros((3, 8, 8), np.complex64)
+    res = M.MSPResult(potentials_VA=pot, probe=np.ones((1, 4, 4), np.complex64),
+                      positions_A=np.zeros((6, 2)), sampling_A=(0.5, 0.5), origin_A=(0.0, 0.0), slice_thickness_A=1.75,
+                      pattern_scale=1.0)
+    monkeypatch.setattr(M, "reconstruct_msp", lambda *a, **k: res)
+    m, _, _ = _tilt_series(n_tilts=1)
+    one = TC.tilt_measurement(m, 0)
+    rec = M.MSP().reconstruct(one, M.MSPParams(n_iterations=1), np)
+    assert rec.extras["slice_thickness_A"] == 1.75
+    out = MSPState().score(rec, None, None, MSPState.Params())
+    assert out["slice_thickness_A"] == 1.75 and out["n_slices"] == 3
+
+
+def test_registered_scores_use_the_quantifiers_parametrization(monkeypatch):
+    """The truth a tomogram is registered to is built with the quantifier's ``parametrization`` (lobato when the
+    quantifier has none)."""
+    seen = []
+
+    def spy(rec, sample, max_shift, parametrization):
+        seen.append((max_shift, parametrization))
+        return rec, np.zeros(3), 0.0
+
+    monkeypatch.setattr(TS, "register_reconstruction", spy)
+    base = SimpleNamespace(score=lambda self, rec, m, sample, params: {})
+    rec = SimpleNamespace(kind="volume")
+    TS._registered_score(base, None, rec, None, None, SimpleNamespace(register_max_shift_A=1.5,
+                                                                      parametrization="kirkland"))
+    TS._registered_score(base, None, rec, None, None, SimpleNamespace(register_max_shift_A=1.0))
+    assert seen == [(1.5, "kirkland"), (1.0, "lobato")]
+
+
+def test_axial_fit_flags_only_the_site_on_the_border():
+    """The border rule is per site: a site whose voxel is on the volume's edge is not ok, the well-resolved
+    Gaussian beside it is fitted (σ_z = 2, σ_lat = 1.2 voxels of 0.5 Å: 1.0 and 0.6 Å)."""
+    n = 16
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=float),) * 3, indexing="ij")
+    vol = np.exp(-((y - 8) ** 2 + (x - 8) ** 2) / (2 * 1.2**2) - (z - 8) ** 2 / (2 * 2.0**2))
+    sz, sl, _, ok = TS.fit_axial_gaussians(vol, [[8.0, 8.0, 8.0], [0.0, 8.0, 8.0]], 0.5, 1.5, 3.0)
+    assert ok.tolist() == [True, False]
+    assert sz[0] == pytest.approx(1.0, rel=1e-3) and sl[0] == pytest.approx(0.6, rel=1e-3)
+
+
+def test_reconstructions_name_their_extras_and_history_as_documented(monkeypatch):
+    """Output keys read by reports and users: e2e's ``shape`` and ``time_per_tilt_epoch_s``, joint_linear_tomo's
+    ``final_loss`` history."""
+    res = SimpleNamespace(volume=np.zeros((2, 2, 2), np.complex64), euler_deg=np.zeros((1, 3)),
+                          translations_A=np.zeros((1, 2)), probes="P", positions_A=[np.zeros((3, 2))],
+                          history={"loss": [1.0], "loss_relative": [0.5], "time_per_tilt_s": [0.1, 0.2]})
+    grid = TC.tomo_grid((2, 2), 0.5, (0.0, 0.0, 0.0), nz=2)
+    monkeypatch.setattr(E, "e2e_stage", lambda m, p, xp: (res, SimpleNamespace(volume_V="L"), grid, {}))
+    rec = E.E2EPtychoTomo().reconstruct(None, None, np)
+    assert rec.extras["shape"] == [2, 2, 2] and rec.extras["time_per_tilt_epoch_s"] == [0.1, 0.2]
+    lin = SimpleNamespace(volume_V=np.ones(grid.shape, np.float32), euler_deg=np.zeros((2, 3)),
+                          translations_A=np.ones((2, 2)), history={"alignment_loss": [2.0], "final_loss": [1.0, 0.5]})
+    msp = [(SimpleNamespace(probe=np.ones((1, 2, 2)), positions_A=np.zeros((3, 2)), pattern_scale=1.0,
+                            origin_A=(0, 0)), np.array([0, 1, 2])) for _ in range(2)]
+    monkeypatch.setattr(LT, "linear_stage", lambda m, p, xp: (lin, msp, grid, "proj"))
+    rec = LT.JointLinearTomo().reconstruct(None, None, np)
+    assert rec.history == {"alignment_loss": [2.0], "final_loss": [1.0, 0.5]}
