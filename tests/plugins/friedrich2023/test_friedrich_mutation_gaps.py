@@ -529,3 +529,158 @@ def test_live_ricom_names_the_units_of_its_image():
     assert R.RiCOM((4, 4), kernel_size=3).quantity == "arbitrary"
     calibrated = R.RiCOM((4, 4), kernel_size=3, wavelength_A=0.0197, detector_sampling_mrad=(1.0, 1.0))
     assert calibrated.quantity == "phase_rad"
+
+
+# --- session 8: real gaps named by the fourth sample (positions 300–449; scored out of sample before these) ---------
+def test_airpi_places_each_patch_at_its_own_scan_position(monkeypatch):
+    """Every interior scan position (row r, column c) sends its patch to (r·s_y, c·s_x) Å, in scan order."""
+    from tembench_pelz2022.common import DetectorGrid
+
+    seen = []
+    real = A.Stitcher.add
+
+    def spy(self, psi, positions_A):
+        seen.append(np.array(positions_A, float))
+        return real(self, psi, positions_A)
+
+    monkeypatch.setattr(A.Stitcher, "add", spy)
+    x = np.ones((5, 6, 16, 16), np.float32)
+    A.reconstruct_airpi(x, DetectorGrid((16, 16), (8.0, 8.0), (5.0, 5.0)), (0.25, 0.3), 300.0, 20.0, None,
+                        mode="probe_only")
+    want = [(r * 0.25, c * 0.3) for r in range(1, 4) for c in range(1, 5)]
+    np.testing.assert_allclose(np.concatenate(seen), want)
+
+
+def test_stitched_patches_are_unit_phasors_whatever_their_amplitude():
+    """T_patch = ψ_out ψ_in*/|ψ_out ψ_in*|·ω (eq 4.6): two patches at one position with ψ_out = c ψ_in, phases ±0.5 rad
+    and amplitudes 1e-4 / 3e-4 (|ψ_out ψ_in*| < 1 everywhere), add up to phase 0 wherever ω > 0."""
+    probe = A.probe_frame(300.0, 20.0)
+    c = np.array([1e-4 * np.exp(0.5j), 3e-4 * np.exp(-0.5j)])
+    st_ = A.Stitcher((1.0, 1.0), A.frame_pixel_A(300.0, 20.0), probe)
+    psi_in = A.to_real(probe.astype(np.complex128))
+    assert float(np.max(3e-4 * np.abs(psi_in) ** 2)) < 1.0        # the case the normalisation is for
+    st_.add(c[:, None, None] * probe[None].astype(np.complex128), np.zeros((2, 2)))
+    covered = st_.W > 0
+    assert covered.sum() >= 5                               # the central pixels of the probe spot
+    np.testing.assert_allclose(np.angle(st_.T[covered]), 0.0, atol=1e-9)
+
+
+def test_nearest_neighbour_distance_of_two_columns_is_their_distance():
+    assert C.nearest_neighbour_distance([0.0, 3.0], [0.0, 4.0]) == pytest.approx(5.0)
+    assert C.nearest_neighbour_distance([1.0], [2.0]) == math.inf
+
+
+def test_voronoi_scs_stops_at_the_maximum_radius():
+    """A flat image of 1 per 0.2 Å pixel, one column at (2, 2) Å, no background subtraction: the SCS is the area of
+    the pixels within 0.55 Å (no pixel lies on that circle), and the whole image without a radius."""
+    grid = C.ImageGrid((20, 20), (0.2, 0.2), (0.0, 0.0))
+    m = C.ColumnModel([2.0], [2.0], [1.0], [0.3], [0.0])
+    img = np.ones((20, 20))
+    a, b = np.meshgrid(np.arange(20) - 10, np.arange(20) - 10, indexing="ij")
+    inside = int(np.sum(0.2 * np.hypot(a, b) < 0.55))
+    assert inside == 21
+    assert C.scs_voronoi(img, grid, m, 0.55, subtract_background=False)[0] == pytest.approx(inside * 0.04)
+    assert C.scs_voronoi(img, grid, m, None, subtract_background=False)[0] == pytest.approx(400 * 0.04)
+
+
+def test_library_counts_are_scaled_by_n_scale_for_every_input_form():
+    for src in (np.array([[1.0, 10.0], [2.0, 20.0]]), [(1.0, 10.0), (2.0, 20.0)], {1: 10.0, 2: 20.0}):
+        n, s = counting.load_scs_library(src, n_scale=2.0, scs_scale=0.5)
+        np.testing.assert_allclose(np.sort(n), [2.0, 4.0])
+        np.testing.assert_allclose(np.sort(s), [5.0, 10.0])
+
+
+def test_mixture_uses_the_chosen_criterion():
+    """Two unit-width components 3σ apart (200 values each): BIC prefers two components, ICL (which adds the
+    classification entropy) one; the selected model is that of the criterion asked for."""
+    rng = np.random.default_rng(0)
+    v = np.r_[rng.normal(0, 1, 200), rng.normal(3.0, 1, 200)]
+    icl = counting.mixture_counts(v, k_max=4, criterion="icl")
+    bic = counting.mixture_counts(v, k_max=4, criterion="bic")
+    assert icl.k_icl == int(np.argmin(icl.icl)) + 1 == 1 and icl.k_bic == int(np.argmin(icl.bic)) + 1 == 2
+    assert len(icl.means) == 1 and set(icl.labels) == {0}
+    assert len(bic.means) == 2 and set(bic.labels) == {0, 1}
+
+
+def _three_columns():
+    grid = C.ImageGrid((40, 40), (0.2, 0.2), (0.0, 0.0))
+    x, y = np.array([2.0, 4.5, 6.0]), np.array([3.0, 5.0, 2.5])
+    return grid, x, y, C.ColumnModel(x, y, [0.8, 1.2, 1.0], 0.45, [0.05]).image(grid, 6.0)
+
+
+def test_fit_image_passes_the_background_model_and_keeps_a_common_width_in_poisson_units():
+    """fit_image fits the background it is asked for (1 constant, or 3 for a plane) and, for a Poisson fit converted
+    back to image units, keeps the common-width flag; its columns carry the raw Voronoi SCS and the normalised one
+    = raw × the fraction per unit."""
+    grid, x, y, img = _three_columns()
+    pos = [tuple(v) for v in np.c_[x, y]]
+    const = Q.fit_image(img, grid, Q.ColumnFitParams(positions_A=pos), None, 1.0)
+    planar = Q.fit_image(img, grid, Q.ColumnFitParams(positions_A=pos, background="planar"), None, 1.0)
+    assert len(const["background"]) == 1 and len(planar["background"]) == 3
+    p = Q.ColumnFitParams(positions_A=pos, loss="poisson", common_width=True)
+    pois = Q.fit_image(img, grid, p, 100.0, 0.5)
+    assert pois["common_width"] is True
+    np.testing.assert_allclose(pois["height"], [0.8, 1.2, 1.0], rtol=1e-4)     # back in image units
+    np.testing.assert_allclose(pois["scs_voronoi_normalized"], 0.5 * np.asarray(pois["scs_voronoi"]))
+    assert Q.fit_image(img, grid, Q.ColumnFitParams(positions_A=pos, loss="poisson"), 100.0, 1.0)["common_width"] \
+        is False
+
+
+def test_image_units_of_every_scintillator_output():
+    """scintillator_pmt at 1e4 e/Å² on 0.2 Å pixels (α = 400 electrons per unit of the noise-free image):
+    'electrons' gives (1, 1/α), 'normalized' (α, 1), 'anode' (1/G, 1/(G α)) with G = m_c η δⁿ = 300·0.25·4¹⁰."""
+    from test_components import _sample_and_image
+
+    from tembench.builtin.detector_noise import ScintillatorPMT
+
+    _, m, _, _ = _sample_and_image()
+    pmt = ScintillatorPMT()
+    gain = 300.0 * 0.25 * 4.0 ** 10
+    want = {"electrons": (1.0, 1 / 400.0), "normalized": (400.0, 1.0), "anode": (1 / gain, 1 / (gain * 400.0))}
+    for output, (e, frac) in want.items():
+        noisy = pmt.apply(m, pmt.Params(dose_e_per_A2=1e4, output=output), np.random.default_rng(0))
+        got = Q.image_units(noisy)
+        assert got[0] == pytest.approx(e, rel=1e-9) and got[1] == pytest.approx(frac, rel=1e-9), output
+
+
+def test_live_ricom_builds_its_detector_from_the_first_frames():
+    """Without detector_shape the detector grid comes from the first patterns: centre pixel n // 2 per axis (odd and
+    even sizes), unit sampling; later patterns of another shape are refused."""
+    r = R.RiCOM((2, 3), kernel_size=3)
+    assert r.grid is None
+    r.add_frames(np.ones((6, 7, 10)))
+    assert tuple(r.grid.shape) == (7, 10) and tuple(r.grid.centre_px) == (3.0, 5.0)
+    with pytest.raises(TembenchError, match="do not match"):
+        r.add_frames(np.ones((1, 10, 7)))
+
+
+def test_band_pass_refuses_equal_cut_offs():
+    with pytest.raises(TembenchError, match="k_min < k_max"):
+        R.filtered_kernel(7, 1.0, 0.3, 0.3)
+    R.filtered_kernel(7, 1.0, 0.0, 0.3)          # k_min = 0 with k_max > 0 is a low-pass: fine
+
+
+def test_find_columns_keeps_a_peak_exactly_at_the_border():
+    """Peaks on the pixel grid: one exactly border_A = 0.5 Å from the top edge and one exactly 0.5 Å from the left
+    edge (pixel 5 of 0.1 Å) are kept (≥), one a pixel closer to the edge is not."""
+    grid = C.ImageGrid((40, 40), (0.1, 0.1), (0.0, 0.0))
+    yy, xx = np.meshgrid(np.arange(40) * 0.1, np.arange(40) * 0.1, indexing="ij")
+    centres = [(0.5, 2.0), (2.0, 0.5), (3.0, 0.4), (2.0, 2.0)]
+    img = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12 ** 2)) for cy, cx in centres)
+    x, y = C.find_columns(img, grid, min_distance_A=0.5, smooth_A=0.0, threshold_rel=0.3, border_A=0.5)
+    got = sorted(zip(np.round(y, 9), np.round(x, 9)))
+    assert got == [(0.5, 2.0), (2.0, 0.5), (2.0, 2.0)]
+
+
+def test_column_fit_score_reports_the_position_bias_per_axis():
+    """The hand-made fit is 0.01·cos(i) Å off in x and −0.03 Å in y: the biases are those means."""
+    sample, rec, cols, n = _hand_columns()
+    q = Q.ColumnFitScore()
+    out = q.score(rec, None, sample, q.Params(counting="none", border_A=1.0))
+    assert out["position_bias_x_A"] == pytest.approx(float(np.mean(0.01 * np.cos(np.arange(12.0)))), abs=1e-12)
+    assert out["position_bias_y_A"] == pytest.approx(-0.03, abs=1e-12)
+
+
+def test_variance_interval_defaults_to_95_percent():
+    s2, lo, hi = stats.variance_ci_from(2.0, 4)
+    assert lo == pytest.approx(4 * 2.0 / st.chi2.ppf(0.975, 4)) and hi == pytest.approx(4 * 2.0 / st.chi2.ppf(0.025, 4))
