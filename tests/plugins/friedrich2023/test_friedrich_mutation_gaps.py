@@ -684,3 +684,101 @@ def test_column_fit_score_reports_the_position_bias_per_axis():
 def test_variance_interval_defaults_to_95_percent():
     s2, lo, hi = stats.variance_ci_from(2.0, 4)
     assert lo == pytest.approx(4 * 2.0 / st.chi2.ppf(0.975, 4)) and hi == pytest.approx(4 * 2.0 / st.chi2.ppf(0.025, 4))
+
+
+# --- session 8: real gaps named by the fifth sample (positions 450–599; scored out of sample before these) ----------
+def test_rebin_matrix_spreads_each_data_pixel_over_the_frame_pixels_it_covers():
+    """Data pixels of 2 mrad (centre pixel 1) onto 1 mrad frame pixels (centre 4 of 8): data pixel i covers
+    [(i − 1 − ½)·2, (i − 1 + ½)·2] mrad, i.e. half, one and half a frame pixel: fractions ¼, ½, ¼ (counts kept)."""
+    r = A.rebin_matrix(3, 1.0, 2.0, 1.0, n_frame=8)
+    want = np.zeros((8, 3))
+    want[1:4, 0] = want[3:6, 1] = want[5:8, 2] = [0.25, 0.5, 0.25]
+    np.testing.assert_allclose(r, want, atol=1e-12)
+
+
+def test_scan_steps_must_be_positive_on_both_axes():
+    for bad in ((0.2, -0.1), (-0.1, 0.2), (0.0, 0.2), (0.2, 0.0)):
+        with pytest.raises(TembenchError, match="must be positive"):
+            A.step_weights(bad)
+        with pytest.raises(TembenchError, match="must be positive"):
+            R._step2(bad)
+    assert R._step2((0.2, 0.3)) == (0.2, 0.3)
+
+
+def test_fit_columns_on_an_image_with_different_y_and_x_origins():
+    """A noise-free image whose y origin is 10 Å and x origin 0: the columns are found where they are (the
+    position bounds follow each axis' own origin)."""
+    grid = C.ImageGrid((40, 40), (0.2, 0.2), (10.0, 0.0))
+    truth = C.ColumnModel([2.0, 5.0], [12.0, 15.5], [1.0, 0.7], [0.4, 0.45], [0.05])
+    img = truth.image(grid, 6.0)
+    res = C.fit_columns(img, grid, [2.1, 4.9], [12.1, 15.4], sigma_init_A=0.4)
+    np.testing.assert_allclose(res.model.y_A, [12.0, 15.5], atol=1e-5)
+    np.testing.assert_allclose(res.model.x_A, [2.0, 5.0], atol=1e-5)
+
+
+def test_fit_columns_nonnegative_keeps_heights_at_zero_or_above_and_records_the_cost_history():
+    """A dip (a negative Gaussian) where the second start column sits: unconstrained, that height goes negative;
+    with ``nonnegative`` it stays ≥ 0. The cost history starts at the start's cost and ends at the final cost,
+    never increasing."""
+    grid = C.ImageGrid((40, 40), (0.2, 0.2), (0.0, 0.0))
+    img = C.ColumnModel([2.0, 5.5], [2.0, 5.5], [1.0, -0.3], [0.4, 0.4], [0.5]).image(grid, 6.0)
+    free = C.fit_columns(img, grid, [2.0, 5.5], [2.0, 5.5], sigma_init_A=0.4)
+    assert free.model.height[1] == pytest.approx(-0.3, abs=1e-4)
+    init = C.ColumnModel([2.0, 5.5], [2.0, 5.5], [1.0, 0.1], [0.4, 0.4], [0.5])
+    res = C.fit_columns(img, grid, init=init, nonnegative=True)
+    assert np.all(res.model.height >= 0) and res.model.height[0] == pytest.approx(1.0, rel=0.05)
+    h = np.asarray(res.history)
+    assert len(h) >= 2 and h[-1] == pytest.approx(res.cost) and np.all(np.diff(h) <= 0)
+    ev = C._Evaluator(grid, 5.0)
+    assert h[0] == pytest.approx(C._cost(img.ravel(), ev.model(init), "lsq"), rel=1e-9)
+
+
+def test_library_scs_covers_its_whole_range_and_nan_outside():
+    got = counting.library_scs_of([0.5, 1.0, 2.5, 3.0, 3.5], [3, 1, 2], [30.0, 10.0, 20.0])
+    np.testing.assert_allclose(got, [np.nan, 10.0, 25.0, 30.0, np.nan])
+
+
+def test_fit_image_drops_peaks_within_the_peak_border():
+    """Columns at (2, 3), (4.5, 5), (6, 2.5) Å on a 7.8 Å image: a 2.6 Å peak border keeps only the peak of (4.5, 5)
+    as a start (on the 0.2 Å pixel grid: within a pixel); without a border all three start."""
+    grid, x, y, img = _three_columns()
+    cols = Q.fit_image(img, grid, Q.ColumnFitParams(peak_border_A=2.6, smooth_A=0.0), None, 1.0)
+    assert len(cols["x0_A"]) == len(cols["x_A"]) == 1
+    assert abs(cols["x0_A"][0] - 4.5) <= 0.1 + 1e-9 and abs(cols["y0_A"][0] - 5.0) <= 0.1 + 1e-9
+    assert len(Q.fit_image(img, grid, Q.ColumnFitParams(smooth_A=0.0), None, 1.0)["x0_A"]) == 3
+
+
+def test_crlb_score_reports_the_position_bound_in_picometres():
+    """Per repeat: the median over columns of √(½(CRLB_x + CRLB_y)), Å → pm (× 100)."""
+    from types import SimpleNamespace
+
+    from tembench.types import Sample
+
+    grid, x, y, img = _three_columns()
+    h, s, bg, alpha = np.array([0.8, 1.2, 1.0]), 0.45, 0.05, 25.0
+    cols = {"x_A": x, "y_A": y, "height": h, "sigma_A": np.full(3, s), "background": np.array([bg]),
+            "common_width": False, "scs_gauss": 2 * np.pi * h * s ** 2, "electrons_per_unit": alpha,
+            "loss": "poisson", "window_sigmas": 6.0}
+    rec = SimpleNamespace(data=img, sampling_A=(0.2, 0.2), origin_A=(0.0, 0.0), extras={"columns": cols})
+    sample = Sample(np.c_[x, y, np.zeros(3)], np.full(3, 78), [8.0, 8.0, 10.0], name="three")
+    q = Q.CRLBPrecision()
+    out = q.score(rec, SimpleNamespace(data=img, extras={}), sample, q.Params(border_A=1.0))
+    want = C.crlb(C.ColumnModel(x, y, h, s, [bg]), grid, alpha, 6.0)
+    pos_pm = 100 * np.sqrt(0.5 * (want.var_x_A2 + want.var_y_A2))
+    assert out["crlb_position_median_pm"] == pytest.approx(float(np.median(pos_pm)), rel=1e-9)
+
+
+def test_column_fit_score_passes_the_mixture_criterion_and_reports_the_true_count_median(monkeypatch):
+    sample, rec, cols, n = _hand_columns()
+    seen = []
+    real = counting.mixture_counts
+
+    def spy(scs, k_max=10, criterion="icl", **kw):
+        seen.append(criterion)
+        return real(scs, k_max, criterion, **kw)
+
+    monkeypatch.setattr(counting, "mixture_counts", spy)
+    q = Q.ColumnFitScore()
+    out = q.score(rec, None, sample, q.Params(counting="gmm", gmm_criterion="bic", border_A=1.0))
+    assert seen == ["bic"]
+    assert out["n_atoms_true_median"] == float(np.median(n)) == 2.0
