@@ -23,6 +23,7 @@ from tembench_you2025 import linear_tomo as LT
 from tembench_you2025 import msp as M
 from tembench_you2025 import tomo_common as TC
 from tembench_you2025 import tomo_scores as TS
+from tembench_you2025 import positions as PositionsModule
 from tembench_you2025.positions import MSPState
 
 FAST = dict(n_slices=2, slice_thickness_A=DZ_A, batch_size=24)
@@ -688,3 +689,205 @@ def test_reconstructions_name_their_extras_and_history_as_documented(monkeypatch
     monkeypatch.setattr(LT, "linear_stage", lambda m, p, xp: (lin, msp, grid, "proj"))
     rec = LT.JointLinearTomo().reconstruct(None, None, np)
     assert rec.history == {"alignment_loss": [2.0], "final_loss": [1.0, 0.5]}
+
+
+# --- session 8: real gaps named by the fourth sample (positions 300–449; scored out of sample before these) --------
+def test_msp_pattern_scale_is_the_mean_counts_per_pattern(small_scan):
+    """msp divides the patterns by their mean total (MSPResult.pattern_scale, which e2e reuses per tilt)."""
+    patterns, geo, pos = small_scan
+    r = M.reconstruct_msp(patterns, pos, geo, M.MSPParams(n_iterations=1, **FAST))
+    assert r.pattern_scale == pytest.approx(float(np.asarray(patterns, np.float64).sum()) / len(pos), rel=1e-6)
+
+
+def test_msp_refuses_positions_outside_an_inits_field_on_either_side(small_scan):
+    """Restarting from a result whose object field does not hold the new positions' windows is refused, whether
+    the positions leave the field below or above it."""
+    patterns, geo, pos = small_scan
+    p = M.MSPParams(n_iterations=1, **FAST)
+    r = M.reconstruct_msp(patterns, pos, geo, p)
+    extent = np.asarray(r.potentials_VA.shape[1:]) * np.asarray(r.sampling_A)
+    for sign in (-1.0, 1.0):
+        moved = pos + sign * np.array([extent[0], 0.0])
+        with pytest.raises(TembenchError, match="do not fit the init's object field"):
+            M.reconstruct_msp(patterns, moved, geo, p, init=dataclasses.replace(r, positions_A=None))
+
+
+def test_msp_refined_positions_stay_within_max_position_shift_on_both_sides(small_scan):
+    """max_position_shift_A caps |refined − start| per axis, for moves in + and − alike (start: the true grid
+    with ±0.15 Å jitter, so refinement pulls positions both ways by more than the 0.02 Å cap)."""
+    patterns, geo, pos = small_scan
+    start = pos + np.random.default_rng(4).uniform(-0.15, 0.15, pos.shape)
+    p = M.MSPParams(n_iterations=2, start_position_iter=0, max_position_shift_A=0.02, **FAST)
+    r = M.reconstruct_msp(patterns, start, geo, p)
+    d = r.positions_A - start
+    assert np.abs(d).max() <= 0.02 + 1e-9
+    assert d.max() > 0.015 and d.min() < -0.015                 # the cap is reached on both sides
+
+
+def test_msp_reconstructor_lays_out_the_field_from_the_whole_scan(monkeypatch):
+    """MSP passes the geometry's whole scan as frame_positions_A, so a half set covering part of the scan (here
+    the first row only) shares the field with the other half."""
+    seen = {}
+    pot = np.zeros((2, 8, 8), np.complex64)
+    res = M.MSPResult(potentials_VA=pot, probe=np.ones((1, 4, 4), np.complex64), positions_A=np.zeros((3, 2)),
+                      sampling_A=(0.5, 0.5), origin_A=(0.0, 0.0), slice_thickness_A=1.0, pattern_scale=1.0)
+
+    def spy(patterns, positions, geometry, params, xp=None, frame_positions_A=None):
+        seen.update(pos=positions, frame=frame_positions_A)
+        return res
+
+    monkeypatch.setattr(M, "reconstruct_msp", spy)
+    m, pos, _ = _tilt_series(n_tilts=1)
+    one = TC.tilt_measurement(m, 0)
+    mask = np.array([[True, True, True], [False, False, False]])
+    M.MSP().reconstruct(one.replace(extras={"pattern_mask": mask}), M.MSPParams(n_iterations=1), np)
+    np.testing.assert_array_equal(seen["pos"], pos[:3])
+    np.testing.assert_array_equal(seen["frame"], pos)
+
+
+def test_shift_image_by_whole_pixels_is_a_roll_and_zero_is_a_copy():
+    """A shift of a whole number of pixels is a periodic roll (1 Å = 2 pixels of 0.5 Å in y, 0 in x); no shift
+    returns an equal copy (the Fourier shift may work in single precision)."""
+    img = np.random.default_rng(5).standard_normal((8, 6))
+    np.testing.assert_allclose(TC.shift_image(img, (1.0, 0.0), 0.5), np.roll(img, 2, axis=0), atol=1e-6)
+    np.testing.assert_allclose(TC.shift_image(img, (0.0, -0.5), 0.5), np.roll(img, -1, axis=1), atol=1e-6)
+    same = TC.shift_image(img, (0.0, 0.0), 0.5)
+    assert same is not img
+    np.testing.assert_array_equal(same, img)
+
+
+def test_truth_shift_builds_the_truth_with_the_given_parametrization():
+    seen = []
+    truth = np.zeros((6, 6, 6))
+    truth[3, 3, 3] = 1.0
+
+    def potential_volume(s, parametrization="lobato"):
+        seen.append((s, parametrization))
+        return truth
+
+    rec = SimpleNamespace(data=truth, sampling_A=(0.5, 0.5, 0.5), origin_A=(0.0, 0.0, 0.0))
+    t = TS.truth_shift_A(rec, SimpleNamespace(potential_volume=potential_volume), 1.0, "kirkland")
+    assert seen == [(0.5, "kirkland")]
+    np.testing.assert_allclose(t, 0.0, atol=1e-9)
+
+
+def test_true_sites_outside_the_volume_on_any_axis_are_not_fitted(monkeypatch):
+    """depth_elongation at the true atoms keeps the sites inside the (registered) volume on every axis: an atom
+    beyond one face only (z < 0, y and x inside) is left out."""
+    seen = []
+
+    def spy(vol, sites, s, box_lat, box_ax, max_sites=None):
+        seen.append(np.asarray(sites))
+        return np.ones(1), np.ones(1), np.ones(1)
+
+    monkeypatch.setattr(TS, "elongation_ratios", spy)
+    monkeypatch.setattr(TS, "truth_shift_A", lambda *a, **k: np.zeros(3))
+    monkeypatch.setattr(TS, "_truth_on_voxels", lambda sample, shape, origin, s, par: np.zeros(shape))
+    monkeypatch.setattr(TS, "wedge_correlations", lambda *a, **k: (0.5, 0.5))
+    # positions_A are (x, y, z); the volume is 8³ voxels of 0.5 Å from the origin 0: inside is 0 … 3.5 Å
+    sample = SimpleNamespace(positions_A=np.array([[1.0, 1.5, 2.0], [1.0, 1.0, -0.5], [3.5, 3.5, 3.5]]))
+    rec = SimpleNamespace(origin_A=(0.0, 0.0, 0.0))
+    out = TS.DepthElongation._true_sites(rec, np.zeros((8, 8, 8)), sample, 0.5, TS.DepthElongation.Params(), 2.0)
+    np.testing.assert_allclose(seen[0], [[4.0, 3.0, 2.0], [7.0, 7.0, 7.0]])        # (z, y, x) voxels
+    assert out["depth_n_true_sites"] == 2
+
+
+def test_mean_translation_gauge_removes_the_mean_change():
+    """translation_gauge 'mean': τ − mean_k(τ_k − τ⁰_k), so the changes average to zero; 'none' leaves τ. At tilts
+    0°, 30°, 60° this differs from the '3d' gauge (which also removes the x changes a 3D shift along z explains)."""
+    tau0 = np.array([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0]])
+    tau = tau0 + np.array([[0.3, 0.0], [0.6, -0.3], [0.0, 0.3]])      # mean change (0.3, 0.0)
+    euler = np.array([[0.0, 0.0, 0.0], [0.0, 30.0, 0.0], [0.0, 60.0, 0.0]])
+    assert np.abs(LT._fix_translation_gauge(tau, tau0, euler, "3d") - (tau - np.array([0.3, 0.0]))).max() > 0.05
+    out = LT._fix_translation_gauge(tau, tau0, euler, "mean")
+    np.testing.assert_allclose(out, tau - np.array([0.3, 0.0]), atol=1e-15)
+    np.testing.assert_allclose((out - tau0).mean(axis=0), 0.0, atol=1e-15)
+    assert LT._fix_translation_gauge(tau, tau0, euler, "none") is tau
+
+
+def test_per_tilt_gauss_newton_step_is_damped_by_mu_times_the_mean_diagonal():
+    """_gn_step: −γ (JᵀJ + μ I)⁻¹ Jᵀ r with μ = damping·trace(JᵀJ)/p, here by hand for J = two orthogonal
+    rows of norms² 4 and 1 (JᵀJ = diag(4, 1), μ = 1·2.5) and damping 1."""
+    jac = np.zeros((2, 2, 3))
+    jac[0, 0, 0] = 2.0
+    jac[1, 1, 2] = 1.0
+    r = np.zeros((2, 3))
+    r[0, 0], r[1, 2] = 1.0, 3.0                                          # Jᵀr = (2, 3)
+    step = LT._gn_step(jac, r, 1.0, 0.5, 10.0)
+    np.testing.assert_allclose(step, [-0.5 * 2 / 6.5, -0.5 * 3 / 3.5], rtol=1e-12)
+    np.testing.assert_allclose(LT._gn_step(jac, r, 1.0, 0.5, 0.2), [-2 / 13, -0.2], rtol=1e-12)   # capped
+
+
+def test_joint_steps_refit_a_warm_started_volume(monkeypatch):
+    """With the joint solver the volume steps between joint steps continue from the previous volume (a nearly
+    converged V is needed for unbiased angle steps), while the alternating solver restarts from V = 0 every outer
+    iteration (reset_volume, Alg. 2)."""
+    calls = []
+    real = LT.reconstruct_volume
+
+    def spy(*a, volume0=None, **k):
+        calls.append(volume0 is None)
+        return real(*a, volume0=volume0, **k)
+
+    monkeypatch.setattr(LT, "reconstruct_volume", spy)
+    v = _blobs(n=8)
+    euler = np.array([[0.0, -20.0, 0.0], [0.0, 20.0, 0.0]])
+    y = LT.project(v, euler, np.zeros((2, 2)), 0.5)
+    kw = {"n_outer": 3, "n_volume_steps": 1, "n_final_steps": 1, "downsample": 1, "prealign": "none",
+          "refine_euler": ("tilt",), "start_euler_outer": 0, "power_iterations": 2, "joint_cg_iterations": 2}
+    LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)), LT.LinearTomoParams(angle_solver="joint", **kw))
+    assert calls == [True, False, False, True]            # the final volume is made from scratch
+    calls.clear()
+    LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)), LT.LinearTomoParams(angle_solver="alternating", **kw))
+    assert calls == [True, True, True, True]
+
+
+def test_euler_gauge_removes_the_mean_change_of_a_refined_angle_on_an_asymmetric_series():
+    """fix_mean_euler: Θ_i − mean_k(Θ_ki − Θ⁰_ki) for each refined angle i. The tilts 0°, 20°, 40° do not average
+    to zero, so a gauge built from Θ + Θ⁰ (or one that overwrites instead of subtracting) is seen."""
+    euler0 = np.array([[0.0, 0.0, 0.0], [0.0, 20.0, 0.0], [0.0, 40.0, 0.0]])
+    euler = euler0 + np.array([[0.2, 0.3, 0.0], [0.0, 0.5, 0.0], [-0.2, 0.1, 0.0]])   # tilt changes: mean 0.3
+    out = LT._fix_euler_gauge(euler, euler0, [1])
+    np.testing.assert_allclose(out[:, 1], euler[:, 1] - 0.3, atol=1e-12)
+    np.testing.assert_array_equal(out[:, [0, 2]], euler[:, [0, 2]])          # only the refined angle
+    np.testing.assert_array_equal(LT._fix_euler_gauge(euler, euler0, [1], fix_mean=False), euler)
+
+
+def _affine(nominal, a, b):
+    return nominal @ np.asarray(a).T + np.asarray(b)
+
+
+def test_position_errors_remove_the_affine_part_in_the_nominal_positions():
+    """position_errors: raw rms 2D distances, and the same after removing the least-squares affine function of
+    the nominal positions (frame 'affine') or the mean ('shift'). Refined = true + an affine distortion: its
+    'after' error is 0 in the affine frame; nominal = true + a jitter orthogonal to every affine function of
+    the nominal grid (a checkerboard ±0.1 Å in x on a 4 × 4 grid) keeps its full rms."""
+    yy, xx = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+    nominal = np.stack([yy.ravel(), xx.ravel()], 1) * 0.5 + 1.0
+    sign = ((yy + xx) % 2 * 2 - 1).ravel()
+    true = nominal - np.stack([np.zeros(16), 0.1 * sign], 1)
+    refined = true + _affine(nominal, [[0.01, 0.02], [-0.03, 0.0]], [0.05, -0.02])
+    out = PositionsModule.position_errors(nominal, refined, true, "affine")
+    assert out["position_error_after_A"] == pytest.approx(0.0, abs=1e-12)
+    assert out["position_error_before_A"] == pytest.approx(0.1, rel=1e-9)
+    assert out["position_error_before_raw_A"] == pytest.approx(0.1, rel=1e-12)
+    d = refined - true
+    assert out["position_error_after_raw_A"] == pytest.approx(float(np.sqrt((d**2).sum(1).mean())), rel=1e-12)
+    shift = PositionsModule.position_errors(nominal, refined, true, "shift")
+    dm = d - d.mean(0)
+    assert shift["position_error_after_A"] == pytest.approx(float(np.sqrt((dm**2).sum(1).mean())), rel=1e-12)
+
+
+def test_msp_positions_scores_the_refined_positions_against_the_nominal_grid_without_jitter():
+    """Without a jitter record the nominal grid is the truth: before = 0; after = rms of refined − nominal with
+    the affine part removed (here a pure checkerboard, which no affine function absorbs)."""
+    yy, xx = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+    nominal = np.stack([yy.ravel(), xx.ravel()], 1) * 0.5
+    sign = ((yy + xx) % 2 * 2 - 1).ravel()
+    refined = nominal + np.stack([0.2 * sign, np.zeros(16)], 1)
+    rec = SimpleNamespace(extras={"positions_A": refined, "positions_nominal_A": nominal})
+    m = Measurement(kind="4dstem", data=np.zeros((4, 4, 2, 2), np.float32),
+                    axes=("scan_y", "scan_x", "k_y", "k_x"), geometry=Geometry(energy_keV=200.0))
+    out = PositionsModule.MSPPositions().score(rec, m, None, PositionsModule.MSPPositions.Params())
+    assert out["position_error_before_A"] == pytest.approx(0.0, abs=1e-12)
+    assert out["position_error_after_A"] == pytest.approx(0.2, rel=1e-9)
