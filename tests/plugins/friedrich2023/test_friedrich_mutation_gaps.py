@@ -782,3 +782,99 @@ def test_column_fit_score_passes_the_mixture_criterion_and_reports_the_true_coun
     out = q.score(rec, None, sample, q.Params(counting="gmm", gmm_criterion="bic", border_A=1.0))
     assert seen == ["bic"]
     assert out["n_atoms_true_median"] == float(np.median(n)) == 2.0
+
+
+# --- session 8: real gaps named by the sixth sample (positions 600–749; scored out of sample before these) ----------
+def test_saved_weights_come_back_with_their_values(tmp_path):
+    widths = (2, 3, 4)
+    rng = np.random.default_rng(5)
+    params = {f"{n}/{t}": rng.normal(size=s if t == "w" else s[:1]).astype(np.float32)
+              for n, s in A.conv_shapes(widths).items() for t in ("w", "b")}
+    A.save_weights(tmp_path / "w.npz", params, widths)
+    back, _ = A.load_weights_file(tmp_path / "w.npz")
+    for k, v in params.items():
+        np.testing.assert_array_equal(np.asarray(back[k]), v)
+
+
+def test_weights_path_takes_an_npz_path_as_a_file(tmp_path):
+    f = tmp_path / "mine.npz"
+    f.write_bytes(b"")
+    assert A.weights_path(str(f)) == f
+    with pytest.raises(TembenchError, match="does not exist"):
+        A.weights_path(str(tmp_path / "missing.npz"))
+
+
+def test_fit_columns_keeps_a_column_on_the_image_at_the_far_y_edge():
+    """A column whose Gaussian is centred 0.6 Å below the last row: the fit may not move it past the image's far edge
+    (the last pixel's outer boundary, 7.9 Å), however the data pull."""
+    grid = C.ImageGrid((40, 40), (0.2, 0.2), (0.0, 0.0))
+    img = C.ColumnModel([4.0], [8.5], [1.0], [0.5], [0.02]).image(grid, 6.0)
+    res = C.fit_columns(img, grid, [4.0], [7.3], sigma_init_A=0.5)
+    assert 7.3 < res.model.y_A[0] <= 7.9 + 1e-12
+
+
+def test_crlb_refuses_a_column_of_zero_height_by_name():
+    """A column of height 0 carries no information on its position or width: a zero on the Fisher diagonal, refused
+    with the reason (reference_bound relies on this refusal to drop such columns)."""
+    grid = C.ImageGrid((30, 30), (0.2, 0.2), (0.0, 0.0))
+    m = C.ColumnModel([2.0, 4.0], [3.0, 3.0], [1.0, 0.0], [0.4, 0.4], [0.1])
+    with pytest.raises(TembenchError, match="zero height"):
+        C.crlb(m, grid, 100.0, method="exact")
+
+
+def test_mixture_labels_weigh_the_components():
+    """Labels are the maximum a posteriori component, log w_k − (x − μ_k)²/2σ² with the fitted weights: a 9 : 1
+    mixture sends values between the means to the heavier component beyond the midpoint."""
+    rng = np.random.default_rng(6)
+    v = np.r_[rng.normal(0.0, 1.0, 900), rng.normal(4.0, 1.0, 100)]
+    sel = counting.mixture_counts(v, k_max=2, criterion="bic", offset=0)
+    assert len(sel.means) == 2
+    mu, w = np.asarray(sel.means), np.asarray(sel.weights)          # both in the order of the sorted means
+    logp = np.log(w)[None, :] - 0.5 * (v[:, None] - mu[None, :]) ** 2 / sel.sigma ** 2
+    nearest = np.argmin(np.abs(v[:, None] - mu[None, :]), axis=1)
+    assert np.any(np.argmax(logp, axis=1) != nearest)                  # the case distinguishes the rules
+    np.testing.assert_array_equal(sel.labels, np.argmax(logp, axis=1))
+
+
+def test_fit_image_passes_the_peak_threshold():
+    """Peaks of 0.8, 1.2 and 1.0 over a 0.05 background: a relative threshold of 0.9 keeps only the 1.2 column's
+    peak as a start; 0.1 keeps all three."""
+    grid, x, y, img = _three_columns()
+    strong = Q.fit_image(img, grid, Q.ColumnFitParams(threshold_rel=0.9, smooth_A=0.0), None, 1.0)
+    assert len(strong["x0_A"]) == 1
+    assert abs(strong["x0_A"][0] - 4.5) <= 0.1 + 1e-9 and abs(strong["y0_A"][0] - 5.0) <= 0.1 + 1e-9
+    assert len(Q.fit_image(img, grid, Q.ColumnFitParams(threshold_rel=0.1, smooth_A=0.0), None, 1.0)["x0_A"]) == 3
+
+
+def test_column_fit_score_counts_by_the_library_when_one_is_given_and_counting_is_auto():
+    sample, rec, cols, n = _hand_columns()
+    q = Q.ColumnFitScore()
+    out = q.score(rec, None, sample, q.Params(library=[(1, 1.0), (2, 2.0), (3, 3.0)], border_A=1.0))
+    assert out["library_count_exact_frac"] == 1.0 and not any(k.startswith("gmm_") for k in out)
+    np.testing.assert_array_equal(out["counts"], out["n_atoms_true"])
+    gmm = q.score(rec, None, sample, q.Params(border_A=1.0))             # no library: auto = the mixture
+    assert "gmm_k_icl" in gmm and not any(k.startswith("library_") for k in gmm)
+
+
+def test_live_ricom_grid_from_the_first_frames_has_unit_sampling_and_resets():
+    """The lazily built detector is in pixels (sampling 1 × 1: COM in pixels); reset() empties the stream, which
+    then gives the same image as a fresh one."""
+    rng = np.random.default_rng(7)
+    frames = rng.poisson(5.0, (12, 9, 9)).astype(np.float64)
+    r = R.RiCOM((3, 4), kernel_size=3)
+    r.add_frames(rng.poisson(9.0, (12, 9, 9)).astype(np.float64))        # a whole other scan …
+    assert tuple(r.grid.sampling_mrad) == (1.0, 1.0)
+    r.reset()                                                            # … then start again
+    r.add_frames(frames)
+    fresh = R.RiCOM((3, 4), kernel_size=3)
+    fresh.add_frames(frames)
+    np.testing.assert_allclose(r.image, fresh.image, atol=1e-12)
+
+
+def test_local_crlb_reports_the_background_bound_too():
+    from _friedrich_synthetic import lattice_model
+
+    true, grid = lattice_model(n=5, spacing_A=1.96, sigma_A=0.5)
+    ex = C.crlb(true, grid, 300.0, method="exact")
+    lo = C.crlb(true, grid, 300.0, method="local")
+    np.testing.assert_allclose(np.asarray(lo.var_background, float), ex.var_background, rtol=3e-4)
