@@ -38,6 +38,8 @@
 # (original || mutated) in survivors.diff. New tests are checked against the survivors without a
 # second run by tests/mutation/recheck.py (see there). Delete the scratch folder when done:
 # rm -rf /tmp/tembench_mutmut_physics
+# The scratch copy, setup.cfg, import check, run and summary are shared with run_mutmut_plugins.sh
+# (mutmut_project.sh).
 set -euo pipefail
 GROUP=${1:-physics}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -85,108 +87,13 @@ case "$GROUP" in
 esac
 # MUTMUT_TESTS='tests/a.py tests/b.py' replaces the group's test selection (a faster, weaker run)
 if [[ -n "${MUTMUT_TESTS:-}" ]]; then read -r -a tests <<< "$MUTMUT_TESTS"; fi
+DO_NOT_MUTATE=(src/tembench_pelz2022/_kernels.py src/tembench_pelz2022/eer_ops.py)
 
-case "$BASE" in "$ROOT"|"$ROOT"/*) echo "MUTMUT_WORKDIR must be outside the checkout" >&2; exit 2;; esac
-rm -rf "$WORK"
-mkdir -p "$WORK/src"
 # MUTMUT_REV=<commit>: mutate and test that commit (git archive) instead of the working tree, e.g.
 # while someone else edits a file; the commit is recorded in $WORK/source.txt
-SRC=$ROOT
-if [[ -n "${MUTMUT_REV:-}" ]]; then
-  SRC=$WORK/.rev
-  mkdir -p "$SRC"
-  git -C "$ROOT" archive "$MUTMUT_REV" platform plugins tests scenarios | tar -x -C "$SRC"
-  echo "commit $(git -C "$ROOT" rev-parse "$MUTMUT_REV")" > "$WORK/source.txt"
-else
-  echo "working tree of $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo '?') (uncommitted edits included)" > "$WORK/source.txt"
-fi
-cp -r "$SRC/platform/tembench" "$WORK/src/tembench"
-for pkg in "$SRC"/plugins/tembench_*/; do cp -r "$pkg" "$WORK/src/"; done
-cp -r "$SRC/tests" "$WORK/tests"
-cp -r "$SRC/scenarios" "$WORK/scenarios"
-rm -rf "$WORK/.rev"
-find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
-rm -rf "$WORK/tests/mutation"
-# pytest settings (markers, addopts) without the packaging sections
-python "$ROOT/tests/mutation/pytest_ini.py" "$ROOT/pyproject.toml" "$WORK/pytest.ini"
-
-only=""
-for m in "${modules[@]}"; do
-  if [[ -z "$ONLY" || "$m" == *$ONLY* ]]; then only+="    $m"$'\n'; fi
-done
-selection=""
-for t in "${tests[@]}"; do
-  if [[ "$t" == -* || -e "$WORK/$t" ]]; then selection+="    $t"$'\n'; fi
-done
-cat > "$WORK/setup.cfg" <<EOF
-[mutmut]
-source_paths = src
-also_copy =
-    scenarios
-only_mutate =
-$only
-do_not_mutate =
-    src/tembench_pelz2022/_kernels.py
-    src/tembench_pelz2022/eer_ops.py
-pytest_add_cli_args = -p no:cacheprovider -q
-pytest_add_cli_args_test_selection =
-$selection
-mutate_only_covered_lines = false
-use_git_change_detection = false
-EOF
-
-cd "$WORK"
+source "$ROOT/tests/mutation/mutmut_project.sh"
+mutmut_scratch
+mutmut_setup_cfg
 export PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1
-# the copies under src/ (mutants/src during the run) must shadow the editable install
-PYTHONPATH=src python -c "
-import tembench, tembench_pelz2022, tembench_ren2020
-for m in (tembench, tembench_pelz2022, tembench_ren2020):
-    print('imports', m.__name__, 'from', m.__file__)
-    assert m.__file__.startswith('$WORK/src/'), 'the checkout would be tested, not the mutants'
-"
-start=$(date +%s)
-mutmut run --max-children "$JOBS" "${PATTERNS[@]}" > run.log 2>&1 || { tail -c 2000 run.log; }
-echo "mutmut run: $(( $(date +%s) - start )) s" > timing.txt
-mutmut results --all true 2>&1 | grep -v ': not checked$' > results.txt || true
-
-# re-run each "suspicious" mutant's tests in a fresh process; its exit code is the verdict
-python - <<'PY'
-import json, os, re, subprocess, sys
-stats = json.load(open("mutants/mutmut-stats.json"))["tests_by_mangled_function_name"]
-out = []
-for line in open("results.txt").read().splitlines():
-    m = re.match(r"\s*(\S+): suspicious$", line)
-    if m:
-        name = m.group(1)
-        tests = sorted(stats.get(re.sub(r"__mutmut_\d+$", "", name), []))
-        env = dict(os.environ, MUTANT_UNDER_TEST=name, PYTHONPATH="src")
-        rc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                            cwd="mutants", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-        line = f"    {name}: " + {0: "survived", 1: "killed"}.get(rc, "suspicious")
-        print("re-checked:", line.strip())
-    out.append(line)
-open("results.txt", "w").write("\n".join(out) + "\n")
-PY
-
-# one line per survivor, read from the mutated sources: "name [verdict]: - original || + mutated"
-python "$ROOT/tests/mutation/survivors.py" results.txt > survivors.diff
-
-python - <<'PY' | tee summary.txt
-import collections, re
-per = collections.defaultdict(collections.Counter)
-for line in open("results.txt"):
-    m = re.match(r"\s*(\S+?)\.x[ǁ_]\S*__mutmut_\d+: (\w[\w ]*)$", line)
-    if m:
-        per[m.group(1)][m.group(2).strip()] += 1
-grand = collections.Counter()
-for mod, counts in sorted(per.items()):
-    grand.update(counts)
-    total = sum(counts.values())
-    killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
-    print(f"{mod:40s} {dict(counts)}  score {killed}/{total} = {100 * killed / max(total, 1):.1f} %")
-total = sum(grand.values())
-killed = grand.get("killed", 0) + grand.get("timeout", 0) + grand.get("segfault", 0)
-if total:
-    print(f"mutation score: {killed}/{total} = {100 * killed / total:.1f} % killed (timeouts count as killed)")
-PY
-cat timing.txt
+mutmut_check_imports tembench tembench_pelz2022 tembench_ren2020
+mutmut_run
