@@ -21,7 +21,6 @@ LiberTEM 0.16.0 CoMUDF 12.4 kHz CPU → ours 3.75× (docs/ricom.md).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np

@@ -21,7 +21,6 @@ n·t_ms; the probe count where they meet is build / (t_ms − t_prism), from the
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest

@@ -93,7 +93,6 @@ def multislice_scene(tiles=4, dose_e_per_A2=5e4, seed=0, offset=0.1, key="pt_bul
     # least squares first (fast on noise-free data), then the Poisson-ML refinement the crlb quantifier uses
     start = C.fit_columns(clean, grid, x, y, max_iter=50).model
     ref = C.fit_columns(clean, grid, init=start, loss="poisson", nonnegative=True, max_iter=30).model   # counts
-    true = C.ColumnModel(x, y, ref.height / scale, ref.sigma_A, ref.background / scale)  # image units
     true_xy = (x, y)
     rng = np.random.default_rng(seed)
     n = len(x)

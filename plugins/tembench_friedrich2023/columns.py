@@ -597,7 +597,6 @@ def _local_inverse(model: ColumnModel, F: sp.spmatrix, radius_nn: float):
     n = len(model)
     k = 3 if model.common_width else 4
     nc = k * n
-    glob = np.arange(nc, model.n_params)                    # common width and background
     F = F.tocsc()
     Fcc, Fcg, Fgg = F[:nc, :nc], F[:nc, nc:].toarray(), F[nc:, nc:].toarray()
     s_all = Fcg.T @ _spd_lu(Fcc).solve(Fcg)

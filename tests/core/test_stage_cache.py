@@ -24,7 +24,7 @@ from tembench import Measurement, Params, Reconstruction, Reconstructor, hookimp
 from tembench import cache as cache_mod
 from tembench.cache import ENTRY_JSON, StageCache, register_cache_type
 from tembench.cli import main as cli_main
-from tembench.eer import ElectronEvents, RunLengthEvents
+from tembench.eer import ElectronEvents
 from tembench.runner import run_scenario, stage_keys
 from tembench.scenario import parse_scenario
 from tembench.types import Geometry, Sample

@@ -219,7 +219,7 @@ if HAVE_NUMBA:
     def _accumulate_nb(z, mult, out, src_y, src_x, first):  # pragma: no cover - compiled
         # zeroing z here, row by row while it is in cache, saves a separate pass over the grid
         nb_, ny, nx = out.shape
-        my, mx = z.shape[1], z.shape[2]
+        my = z.shape[1]
         used = np.zeros(my, np.bool_)
         for r in range(ny):
             used[src_y[r]] = True
