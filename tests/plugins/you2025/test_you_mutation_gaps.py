@@ -1102,3 +1102,207 @@ def test_depth_elongation_passes_its_tracer_settings(monkeypatch):
     TS.DepthElongation().score(rec, None, None, p)
     assert seen["dog_sigmas_vox"] == (0.7, 1.4) and seen["intensity_threshold_frac"] == 0.3
     assert seen["sigma_range_vox"] == (0.4, 2.0) and seen["max_rounds"] == 2
+
+
+# --- sixth sample (positions 600-749): the real gaps among its survivors ----------------------------------------
+def test_e2e_illumination_sums_overlapping_probe_windows():
+    """Two 2 × 2 windows of unit probe intensity one pixel apart: the shared column holds 2."""
+    probe = np.ones((1, 2, 2), np.complex64)
+    illum = E._illumination(probe, np.array([[1, 1], [1, 2]]), (0, 0), (4, 4), (2, 2), np)
+    want = np.zeros((4, 4))
+    want[:2, :3] = [[1, 2, 1], [1, 2, 1]]
+    np.testing.assert_array_equal(illum, want)
+
+
+def test_e2e_positivity_clamps_the_real_part(monkeypatch):
+    """A volume gradient of 1 everywhere drives Re V negative; with ``positivity`` it is held at 0."""
+    pb = _e2e_problem()
+    _fake_engine(monkeypatch)
+    free = _run_e2e(pb, n_epochs=1, batch_size=2).volume
+    held = _run_e2e(pb, n_epochs=1, batch_size=2, positivity=True).volume
+    assert free.real.min() < 0
+    assert held.real.min() == 0.0
+
+
+def _msp_fake_engine(monkeypatch, losses=None, g_pos=(0.0, 0.0)):
+    """msp's stem_loss_and_gradient replaced: loss from ``losses`` (one per call, else 1), no object or probe
+    gradient, the given position gradient with a unit Hessian per position."""
+    calls = iter(losses) if losses is not None else None
+
+    def fake(sub, meas, dz, positions_A, probe, return_position_curvature=False, **kw):
+        n = len(positions_A)
+        out = (float(next(calls)) if calls else 1.0, np.zeros_like(sub), np.zeros_like(probe))
+        if return_position_curvature:
+            out = (*out, np.broadcast_to(np.asarray(g_pos, float), (n, 2)).copy(),
+                   np.broadcast_to(np.eye(2), (n, 2, 2)).copy())
+        return out
+
+    monkeypatch.setattr(M, "stem_loss_and_gradient", fake)
+
+
+def _msp(small_scan, pos=None, **over):
+    patterns, geo, nominal = small_scan
+    p = {**FAST, "n_iterations": 1, "start_probe_iter": 5, "batch_size": 32, **over}
+    return M.reconstruct_msp(patterns, nominal if pos is None else pos, geo, M.MSPParams(**p))
+
+
+def test_msp_halves_its_steps_when_the_loss_rises_above_one_and_a_half_times(small_scan, monkeypatch):
+    _msp_fake_engine(monkeypatch, losses=[1.0, 2.0, 2.9])       # one batch per iteration: ×2 halves, ×1.45 keeps
+    r = _msp(small_scan, n_iterations=3)
+    assert r.history["loss"] == [1.0, 2.0, 2.9] and r.history["step_scale"] == [1.0, 0.5, 0.5]
+
+
+def test_msp_reports_progress_as_iterations_done_of_all(small_scan, monkeypatch):
+    _msp_fake_engine(monkeypatch)
+    seen = []
+    patterns, geo, pos = small_scan
+    p = M.MSPParams(**{**FAST, "n_iterations": 2, "start_probe_iter": 5})
+    M.reconstruct_msp(patterns, pos, geo, p, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_msp_position_update_history_is_the_rms_of_the_moves(small_scan, monkeypatch):
+    """One iteration, one batch, frame 'none': every position moves by the capped step (+s_y/2, −s_x/2); the
+    history's update rms is that move's length."""
+    _msp_fake_engine(monkeypatch, g_pos=(-10.0, 10.0))
+    r = _msp(small_scan, start_position_iter=0, position_frame="none", object_padding_A=1.0)
+    sy, sx = r.sampling_A
+    np.testing.assert_allclose(r.positions_A - small_scan[2], np.tile([sy / 2, -sx / 2], (len(r.positions_A), 1)),
+                               atol=1e-12)
+    assert r.history["position_update_rms_A"][-1] == pytest.approx(math.hypot(sy / 2, sx / 2), rel=1e-9)
+
+
+def test_msp_keeps_refined_positions_inside_the_field_at_the_low_edge(small_scan, monkeypatch):
+    """No padding: the lowest positions start at the lowest allowed place (origin + (w//2 + 1)·s); moves of −s/2
+    per iteration push them against it and they stay there."""
+    _msp_fake_engine(monkeypatch, g_pos=(10.0, 10.0))
+    r = _msp(small_scan, n_iterations=3, start_position_iter=0, position_frame="none", object_padding_A=0.0)
+    s = np.asarray(r.sampling_A)
+    w = np.asarray(r.probe.shape[-2:])
+    lo = (w // 2 + 1) * s
+    rel = r.positions_A - np.asarray(r.origin_A)
+    assert np.all(rel >= lo - 1e-9)
+    np.testing.assert_allclose(rel.min(axis=0), lo, atol=1e-9)
+    np.testing.assert_allclose(r.positions_A.max(axis=0), small_scan[2].max(axis=0) - 1.5 * s, atol=1e-9)
+
+
+def test_msp_field_follows_a_scan_shifted_along_y_only(small_scan):
+    """The object field is laid out per axis from the scan's extent: the scan moved by 3 Å along y moves the
+    field's origin by (3, 0) Å and leaves its size."""
+    pos = small_scan[2]
+    a = _msp(small_scan)
+    b = _msp(small_scan, pos=pos + [3.0, 0.0])
+    np.testing.assert_allclose(np.subtract(b.origin_A, a.origin_A), [3.0, 0.0], atol=1e-9)
+    assert b.potentials_VA.shape == a.potentials_VA.shape
+
+
+def test_butterworth_gain_is_one_half_at_the_cutoff():
+    """py4DSTEM's kernel 1/(1 + (q/q_c)^(2n)): 1 at q = 0, ½ at q_c = 0.625 Å⁻¹ (4 pixels of 1/6.4 Å⁻¹), 1/17 at
+    2q_c for n = 2."""
+    g = M.butterworth_lowpass((64, 64), (0.1, 0.1), 0.625, 2)
+    assert g[0, 0] == pytest.approx(1.0) and g[0, 4] == pytest.approx(0.5, rel=1e-6)
+    assert g[4, 0] == pytest.approx(0.5, rel=1e-6) and g[0, 8] == pytest.approx(1 / 17, rel=1e-6)
+
+
+def test_initial_probe_aberrations_are_taken_at_the_offset_beam_per_axis(monkeypatch):
+    """χ is evaluated at k − offset·Δk per axis, Δk = 1/(n·s) of that axis (anisotropic pixels here)."""
+    seen = {}
+
+    def spy(ky, kx, lam, ab):
+        seen.update(ky=np.broadcast_to(ky, (8, 10)), kx=np.broadcast_to(kx, (8, 10)))
+        return np.zeros((8, 10))
+
+    monkeypatch.setattr(M, "aberration_function", spy)
+    mean = np.zeros((8, 10))
+    mean[3:6, 4:7] = 1.0
+    M.initial_probe(mean, (0.2, 0.25), 200.0, {}, 1, 0.0, np.random.default_rng(0), np, offset_px=(0.5, 0.25))
+    np.testing.assert_allclose(seen["ky"][:, 0], np.fft.fftfreq(8, 0.2) - 0.5 / (8 * 0.2), atol=1e-12)
+    np.testing.assert_allclose(seen["kx"][0], np.fft.fftfreq(10, 0.25) - 0.25 / (10 * 0.25), atol=1e-12)
+
+
+def test_alternating_step_fixes_the_mean_euler_angle_as_asked(monkeypatch):
+    v = _blobs(n=8)
+    euler = np.array([[0.0, 20.0, 0.0], [0.0, -15.0, 0.0]])
+    target = LT.project(v, euler + [[0, 0.5, 0], [0, 0.3, 0]], np.zeros((2, 2)), 0.5)
+    seen = []
+    real = LT._fix_euler_gauge
+
+    def spy(new, euler0, refine_idx, fix_mean, fix_tilt_scale):
+        seen.append(fix_mean)
+        return real(new, euler0, refine_idx, fix_mean, fix_tilt_scale)
+
+    monkeypatch.setattr(LT, "_fix_euler_gauge", spy)
+    for fix in (True, False):
+        p = LT.LinearTomoParams(refine_translations=False, refine_euler=("tilt",), fix_mean_euler=fix)
+        hist = {"alignment_loss": [], "translation_update_A": [], "euler_update_deg": []}
+        LT._alignment_step(v, target, euler.copy(), np.zeros((2, 2)), euler.copy(), np.zeros((2, 2)), 0.5, [1], True,
+                           p, hist, np)
+    assert seen == [True, False]
+
+
+def test_alternating_step_reports_the_sum_of_squared_residuals():
+    v = _blobs(n=8)
+    euler = np.array([[0.0, 20.0, 0.0], [0.0, -15.0, 0.0]])
+    tau = np.array([[0.1, -0.2], [0.0, 0.15]])
+    target = LT.project(v, euler + [[0, 0.5, 0], [0, 0.3, 0]], np.zeros((2, 2)), 0.5)
+    p = LT.LinearTomoParams(refine_translations=False, refine_euler=())
+    hist = {"alignment_loss": [], "translation_update_A": [], "euler_update_deg": []}
+    LT._alignment_step(v, target, euler, tau, euler, tau, 0.5, [], False, p, hist, np)
+    want = float(((LT.project(v, euler, tau, 0.5) - target).astype(np.float64) ** 2).sum())
+    assert want > 0 and hist["alignment_loss"] == [pytest.approx(want, rel=1e-5)]
+
+
+def test_joint_linear_tomo_extras_carry_the_angles_the_alignment_score_reads(monkeypatch):
+    grid = TC.tomo_grid((2, 2), 0.5, (0.0, 0.0, 0.0), nz=2)
+    res = SimpleNamespace(volume_V=np.ones(grid.shape, np.float32), euler_deg=np.array([[1.0, 2.0, 3.0]]),
+                          translations_A=np.array([[0.5, -0.5]]), history={"alignment_loss": [], "final_loss": [1.0]})
+    msp = [(SimpleNamespace(probe=np.ones((1, 2, 2)), positions_A=np.zeros((3, 2)), pattern_scale=1.0,
+                            origin_A=(0.0, 0.0)), np.arange(3))]
+    monkeypatch.setattr(LT, "linear_stage", lambda m, p, xp: (res, msp, grid, "proj"))
+    ex = LT.JointLinearTomo().reconstruct(None, None, np).extras
+    np.testing.assert_array_equal(ex["euler_deg"], res.euler_deg)          # tomo_scores.AlignmentError reads
+    np.testing.assert_array_equal(ex["translations_A"], res.translations_A)  # these two keys
+
+
+def test_msp_positions_score_uses_the_truth_of_the_reconstructed_patterns():
+    """With absent patterns the reconstruction holds the positions of ``pattern_indices`` only; the truth is taken
+    at those indices (jitter record of 6 positions, patterns 0, 2, 3, 5 used)."""
+    true = np.arange(12.0).reshape(1, 6, 2) * 0.1
+    idx = np.array([0, 2, 3, 5])
+    nominal = np.round(true[0, idx])                           # whole Å
+    refined = true[0, idx] + 0.05
+    m = Measurement(kind="4dstem", data=np.zeros((2, 3, 2, 2), np.float32), axes=("scan_y", "scan_x", "k_y", "k_x"),
+                    geometry=Geometry(energy_keV=200.0),
+                    provenance=[{"component": "stem4d_position_jitter", "true_positions_A": true}])
+    rec = SimpleNamespace(extras={"positions_A": refined, "positions_nominal_A": nominal, "pattern_indices": idx})
+    out = PositionsModule.MSPPositions().score(rec, m, None, PositionsModule.MSPPositions.Params(frame="none"))
+    want_before = math.sqrt(((nominal - true[0, idx]) ** 2).sum(axis=1).mean())
+    assert out["position_error_before_A"] == pytest.approx(want_before, rel=1e-9)
+    assert out["position_error_after_A"] == pytest.approx(math.hypot(0.05, 0.05), rel=1e-9)
+
+
+def test_elongation_ratios_fit_an_evenly_spread_subset_of_max_sites(monkeypatch):
+    """12 sites, max_sites 4: sites round(linspace(0, 11, 4)) = 0, 4, 7, 11 are fitted."""
+    sites = np.stack([np.full(12, 5.0), np.arange(12.0) * 2, np.full(12, 5.0)], 1)
+    seen = []
+
+    def spy(vol, s, voxel, box_lat, box_ax):
+        seen.append(np.array(s))
+        n = len(s)
+        return np.full(n, 2.0), np.ones(n), np.array(s), np.ones(n, bool)
+
+    monkeypatch.setattr(TS, "fit_axial_gaussians", spy)
+    ratio, _, _ = TS.elongation_ratios(np.zeros((10, 30, 10)), sites, 0.5, 1.0, 2.0, max_sites=4)
+    np.testing.assert_array_equal(seen[0], sites[[0, 4, 7, 11]])
+    assert len(ratio) == 4
+
+
+def test_wedge_correlations_count_only_frequencies_up_to_k_max():
+    """A component at |k| = √(0.7² + 0.8²) = 1.06 Å⁻¹ > k_max = 1 in the volume only does not enter: the lateral
+    correlation with a truth of one in-band component (k_x = 0.3 Å⁻¹) is exactly 1."""
+    _, y, x = np.meshgrid(*(np.arange(n) * 0.25 for n in (8, 40, 40)), indexing="ij")
+    truth = np.cos(2 * np.pi * 0.3 * x)
+    vol = truth + np.cos(2 * np.pi * (0.7 * y + 0.8 * x))
+    lateral = TS.wedge_correlations(vol, truth, 0.25, k_max_invA=1.0)[1]
+    assert lateral == pytest.approx(1.0, abs=1e-9)
+    assert TS.wedge_correlations(vol, truth, 0.25, k_max_invA=1.2)[1] < 0.8        # in band: it counts
