@@ -41,7 +41,8 @@ def _small_uri(fig, dpi: int = 72, colors: int = 64) -> str:
 
 
 TOMO_METRICS = ("fsc_gt_resolution_A", "fsc_half_resolution_A", "depth_elongation_rel",
-                "depth_elongation_true_sites_rel", "depth_wedge_cc_axial", "depth_wedge_cc_lateral",
+                "depth_elongation_true_sites_rel", "depth_elongation_mean_site_rel", "depth_wedge_cc_axial",
+                "depth_wedge_cc_lateral",
                 "position_error_mean_pm", "pct_atoms_found", "pct_false_positives",
                 "translation_error_median_A", "translation_error_max_A", "rotation_error_max_deg")
 

@@ -12,7 +12,8 @@ from tembench.registry import get_registry
 from tembench_you2025 import tomo_common as T
 from tembench_you2025.tilt_series import STEM4DTiltSeries, true_alignment
 from tembench_you2025.tomo_scores import (AlignmentError, DepthElongation, alignment_errors, depth_sections,
-                                          fit_axial_gaussian, rotation_angle_deg, volume_shift_part)
+                                          elongation_ratios, fit_axial_gaussian, mean_site_elongation,
+                                          rotation_angle_deg, volume_shift_part)
 
 
 def _euler(n=7, span=45.0):
@@ -159,6 +160,47 @@ def test_depth_elongation_quantifier_traced_and_truth(ratio):
     assert out["depth_elongation_rel"] == pytest.approx(out["depth_elongation_ratio"] / out["depth_elongation_truth_ratio"])
     assert q.score(Reconstruction(kind="image", data=vol[0], sampling_A=s, quantity="potential_V"), None, sample,
                    q.parse_params({})) == {}
+
+
+TALL = (58, 36, 36)                                            # room for the mean box's 2 × 1.6 Å along z
+TALL_SITES = [(z + 9.0, y, x) for z, y, x in SITES]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 2.5])
+def test_mean_site_elongation_of_known_gaussians_at_sub_voxel_sites(ratio):
+    """The mean profile about the sites (each box resampled about its own sub-voxel site) is the atoms' own
+    Gaussian: σ_lat 0.35 Å, σ_z ratio × that."""
+    s = 0.25
+    vol = _blobs(TALL, TALL_SITES, 0.35 * ratio, 0.35, s) + 0.02
+    got, sz, sl, n = mean_site_elongation(vol, TALL_SITES, s, 0.9, 1.6)
+    assert n == len(TALL_SITES)
+    assert got == pytest.approx(ratio, rel=0.03)
+    assert sl == pytest.approx(0.35, rel=0.03) and sz == pytest.approx(0.35 * ratio, rel=0.03)
+
+
+def test_mean_site_elongation_keeps_the_atoms_a_per_site_fit_drops():
+    """Three round atoms and two so elongated (σ_z 1.8 Å) that their per-site fit hits the box (1.6 Å) and is
+    rejected: the per-site median sees only the round ones (ratio 1), the mean profile of all five does not."""
+    s = 0.25
+    round_, long_ = TALL_SITES[:3], TALL_SITES[3:]
+    vol = _blobs(TALL, round_, 0.35, 0.35, s) + _blobs(TALL, long_, 1.8, 0.35, s)
+    per_site, _, _ = elongation_ratios(vol, TALL_SITES, s, 0.9, 1.6)
+    assert len(per_site) == 3 and np.median(per_site) == pytest.approx(1.0, rel=0.03)
+    ratio, _, _, n = mean_site_elongation(vol, TALL_SITES, s, 0.9, 1.6)
+    assert n == 5 and ratio > 1.5
+    only_round, _, _, _ = mean_site_elongation(vol, round_, s, 0.9, 1.6)
+    assert only_round == pytest.approx(1.0, rel=0.03)
+
+
+def test_mean_site_elongation_leaves_out_sites_whose_box_leaves_the_volume():
+    s = 0.25
+    edge = [(3.0, 18.0, 18.0)]                                 # 3 voxels from z = 0: the 2 × 1.6 Å box does not fit
+    vol = _blobs(TALL, TALL_SITES, 0.35, 0.35, s) + _blobs(TALL, edge, 1.0, 0.35, s)   # an elongated atom there
+    want = mean_site_elongation(vol, TALL_SITES, s, 0.9, 1.6)
+    got = mean_site_elongation(vol, TALL_SITES + edge, s, 0.9, 1.6)
+    assert got[3] == len(TALL_SITES)
+    assert got[0] == pytest.approx(want[0], rel=1e-12)
+    assert np.isnan(mean_site_elongation(vol, edge, s, 0.9, 1.6)[0])
 
 
 # --- core quantifiers on a TomoGrid volume --------------------------------------------------------------
