@@ -1306,3 +1306,28 @@ def test_wedge_correlations_count_only_frequencies_up_to_k_max():
     lateral = TS.wedge_correlations(vol, truth, 0.25, k_max_invA=1.0)[1]
     assert lateral == pytest.approx(1.0, abs=1e-9)
     assert TS.wedge_correlations(vol, truth, 0.25, k_max_invA=1.2)[1] < 0.8        # in band: it counts
+
+
+def test_true_site_fits_report_the_median_widths(monkeypatch):
+    """depth_sigma_{z,lateral}_true_sites_A: the medians of the fitted σ_z, σ_lat at the true sites."""
+    monkeypatch.setattr(TS, "elongation_ratios", lambda *a, **k: (np.array([2.0, 2.0, 4.0]), np.array([1.0, 2.0, 3.0]),
+                                                                  np.array([0.5, 1.5, 0.75])))
+    monkeypatch.setattr(TS, "truth_shift_A", lambda *a, **k: np.zeros(3))
+    monkeypatch.setattr(TS, "_truth_on_voxels", lambda sample, shape, origin, s, par: np.zeros(shape))
+    monkeypatch.setattr(TS, "wedge_correlations", lambda *a, **k: (0.5, 0.5))
+    sample = SimpleNamespace(positions_A=np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 1.0, 2.0]]))
+    rec = SimpleNamespace(origin_A=(0.0, 0.0, 0.0))
+    out = TS.DepthElongation._true_sites(rec, np.zeros((8, 8, 8)), sample, 0.5, TS.DepthElongation.Params(), 2.0)
+    assert out["depth_sigma_z_true_sites_A"] == 2.0 and out["depth_sigma_lateral_true_sites_A"] == 0.75
+
+
+def test_alignment_errors_artifacts_name_the_per_tilt_arrays():
+    """The artifact arrays (plots of recovered vs true alignment): a perfect recovery has zero error per tilt."""
+    tt = np.array([[0.1, -0.2], [0.3, 0.0], [-0.1, 0.25]])
+    te = np.array([[0.0, -30.0, 0.0], [0.0, 0.0, 0.0], [0.0, 30.0, 0.0]])
+    out = TS.alignment_errors(tt, te, tt, te)
+    np.testing.assert_allclose(out["translation_error_A"], np.zeros(3), atol=1e-12)
+    np.testing.assert_array_equal(out["translations_true_A"], tt)
+    np.testing.assert_array_equal(out["translations_recovered_A"], tt)
+    np.testing.assert_array_equal(out["euler_true_deg"], te)
+    np.testing.assert_array_equal(out["euler_recovered_deg"], te)
