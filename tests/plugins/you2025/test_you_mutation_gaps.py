@@ -161,31 +161,37 @@ def test_engine_chunk_without_a_near_divisor_is_balanced(monkeypatch):
     assert E.engine_chunk(24, 1, (4, 4), 2) == 12              # divisors 6, 8, 12 near c = 10: a tie, the larger
 
 
-def test_e2e_stage_starts_from_the_linear_volume_only_when_asked(monkeypatch):
-    import tembench_you2025.linear_tomo as linear_tomo
-
+def _stub_linear_and_e2e(monkeypatch, volume=0.0, euler=None, tau=None, shift=0.0, scale=1.0):
+    """e2e_stage with linear_stage and reconstruct_e2e replaced: Alg. 2's result (volume, angles, translations) and
+    the msp results (positions + ``shift``, pattern scale) are given; what e2e_stage hands Alg. 3 lands in ``seen``."""
     m, pos, mask = _tilt_series()
     present = np.flatnonzero(mask.ravel())
     grid = TC.tomo_grid((4, 4), 0.5, (0.0, 1.0, 1.0))
-    res = [SimpleNamespace(positions_A=pos[present] + 0.1, probe=np.ones((1, 4, 4)), sampling_A=(0.5, 0.5),
-                           pattern_scale=2.0) for _ in range(2)]
-    lin = SimpleNamespace(volume_V=np.full(grid.shape, 7.0, np.float32), euler_deg=np.zeros((2, 3)),
-                          translations_A=np.zeros((2, 2)))
-    monkeypatch.setattr(linear_tomo, "linear_stage", lambda meas, lp, xp: (lin, [(r, present) for r in res], grid))
+    res = [SimpleNamespace(positions_A=pos[present] + shift, probe=np.ones((1, 4, 4)), sampling_A=(0.5, 0.5),
+                           pattern_scale=scale) for _ in range(2)]
+    lin = SimpleNamespace(volume_V=np.full(grid.shape, volume, np.float32),
+                          euler_deg=np.zeros((2, 3)) if euler is None else euler,
+                          translations_A=np.zeros((2, 2)) if tau is None else tau)
+    monkeypatch.setattr(LT, "linear_stage", lambda meas, lp, xp: (lin, [(r, present) for r in res], grid))
     monkeypatch.setattr(E, "probe_at_volume_entrance", lambda probe, geo, grid, s, xp: probe)
     seen = {}
 
     def fake(pats, pos_k, geo, grid_, euler, tau, probes, e2e_params, *, pattern_scales, init_volume, xp, progress):
-        seen.update(init=init_volume, pos=pos_k, scales=pattern_scales)
+        seen.update(init=init_volume, pos=pos_k, scales=pattern_scales, euler=euler, tau=tau, grid=grid_)
         return "e2e result"
 
     monkeypatch.setattr(E, "reconstruct_e2e", fake)
+    return m, pos[present], lin, grid, seen
+
+
+def test_e2e_stage_starts_from_the_linear_volume_only_when_asked(monkeypatch):
+    m, pos, lin, _, seen = _stub_linear_and_e2e(monkeypatch, volume=7.0, shift=0.1, scale=2.0)
     out = E.e2e_stage(m, E.E2EPtychoTomoParams(init_volume="linear", positions="refined"))
     assert out[0] == "e2e result" and seen["init"] is lin.volume_V and seen["scales"] == [2.0, 2.0]
-    np.testing.assert_array_equal(seen["pos"][0], pos[present] + 0.1)
+    np.testing.assert_array_equal(seen["pos"][0], pos + 0.1)
     E.e2e_stage(m, E.E2EPtychoTomoParams(init_volume="zero", positions="nominal"))
     assert seen["init"] is None
-    np.testing.assert_array_equal(seen["pos"][1], pos[present])
+    np.testing.assert_array_equal(seen["pos"][1], pos)
 
 
 def test_e2e_reconstructor_returns_re_v_and_absorption_im_v(monkeypatch):
@@ -537,23 +543,8 @@ def test_joint_damping_reaches_the_joint_step(monkeypatch):
 
 def test_e2e_stage_holds_the_linear_stage_alignment_fixed(monkeypatch):
     """Alg. 3 starts from (and keeps) the Euler angles and translations of Alg. 2: e2e_stage passes linear_stage's."""
-    m, pos, mask = _tilt_series()
-    present = np.flatnonzero(mask.ravel())
-    grid = TC.tomo_grid((4, 4), 0.5, (0.0, 1.0, 1.0))
-    res = [SimpleNamespace(positions_A=pos[present], probe=np.ones((1, 4, 4)), sampling_A=(0.5, 0.5),
-                           pattern_scale=1.0) for _ in range(2)]
-    lin = SimpleNamespace(volume_V=np.zeros(grid.shape, np.float32),
-                          euler_deg=np.array([[1.0, 0.5, -2.0], [3.0, 10.25, 4.0]]),
-                          translations_A=np.array([[0.1, -0.2], [0.3, 0.4]]))
-    monkeypatch.setattr(LT, "linear_stage", lambda meas, lp, xp: (lin, [(r, present) for r in res], grid))
-    monkeypatch.setattr(E, "probe_at_volume_entrance", lambda probe, geo, grid, s, xp: probe)
-    seen = {}
-
-    def fake(pats, pos_k, geo, grid_, euler, tau, probes, e2e_params, *, pattern_scales, init_volume, xp, progress):
-        seen.update(euler=euler, tau=tau, grid=grid_)
-        return "e2e result"
-
-    monkeypatch.setattr(E, "reconstruct_e2e", fake)
+    m, _, lin, grid, seen = _stub_linear_and_e2e(monkeypatch, euler=np.array([[1.0, 0.5, -2.0], [3.0, 10.25, 4.0]]),
+                                                 tau=np.array([[0.1, -0.2], [0.3, 0.4]]))
     E.e2e_stage(m, E.E2EPtychoTomoParams())
     np.testing.assert_array_equal(seen["euler"], lin.euler_deg)
     np.testing.assert_array_equal(seen["tau"], lin.translations_A)
