@@ -144,9 +144,11 @@ def _tick(v) -> str:
     return text
 
 
-def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) -> tuple[str, str] | None:
+def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None,
+               colors: int | None = None) -> tuple[str, str] | None:
     """Metric vs the first swept parameter, one line per method (by default NCC, FRC resolution, position
-    error; ``candidates``: the columns to plot where present)."""
+    error; ``candidates``: the columns to plot where present; ``colors``: palette-encode the figure, as
+    :func:`tembench.report.figure_uri`)."""
     plt = _mpl()
     ok = table[table.get("status") == "ok"]
     # (rmse_scaled is left out: it is in each method's own units — V·Å for msp, rad for ssb/icom)
@@ -196,7 +198,7 @@ def comparison(table, swept, candidates=MSP_METRICS, note: str | None = None) ->
     note = note or ("<p>Mean over repeats, one line per method. NCC is taken on each method's own grid (msp: the "
                     "reconstruction pixel; ssb/icom: the scan step); FRC resolutions at Nyquist are bounds set by that "
                     "grid (flags <code>*_not_reached</code> in the table).</p>")
-    return note + _img(_uri(fig), "metrics vs sweep") + tab, md
+    return note + _img(_uri(fig, colors=colors), "metrics vs sweep") + tab, md
 
 
 def report_sections(table, scenario, run_dir) -> list[dict]:

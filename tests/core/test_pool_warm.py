@@ -96,6 +96,11 @@ def test_fft_identity_does_not_import_pyfftw():
     if out.stdout.strip() == "skip":
         pytest.skip("pyFFTW not installed")
     assert out.stdout.split() == ["False", "True", "False", "False"]
+    import pyfftw
+
+    # the identity string read from the metadata is the imported module's own version (the run id must not move)
+    assert backend._pyfftw_version() == pyfftw.__version__
+    assert backend.fft_identity()["pyfftw"] == pyfftw.__version__
 
 
 def test_warm_imports_skips_a_module_that_fails(tmp_path, monkeypatch):
