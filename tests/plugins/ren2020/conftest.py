@@ -1,20 +1,13 @@
-"""Small HRTEM tilt series shared by the Ren 2020 tests, simulated by the platform's forward model."""
+"""Fixtures of the Ren 2020 tests; their HRTEM tilt series simulation is ``ren_sim.simulate``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from ren_sim import simulate
 
-from tembench.builtin.forward_multislice import HRTEMTiltSeries
 from tembench.builtin.samples_ren import SiSiO2Needle
 from tembench.types import Sample
-
-
-def simulate(sample, **params):
-    base = dict(energy_keV=300, sampling_A=0.5, slice_thickness_A=1.0, defocus_values_A=[200, 450, 1000],
-                simulation_factor=2)
-    base.update(params)
-    return HRTEMTiltSeries().simulate(sample, HRTEMTiltSeries.Params(**base), np)
 
 
 @pytest.fixture(scope="session")

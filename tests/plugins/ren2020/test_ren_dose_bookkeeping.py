@@ -21,7 +21,7 @@ from tembench.builtin.noise import PoissonDose
 from tembench.types import Sample
 from tembench_ren2020 import model as M
 
-from conftest import simulate
+from ren_sim import simulate
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import simulate
+from ren_sim import simulate
 from tembench.errors import TembenchError
 from tembench_ren2020.model import (
     build_problem,

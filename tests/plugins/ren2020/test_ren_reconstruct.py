@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import simulate
+from ren_sim import simulate
 from tembench.builtin.atom_tracing import AtomTracing
 from tembench.builtin.noise import PoissonDose
 from tembench.errors import TembenchError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DZ_A, scan_grid, simulate
+from you_sim import DZ_A, scan_grid, simulate
 from tembench import Measurement
 from tembench.errors import TembenchError
 from tembench.physics import stem as S

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import DZ_A, scan_grid, simulate
+from you_sim import DZ_A, scan_grid, simulate
 from tembench import Geometry, Measurement
 from tembench.errors import TembenchError
 from tembench_you2025 import e2e as E
