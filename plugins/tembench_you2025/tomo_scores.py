@@ -364,7 +364,7 @@ class DepthElongation(Quantifier):
     Fig. 2d, in numbers)."""
 
     name = "depth_elongation"
-    version = "2"  # 2: + the mean-atom elongation about all true sites (depth_elongation_mean_site_*, session 8)
+    version = "1"
     accepts = ("volume",)
     metrics = {
         "depth_elongation_ratio": Metric("", "lower", (0.0, None), headline=True,
