@@ -74,6 +74,8 @@ def tembench_report_sections(table: pd.DataFrame, scenario: Any, run_dir: Any) -
     :param table: the run's results table.
     :param scenario: the validated :class:`tembench.scenario.Scenario`.
     :param run_dir: :class:`pathlib.Path` of the run folder (artifacts live below it).
-    :return: a list of ``{"title": str, "html": str, "markdown": str}``; return None or [] to
-        add nothing.
+    :return: a list of ``{"title": str, "html": str, "markdown": str}``, each optionally with
+        ``"placement"``: ``"top"`` (right after the verdict, before the core's results: what a reader
+        should see first, e.g. images beside the truth) or ``"end"`` (the default: after the core's
+        panels); return None or [] to add nothing.
     """

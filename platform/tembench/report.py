@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tembench.errors import TembenchError
 from tembench.metrics import UNKNOWN, Metric, MetricCatalog, annotate_parquet, catalog_for, catalog_for_spec
 from tembench.store import MANIFEST, atomic_write_bytes, atomic_write_text, load_table
 
@@ -959,6 +960,12 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
     body += ["<h2>Verdict</h2>", f'<p class="note">{_h(expl)}</p>', f'<div class="scroll">{v_html}</div>']
     md += ["## Verdict", "", expl, "", *v_md]
 
+    # plugin sections: "top" ones right after the verdict (e.g. images beside the truth), the rest near the end
+    plugin = _plugin_sections(registry, table, scenario, run_dir)
+    for sec in plugin["top"]:
+        md += [f"## {sec.get('title', '')}", "", sec.get("markdown", ""), ""]
+        body += [f"<h2>{_h(sec.get('title', ''))}</h2>", sec.get("html", "")]
+
     # 2. results
     body.append("<h2>Results</h2>")
     md += ["## Results", ""]
@@ -1033,10 +1040,9 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
         errs = table[table["status"] == "error"][["point_index", "repeat", "reconstructor", "error"]]
         md += ["## Failures", "", errs.to_markdown(index=False), ""]
         body += ["<h2>Failures</h2>", f'<div class="scroll">{errs.to_html(index=False, border=0)}</div>']
-    for sections in registry.hook().tembench_report_sections(table=table, scenario=scenario, run_dir=run_dir):
-        for sec in sections or []:
-            md += [f"## {sec.get('title', '')}", "", sec.get("markdown", ""), ""]
-            body += [f"<h2>{_h(sec.get('title', ''))}</h2>", sec.get("html", "")]
+    for sec in plugin["end"]:
+        md += [f"## {sec.get('title', '')}", "", sec.get("markdown", ""), ""]
+        body += [f"<h2>{_h(sec.get('title', ''))}</h2>", sec.get("html", "")]
     if manifest.get("scenario_text"):
         md += ["## Scenario", "", "```yaml", manifest["scenario_text"].rstrip(), "```", ""]
         body += ["<h2>Scenario</h2>", f"<pre>{_h(manifest['scenario_text'])}</pre>"]
@@ -1051,6 +1057,25 @@ def render_report(run_dir: str | Path, registry=None) -> tuple[Path, Path]:
     atomic_write_text(md_path, "\n".join(md))
     atomic_write_bytes(html_path, page.encode())
     return md_path, html_path
+
+
+#: where a plugin's report section goes (``placement`` key of a tembench_report_sections dict)
+SECTION_PLACEMENTS = ("top", "end")
+
+
+def _plugin_sections(registry, table, scenario, run_dir) -> dict[str, list[dict]]:
+    """The sections of every plugin's ``tembench_report_sections`` hook, in hook order, split by their
+    ``placement``: "top" (after the verdict, before the core's results) or "end" (the default: after the cost
+    table, before the scenario)."""
+    out: dict[str, list[dict]] = {k: [] for k in SECTION_PLACEMENTS}
+    for sections in registry.hook().tembench_report_sections(table=table, scenario=scenario, run_dir=run_dir):
+        for sec in sections or []:
+            where = sec.get("placement", "end")
+            if where not in out:
+                raise TembenchError(f"report section {sec.get('title', '')!r}: placement must be one of "
+                                    f"{SECTION_PLACEMENTS}, got {where!r}")
+            out[where].append(sec)
+    return out
 
 
 def _aggregates_section(run_dir: Path, swept: list[str], zipped: list[str], catalog: MetricCatalog,

@@ -343,22 +343,6 @@ def methods_table(table: pd.DataFrame, swept: list[str], run_dir: Path, scenario
     return pd.DataFrame(rows)
 
 
-#: the core appends plugin sections after its generic panels, ~3 screens down; this script (in the last section)
-#: moves every "Friedrich 2023: …" section (its h2 and the nodes up to the next h2) before the core's "Results"
-#: heading, so the images with the truth and the NCC-vs-dose plot come right after the verdict (and are in the
-#: examples' first-screen screenshots). Without JavaScript, or without a "Results" heading, they stay at the end.
-MOVE_UP_SCRIPT = """<script>(function () {
-  var hs = [].slice.call(document.querySelectorAll("h2"));
-  var res = hs.filter(function (h) { return h.textContent.trim() === "Results"; })[0];
-  if (!res) { return; }
-  hs.filter(function (h) { return h.textContent.indexOf("Friedrich 2023:") === 0; }).forEach(function (h) {
-    var nodes = [h], n = h.nextSibling;
-    while (n && n.nodeName !== "H2") { nodes.push(n); n = n.nextSibling; }
-    nodes.forEach(function (x) { res.parentNode.insertBefore(x, res); });
-  });
-})();</script>"""
-
-
 def phase_sections(table: pd.DataFrame, swept: list[str], scenario, run_dir: Path) -> list[dict]:
     run_dir = Path(run_dir)
     out = []
@@ -390,6 +374,6 @@ def phase_sections(table: pd.DataFrame, swept: list[str], scenario, run_dir: Pat
         out.append({"title": "Friedrich 2023: methods (Table 5.1)",
                     "html": note + tab.to_html(index=False, border=0, formatters=fmt),
                     "markdown": tab.to_markdown(index=False, floatfmt=".3g")})
-    if out:
-        out[-1]["html"] += MOVE_UP_SCRIPT
+    for sec in out:   # right after the verdict: the images beside the truth and NCC vs dose come first
+        sec["placement"] = "top"
     return out

@@ -216,6 +216,31 @@ def test_lifecycle_hooks_point_finished_and_report_sections(registry, tmp_path):
     assert "<p>12 rows seen</p>" in (res.run_dir / "report.html").read_text()
 
 
+def test_report_sections_placement_top_after_the_verdict_end_by_default(registry, tmp_path):
+    from tembench import hookimpl
+    from tembench.errors import TembenchError
+    from tembench.report import render_report
+
+    where = {"Late": None, "Early": "top"}
+
+    class Sections:
+        @hookimpl
+        def tembench_report_sections(self, table, scenario, run_dir):
+            return [{"title": t, "markdown": f"{t} text", "html": f"<p>{t} text</p>",
+                     **({"placement": p} if p else {})} for t, p in where.items()]
+
+    registry.register(Sections(), name="sections")
+    res = run_scenario(parse_scenario(dummy_plugin.SCENARIO), out=tmp_path, progress=False)
+    html, md = (res.run_dir / "report.html").read_text(), (res.run_dir / "report.md").read_text()
+    order = ("Verdict", "Early", "Results", "Late", "Scenario")
+    for doc, head in ((html, "<h2>{}</h2>"), (md, "\n## {}\n")):
+        at = [doc.index(head.format(t)) for t in order]
+        assert at == sorted(at), at
+    where["Late"] = "bottom"
+    with pytest.raises(TembenchError, match=r"'Late': placement must be one of \('top', 'end'\), got 'bottom'"):
+        render_report(res.run_dir, registry=registry)
+
+
 def test_appending_a_noise_step_keeps_earlier_realisations(registry, tmp_path):
     """Each noise step is seeded by the chain up to it: adding a step after keeps the earlier noise."""
     one = parse_scenario(dummy_plugin.SCENARIO)

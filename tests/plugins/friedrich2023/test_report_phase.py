@@ -106,9 +106,13 @@ def test_report_has_the_sections_and_figures(run):
     assert (figs / "friedrich_phase_images.png").stat().st_size > 5000
     assert (figs / "friedrich_ncc_vs_sweep.png").exists() and (figs / "friedrich_resolution_A_vs_sweep.png").exists()
     assert "Å (same axes for all)" in text   # EMD geometry used
-    # the sections are moved up before the core's "Results" (the script's anchor must exist; once per page)
-    assert text.count(rp.MOVE_UP_SCRIPT) == 1 and "<h2>Results</h2>" in text
-    assert text.index("Friedrich 2023: methods (Table 5.1)") < text.index(rp.MOVE_UP_SCRIPT)
+    # the sections come right after the verdict, in order, before the core's results (placement "top"), in both
+    # the page and the Markdown
+    titles = ("Verdict", "Friedrich 2023: phase images side by side", "Friedrich 2023: NCC vs dose",
+              "Friedrich 2023: methods (Table 5.1)", "Results")
+    for doc, head in ((text, "<h2>{}</h2>"), (md.read_text(), "\n## {}\n")):
+        at = [doc.index(head.format(t)) for t in titles]
+        assert at == sorted(at), at
 
 
 def test_without_emd_files_the_previews_are_shown_in_pixels(run):
