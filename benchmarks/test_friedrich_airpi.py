@@ -3,7 +3,7 @@
 Run: ``python -m pytest benchmarks/test_friedrich_airpi.py -s`` (needs the ``nn`` extra). Timed, interleaved,
 best of rounds, wall and CPU time of the process:
 
-- ``network``: the shipped U-Net (data/airpi_v1) on batches of 256 network inputs (12 × 32 × 32) — the
+- ``network``: the shipped U-Net (data/airpi_v2) on batches of 256 network inputs (13 × 32 × 32) — the
   thesis's CNN alone ran > 750 000 samples in ≈ 6 min of training on an RTX 3080 and was estimated to
   allow > 2 kHz live;
 - ``whole``: :func:`airpi.reconstruct_airpi` on a 34 × 34 scan of 64 × 64-pixel patterns (1024 patches):
@@ -44,7 +44,7 @@ def test_airpi_inference_and_training_speed():
     probe_k = A.probe_frame(300.0, 20.0, {"C30": 1.0e4, "C10": -16.2})
     cbed = np.abs(probe_k) ** 2
     kern = rng.poisson(np.broadcast_to(cbed * 0.2, (BATCH, 3, 3, 32, 32))).astype(np.float32)
-    inputs = A.network_inputs(kern, probe_k, 0.2)
+    inputs = A.network_inputs(kern, probe_k, 0.2, A.has_dose_input())  # v2: 13 channels (the dose input)
     data = rng.poisson(0.05, (SCAN, SCAN, DET, DET)).astype(np.float32)
     data[..., 16:48, 16:48] += rng.poisson(np.broadcast_to(cbed * 0.2, (SCAN, SCAN, 32, 32)))
     grid = DetectorGrid((DET, DET), (32.0, 32.0), (2.5, 2.5))

@@ -11,9 +11,11 @@ and width N·p. Frequencies are centred (DC at pixel N//2); a wave ψ(k) on the 
 real-space patch whose probe sits at pixel (N//2, N//2): ``to_real(ψ) = ifft2(ifftshift(ψ))`` (ortho).
 Electrons beyond 2α are not used (the thesis's detector also stops at its collection angle).
 
-Inputs (12 channels): the nine CBEDs in probe units (x = counts · n_ap / mean counts of the nine, so a
-noise-free x ≈ |ψ_out(k)|² with |ψ_in| = 1 in the aperture), compressed as x^0.1 and scaled by the
-step weights ζ (eq 4.10, :func:`step_weights`), then the probe ψ_in(k): |ψ_in|, cos χ, sin χ.
+Inputs (12 channels; 13 for weights with the dose input, v2): the nine CBEDs in probe units (x = counts · n_ap
+/ mean counts of the nine, so a noise-free x ≈ |ψ_out(k)|² with |ψ_in| = 1 in the aperture), compressed as x^0.1 and scaled by the
+step weights ζ (eq 4.10, :func:`step_weights`), then the probe ψ_in(k): |ψ_in|, cos χ, sin χ, and (v2) the
+dose level :func:`dose_level`. v2's weights also carry a learned dose-dependent Gaussian smoothing of each
+patch's object before it is stitched (:func:`smooth_patches`, ``smooth/a``, ``smooth/b``).
 Outputs: the exit wave ψ_out(k) on the frame as amplitude, sin φ, cos φ, each a skip plus a learnt
 residual: the probe's phase (the probe skip connection, Fig. 4.4) and the measured amplitude (see
 :func:`forward`). Unlike the authors' code, the wave is predicted
@@ -41,7 +43,7 @@ from tembench.types import Reconstruction
 from tembench_friedrich2023.restore_unet import he_init, n_parameters  # noqa: F401  (n_parameters re-exported)
 
 DATA = Path(__file__).parent / "data"
-DEFAULT_WEIGHTS = "airpi_v1"
+DEFAULT_WEIGHTS = "airpi_v2"
 INSTALL_HINT = 'pip install -e ".[nn]"  (installs jax and optax)'
 N_FRAME = 32                  # frame pixels per side
 APERTURE_PX = N_FRAME / 4     # aperture radius on the frame (px): the frame spans ±2α
@@ -49,6 +51,13 @@ POWER = 0.1                   # dynamic-range compression of the CBEDs (§4.2.4)
 ZETA_SCALE = 50.0             # eq 4.10's constant
 N_IN, N_OUT = 12, 3
 DEFAULT_WIDTHS = (16, 32, 48)
+#: the optional dose input (v2): a 13th, constant channel log10 of the kernel's mean counts per pattern (on the
+#: frame), clipped to [0, DOSE_NOISE_FREE]; noise-free (non-integer) data get DOSE_NOISE_FREE
+DOSE_NOISE_FREE = 6.0
+#: the optional learned smoothing (v2 attempt, session 9): each patch's object phasor ω·T_patch is convolved with a
+#: Gaussian of σ = exp(a + b·(L − SMOOTH_L0)) frame px before it is stitched, L its kernel's dose level; (a, b) are
+#: the weights' ``smooth/a`` and ``smooth/b`` (needs the dose input)
+SMOOTH_L0 = 1.3
 
 
 # --- frame geometry ------------------------------------------------------------------------------
@@ -136,33 +145,57 @@ def compress(counts) -> np.ndarray:
     return np.clip(np.asarray(counts, np.float32), 0, None) ** np.float32(POWER)
 
 
-def inputs_from_compressed(ck: np.ndarray, totals: np.ndarray, probe_k: np.ndarray, step_A) -> np.ndarray:
-    """Network input (B, 12, N, N) from compressed kernels ck (B, 3, 3, N, N) and their counts (B, 3, 3)."""
+def dose_level(totals, noise_free: bool = False) -> np.ndarray:
+    """The dose input (B,): log10 of the mean counts per pattern of each 3×3 kernel (totals (B, 3, 3) counts on the
+    frame), clipped to [0, DOSE_NOISE_FREE]; ``noise_free`` (intensities, not counts) gives DOSE_NOISE_FREE."""
+    t = np.asarray(totals, np.float64).reshape(len(totals), 9).mean(axis=1)
+    if noise_free:
+        return np.full(len(t), DOSE_NOISE_FREE)
+    return np.clip(np.log10(np.maximum(t, 1.0)), 0.0, DOSE_NOISE_FREE)
+
+
+def is_counts(x) -> bool:
+    """True when the data are whole numbers (electron counts: the dose input is their level); False for noise-free
+    intensities, whose scale says nothing about a dose."""
+    a = np.asarray(x)
+    return bool(np.all(np.mod(a, 1.0) == 0))
+
+
+def inputs_from_compressed(ck: np.ndarray, totals: np.ndarray, probe_k: np.ndarray, step_A,
+                           dose_input: bool = False, noise_free: bool = False) -> np.ndarray:
+    """Network input (B, 12, N, N) from compressed kernels ck (B, 3, 3, N, N) and their counts (B, 3, 3); with
+    ``dose_input`` (B, 13, N, N): channel 12 is the constant :func:`dose_level`."""
     b = ck.shape[0]
     scale = aperture_pixels(probe_k) / np.maximum(np.asarray(totals, np.float64).reshape(b, 9).mean(axis=1), 1e-30)
     w = (scale[:, None, None] ** POWER) * step_weights(step_A)[None]
-    out = np.empty((b, N_IN, N_FRAME, N_FRAME), np.float32)
+    out = np.empty((b, N_IN + int(dose_input), N_FRAME, N_FRAME), np.float32)
     out[:, :9] = (ck * w[:, :, :, None, None].astype(np.float32)).reshape(b, 9, N_FRAME, N_FRAME)
     ph = np.angle(probe_k)
     amp = np.abs(probe_k)
     out[:, 9] = amp
     out[:, 10] = np.where(amp > 0, np.cos(ph), 1.0)
     out[:, 11] = np.where(amp > 0, np.sin(ph), 0.0)
+    if dose_input:
+        out[:, 12] = dose_level(totals, noise_free)[:, None, None]
     return out
 
 
-def network_inputs(kernels: np.ndarray, probe_k: np.ndarray, step_A) -> np.ndarray:
+def network_inputs(kernels: np.ndarray, probe_k: np.ndarray, step_A, dose_input: bool = False,
+                   noise_free: bool = False) -> np.ndarray:
     """Network input (B, 12, N, N) float32 from CBED kernels (B, 3, 3, N, N) in counts (or intensities)
-    on the frame: x = counts · n_ap / ⟨counts per pattern⟩ of the nine, x^0.1·ζ; then |ψ_in|, cos χ, sin χ."""
+    on the frame: x = counts · n_ap / ⟨counts per pattern⟩ of the nine, x^0.1·ζ; then |ψ_in|, cos χ, sin χ;
+    with ``dose_input`` the 13th channel, :func:`dose_level` (``noise_free``: intensities, not counts)."""
     k = np.asarray(kernels, np.float32)
-    return inputs_from_compressed(compress(k), k.sum(axis=(-2, -1), dtype=np.float64), probe_k, step_A)
+    return inputs_from_compressed(compress(k), k.sum(axis=(-2, -1), dtype=np.float64), probe_k, step_A,
+                                  dose_input, noise_free)
 
 
 # --- network (plain JAX: lax convolutions, NCHW) ---------------------------------------------------
-def conv_shapes(widths=DEFAULT_WIDTHS) -> dict[str, tuple[int, int, int, int]]:
+def conv_shapes(widths=DEFAULT_WIDTHS, n_in: int = N_IN) -> dict[str, tuple[int, int, int, int]]:
+    """Kernel shapes; ``n_in`` = 12, or 13 with the dose input."""
     w0, w1, w2 = widths
     return {
-        "e0a": (w0, N_IN, 3, 3), "e0b": (w0, w0, 3, 3),
+        "e0a": (w0, n_in, 3, 3), "e0b": (w0, w0, 3, 3),
         "d0": (w1, w0, 3, 3), "e1a": (w1, w1, 3, 3), "e1b": (w1, w1, 3, 3),
         "d1": (w2, w1, 3, 3), "ba": (w2, w2, 3, 3), "bb": (w2, w2, 3, 3),
         "u1": (w1, w2, 3, 3), "c1a": (w1, 2 * w1, 3, 3), "c1b": (w1, w1, 3, 3),
@@ -171,9 +204,9 @@ def conv_shapes(widths=DEFAULT_WIDTHS) -> dict[str, tuple[int, int, int, int]]:
     }
 
 
-def init_params(seed: int, widths=DEFAULT_WIDTHS) -> dict[str, np.ndarray]:
+def init_params(seed: int, widths=DEFAULT_WIDTHS, dose_input: bool = False) -> dict[str, np.ndarray]:
     """He-normal kernels, zero biases; the output conv starts at zero (the net starts as the probe skip)."""
-    return he_init(conv_shapes(widths), seed)
+    return he_init(conv_shapes(widths, N_IN + int(dose_input)), seed)
 
 
 def _conv(jax, x, params, name, stride=1):
@@ -213,6 +246,19 @@ def forward(params, x):
     return amp0 + r[:, 0], x[:, 11] + r[:, 1], x[:, 10] + r[:, 2]
 
 
+def smoothing_sigma(level, a, b, xp=np):
+    """σ (frame px) of the learned smoothing for dose levels L (B,): exp(a + b·(L − SMOOTH_L0))."""
+    return xp.exp(a + b * (level - SMOOTH_L0))
+
+
+def smooth_patches(t, sigma_px, xp=np):
+    """Patches t (B, N, N) complex, each convolved (circularly) with a Gaussian of σ_b px: × exp(−2π²σ²|f|²)."""
+    f = np.fft.fftfreq(t.shape[-1])
+    f2 = xp.asarray((f[:, None] ** 2 + f[None, :] ** 2).astype(np.float32))
+    h = xp.exp(-2.0 * np.pi ** 2 * xp.asarray(sigma_px)[:, None, None] ** 2 * f2[None])
+    return xp.fft.ifft2(xp.fft.fft2(t) * h)
+
+
 def compose_wave(amp, s, c, xp=np, eps=1e-6):
     """ψ = amp·(cos φ + i sin φ) with (sin, cos) renormalised to the unit circle."""
     n = xp.sqrt(s * s + c * c) + eps
@@ -220,18 +266,39 @@ def compose_wave(amp, s, c, xp=np, eps=1e-6):
 
 
 def save_weights(path, params, widths) -> None:
-    np.savez_compressed(path, widths=np.asarray(widths, np.int64),
+    """Kernels + ``widths`` + ``n_in`` (12, or 13 with the dose input; files without it are v1's 12)."""
+    n_in = int(np.shape(params["e0a/w"])[1])
+    np.savez_compressed(path, widths=np.asarray(widths, np.int64), n_in=np.asarray(n_in, np.int64),
                         **{k: np.asarray(v, np.float32) for k, v in params.items()})
 
 
 def load_weights_file(path) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
     with np.load(path, allow_pickle=False) as z:
         widths = tuple(int(v) for v in z["widths"])
-        params = {k: np.asarray(z[k], np.float32) for k in z.files if k != "widths"}
-    missing = {f"{n}/{t}" for n in conv_shapes(widths) for t in ("w", "b")} - set(params)
+        n_in = int(z["n_in"]) if "n_in" in z.files else N_IN
+        params = {k: np.asarray(z[k], np.float32) for k in z.files if k not in ("widths", "n_in")}
+    if n_in not in (N_IN, N_IN + 1):
+        raise TembenchError(f"airpi: weights file {path} has {n_in} input channels (12, or 13 with the dose input)")
+    shapes = conv_shapes(widths, n_in)
+    missing = {f"{n}/{t}" for n in shapes for t in ("w", "b")} - set(params)
     if missing:
         raise TembenchError(f"airpi: weights file {path} lacks {sorted(missing)}")
+    if tuple(params["e0a/w"].shape) != shapes["e0a"]:
+        raise TembenchError(f"airpi: weights file {path}: first kernel {params['e0a/w'].shape}, expected {shapes['e0a']}")
     return params, widths
+
+
+def smoothing_params(weights: str = DEFAULT_WEIGHTS) -> tuple[float, float] | None:
+    """(a, b) of the learned smoothing (:func:`smoothing_sigma`), or None for weights without it (v1)."""
+    params = load_weights_file(weights_path(weights))[0]
+    if "smooth/a" not in params:
+        return None
+    return float(params["smooth/a"]), float(params["smooth/b"])
+
+
+def has_dose_input(weights: str = DEFAULT_WEIGHTS) -> bool:
+    """Whether these weights take the dose input (13 channels)."""
+    return load_weights_file(weights_path(weights))[0]["e0a/w"].shape[1] == N_IN + 1
 
 
 def weights_path(weights: str) -> Path:
@@ -320,8 +387,9 @@ class Stitcher:
         self.probe_k = np.asarray(probe_k, np.complex128)
         self.ky, self.kx = centred_frequencies(self.p)
 
-    def add(self, psi_out_k: np.ndarray, positions_A: np.ndarray) -> None:
-        """Add patches: ψ_out(k) (B, N, N) at probe positions (B, 2) (y, x) Å."""
+    def add(self, psi_out_k: np.ndarray, positions_A: np.ndarray, sigma_px=None) -> None:
+        """Add patches: ψ_out(k) (B, N, N) at probe positions (B, 2) (y, x) Å; ``sigma_px`` (B,): each patch's
+        ω·T_patch convolved with a Gaussian of that σ first (the learned smoothing, :func:`smooth_patches`)."""
         u = np.asarray(positions_A, np.float64).reshape(-1, 2) / self.p + self.margin
         whole = np.round(u).astype(np.int64)
         frac = (u - whole) * self.p
@@ -332,6 +400,8 @@ class Stitcher:
         mag = np.abs(ratio)
         w = patch_weight(psi_in)
         t = np.where(mag > 0, ratio / np.where(mag > 0, mag, 1.0), 0.0) * w
+        if sigma_px is not None:
+            t = smooth_patches(t, np.asarray(sigma_px, np.float64))
         h = N_FRAME // 2
         for n in range(len(t)):
             y0, x0 = whole[n, 0] - h, whole[n, 1] - h
@@ -378,6 +448,9 @@ def reconstruct_airpi(x: np.ndarray, grid, step_A, energy_keV: float, semiangle_
     p = frame_pixel_A(energy_keV, semiangle_mrad)
     extent = ((x.shape[0] - 1) * sy, (x.shape[1] - 1) * sx)
     probe_k = probe_frame(energy_keV, semiangle_mrad, aberrations)
+    dose_in = mode != "probe_only" and has_dose_input(weights)
+    noise_free = dose_in and not is_counts(x)
+    smooth = smoothing_params(weights) if dose_in else None
     frames = frames_of(x, grid, semiangle_mrad)
     totals = frames.sum(axis=(-2, -1), dtype=np.float64)
     ck = compress(frames)
@@ -387,9 +460,14 @@ def reconstruct_airpi(x: np.ndarray, grid, step_A, energy_keV: float, semiangle_
     st = Stitcher(extent, p, probe_k)
     for a in range(0, len(rr), chunk):
         r, c = rr[a:a + chunk], cc[a:a + chunk]
-        inp = inputs_from_compressed(kernels_at(ck, r, c), kernels_at(totals, r, c), probe_k, (sy, sx))
+        inp = inputs_from_compressed(kernels_at(ck, r, c), kernels_at(totals, r, c), probe_k, (sy, sx), dose_in,
+                                     noise_free)
         psi = probe_only_waves(inp) if mode == "probe_only" else predict_waves(inp, weights)
-        st.add(psi, np.stack([r * sy, c * sx], axis=1))
+        sig = smoothing_sigma(inp[:, N_IN, 0, 0].astype(np.float64), *smooth) if smooth else None
+        if sig is None:
+            st.add(psi, np.stack([r * sy, c * sx], axis=1))
+        else:
+            st.add(psi, np.stack([r * sy, c * sx], axis=1), sig)
     shape = (int(math.floor(extent[0] / p)) + 1, int(math.floor(extent[1] / p)) + 1)
     phase, w = st.phase(shape)
     cov = w > 0
@@ -409,7 +487,7 @@ class AIRPIReconstructor(Reconstructor):
     name = "airpi"
     accepts = ("4dstem",)
     produces = "image"
-    version = "1"
+    version = "2"  # 2: default weights airpi_v2 (dose input, learned smoothing)
     requires = ("jax", "optax")
     install_hint = INSTALL_HINT
     depends_on = ("tembench_pelz2022",)  # load_4d, probe optics and scan geometry helpers (identity)

@@ -1,7 +1,10 @@
-"""Train the AIRPI network (``airpi_v1``): training data from our own multislice, loss of eq 4.11, seeds.
+"""Train the AIRPI network (``airpi_v1``, ``airpi_v2``): training data from our own multislice, loss of eq 4.11, seeds.
 
 Run ``python -m tembench_friedrich2023.airpi_train`` (writes ``data/airpi_v1.npz`` + a JSON sidecar with
-the recipe, seed, loss history, timings and versions). See docs/airpi.md.
+the recipe, seed, loss history, timings and versions). See docs/airpi.md. ``airpi_v2`` (session 9, the default
+weights) is two runs from v1 with the dose input, 8 × 8 training scans, the stitched-field NCC loss and the learned
+smoothing (``--dose-input --scan 8 --canvas-ncc-weight … [--canvas-log --smooth]``); its sidecar's ``stages`` holds
+the commands.
 
 Training data (Table 4.1, scaled to train on a CPU in minutes). Small random crystals: a random 2D
 lattice (a, b 2.5–4.5 Å, γ 60–120°), a basis of 1–3 atoms drawn from a pool of elements (Li … Au) at
@@ -21,6 +24,7 @@ Dose: Poisson noise drawn per training step, dose per pattern log-uniform in [10
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -61,6 +65,10 @@ LOSS_WEIGHTS = {"int_k": 1.0, "phase_k": 3.0, "int_r": 1.0, "phase_r": 1.0, "obj
 FINETUNE_STEPS = 600
 FINETUNE_LR = 3.0e-4
 FINETUNE_OBJ_WEIGHT = 10.0
+
+
+#: learning rate of the learned smoothing's (a, b) (``--smooth``)
+SMOOTH_LR = 1.0e-2
 
 
 def limit_threads() -> None:
@@ -116,9 +124,9 @@ def random_crystal(rng: np.random.Generator, box_A: float) -> tuple[np.ndarray, 
     return np.concatenate(pos), np.concatenate(num)
 
 
-def simulate_crystal(rng: np.random.Generator) -> dict:
-    """One crystal: frames (SCAN², N, N) noise-free CBEDs in probe units, labels ψ(k) of the interior
-    positions (16, N, N), the probe ψ_in(k), step (Å), energy, α."""
+def simulate_crystal(rng: np.random.Generator, scan: int = SCAN) -> dict:
+    """One crystal: frames (scan, scan, N, N) noise-free CBEDs in probe units, labels ψ(k) of the interior
+    positions ((scan − 2)², N, N), the probe ψ_in(k), step (Å), energy, α."""
     from tembench.physics.multislice import multislice, transmission_functions
     from tembench.physics.potentials import projected_potential
     from tembench.physics.stem import make_probe_modes
@@ -133,7 +141,7 @@ def simulate_crystal(rng: np.random.Generator) -> dict:
     step_px = int(rng.integers(RECIPE["step_px"][0], RECIPE["step_px"][1] + 1))
     probe = np.asarray(make_probe_modes((w, w), s, energy, alpha, ab)[0], np.complex64)
     centre = f // 2
-    offs = (np.arange(SCAN) - (SCAN - 1) / 2) * step_px
+    offs = (np.arange(scan) - (scan - 1) / 2) * step_px
     py, px = np.meshgrid(np.round(centre + offs).astype(int), np.round(centre + offs).astype(int), indexing="ij")
     py, px = py.ravel(), px.ravel()
     vacuum = rng.random() < RECIPE["vacuum_fraction"]
@@ -156,18 +164,19 @@ def simulate_crystal(rng: np.random.Generator) -> dict:
     pk = np.fft.fftshift(np.fft.fft2(probe))[w // 2 - n // 2:w // 2 + n // 2, w // 2 - n // 2:w // 2 + n // 2]
     scale = np.abs(pk).max()
     psi_k = (psi_k / scale).astype(np.complex64)
-    frames = (np.abs(psi_k) ** 2).astype(np.float32).reshape(SCAN, SCAN, n, n)
-    inner = np.zeros((SCAN, SCAN), bool)
+    frames = (np.abs(psi_k) ** 2).astype(np.float32).reshape(scan, scan, n, n)
+    inner = np.zeros((scan, scan), bool)
     inner[1:-1, 1:-1] = True
-    return {"frames": frames, "labels": psi_k.reshape(SCAN, SCAN, n, n)[inner], "probe": (pk / scale).astype(np.complex64),
+    return {"frames": frames, "labels": psi_k.reshape(scan, scan, n, n)[inner], "probe": (pk / scale).astype(np.complex64),
             "step_A": step_px * s, "energy_keV": energy, "semiangle_mrad": alpha, "vacuum": vacuum}
 
 
-def make_dataset(n_crystals: int, seed: int, log=print) -> list[dict]:
+def make_dataset(n_crystals: int, seed: int, log=print, scan: int = SCAN) -> list[dict]:
+    """``n_crystals`` crystals (seed), each a ``scan`` × ``scan`` probe grid (v1: 6 × 6)."""
     rng = np.random.default_rng(seed)
     out, t0 = [], time.time()
     for i in range(n_crystals):
-        out.append(simulate_crystal(rng))
+        out.append(simulate_crystal(rng, scan))
         if (i + 1) % 100 == 0:
             log(f"  {i + 1}/{n_crystals} crystals, {time.time() - t0:.0f} s")
     return out
@@ -175,9 +184,10 @@ def make_dataset(n_crystals: int, seed: int, log=print) -> list[dict]:
 
 def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: bool = True,
                  low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE, draws: int = 1,
-                 doses: list | None = None):
+                 doses: list | None = None, dose_input: bool = False):
     """(inputs (B, 12, N, N), labels ψ(k) (B, N, N) complex, probes ψ_in(k) (B, N, N)) with Poisson noise.
-    ``doses``: a list that receives each row's dose in electrons per pattern (inf: noise-free).
+    ``doses``: a list that receives each row's dose in electrons per pattern (inf: noise-free). ``dose_input``:
+    13 input channels, the 13th the kernel's dose level (:func:`airpi.dose_level`, as at inference).
 
     ``draws`` > 1: B/draws samples, each with ``draws`` independent noise draws at one dose (consecutive rows),
     for the loss on the draws' average (:func:`make_loss`, ``stitch``)."""
@@ -185,8 +195,9 @@ def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: 
     xs, ys, ps = [], [], []
     for _ in range(batch // draws):
         c = data[int(rng.integers(len(data)))]
-        j = int(rng.integers(16))
-        r, q = 1 + j // 4, 1 + j % 4
+        ni = c["frames"].shape[0] - 2  # interior positions per side (4 for the 6 × 6 scans)
+        j = int(rng.integers(ni * ni))
+        r, q = 1 + j // ni, 1 + j % ni
         k0 = c["frames"][r - 1:r + 2, q - 1:q + 2]
         n_ap = A.aperture_pixels(c["probe"])
         noisy = noise and rng.random() >= NOISE_FREE_FRACTION
@@ -195,7 +206,7 @@ def sample_batch(data: list[dict], rng: np.random.Generator, batch: int, noise: 
             dose = float(np.exp(rng.uniform(*np.log(rng_d))))
         for _ in range(draws):
             k = rng.poisson(np.clip(k0, 0, None) * (dose / n_ap)).astype(np.float32) if noisy else k0
-            xs.append(A.network_inputs(k[None], c["probe"], c["step_A"])[0])
+            xs.append(A.network_inputs(k[None], c["probe"], c["step_A"], dose_input, not noisy)[0])
             ys.append(c["labels"][j])
             ps.append(c["probe"])
             if doses is not None:
@@ -224,26 +235,33 @@ def lowpass_filters(doses, sigma_px: float) -> np.ndarray:
 CANVAS = 40
 
 
+def canvas_size(scan: int = SCAN) -> int:
+    """Canvas (frame px) for the interior patches of a scan × scan grid: a patch plus ≤ 2 px per step (CANVAS at 6)."""
+    return A.N_FRAME + 2 + 2 * (scan - 3)
+
+
 def sample_scans(data: list[dict], rng: np.random.Generator, crystals: int, noise: bool = True,
-                 low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE):
+                 low_dose_fraction: float = LOW_DOSE_FRACTION, low_dose_range=LOW_DOSE_RANGE, dose_input: bool = False):
     """All 16 interior kernels of ``crystals`` crystals, one dose and one Poisson draw per crystal (its 36 patterns
     share them, as in a real scan, so adjacent kernels share their noisy patterns), with the stitching geometry:
     (inputs (B, 12, N, N), labels ψ(k), probes ψ_in(k), ramps (B, N, N) complex (eq 4.4), ω (B, N, N) (eq 4.7),
     canvas offsets (B, 2) int), B = 16·crystals."""
     n = A.N_FRAME
     fy, fx = A.centred_frequencies(1.0)
-    rr, cc = np.meshgrid(np.arange(1, SCAN - 1), np.arange(1, SCAN - 1), indexing="ij")
+    scan = data[0]["frames"].shape[0]
+    rr, cc = np.meshgrid(np.arange(1, scan - 1), np.arange(1, scan - 1), indexing="ij")
     rr, cc = rr.ravel(), cc.ravel()
     xs, ys, ps, ramps, ws, offs = [], [], [], [], [], []
     for _ in range(crystals):
         c = data[int(rng.integers(len(data)))]
         frames = c["frames"]
         n_ap = A.aperture_pixels(c["probe"])
-        if noise and rng.random() >= NOISE_FREE_FRACTION:
+        noisy = noise and rng.random() >= NOISE_FREE_FRACTION
+        if noisy:
             rng_d = low_dose_range if low_dose_fraction and rng.random() < low_dose_fraction else DOSE_PER_PATTERN
             dose = float(np.exp(rng.uniform(*np.log(rng_d))))
             frames = rng.poisson(np.clip(frames, 0, None) * (dose / n_ap)).astype(np.float32)
-        xs.append(A.network_inputs(A.kernels_at(frames, rr, cc), c["probe"], c["step_A"]))
+        xs.append(A.network_inputs(A.kernels_at(frames, rr, cc), c["probe"], c["step_A"], dose_input, not noisy))
         ys.append(c["labels"])
         ps.append(np.broadcast_to(c["probe"], (len(rr), n, n)))
         u = np.stack([rr - 1, cc - 1], axis=1) * (c["step_A"] / A.frame_pixel_A(c["energy_keV"], c["semiangle_mrad"]))
@@ -257,33 +275,53 @@ def sample_scans(data: list[dict], rng: np.random.Generator, crystals: int, nois
             np.concatenate(offs))
 
 
-def canvas_error(t_pred, t_true, w, offsets, per: int = 16):
+def canvas_error(t_pred, t_true, w, offsets, per: int = 16, size: int = CANVAS, ncc: bool = False, log: bool = False):
     """Stitched-field term (a v2 attempt, session 7): the unit phasors ω·T_patch of predicted and true patches (B, N, N) are
     added on a CANVAS² canvas per group of ``per`` consecutive patches (one crystal's scan), and the phase error
     of the stitched predicted object, minus its coverage-weighted mean (NCC ignores an offset), is averaged with
-    the coverage Σω / max Σω as weight. Returns the mean over the groups (rad²)."""
+    the coverage Σω / max Σω as weight. Returns the mean over the groups (rad²).
+
+    ``ncc`` (session 9): instead 1 − the coverage-weighted NCC of the stitched predicted phase with the stitched true
+    phase (both relative to the true canvas's mean phasor; the prediction as truth + its wrapped error), the
+    held-out metric's form: invariant to the prediction's scale, so a shrunk image is not rewarded. ``log``: the mean of
+    log(1 − NCC + 1e-3) instead, so a relative gain counts alike at every dose (at high dose 1 − NCC is ~0.02)."""
     import jax
     import jax.numpy as jnp
 
     def place(t, o):
-        return jax.lax.dynamic_update_slice(jnp.zeros((CANVAS, CANVAS), t.dtype), t, (o[0], o[1]))
+        return jax.lax.dynamic_update_slice(jnp.zeros((size, size), t.dtype), t, (o[0], o[1]))
 
     put = jax.vmap(place)
     b, n1, n2 = t_pred.shape
-    cp = put(t_pred, offsets).reshape(b // per, per, CANVAS, CANVAS).sum(1)
-    ct = put(t_true, offsets).reshape(b // per, per, CANVAS, CANVAS).sum(1)
-    cw = put(w.astype(jnp.float32), offsets).reshape(b // per, per, CANVAS, CANVAS).sum(1)
+    cp = put(t_pred, offsets).reshape(b // per, per, size, size).sum(1)
+    ct = put(t_true, offsets).reshape(b // per, per, size, size).sum(1)
+    cw = put(w.astype(jnp.float32), offsets).reshape(b // per, per, size, size).sum(1)
     q = cw / jnp.maximum(jnp.max(cw, axis=(-2, -1), keepdims=True), 1e-12)
     z = cp * jnp.conj(ct)
     e = jnp.angle(jnp.where(q > 0, z, 1.0))  # uncovered pixels: no angle(0) (its gradient is NaN)
     qs = jnp.maximum(jnp.sum(q, axis=(-2, -1)), 1e-12)
+    if ncc:
+        mt = jnp.sum(q * ct, axis=(-2, -1))  # the true canvas's mean phasor: its phase is the reference
+        a = jnp.angle(jnp.where(q > 0, ct * jnp.conj(mt)[:, None, None], 1.0))
+        bp = a + e
+
+        def centred(v):
+            return v - (jnp.sum(q * v, axis=(-2, -1)) / qs)[:, None, None]
+
+        a, bp = centred(a), centred(bp)
+        num = jnp.sum(q * a * bp, axis=(-2, -1))
+        den = jnp.sqrt(jnp.sum(q * a * a, axis=(-2, -1)) * jnp.sum(q * bp * bp, axis=(-2, -1)) + 1e-12)
+        u = 1.0 - num / den
+        return jnp.mean(jnp.log(u + 1e-3)) if log else jnp.mean(u)
     e = e - (jnp.sum(q * e, axis=(-2, -1)) / qs)[:, None, None]
     return jnp.mean(jnp.sum(q * e ** 2, axis=(-2, -1)) / qs)
 
 
-def canvas_term(pred_k, true_k, probe_k, ramp_re, ramp_im, om, offs):
+def canvas_term(pred_k, true_k, probe_k, ramp_re, ramp_im, om, offs, per: int = 16, size: int = CANVAS,
+                ncc: bool = False, sigma=None, log: bool = False):
     """:func:`canvas_error` of predicted and true exit waves ψ(k) (B, N, N): eq 4.4's sub-pixel ramp, eq 4.5 to real
-    space, T_patch = ψ_out ψ_in*/|ψ_out ψ_in*| · ω (eq 4.6), as :class:`airpi.Stitcher` does."""
+    space, T_patch = ψ_out ψ_in*/|ψ_out ψ_in*| · ω (eq 4.6), as :class:`airpi.Stitcher` does; ``sigma`` (B,): the
+    predicted patches smoothed first (the learned smoothing, :func:`airpi.smooth_patches`)."""
     import jax.numpy as jnp
 
     ramp = ramp_re + 1j * ramp_im
@@ -293,10 +331,13 @@ def canvas_term(pred_k, true_k, probe_k, ramp_re, ramp_im, om, offs):
         r = A.to_real(v * ramp, jnp) * jnp.conj(pin_s)
         return r / jnp.sqrt(r.real ** 2 + r.imag ** 2 + 1e-12) * om
 
-    return canvas_error(unit(pred_k), unit(true_k), om, offs)
+    tp = unit(pred_k)
+    if sigma is not None:
+        tp = A.smooth_patches(tp, sigma, jnp)
+    return canvas_error(tp, unit(true_k), om, offs, per, size, ncc, log)
 
 
-def make_loss(forward, weights: dict | None = None, draws: int = 1):
+def make_loss(forward, weights: dict | None = None, draws: int = 1, scan: int = SCAN):
     """Eq 4.11 on a batch: L2 of |ψ(k)|², 3×(sin, cos)(k), |ψ(r)|², (sin, cos)(r), φ_obj(r), and (1 − xc(φ_obj))/2.
 
     Phase terms are averaged where the phase is defined: k-pixels with true |ψ(k)| > 0.03 (the disc is
@@ -336,7 +377,7 @@ def make_loss(forward, weights: dict | None = None, draws: int = 1):
         xc = jnp.sum(dt * dp, axis=(-2, -1)) / jnp.sqrt(jnp.sum(dt ** 2, axis=(-2, -1)) * jnp.sum(dp ** 2, axis=(-2, -1)) + 1e-12)
         l_xc = jnp.mean((1.0 - xc) / 2.0)
         w = weights or LOSS_WEIGHTS
-        total = (w["int_k"] * l_int_k + w["phase_k"] * l_ph_k + w["int_r"] * l_int_r + w["phase_r"] * l_ph_r
+        total = w.get("patch", 1.0) * (w["int_k"] * l_int_k + w["phase_k"] * l_ph_k + w["int_r"] * l_int_r + w["phase_r"] * l_ph_r
                  + w["obj"] * l_obj + w["xc"] * l_xc)
         if w.get("bias", 0.0):  # v2 attempts: the batch-mean object-phase error per pixel (a patch-independent
             # template in the prediction, which the stitching would add up coherently) is penalised
@@ -366,10 +407,27 @@ def make_loss(forward, weights: dict | None = None, draws: int = 1):
                 total = total + w["hfvar"] * masked_mean(((dev - sm) * m) ** 2, m)
         if w.get("canvas", 0.0) and len(geo) == 4:  # v2 attempt: the error that survives the stitching of a scan's
             # adjacent patches
-            total = total + w["canvas"] * canvas_term(pred_k, yk, pk, *geo)
+            total = total + w["canvas"] * canvas_term(pred_k, yk, pk, *geo, (scan - 2) ** 2, canvas_size(scan))
+        if w.get("canvas_ncc", 0.0) and len(geo) == 4:  # session 9: 1 − NCC of the stitched field (scale-free)
+            sig = (A.smoothing_sigma(x[:, A.N_IN, 0, 0], params["smooth/a"], params["smooth/b"], jnp)
+                   if "smooth/a" in params else None)
+            total = total + w["canvas_ncc"] * canvas_term(pred_k, yk, pk, *geo, (scan - 2) ** 2, canvas_size(scan),
+                                                          ncc=True, sigma=sig, log=bool(w.get("canvas_log", 0)))
         return total, (l_int_k, l_ph_k, l_int_r, l_ph_r, l_obj, l_xc)
 
     return loss
+
+
+def _stage_meta(side: Path) -> dict:
+    """The recipe part of an earlier stage's sidecar (a chain of ``--init-from`` runs stays reproducible)."""
+    m = json.loads(side.read_text())
+    keep = ("version", "seed", "widths", "dose_input", "loss", "draws_per_sample", "canvas", "optimizer", "timing_s",
+            "init_from_meta")
+    out = {k: m[k] for k in keep if k in m}
+    if "recipe" in m:
+        out["recipe"] = {k: m["recipe"][k] for k in ("scan", "n_crystals", "low_dose_fraction", "low_dose_range")
+                         if k in m["recipe"]}
+    return out
 
 
 def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS, seed: int = SEED,
@@ -377,7 +435,9 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
           init_from: Path | None = None, low_dose_fraction: float = LOW_DOSE_FRACTION,
           low_dose_range=LOW_DOSE_RANGE, bias_weight: float = 0.0, data_cache: Path | None = None,
           stitch_weight: float = 0.0, draws: int = 1, lr: float = LR, lowpass_px: float = 0.0,
-          hfvar_weight: float = 0.0, canvas_weight: float = 0.0, scan_crystals: int = 2) -> dict:
+          hfvar_weight: float = 0.0, canvas_weight: float = 0.0, scan_crystals: int = 2,
+          dose_input: bool = False, scan: int = SCAN, canvas_ncc_weight: float = 0.0, patch_weight: float = 1.0,
+          smooth: bool = False, canvas_log: bool = False) -> dict:
     """Generate the data (seed), train ``steps`` with eq 4.11, then ``finetune_steps`` with the object term
     ×10 (the thesis's second phase); write ``<version>.npz`` + ``.json`` into ``out_dir``. ``init_from``: start
     from those weights (e.g. ``steps=0`` to redo only the fine-tuning)."""
@@ -390,20 +450,33 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
     if cache is not None and cache.exists():  # the same seed and size give the same crystals: reuse them
         with np.load(cache, allow_pickle=True) as z:
             data, val = list(z["data"]), list(z["val"])
-        if len(data) != n_crystals:
-            raise ValueError(f"data cache {cache} holds {len(data)} crystals, not {n_crystals}")
+        if len(data) != n_crystals or data[0]["frames"].shape[0] != scan:
+            raise ValueError(f"data cache {cache} holds {len(data)} crystals of {data[0]['frames'].shape[0]}² "
+                             f"positions, not {n_crystals} of {scan}²")
         log(f"data from {cache}")
     else:
-        data = make_dataset(n_crystals, seed, log)
-        val = make_dataset(max(2, min(N_VAL_CRYSTALS, n_crystals // 4)), seed + 1, log)
+        data = make_dataset(n_crystals, seed, log, scan)
+        val = make_dataset(max(2, min(N_VAL_CRYSTALS, n_crystals // 4)), seed + 1, log, scan)
         if cache is not None:
             np.savez(cache, data=np.array(data, dtype=object), val=np.array(val, dtype=object))
     t_data = time.time() - t_start
-    log(f"data: {n_crystals} + {len(val)} crystals ({16 * n_crystals} samples) in {t_data:.0f} s")
+    log(f"data: {n_crystals} + {len(val)} crystals ({(scan - 2) ** 2 * n_crystals} samples) in {t_data:.0f} s")
     vrng = np.random.default_rng(seed + 3)
-    vx, vy, vp = sample_batch(val, vrng, 128)
+    vx, vy, vp = sample_batch(val, vrng, 128, dose_input=dose_input)
 
-    init = A.load_weights_file(init_from)[0] if init_from else A.init_params(seed, widths)
+    if init_from:
+        init, widths = A.load_weights_file(init_from)
+        if dose_input and init["e0a/w"].shape[1] == A.N_IN:  # v1-style weights: a zero kernel for the dose channel
+            w = init["e0a/w"]
+            init = {**init, "e0a/w": np.concatenate([w, np.zeros((w.shape[0], 1, *w.shape[2:]), w.dtype)], axis=1)}
+        if init["e0a/w"].shape[1] != A.N_IN + int(dose_input):
+            raise ValueError(f"--init-from {init_from} has a dose input, this run has none")
+    else:
+        init = A.init_params(seed, widths, dose_input)
+    if smooth and "smooth/a" not in init:  # the learned smoothing (needs the dose input): σ 0.5 px at 20 e/pattern
+        if not dose_input:
+            raise ValueError("--smooth needs --dose-input")
+        init = {**init, "smooth/a": np.asarray(np.log(0.5), np.float32), "smooth/b": np.asarray(-0.5, np.float32)}
     params = {k: jnp.asarray(v) for k, v in init.items()}
     eval_loss = jax.jit(make_loss(A.forward))
 
@@ -422,6 +495,12 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
         lw["stitch"] = stitch_weight
     if canvas_weight:
         lw["canvas"] = canvas_weight
+    if canvas_ncc_weight:
+        lw["canvas_ncc"] = canvas_ncc_weight
+    if patch_weight != 1.0:
+        lw["patch"] = patch_weight
+    if canvas_log:
+        lw["canvas_log"] = 1
     if lowpass_px and stitch_weight and draws > 1:
         lw["lowpass"] = lowpass_px
     if hfvar_weight and stitch_weight and draws > 1:
@@ -434,25 +513,33 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
         if n_steps <= 0:
             continue
         opt = optax.adam(lr, b1=0.9)
+        if "smooth/a" in params:  # the smoothing's two parameters learn at their own, constant rate
+            opt = optax.multi_transform({"net": opt, "smooth": optax.adam(SMOOTH_LR)},
+                                        {k: "smooth" if k.startswith("smooth/") else "net" for k in params})
         state = opt.init(params)
-        loss = make_loss(A.forward, weights, draws)
+        loss = make_loss(A.forward, weights, draws, scan)
 
         @jax.jit
         def step(params, state, *batch, loss=loss, opt=opt):
             (l, parts), g = jax.value_and_grad(loss, has_aux=True)(params, *batch)
-            upd, state = opt.update(g, state, params)
-            return optax.apply_updates(params, upd), state, l, parts
+            upd, new_state = opt.update(g, state, params)
+            new = optax.apply_updates(params, upd)
+            # a non-finite loss or gradient (a degenerate batch) skips the step instead of poisoning the weights
+            ok = jnp.isfinite(l) & jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(g)]))
+            keep = functools.partial(jax.tree_util.tree_map, lambda a, b: jnp.where(ok, a, b))
+            return keep(new, params), keep(new_state, state), l, parts
 
         run = []
         for it in range(1, n_steps + 1):
-            if canvas_weight:  # whole scans: 16 adjacent kernels per crystal, one noise draw each
+            if canvas_weight or canvas_ncc_weight:  # whole scans: 16 adjacent kernels per crystal, one noise draw each
                 x, y, pz, ramp, om, offs = sample_scans(data, rng, scan_crystals, low_dose_fraction=low_dose_fraction,
-                                                        low_dose_range=low_dose_range)
+                                                        low_dose_range=low_dose_range, dose_input=dose_input)
                 geo = (ramp.real, ramp.imag, om, offs)
             else:
                 doses = []
                 x, y, pz = sample_batch(data, rng, BATCH, low_dose_fraction=low_dose_fraction,
-                                        low_dose_range=low_dose_range, draws=draws, doses=doses)
+                                        low_dose_range=low_dose_range, draws=draws, doses=doses,
+                                        dose_input=dose_input)
                 geo = (lowpass_filters(doses, lowpass_px),) if lw.get("lowpass") else ()
             params, state, l, _ = step(params, state, x, y.real, y.imag, pz.real, pz.imag, *geo)
             run.append(float(l))
@@ -473,24 +560,35 @@ def train(out_dir: Path = DATA, steps: int = STEPS, n_crystals: int = N_CRYSTALS
     A.save_weights(wpath, params_np, widths)
     meta = {
         "version": version, "seed": seed, "widths": list(widths), "n_parameters": A.n_parameters(params_np),
+        "dose_input": {"channel": 12, "value": "log10(mean counts per pattern of the 3x3 kernel on the frame), clipped "
+                       f"to [0, {A.DOSE_NOISE_FREE:g}]; noise-free (non-integer) data: {A.DOSE_NOISE_FREE:g}"}
+        if dose_input else None,
+        **({"smoothing": {"a": float(params_np["smooth/a"]), "b": float(params_np["smooth/b"]), "L0": A.SMOOTH_L0,
+                          "sigma_px": "exp(a + b (L - L0)), L the dose input; each patch's object phasor convolved",
+                          "sigma_px_at": {f"{c:g} e/pattern": float(A.smoothing_sigma(np.log10(c), float(
+                              params_np["smooth/a"]), float(params_np["smooth/b"]))) for c in (20, 200, 4000)}}}
+           if "smooth/a" in params_np else {}),
         "frame": {"N": A.N_FRAME, "half_width": "2 alpha", "pixel": "lambda/(4 alpha)", "power": A.POWER,
                   "step_weights": "1/(50 |dr|) (eq 4.10, authors' code)"},
         "architecture": "U-Net, 2 stride-2 down-samplings, 3x3 convs + SiLU, concat skips; outputs amplitude, "
                         "sin, cos of psi_out(k) = probe + residual (probe skip connection)",
         "loss": {"weights": lw, "eq": "4.11"},
         "draws_per_sample": draws,
-        **({"canvas": {"weight": canvas_weight, "crystals_per_step": scan_crystals, "patches_per_crystal": 16,
-                       "canvas_px": CANVAS}} if canvas_weight else {}),
+        **({"canvas": {"weight": canvas_weight, "ncc_weight": canvas_ncc_weight, "crystals_per_step": scan_crystals,
+                       "patches_per_crystal": (scan - 2) ** 2, "canvas_px": canvas_size(scan)}}
+           if canvas_weight or canvas_ncc_weight else {}),
         "optimizer": {"name": "adam", "lr": lr, "schedule": "warmup_cosine", "warmup": WARMUP, "steps": steps,
                       "batch": BATCH, "finetune": {"steps": finetune_steps, "lr": FINETUNE_LR,
                                                    "obj_weight": FINETUNE_OBJ_WEIGHT},
                       "init_from": str(init_from) if init_from else None},
-        "recipe": {**RECIPE, "n_crystals": n_crystals, "n_samples": 16 * n_crystals,
+        "recipe": {**RECIPE, "scan": scan, "n_crystals": n_crystals, "n_samples": (scan - 2) ** 2 * n_crystals,
                    **({"low_dose_fraction": low_dose_fraction, "low_dose_range": list(low_dose_range)}
                       if low_dose_fraction else {}),
                    "n_val_crystals": len(val)},
         "history": history,
         "timing_s": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.time() - t_start, 1)},
+        **({"init_from_meta": _stage_meta(Path(init_from).with_suffix(".json"))}
+           if init_from and Path(init_from).with_suffix(".json").exists() else {}),
         "jax_version": jax.__version__, "optax_version": optax.__version__, "numpy_version": np.__version__,
         "threads": os.environ.get("XLA_FLAGS", ""),
     }
@@ -611,6 +709,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hfvar-weight", type=float, default=0.0,
                     help="with --stitch-weight: weight of the draws' pixel-scale scatter about their mean")
     ap.add_argument("--lr", type=float, default=None, help="learning rate of the first phase (default LR)")
+    ap.add_argument("--dose-input", action="store_true",
+                    help="a 13th input channel: log10 of the kernel's mean counts per pattern (airpi.dose_level)")
+    ap.add_argument("--widths", type=int, nargs=3, default=WIDTHS, help="U-Net widths (default v1's)")
+    ap.add_argument("--scan", type=int, default=SCAN, help="probe grid per training crystal (v1: 6 x 6)")
+    ap.add_argument("--canvas-ncc-weight", type=float, default=0.0,
+                    help="weight of 1 - NCC of a crystal's stitched interior patches with the stitched truth")
+    ap.add_argument("--smooth", action="store_true",
+                    help="learn a dose-dependent Gaussian smoothing of each patch's object (with --dose-input)")
+    ap.add_argument("--canvas-log", action="store_true",
+                    help="with --canvas-ncc-weight: the mean of log(1 - NCC) (relative gains count alike at every dose)")
+    ap.add_argument("--patch-weight", type=float, default=1.0, help="factor on the per-patch eq-4.11 terms")
+    ap.add_argument("--draws-eval", action="store_true",
+                    help="also the paired noise-draw comparison (evaluate_draws: 5 draws at 500 e/A2, 3 at 5 000 and 1e5)")
+    ap.add_argument("--no-heldout", action="store_true", help="train only (no held-out evaluation afterwards)")
     args = ap.parse_args(argv)
     limit_threads()
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -621,14 +733,23 @@ def main(argv: list[str] | None = None) -> int:
               bias_weight=args.bias_weight, data_cache=args.data_cache, stitch_weight=args.stitch_weight,
               draws=args.draws, canvas_weight=args.canvas_weight, scan_crystals=args.scan_crystals,
               lr=args.lr or LR, lowpass_px=args.lowpass_px,
-              hfvar_weight=args.hfvar_weight)
+              hfvar_weight=args.hfvar_weight, dose_input=args.dose_input, widths=tuple(args.widths),
+              scan=args.scan, canvas_ncc_weight=args.canvas_ncc_weight, patch_weight=args.patch_weight,
+              smooth=args.smooth, canvas_log=args.canvas_log)
     wpath = args.out / f"{args.version}.npz"
-    res = evaluate_heldout(str(wpath), log=log)
+    if args.no_heldout:
+        return 0
+    meas = heldout_measurement()
+    res = evaluate_heldout(str(wpath), measurement=meas, log=log)
     side = wpath.with_suffix(".json")
     meta = json.loads(side.read_text())
     meta["heldout"] = {"sample": {"name": HELDOUT_SAMPLE[0], "params": HELDOUT_SAMPLE[1]},
                        "forward": {**HELDOUT_FORWARD, "defocus": "Scherzer"}, "metric": "cross_correlation ncc",
                        "ncc": {f"{d:g}": r for d, r in res.items()}}
+    if args.draws_eval:  # the v2 bar: five draws at 500 e/Å², three at the higher doses, paired differences
+        meta["heldout"]["draws"] = {f"{d:g}": evaluate_draws(str(wpath), dose=d, draws=HELDOUT_DRAWS if d == 500.0
+                                                             else 3, measurement=meas, log=log)
+                                    for d in HELDOUT_DOSES}
     side.write_text(json.dumps(meta, indent=1, default=float))
     return 0
 

@@ -230,6 +230,138 @@ def test_canvas_term_is_the_stitchers_error():
     assert got == pytest.approx(float(np.mean(expect)), rel=2e-3)
 
 
+def test_canvas_ncc_term_is_the_stitched_fields_ncc():
+    """Session 9's scale-free field term (airpi_train.canvas_error with ncc=True): per crystal of an 8 × 8 scan, the
+    36 interior patches of prediction and truth stitched (eqs 4.4–4.8); 1 − the coverage-weighted NCC of the stitched
+    predicted phase with the stitched true phase, against an independent numpy computation with the Stitcher. Zero
+    when the prediction is the truth."""
+    jax = pytest.importorskip("jax")
+    from tembench_friedrich2023 import airpi_train as T
+
+    rng = np.random.default_rng(2)
+    probe = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
+    pa = A.frame_pixel_A(E_KEV, ALPHA)
+    data = []
+    for step in (1.5, 2.0):  # frame px: half-pixel positions (the eq-4.4 ramp) and whole ones
+        obj = rng.normal(0, 0.3, (64, 32, 32))
+        waves = A.to_fourier(A.to_real(probe)[None] * np.exp(1j * obj))
+        data.append({"frames": (np.abs(waves) ** 2).reshape(8, 8, 32, 32).astype(np.float32),
+                     "labels": waves.reshape(8, 8, 32, 32)[1:-1, 1:-1].reshape(36, 32, 32).astype(np.complex64),
+                     "probe": probe, "step_A": step * pa, "energy_keV": E_KEV, "semiangle_mrad": ALPHA})
+    _, y, p, ramp, om, offs = T.sample_scans(data, np.random.default_rng(1), 2, low_dose_fraction=1.0)
+    assert len(y) == 72 and offs.max() <= T.canvas_size(8) - A.N_FRAME
+    yk = y.astype(np.complex128)
+    pred = A.to_fourier(A.to_real(yk) * np.exp(1j * rng.normal(0, 0.4, y.shape)))  # a noisy prediction
+    term = jax.jit(T.canvas_term, static_argnums=(7, 8, 9))
+    got = float(term(pred.astype(np.complex64), y, p, ramp.real, ramp.imag, om, offs, 36, T.canvas_size(8), True))
+    exact = float(term(y, y, p, ramp.real, ramp.imag, om, offs, 36, T.canvas_size(8), True))
+    sig = np.full(len(y), 1.2, np.float32)  # the learned smoothing of the predicted patches (--smooth)
+    got_s = float(jax.jit(T.canvas_term, static_argnums=(7, 8, 9))(pred.astype(np.complex64), y, p, ramp.real,
+                                                                     ramp.imag, om, offs, 36, T.canvas_size(8), True,
+                                                                     sig))
+
+    def expected(sigma):
+        out = []
+        for g in range(2):
+            sl = slice(36 * g, 36 * g + 36)
+            c = next(d for d in data if d["labels"].tobytes() == y[sl].tobytes())
+            rr, cc = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+            pos = np.stack([rr.ravel(), cc.ravel()], 1) * c["step_A"]
+            phs = []
+            for waves, sg in ((pred[sl], sigma), (yk[sl], None)):
+                st = A.Stitcher((5 * c["step_A"], 5 * c["step_A"]), pa, c["probe"])
+                st.add(waves, pos, None if sg is None else sg[sl])
+                phs.append((st.T, st.W))
+            (tp, w), (tt, _) = phs
+            cov = w > 0
+            q = (w / w.max())[cov]
+            a = np.angle(tt[cov] * np.conj(np.sum(q * tt[cov])))
+            b = a + np.angle(tp[cov] * np.conj(tt[cov]))
+            a, b = a - np.sum(q * a) / q.sum(), b - np.sum(q * b) / q.sum()
+            out.append(1.0 - np.sum(q * a * b) / np.sqrt(np.sum(q * a * a) * np.sum(q * b * b)))
+        return np.array(out)
+
+    e0 = expected(None)
+    assert 0.05 < e0.mean() < 0.9 and abs(e0[0] - e0[1]) > 0.01
+    assert got == pytest.approx(e0.mean(), rel=2e-3)
+    assert abs(exact) < 1e-4
+    assert got_s == pytest.approx(expected(sig).mean(), rel=2e-3) and abs(got_s - got) > 0.01
+    got_log = float(jax.jit(T.canvas_term, static_argnums=(7, 8, 9, 11))(
+        pred.astype(np.complex64), y, p, ramp.real, ramp.imag, om, offs, 36, T.canvas_size(8), True, None, True))
+    assert got_log == pytest.approx(float(np.mean(np.log(e0 + 1e-3))), rel=2e-3)  # --canvas-log
+
+
+def test_learned_smoothing_is_a_gaussian_of_the_stitched_object():
+    """The v2 attempt's smoothing: each patch's ω·T_patch convolved with a Gaussian of σ px before stitching is, by
+    linearity, the stitched canvas convolved with it (scipy's Gaussian filter, independent), and σ follows
+    exp(a + b·(L − 1.3)) of the dose level L."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(4)
+    probe_k = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
+    pa = A.frame_pixel_A(E_KEV, ALPHA)
+    pin = A.to_real(probe_k)
+    pos = np.array([(i * 1.0, j * 1.0) for i in range(12) for j in range(12)])
+    waves = A.to_fourier(pin[None] * np.exp(1j * rng.normal(0, 0.5, (len(pos), 32, 32))))
+    sig = 1.5
+    canv = []
+    for s in (None, np.full(len(pos), sig)):
+        st = A.Stitcher((11 * pa, 11 * pa), pa, probe_k)
+        st.add(waves, pos * pa, s)
+        canv.append(st.T)
+    ref = gaussian_filter(canv[0].real, sig, mode="constant", truncate=8) + 1j * gaussian_filter(
+        canv[0].imag, sig, mode="constant", truncate=8)
+    assert np.abs(canv[1] - canv[0]).max() > 0.1 * np.abs(canv[0]).max()
+    assert np.abs(canv[1] - ref).max() < 3e-3 * np.abs(canv[0]).max()
+    np.testing.assert_allclose(A.smoothing_sigma(np.array([1.3, 2.3]), np.log(0.8), -0.5), [0.8, 0.8 * np.exp(-0.5)])
+
+
+def test_dose_input_channel():
+    """The v2 dose input: channel 12 = log10 of the kernel's mean counts per pattern (6 for noise-free data), the
+    first 12 channels as without it; v1's 12-channel weights still load, and a 13-channel file round-trips."""
+    probe_k = A.probe_frame(E_KEV, ALPHA)
+    cbed = np.abs(probe_k) ** 2
+    k = np.stack([cbed * 20.0 / cbed.sum() * f for f in (1, 1, 1, 1, 1, 1, 1, 1, 1.9)]).reshape(1, 3, 3, *cbed.shape)
+    x12 = A.network_inputs(k, probe_k, 0.2)
+    x13 = A.network_inputs(k, probe_k, 0.2, dose_input=True)
+    assert x12.shape[1] == 12 and x13.shape[1] == 13
+    np.testing.assert_array_equal(x13[:, :12], x12)
+    np.testing.assert_allclose(x13[0, 12], np.log10(20.0 * 9.9 / 9), rtol=1e-6)  # mean of 8 × 20 and 38 counts
+    assert np.all(A.network_inputs(k, probe_k, 0.2, True, noise_free=True)[0, 12] == A.DOSE_NOISE_FREE)
+    assert np.all(A.network_inputs(k * 1e-3, probe_k, 0.2, True)[0, 12] == 0.0)  # < 1 count: clipped at 0
+    assert A.is_counts(np.array([0.0, 3.0, 7.0])) and not A.is_counts(np.array([0.0, 3.5]))
+    assert not A.has_dose_input("airpi_v1")
+    params, widths = A.load_weights_file(A.weights_path("airpi_v1"))
+    assert params["e0a/w"].shape[1] == 12 and widths == A.DEFAULT_WIDTHS
+
+
+def test_untrained_dose_input_network_is_the_probe_only_baseline(tmp_path, monkeypatch):
+    """A 13-channel (dose input) network with a zero residual, run by the reconstructor: the baseline again, on
+    counts and on noise-free (non-integer) data; the reconstructor builds the 13th channel itself: log10 of the
+    kernel's mean counts per pattern for counts, DOSE_NOISE_FREE for intensities."""
+    pytest.importorskip("jax")
+    w = tmp_path / "init13.npz"
+    A.save_weights(w, A.init_params(0, dose_input=True), A.DEFAULT_WIDTHS)
+    assert A.has_dose_input(str(w))
+    seen = []
+    real = A.predict_waves
+    monkeypatch.setattr(A, "predict_waves", lambda inp, weights: seen.append(inp) or real(inp, weights))
+    rng = np.random.default_rng(0)
+    probe_k = A.probe_frame(E_KEV, ALPHA)
+    # the data's pixel (2.5 mrad) and centre are the frame's (4α/N, N/2): the rebinning keeps every count
+    grid = type("G", (), {"shape": (32, 32), "centre_px": (16.0, 16.0), "sampling_mrad": (2.5, 2.5)})()
+    counts = rng.poisson(np.broadcast_to(np.abs(probe_k) ** 2 * 2.0, (5, 6, 32, 32))).astype(np.float32)
+    for data, level in ((counts, np.log10(counts[:3, :3].sum(axis=(-2, -1)).mean())),
+                        (counts * 0.37 + 0.01, A.DOSE_NOISE_FREE)):
+        net = A.reconstruct_airpi(data, grid, 0.3, E_KEV, ALPHA, None, "network", str(w))
+        base = A.reconstruct_airpi(data, grid, 0.3, E_KEV, ALPHA, None, "probe_only")
+        assert base["phase"].std() > 1e-3
+        np.testing.assert_allclose(net["phase"], base["phase"], atol=1e-4)
+        x = seen.pop()
+        assert x.shape[1] == 13
+        np.testing.assert_allclose(x[0, 12], level, rtol=1e-5)  # the first interior position's kernel
+
+
 @pytest.mark.slow
 def test_tiny_training_run_is_deterministic(tmp_path):
     """Same seed → the same weights bit for bit (data, noise draws, initialisation and Adam steps)."""
@@ -297,21 +429,35 @@ def heldout():
     return T.heldout_measurement()
 
 
+def bar_failures(heldout, weights: str = A.DEFAULT_WEIGHTS) -> list[str]:
+    """The v2 bar (session 7, kept): over five noise draws of the held-out set at 500 e/Å² (noise seeds 20261206 + i)
+    AIRPI's mean NCC is ahead of the probe-only baseline *and* iCOM by more than twice the standard error of the
+    paired difference; at 5 000 e/Å² (three draws) it is not behind either (1e5: the next test). Returns what fails."""
+    from tembench_friedrich2023 import airpi_train as T
+
+    out = []
+    res = T.evaluate_draws(weights, dose=500.0, measurement=heldout, log=lambda m: None)
+    for b in ("probe_only", "icom"):
+        d = res[f"airpi_minus_{b}"]
+        if not d["mean"] > 2 * d["se"]:
+            out.append(f"500 e/A2 vs {b}: {d['mean']:+.4f} +- {d['se']:.4f} ({res['mean']})")
+    res = T.evaluate_draws(weights, dose=5000.0, draws=3, measurement=heldout, log=lambda m: None)
+    for b in ("probe_only", "icom"):
+        if not res[f"airpi_minus_{b}"]["mean"] > 0:
+            out.append(f"5000 e/A2 vs {b}: {res[f'airpi_minus_{b}']} ({res['mean']})")
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="done-when NOT met by the CPU-scale airpi_v1: at 500 e/Å² held-out NCC "
-                   "AIRPI 0.470 < probe-only 0.534, iCOM 0.515 (docs/airpi.md; the best unshipped fine-tune, "
-                   "a loss on the mean of 16 noise draws, reached 0.550 here but over five draws 0.527 vs "
-                   "probe-only 0.517, iCOM 0.536; session 7's stitched-field, low-passed-target and "
-                   "draw-consistency recipes were worse); strict: a better network flips it")
 def test_beats_probe_only_and_icom_at_low_dose_heldout(heldout):
     """Done-when: on twisted bilayer MoS2 (a structure the network never saw; stem4d, 300 kV, 20 mrad, 0.2 Å
     step) at 500 e/Å² (20 e/pattern), AIRPI's phase correlates better with the true phase than the probe-only
-    baseline and iCOM (cross_correlation NCC; numbers in the weights' sidecar and docs/airpi.md)."""
-    from tembench_friedrich2023 import airpi_train as T
-
-    res = T.evaluate_heldout(doses=(500.0,), measurement=heldout, log=lambda m: None)[500.0]
-    assert res["airpi"] > res["probe_only"] + 0.02, res
-    assert res["airpi"] > res["icom"] + 0.02, res
+    baseline and iCOM (cross_correlation NCC), by the five-draw bar of :func:`bar_failures`. The shipped airpi_v2
+    (dose input, stitched-field NCC loss, learned dose-dependent smoothing; docs/airpi.md, session 9): 0.598 vs
+    probe-only 0.517 (+0.081 ± 0.005) and iCOM 0.537 (+0.061 ± 0.015). airpi_v1 fails it (0.434; checked when this
+    test was flipped from a strict xfail). Not tested here: the probe-only baseline *with* v2's kind of learnt
+    smoothing reaches 0.632 at 500 e/Å² (docs/airpi.md, control S0), so the low-dose gain is the smoothing's."""
+    assert bar_failures(heldout) == []
 
 
 @pytest.mark.slow
