@@ -453,10 +453,10 @@ def test_beats_probe_only_and_icom_at_low_dose_heldout(heldout):
     """Done-when: on twisted bilayer MoS2 (a structure the network never saw; stem4d, 300 kV, 20 mrad, 0.2 Å
     step) at 500 e/Å² (20 e/pattern), AIRPI's phase correlates better with the true phase than the probe-only
     baseline and iCOM (cross_correlation NCC), by the five-draw bar of :func:`bar_failures`. The shipped airpi_v2
-    (dose input, stitched-field NCC loss, learned dose-dependent smoothing; docs/airpi.md, session 9): 0.598 vs
-    probe-only 0.517 (+0.081 ± 0.005) and iCOM 0.537 (+0.061 ± 0.015). airpi_v1 fails it (0.434; checked when this
+    (dose input, stitched-field NCC loss, learned dose-dependent smoothing; docs/airpi.md, session 9): 0.636 vs
+    probe-only 0.517 (+0.120 ± 0.005) and iCOM 0.537 (+0.100 ± 0.013). airpi_v1 fails it (0.434; checked when this
     test was flipped from a strict xfail). Not tested here: the probe-only baseline *with* v2's kind of learnt
-    smoothing reaches 0.632 at 500 e/Å² (docs/airpi.md, control S0), so the low-dose gain is the smoothing's."""
+    smoothing reaches 0.632 at 500 e/Å² (docs/airpi.md, control S0), level with v2 there."""
     assert bar_failures(heldout) == []
 
 
