@@ -186,6 +186,20 @@ def test_noise_draw_groups_and_the_loss_on_their_mean():
         assert float(parts[4]) == pytest.approx(c * c, rel=1e-3)  # the per-draw object L2 sees both
 
 
+def _random_phase_scans(rng, probe, steps_px, side):
+    """One training "crystal" per step (frame px; half-pixel steps exercise the eq-4.4 ramp): a side × side scan of
+    the probe through a random phase (σ 0.3 rad per pixel), as airpi_train stores it — frames |ψ(k)|², labels the
+    interior exit waves."""
+    pa = A.frame_pixel_A(E_KEV, ALPHA)
+    data = []
+    for step in steps_px:
+        waves = A.to_fourier(A.to_real(probe)[None] * np.exp(1j * rng.normal(0, 0.3, (side * side, 32, 32))))
+        data.append({"frames": (np.abs(waves) ** 2).reshape(side, side, 32, 32).astype(np.float32),
+                     "labels": waves.reshape(side, side, 32, 32)[1:-1, 1:-1].reshape(-1, 32, 32).astype(np.complex64),
+                     "probe": probe, "step_A": step * pa, "energy_keV": E_KEV, "semiangle_mrad": ALPHA})
+    return data
+
+
 def test_canvas_term_is_the_stitchers_error():
     """The session-7 attempt's stitched-field term (airpi_train.canvas_error, JAX) equals an independent numpy
     computation with the production Stitcher (eqs 4.4–4.8): per crystal, the 16 interior patches of the predicted
@@ -196,12 +210,7 @@ def test_canvas_term_is_the_stitchers_error():
     rng = np.random.default_rng(0)
     probe = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
     pa = A.frame_pixel_A(E_KEV, ALPHA)
-    data = []
-    for step in (1.5, 1.0):  # frame px: half-pixel positions (the eq-4.4 ramp) and whole ones
-        waves = A.to_fourier(A.to_real(probe)[None] * np.exp(1j * rng.normal(0, 0.3, (36, 32, 32))))
-        data.append({"frames": (np.abs(waves) ** 2).reshape(6, 6, 32, 32).astype(np.float32),
-                     "labels": waves.reshape(6, 6, 32, 32)[1:-1, 1:-1].reshape(16, 32, 32).astype(np.complex64),
-                     "probe": probe, "step_A": step * pa, "energy_keV": E_KEV, "semiangle_mrad": ALPHA})
+    data = _random_phase_scans(rng, probe, (1.5, 1.0), 6)
     x, y, p, ramp, om, offs = T.sample_scans(data, np.random.default_rng(1), 2, low_dose_fraction=1.0)
     off = rng.normal(0.0, 0.3, len(y))
     yk = y.astype(np.complex128)
@@ -241,13 +250,7 @@ def test_canvas_ncc_term_is_the_stitched_fields_ncc():
     rng = np.random.default_rng(2)
     probe = A.probe_frame(E_KEV, ALPHA, {"C30": 1.0e4, "C10": -16.0})
     pa = A.frame_pixel_A(E_KEV, ALPHA)
-    data = []
-    for step in (1.5, 2.0):  # frame px: half-pixel positions (the eq-4.4 ramp) and whole ones
-        obj = rng.normal(0, 0.3, (64, 32, 32))
-        waves = A.to_fourier(A.to_real(probe)[None] * np.exp(1j * obj))
-        data.append({"frames": (np.abs(waves) ** 2).reshape(8, 8, 32, 32).astype(np.float32),
-                     "labels": waves.reshape(8, 8, 32, 32)[1:-1, 1:-1].reshape(36, 32, 32).astype(np.complex64),
-                     "probe": probe, "step_A": step * pa, "energy_keV": E_KEV, "semiangle_mrad": ALPHA})
+    data = _random_phase_scans(rng, probe, (1.5, 2.0), 8)
     _, y, p, ramp, om, offs = T.sample_scans(data, np.random.default_rng(1), 2, low_dose_fraction=1.0)
     assert len(y) == 72 and offs.max() <= T.canvas_size(8) - A.N_FRAME
     yk = y.astype(np.complex128)
