@@ -288,17 +288,22 @@ def load_weights_file(path) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
     return params, widths
 
 
+@functools.lru_cache(maxsize=8)
+def _weights_info(path: str) -> tuple[int, tuple[float, float] | None]:
+    """(input channels, smoothing (a, b) or None) of a weights file, read once per process (as :func:`_network`)."""
+    params = load_weights_file(path)[0]
+    smooth = (float(params["smooth/a"]), float(params["smooth/b"])) if "smooth/a" in params else None
+    return int(params["e0a/w"].shape[1]), smooth
+
+
 def smoothing_params(weights: str = DEFAULT_WEIGHTS) -> tuple[float, float] | None:
     """(a, b) of the learned smoothing (:func:`smoothing_sigma`), or None for weights without it (v1)."""
-    params = load_weights_file(weights_path(weights))[0]
-    if "smooth/a" not in params:
-        return None
-    return float(params["smooth/a"]), float(params["smooth/b"])
+    return _weights_info(str(weights_path(weights)))[1]
 
 
 def has_dose_input(weights: str = DEFAULT_WEIGHTS) -> bool:
     """Whether these weights take the dose input (13 channels)."""
-    return load_weights_file(weights_path(weights))[0]["e0a/w"].shape[1] == N_IN + 1
+    return _weights_info(str(weights_path(weights)))[0] == N_IN + 1
 
 
 def weights_path(weights: str) -> Path:
@@ -464,10 +469,7 @@ def reconstruct_airpi(x: np.ndarray, grid, step_A, energy_keV: float, semiangle_
                                      noise_free)
         psi = probe_only_waves(inp) if mode == "probe_only" else predict_waves(inp, weights)
         sig = smoothing_sigma(inp[:, N_IN, 0, 0].astype(np.float64), *smooth) if smooth else None
-        if sig is None:
-            st.add(psi, np.stack([r * sy, c * sx], axis=1))
-        else:
-            st.add(psi, np.stack([r * sy, c * sx], axis=1), sig)
+        st.add(psi, np.stack([r * sy, c * sx], axis=1), sig)
     shape = (int(math.floor(extent[0] / p)) + 1, int(math.floor(extent[1] / p)) + 1)
     phase, w = st.phase(shape)
     cov = w > 0
