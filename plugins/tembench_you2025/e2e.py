@@ -536,7 +536,7 @@ class E2EPtychoTomo(Reconstructor):
     name = "e2e_ptycho_tomo"
     accepts = ("4dstem_tilt_series",)
     produces = "volume"
-    version = "1"
+    version = "2"  # 2: its linear stage (joint_linear_tomo v2: centres of mass after a 0.1 threshold, best alignment kept)
     supports_pattern_mask = True
     Params = E2EPtychoTomoParams
 

@@ -826,11 +826,17 @@ def test_joint_steps_refit_a_warm_started_volume(monkeypatch):
     y = LT.project(v, euler, np.zeros((2, 2)), 0.5)
     kw = {"n_outer": 3, "n_volume_steps": 1, "n_final_steps": 1, "downsample": 1, "prealign": "none",
           "refine_euler": ("tilt",), "start_euler_outer": 0, "power_iterations": 2, "joint_cg_iterations": 2}
-    LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)), LT.LinearTomoParams(angle_solver="joint", **kw))
-    assert calls == [True, False, False, True]            # the final volume is made from scratch
-    calls.clear()
-    LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)), LT.LinearTomoParams(angle_solver="alternating", **kw))
-    assert calls == [True, True, True, True]
+    for keep_best, extra in ((False, []), (True, [None])):
+        # keep_best_alignment: one more fit from 0, of the last update's alignment, when the phase's volumes are
+        # fitted from 0 (alternating); a phase with joint steps keeps its last update (no extra fit)
+        calls.clear()
+        LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)),
+                                   LT.LinearTomoParams(angle_solver="joint", keep_best_alignment=keep_best, **kw))
+        assert calls == [True, False, False, True]            # the final volume is made from scratch
+        calls.clear()
+        LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)),
+                                   LT.LinearTomoParams(angle_solver="alternating", keep_best_alignment=keep_best, **kw))
+        assert calls == [True, True, True] + [True for _ in extra] + [True]
 
 
 def test_euler_gauge_removes_the_mean_change_of_a_refined_angle_on_an_asymmetric_series():
@@ -1322,3 +1328,33 @@ def test_alignment_errors_artifacts_name_the_per_tilt_arrays():
     np.testing.assert_array_equal(out["translations_recovered_A"], tt)
     np.testing.assert_array_equal(out["euler_true_deg"], te)
     np.testing.assert_array_equal(out["euler_recovered_deg"], te)
+
+
+def _aligned_series(n=12, n_tilts=5, seed=0):
+    euler = np.stack([np.zeros(n_tilts), np.linspace(-40.0, 40.0, n_tilts), np.zeros(n_tilts)], 1)
+    return LT.project(_blobs(n=n, seed=seed), euler, np.zeros((n_tilts, 2)), 0.5), euler
+
+
+def test_keep_best_alignment_returns_the_lowest_loss_alignment_not_the_last(monkeypatch):
+    """keep_best_alignment: an alignment loop whose updates make things worse (here: every update moves each tilt by
+    0.4 Å off the true, zero, translations) ends at the alignment with the lowest reduced loss — the start —, not at
+    the last update; with it off, at the last update."""
+    real = LT._alignment_step
+
+    def worse(vol, tgt, euler, tau, euler0, tau0, sc, refine_idx, do_euler, p, hist, xp, search=False):
+        real(vol, tgt, euler, tau, euler0, tau0, sc, refine_idx, do_euler,   # records the loss, moves nothing
+             p.model_copy(update={"refine_translations": False}), hist, xp)
+        return tau + 0.4, euler
+
+    monkeypatch.setattr(LT, "_alignment_step", worse)
+    y, euler = _aligned_series()
+    kw = dict(n_outer=3, n_volume_steps=20, n_final_steps=1, downsample=1, prealign="none", threshold_fraction=0.0,
+              power_iterations=4)
+    best = LT.joint_linear_tomography(y, 0.5, euler, np.zeros((5, 2)), LT.LinearTomoParams(**kw))
+    np.testing.assert_array_equal(best.translations_A, 0.0)
+    assert best.history["best_iterate"] == [0]
+    losses = best.history["alignment_loss"]
+    assert losses[0] < losses[1] < losses[2]
+    last = LT.joint_linear_tomography(y, 0.5, euler, np.zeros((5, 2)),
+                                      LT.LinearTomoParams(keep_best_alignment=False, **kw))
+    np.testing.assert_allclose(last.translations_A, 1.2)
