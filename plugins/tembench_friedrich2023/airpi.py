@@ -359,6 +359,55 @@ def predict_waves(inputs: np.ndarray, weights: str = DEFAULT_WEIGHTS, batch: int
     return out
 
 
+# --- test-time augmentation: the 8 symmetries of the square ----------------------------------------
+#: (transpose, negate y, negate x): the dihedral group D4 acting on the scan and detector axes together
+SQUARE_SYMMETRIES = tuple((t, ny, nx) for t in (False, True) for ny in (False, True) for nx in (False, True))
+
+
+def _negate(a, axis: int, centred: bool):
+    """a[..., −i, ...]: index i ↦ −i about the centre (a 3-point kernel axis: a flip) or, for a frame with DC
+    at n//2 (``centred``, even n), frequency k ↦ −k: index i ↦ n − i (mod n), a flip and a roll by one."""
+    a = np.flip(a, axis)
+    return np.roll(a, 1, axis) if centred else a
+
+
+def transform_inputs(inputs: np.ndarray, sym) -> np.ndarray:
+    """Network inputs (B, C, N, N) of the specimen under the symmetry ``sym`` = (transpose, negate y, negate x):
+    the 3×3 kernel's scan offsets (channels 0–8) and every frame (k_y, k_x) are mapped together — a scan of the
+    transformed specimen, provided the detector axes are the scan axes and the step is square."""
+    t, ny, nx = sym
+    b, c, n, _ = inputs.shape
+    k = inputs[:, :9].reshape(b, 3, 3, n, n)
+    rest = inputs[:, 9:]
+    if t:
+        k = k.transpose(0, 2, 1, 4, 3)
+        rest = rest.transpose(0, 1, 3, 2)
+    if ny:
+        k, rest = _negate(_negate(k, 1, False), 3, True), _negate(rest, 2, True)
+    if nx:
+        k, rest = _negate(_negate(k, 2, False), 4, True), _negate(rest, 3, True)
+    return np.ascontiguousarray(np.concatenate([k.reshape(b, 9, n, n), rest], axis=1))
+
+
+def untransform_waves(psi_k: np.ndarray, sym) -> np.ndarray:
+    """ψ(k) (B, N, N) back from the frame of :func:`transform_inputs` (the inverse map)."""
+    t, ny, nx = sym
+    if nx:
+        psi_k = _negate(psi_k, 2, True)
+    if ny:
+        psi_k = _negate(psi_k, 1, True)
+    return psi_k.transpose(0, 2, 1) if t else psi_k
+
+
+def predict_waves_symmetrised(inputs: np.ndarray, weights: str = DEFAULT_WEIGHTS) -> np.ndarray:
+    """The mean of the network's ψ(k) over the 8 symmetries of the square (each input mapped, the output mapped
+    back): test-time augmentation, 8× the network work."""
+    acc = np.zeros((len(inputs), N_FRAME, N_FRAME), np.complex128)
+    for sym in SQUARE_SYMMETRIES:
+        acc += untransform_waves(predict_waves(transform_inputs(inputs, sym), weights), sym)
+    return (acc / len(SQUARE_SYMMETRIES)).astype(np.complex64)
+
+
 def probe_only_waves(inputs: np.ndarray) -> np.ndarray:
     """The no-network baseline: amplitude from the measured central CBED (x^0.1 undone), the probe's phase —
     the network's skip connections alone (its output with a zero residual)."""
@@ -441,7 +490,7 @@ def kernels_at(frames: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.nda
 
 def reconstruct_airpi(x: np.ndarray, grid, step_A, energy_keV: float, semiangle_mrad: float,
                       aberrations: dict | None, mode: str = "network", weights: str = DEFAULT_WEIGHTS,
-                      chunk: int = 512) -> dict:
+                      chunk: int = 512, symmetrise: bool = False) -> dict:
     """Stitched object phase on the frame pixel p from dense 4D data (Sy, Sx, ky, kx).
 
     Only interior positions (with all eight neighbours) get a patch. Returns phase (rad, mean over the
@@ -467,7 +516,8 @@ def reconstruct_airpi(x: np.ndarray, grid, step_A, energy_keV: float, semiangle_
         r, c = rr[a:a + chunk], cc[a:a + chunk]
         inp = inputs_from_compressed(kernels_at(ck, r, c), kernels_at(totals, r, c), probe_k, (sy, sx), dose_in,
                                      noise_free)
-        psi = probe_only_waves(inp) if mode == "probe_only" else predict_waves(inp, weights)
+        psi = (probe_only_waves(inp) if mode == "probe_only" else
+               predict_waves_symmetrised(inp, weights) if symmetrise else predict_waves(inp, weights))
         sig = smoothing_sigma(inp[:, N_IN, 0, 0].astype(np.float64), *smooth) if smooth else None
         st.add(psi, np.stack([r * sy, c * sx], axis=1), sig)
     shape = (int(math.floor(extent[0] / p)) + 1, int(math.floor(extent[1] / p)) + 1)
@@ -500,6 +550,10 @@ class AIRPIReconstructor(Reconstructor):
         mode: Literal["network", "probe_only"] = Field("network", description="network: AIRPI; probe_only: "
                                                        "the no-network baseline (measured amplitude + probe phase)")
         chunk: int = Field(512, ge=1, le=65536, description="scan positions per network call (memory)")
+        symmetrise: bool = Field(False, description="average the network's waves over the 8 symmetries of the "
+                                 "square (the 3×3 kernel and every pattern rotated / mirrored together, the output "
+                                 "mapped back): test-time augmentation at 8× the network work; needs the detector "
+                                 "axes along the scan axes and a square step")
 
     def reconstruct(self, measurement, params, xp):
         from tembench_pelz2022.common import load_4d, probe_optics, scan_origin, scan_step
@@ -515,7 +569,7 @@ class AIRPIReconstructor(Reconstructor):
         step = scan_step(g, self.name)
         reach = min(abs(v) for v in grid.axes_mrad()[0][[0, -1]].tolist() + grid.axes_mrad()[1][[0, -1]].tolist())
         out = reconstruct_airpi(np.asarray(x), grid, step, opt.energy_keV, opt.semiangle_mrad, opt.aberrations,
-                                params.mode, params.weights, params.chunk)
+                                params.mode, params.weights, params.chunk, params.symmetrise)
         extras = {"pixel_A": out["pixel_A"], "n_patches": out["n_patches"], "mode": params.mode,
                   "detector_reach_mrad": reach, "frame_reach_mrad": 2 * opt.semiangle_mrad}
         if params.mode == "network":

@@ -478,3 +478,50 @@ def test_heldout_high_dose_and_shipped_numbers(heldout):
     # wisdom (tembench.backend), and a plan measured on another machine rounds differently; Poisson counts
     # then flip here and there. Measured on a fresh machine of the same kind: iCOM 0.892315 vs 0.892389 shipped
     assert res["icom"] == pytest.approx(shipped["icom"], abs=1e-3)
+
+
+def _periodic_scan_frames(obj, probe_r, step_px):
+    """Centred diffraction frames (m, m, N, N) of a periodic scan: |F[P(x − r)·O(x)]|², r = step·(a, b) px."""
+    n = obj.shape[0]
+    m = n // step_px
+    out = np.empty((m, m, n, n))
+    for a in range(m):
+        for b in range(m):
+            psi = np.roll(probe_r, (a * step_px, b * step_px), axis=(0, 1)) * obj
+            out[a, b] = np.abs(np.fft.fftshift(np.fft.fft2(psi, norm="ortho"))) ** 2
+    return out
+
+
+def test_symmetrised_inputs_are_the_scan_of_the_transformed_specimen():
+    """transform_inputs maps the 3×3 kernel's scan offsets and every frame together: the network inputs of a scan of
+    the transposed (or y-mirrored, or x-mirrored) specimen are, position by position, the transformed inputs of the
+    original scan. A periodic 32-px object, probe from the frame's own aperture, step 4 px. Fails if the kernel
+    axes or the frames are mapped alone, or a frame is flipped without the roll that keeps k = 0 at N//2."""
+    n, step = A.N_FRAME, 4
+    probe_k = A.probe_frame(E_KEV, ALPHA)
+    probe_r = np.fft.ifft2(np.fft.ifftshift(probe_k), norm="ortho")
+    probe_r = np.roll(probe_r, (-(n // 2), -(n // 2)), axis=(0, 1))            # centred on pixel 0
+    rng = np.random.default_rng(4)
+    obj = np.exp(1j * rng.normal(0.0, 0.6, (n, n)))
+    m = n // step
+
+    def inputs(o, rows, cols):
+        f = _periodic_scan_frames(o, probe_r, step)
+        return A.network_inputs(A.kernels_at(f, rows, cols), probe_k, step * 0.1, dose_input=True, noise_free=True)
+
+    rr, cc = np.meshgrid(np.arange(2, m - 2), np.arange(2, m - 2), indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    x0 = inputs(obj, rr, cc)
+    neg = (-np.arange(n)) % n                                                    # pixel i ↦ −i (the scan origin)
+    cases = {(True, False, False): (obj.T, cc, rr),
+             (False, True, False): (obj[neg], (m - rr) % m, cc),
+             (False, False, True): (obj[:, neg], rr, (m - cc) % m)}
+    for sym, (o, r2, c2) in cases.items():
+        np.testing.assert_allclose(A.transform_inputs(x0, sym), inputs(o, r2, c2), rtol=1e-5, atol=1e-6,
+                                   err_msg=str(sym))
+    # and the waves map back: ψ of the transformed specimen, untransformed, is the original's
+    psi = np.fft.fftshift(np.fft.fft2(probe_r * obj, norm="ortho"))[None]
+    for sym in A.SQUARE_SYMMETRIES:
+        back = A.untransform_waves(A.transform_inputs(np.concatenate([np.abs(psi[:, None]).repeat(9, 1),
+                                                                      np.zeros((1, 4, n, n))], 1), sym)[:, 4], sym)
+        np.testing.assert_allclose(back, np.abs(psi), atol=1e-12)

@@ -147,8 +147,8 @@ def test_probe_only_reconstruction_covers_the_scan_extent_on_the_frame_pixel():
 def test_airpi_reconstructor_passes_the_aberrations_and_reports_the_detector_reach(monkeypatch):
     seen = {}
 
-    def spy(x, grid, step, energy, semiangle, aberrations, mode, weights, chunk):
-        seen.update(aberrations=aberrations, step=step)
+    def spy(x, grid, step, energy, semiangle, aberrations, mode, weights, chunk, symmetrise):
+        seen.update(aberrations=aberrations, step=step, symmetrise=symmetrise)
         return {"phase": np.zeros((3, 3), np.float32), "coverage": np.ones((3, 3)), "pixel_A": 0.1, "n_patches": 9}
 
     monkeypatch.setattr(A, "reconstruct_airpi", spy)
@@ -156,7 +156,7 @@ def test_airpi_reconstructor_passes_the_aberrations_and_reports_the_detector_rea
                     Geometry(energy_keV=300.0, semiangle_mrad=20.0, scan_step_A=(0.2, 0.2),
                              detector_sampling_mrad=(5.0, 5.0), aberrations_A={"C10": 50.0}))
     rec = A.AIRPIReconstructor().reconstruct(m, A.AIRPIReconstructor.Params(mode="probe_only"), np)
-    assert seen["aberrations"]["C10"] == 50.0
+    assert seen["aberrations"]["C10"] == 50.0 and seen["symmetrise"] is False
     # detector pixel angles (i − n//2)·5 mrad: y −30 … 25, x −40 … 35 → the nearest edge is 25 mrad
     assert rec.extras["detector_reach_mrad"] == pytest.approx(25.0)
 
@@ -539,9 +539,9 @@ def test_airpi_places_each_patch_at_its_own_scan_position(monkeypatch):
     seen = []
     real = A.Stitcher.add
 
-    def spy(self, psi, positions_A):
+    def spy(self, psi, positions_A, sigma_px=None):
         seen.append(np.array(positions_A, float))
-        return real(self, psi, positions_A)
+        return real(self, psi, positions_A, sigma_px)
 
     monkeypatch.setattr(A.Stitcher, "add", spy)
     x = np.ones((5, 6, 16, 16), np.float32)
