@@ -455,7 +455,8 @@ def _reduced_loss(target, euler, tau, voxel_A, nz, p, xp, volume0=None) -> float
     return float(xp.sum(r.astype(np.float64) ** 2))
 
 
-def _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz, refine_idx, euler0, tau0, p, hist, xp, t0, tick):
+def _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz, refine_idx, euler0, tau0, p, hist, xp, t0,
+                     progress, n_total):
     """``n_phase`` outer iterations of Alg. 2 on the images ``tgt`` (down-sampled by ``factor``) from (τ, Θ).
 
     Returns (τ, Θ, outer count, whether joint steps ran): with ``keep_best_alignment`` and volumes refitted from 0
@@ -493,7 +494,8 @@ def _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz, refine_idx,
             seen.append((hist["alignment_loss"][-1], tau_before, euler_before))
         outer += 1
         hist["time_s"].append(time.perf_counter() - t0)
-        tick()
+        if progress is not None:
+            progress(outer, n_total)
     if not p.keep_best_alignment or used_joint or not p.reset_volume:
         # losses recorded at warm-started volumes fall as the volume converges, whatever the alignment does: not
         # comparable (on the joint angle test, picking by them gave 0.15° median against 0.04° for the last step)
@@ -731,20 +733,14 @@ def joint_linear_tomography(projections_VA, voxel_A: float, euler0_deg, tau0_A, 
     if p.refine_translations and p.prealign == "com":
         tau = _fix_translation_gauge(tau0 + com_translations(y, s, p.com_threshold_fraction, xp), tau0, euler,
                                      p.translation_gauge)
-    done = [0]
-
-    def tick():
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], n_total)
-
     used_joint = False
     if p.refine_translations or refine_idx:
         outer = 0
         for tgt, factor, n_phase in phases:
             if n_phase:
                 tau, euler, outer, joint_here = _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz,
-                                                                 refine_idx, euler0, tau0, p, hist, xp, t0, tick)
+                                                                 refine_idx, euler0, tau0, p, hist, xp, t0,
+                                                                 progress, n_total)
                 used_joint |= joint_here
     if used_joint and p.refine_translations:
         # the joint steps leave the gauges alone (no in-loop fix: it would make V inconsistent with τ); the final
