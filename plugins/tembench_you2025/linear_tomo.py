@@ -117,7 +117,10 @@ hence angles are not refined by default.
 
 Near tilt 0, rot and psi turn about the same axis (ZYZ gimbal): only rot + psi is determined there; the damping
 splits the update between them. Compare recovered orientations by rotation matrices, or refine a subset of the
-angles (``refine_euler``).
+angles (``refine_euler``). ``joint_angle_frame='lab'`` lets the joint steps solve for a small rotation about the lab
+axes instead (chain rule through the Euler Jacobian, no gimbal lock above a tilt of 3°): on the operator-made test
+draws it helped some and hurt others (docs/you2025_alignment_angles.md, session 11, which also shows why rot − psi
+sticks there: the bilinear rotations' blur has a kink at each angle 0, and rot ↔ psi swaps keep it), so it is off.
 """
 
 from __future__ import annotations
@@ -293,6 +296,30 @@ def projection_jacobian(volume, euler_deg, tau_A, voxel_A: float, xp=None, euler
     return y, j_tau, j_e
 
 
+def lab_to_euler_matrix(euler_deg, min_tilt_deg: float = 3.0):
+    """N (3×3): the Euler increments (rot, tilt, psi) deg of a small rotation ω deg about the lab axes (x, y, z),
+    R ← exp([ω]×)·R, to first order: N = M⁻¹, M = [R_z(psi) R_y(tilt) ẑ, R_z(psi) ŷ, ẑ] (the lab rotation vector
+    of a unit change of each angle). M is singular at tilt 0 (gimbal lock: rot and psi turn about the same axis),
+    so below |tilt| = ``min_tilt_deg`` N is the identity (the Euler angles themselves)."""
+    _, tilt, psi = (float(a) for a in euler_deg)
+    if abs(math.sin(math.radians(tilt))) < math.sin(math.radians(min_tilt_deg)):
+        return np.eye(3)
+    rz = _rot.axis_rotation_matrix(psi, "z")
+    m = np.stack([rz @ _rot.axis_rotation_matrix(tilt, "y")[:, 2], rz[:, 1], np.array([0.0, 0.0, 1.0])], 1)
+    return np.linalg.inv(m)
+
+
+def projection_jacobian_lab(volume, euler_deg, tau_A, voxel_A: float, xp=None):
+    """As :func:`projection_jacobian`, with the angle columns ∂ŷ/∂ω (3, ny, nx) per degree of a small rotation
+    about the lab axes x, y, z (R ← exp([ω]×)·R): ∂ŷ/∂Θ · N (:func:`lab_to_euler_matrix`), the chain rule, so
+    exact for the interpolant like ∂ŷ/∂Θ. Below a tilt of 3° the columns are ∂ŷ/∂Θ."""
+    y, j_tau, j_e = projection_jacobian(volume, euler_deg, tau_A, voxel_A, xp)
+    n = lab_to_euler_matrix(euler_deg)
+    j_w = [sum(n[i, a] * j_e[i] for i in range(3)) for a in range(3)]
+    xp = xp or get_array_module(volume)
+    return y, j_tau, xp.stack(j_w)
+
+
 def loss_and_gradients(volume, projections, euler_deg, tau_A, voxel_A: float, xp=None):
     """L = Σ_k ‖ŷ_k − y_k‖² and its gradients w.r.t. V (nz, ny, nx), τ (n, 2) per Å and Θ (n, 3) per degree."""
     xp = xp or get_array_module(volume)
@@ -363,6 +390,15 @@ class LinearTomoParams(Params):
                               "each angle error: measured to creep and stall at 0.3–1.1° max, module doc)")
     joint_damping: float = Field(0.0, ge=0, le=10, description="Levenberg–Marquardt μ of the joint step relative "
                                  "to λ_max(AᵀA) (the squared norm of every scaled alignment column)")
+    joint_angle_frame: Literal["euler", "lab"] = Field("euler", description="what a joint step solves for "
+                                                     "when all three angles are refined: 'euler' — increments of "
+                                                     "(rot, tilt, psi); 'lab' — a small rotation ω about the lab axes "
+                                                     "(x, y, z), R ← exp([ω]×)·R, mapped back to Euler increments to "
+                                                     "first order (:func:`lab_to_euler_matrix`; Euler increments "
+                                                     "below a tilt of 3°), ω capped by ``max_euler_step_deg``. "
+                                                     "Measured (docs/you2025_alignment_angles.md, session 11): max "
+                                                     "error below 0.2° on 1 of 5 draws against 0 of 5; not the "
+                                                     "default")
     joint_cg_iterations: int = Field(150, ge=1, le=10000, description="CGLS iterations of each joint Gauss–Newton "
                                      "step (each costs one projection and one back-projection of all tilts)")
     translation_gauge: Literal["3d", "mean", "none"] = Field("3d", description="'3d': remove the (R_k d)_yx part of τ − τ⁰ (a common 3D "
@@ -474,14 +510,18 @@ def _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz, refine_idx,
         if joint:
             # warm-started volume (a nearly converged V is needed for unbiased angle steps: module doc);
             # only τ and Θ take the step, the next volume steps refit V
+            lab = p.joint_angle_frame == "lab" and len(set(refine_idx)) == 3
             _, d_tau, d_e, loss, _ = _joint_gauss_newton(vol, tgt, euler, tau, sc, refine_idx, p.refine_translations,
                                                           p.joint_cg_iterations, xp, p.power_iterations,
-                                                          p.joint_damping)
+                                                          p.joint_damping, **({"lab": True} if lab else {}))
             d_tau = np.clip(d_tau, -p.max_translation_step_A, p.max_translation_step_A)
             d_e = np.clip(d_e, -p.max_euler_step_deg, p.max_euler_step_deg)
             tau = tau + d_tau
-            euler = euler.copy()
-            euler[:, refine_idx] += d_e
+            if lab:   # δω about the lab axes → Euler increments (first order)
+                euler = euler + np.stack([lab_to_euler_matrix(euler[k]) @ d_e[k] for k in range(len(euler))])
+            else:
+                euler = euler.copy()
+                euler[:, refine_idx] += d_e
             hist["alignment_loss"].append(loss)
             hist["translation_update_A"].append(float(np.abs(d_tau).max()))
             hist["euler_update_deg"].append(float(np.abs(d_e).max()))
@@ -634,7 +674,7 @@ def _alignment_step(vol, target, euler, tau, euler0, tau0, sc, refine_idx, do_eu
 
 
 def _joint_gauss_newton(vol, target, euler, tau, sc, refine_idx, refine_tau, n_cg, xp, power_iterations=12,
-                        damping=0.0):
+                        damping=0.0, lab=False):
     """One Gauss–Newton step on (V, τ, Θ) together: min ‖A δV + J_τ δτ + J_Θ δΘ + r‖² over δV on the free set
     F = {V > 0} (the voxels the positivity constraint leaves free) and the per-tilt alignment, by CGLS from 0
     (``n_cg`` iterations), with a Levenberg–Marquardt term μ‖z‖² on the scaled alignment parameters z
@@ -645,14 +685,15 @@ def _joint_gauss_newton(vol, target, euler, tau, sc, refine_idx, refine_tau, n_c
     Columns scaled: δV as is, each alignment parameter by √λ/‖J_kj‖ (λ ≈ λ_max(AᵀA)). CGLS from 0 stays in the
     range of Kᵀ, so the unmeasurable directions (a common rotation or 3D shift of volume and alignment) are not
     excited beyond the interpolation's small asymmetry. Returns δV (on F), δτ (n, 2) Å, δΘ (n, len(refine_idx))
-    deg, the loss before and the linearised loss after."""
+    deg — with ``lab`` (all three angles refined) δω (n, 3) deg about the lab axes (:func:`projection_jacobian_lab`)
+    instead — the loss before and the linearised loss after."""
     n = len(euler)
     nz = vol.shape[0]
     cols, model = [], []
     for k in range(n):
-        yk, jt, je = projection_jacobian(vol, euler[k], tau[k], sc, xp)
+        yk, jt, je = (projection_jacobian_lab if lab else projection_jacobian)(vol, euler[k], tau[k], sc, xp)
         model.append(yk)
-        c = ([jt[0], jt[1]] if refine_tau else []) + [je[i] for i in refine_idx]
+        c = ([jt[0], jt[1]] if refine_tau else []) + [je[i] for i in (range(3) if lab else refine_idx)]
         cols.append(xp.stack(c).astype(np.float64))
     m = len(cols[0])
     res = (xp.stack(model) - target).astype(vol.dtype)

@@ -63,6 +63,77 @@ def test_alignment_jacobian_matches_central_differences(euler):
         assert np.abs(fd - jt[i]).max() < 2e-3 * np.abs(jt[i]).max()
 
 
+def _euler_after_lab_rotation(euler, omega_deg):
+    """ZYZ angles (rot, tilt, psi) of exp([ω]×)·R(Θ), by scipy (independent of the module): intrinsic 'ZYZ'
+    (a, b, c) has R = R_z(a) R_y(b) R_z(c), so (psi, tilt, rot) = (a, b, c); of it and the other branch
+    (a + 180°, −b, c + 180°) the one nearest Θ."""
+    from scipy.spatial.transform import Rotation
+
+    from tembench.physics.rotation import euler_matrix
+
+    r = Rotation.from_rotvec(np.radians(omega_deg)) * Rotation.from_matrix(euler_matrix(*euler))
+    a, b, c = r.as_euler("ZYZ", degrees=True)
+    cands = [np.array([c, b, a]), np.array([c + 180.0, -b, a + 180.0])]
+    cands = [np.asarray(euler) + (x - np.asarray(euler) + 180.0) % 360.0 - 180.0 for x in cands]
+    return min(cands, key=lambda x: float(np.sum((x - np.asarray(euler)) ** 2)))
+
+
+@pytest.mark.parametrize("euler", [(3.0, 25.0, -4.0), (0.0, -60.0, 0.0), (-1.2, 12.5, 0.9)])
+def test_lab_frame_jacobian_matches_central_differences_along_lab_rotations(euler):
+    """∂ŷ/∂ω (joint_angle_frame='lab'): the derivative of :func:`project` along R ← exp([h·e_a]×)·R for the lab axes
+    a = x, y, z, each Euler path computed by scipy; and the first-order map N (lab → Euler increments)."""
+    v, _ = blobs()
+    s, t, h = 0.5, (0.3, -0.7), 1e-3
+    _, _, jw = LT.projection_jacobian_lab(v, euler, t, s)
+    n = LT.lab_to_euler_matrix(euler)
+    for a in range(3):
+        w = np.zeros(3)
+        w[a] = h
+        ep, em = _euler_after_lab_rotation(euler, w), _euler_after_lab_rotation(euler, -w)
+        np.testing.assert_allclose((ep - em) / (2 * h), n[:, a], rtol=1e-4, atol=1e-6)
+        fd = (LT.project(v, ep, t, s) - LT.project(v, em, t, s)) / (2 * h)
+        # float32 operators: the tilt part of the differences is noisier (measured ≤ 5e-3 in norm, 8e-3 max)
+        assert np.linalg.norm(fd - jw[a]) < 1e-2 * np.linalg.norm(jw[a]), "xyz"[a]
+        assert np.abs(fd - jw[a]).max() < 2e-2 * np.abs(jw[a]).max(), "xyz"[a]
+    # gimbal lock: below a tilt of 3° the columns stay the Euler ones
+    _, _, je = LT.projection_jacobian(v, (1.0, 2.0, -1.0), t, s)
+    _, _, jw = LT.projection_jacobian_lab(v, (1.0, 2.0, -1.0), t, s)
+    np.testing.assert_array_equal(jw, je)
+
+
+def test_lab_frame_is_used_only_with_all_three_angles(monkeypatch):
+    """joint_angle_frame='lab': the joint steps take the lab columns and map ω back by N when rot, tilt and psi are
+    all refined (the result differs from 'euler'), and leave a subset of the angles on the Euler path (bit-identical)."""
+    v, _ = blobs(n=12, n_blobs=3, r_hi=3.0)
+    euler = np.array([[0.0, -30.0, 0.0], [0.0, 25.0, 0.0]])
+    y = LT.project(v, euler + np.array([[0.4, 0.3, -0.5], [-0.3, -0.4, 0.6]]), np.zeros((2, 2)), 0.5)
+    kw = {"n_outer": 2, "n_volume_steps": 3, "n_final_steps": 1, "downsample": 1, "prealign": "none",
+          "start_euler_outer": 0, "angle_solver": "joint", "power_iterations": 2, "joint_cg_iterations": 5,
+          "threshold_fraction": 0.0}
+    calls = []
+    real = LT.projection_jacobian_lab
+    monkeypatch.setattr(LT, "projection_jacobian_lab", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(frame, angles):
+        return LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)),
+                                          {**kw, "refine_euler": angles, "joint_angle_frame": frame}).euler_deg
+
+    np.testing.assert_array_equal(run("lab", ("tilt", "psi")), run("euler", ("tilt", "psi")))
+    assert calls == []
+    e_lab, e_euler = run("lab", LT.EULER_NAMES), run("euler", LT.EULER_NAMES)
+    assert len(calls) == 2 * 2                          # 2 joint steps × 2 tilts
+    assert np.abs(e_lab - e_euler).max() > 1e-3
+    # the step's ω (here stubbed: 0.3° about lab x, 2° about lab z, capped at 1°) becomes Θ + N ω
+    omega = np.array([[0.3, 0.0, 2.0], [-0.2, 0.1, 0.0]])
+    monkeypatch.setattr(LT, "_joint_gauss_newton", lambda vol, tgt, e, t, *a, **k: (
+        None, np.zeros((2, 2)), omega.copy(), 0.0, 0.0))
+    got = LT.joint_linear_tomography(y, 0.5, euler, np.zeros((2, 2)),
+                                     {**kw, "n_outer": 1, "refine_euler": LT.EULER_NAMES, "joint_angle_frame": "lab"})
+    capped = np.clip(omega, -1.0, 1.0)
+    want = euler + np.stack([LT.lab_to_euler_matrix(euler[k]) @ capped[k] for k in range(2)])
+    np.testing.assert_allclose(got.euler_deg, want, rtol=0, atol=1e-12)
+
+
 def test_rotate_derivative_matches_central_difference_per_axis():
     v, _ = blobs(n=16, n_blobs=3)
     for axis, a in (("x", 17.0), ("y", -33.0), ("z", 8.0)):
