@@ -89,27 +89,31 @@ def _import_deferring(name: str, submodules: tuple[str, ...] = ()) -> ModuleType
 _OWN_PREFIXES = ("tembench",)
 
 
-def warm_imports(modules, _seen: set[str] | None = None) -> list[str]:
+def warm_imports(modules, _seen: set[str] | None = None, _skips: dict | None = None) -> list[str]:
     """Import ``modules`` and, recursively, every module their globals defer (:func:`lazy_import`
     stand-ins) — what a worker process would otherwise import inside its first task. Returns the
     module names imported or found; a module that fails to import is skipped (the task that needs it
     reports the error)."""
     seen = set() if _seen is None else _seen
+    skips = {} if _skips is None else _skips     # module → the submodules its stand-in defers
     done: list[str] = []
     for name in modules:
         if name in seen:
             continue
         seen.add(name)
         try:
-            mod = importlib.import_module(name)
+            # as the stand-in would: the submodules it defers stay deferred (pyfftw.interfaces: 0.42 s that a
+            # warmed worker otherwise paid before its first task, for a module no unit imports)
+            mod = _import_deferring(name, skips.get(name, ()))
         except Exception:  # noqa: BLE001 - warming is only a speed-up
             continue
         done.append(name)
         if not name.startswith(_OWN_PREFIXES):
             continue
-        deferred = [v.__name__ for v in list(vars(mod).values()) if isinstance(v, _Deferred)]
+        stand_ins = [v for v in list(vars(mod).values()) if isinstance(v, _Deferred)]
+        skips.update({v.__name__: v._skip for v in stand_ins if v._skip})
         own = [v.__name__ for v in list(vars(mod).values())
                if isinstance(v, ModuleType) and not isinstance(v, _Deferred)
                and v.__name__.startswith(_OWN_PREFIXES)]
-        done += warm_imports(deferred + own, seen)
+        done += warm_imports([v.__name__ for v in stand_ins] + own, seen, skips)
     return done

@@ -58,6 +58,9 @@ class Component:
     requires: ClassVar[tuple[str, ...]] = ()
     #: how to install what ``requires`` names, e.g. 'pip install -e ".[nn]"'
     install_hint: ClassVar[str] = ""
+    #: runs numba kernels from its first call (not only bitwise pairs that wait for numba to pay,
+    #: :mod:`tembench._jit`): the preflight memory estimate then counts numba's own resident memory
+    runs_numba_kernels: ClassVar[bool] = False
 
     @classmethod
     def missing_requirements(cls) -> list[str]:

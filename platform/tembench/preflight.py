@@ -68,10 +68,14 @@ NOISE_FACTOR = 1.0
 NOISE_TEMPORARIES_BYTES = 32 * 2**20
 #: resident memory of a runner process once one small unit has run: interpreter, numpy/scipy/pandas/
 #: pyarrow, pydantic, the plugins, the libraries a unit imports on first use (pyFFTW plans and threads,
-#: scipy.ndimage/optimize, ASE), tracemalloc's bookkeeping of the stage timings. Measured 276–378 MiB
-#: for the quick scenarios on Linux/CPython 3.11 (tests/core/test_memory_estimate.py); the estimate uses
-#: the larger of this and what the validating process already holds
-RUNTIME_BASE_BYTES = 290 * 2**20
+#: scipy.ndimage/optimize, ASE), tracemalloc's bookkeeping of the stage timings. Measured 200–225 MiB
+#: for the quick scenarios that load no numba on Linux/CPython 3.11 (tests/core/test_memory_estimate.py);
+#: the estimate uses the larger of this (+ numba's, below) and what the validating process already holds
+RUNTIME_BASE_BYTES = 215 * 2**20
+#: … plus numba's own (its compiler, LLVM and the loaded kernels) when a component of the scenario declares
+#: ``runs_numba_kernels``: the quick scenarios with numba kernels peaked at 341–349 MiB before numba was
+#: deferred (session 10), those without it at 200–225 MiB after
+NUMBA_RUNTIME_BYTES = 125 * 2**20
 #: a reconstructor that declares no ``preflight`` is counted with this working set (measured 1–50 MiB for
 #: SSB, DPC, iCOM, virtual detectors, msp, Ren's AET on the quick scenarios, 3.3–4.9 × their 9–12 MB of
 #: data) — plus the whole data when the data are on disk (it is assumed to read them into RAM)
@@ -190,6 +194,23 @@ def _forward_on_disk(spec, f_fp: Footprint | None) -> bool:
     return bool(spec.forward.params.get("patterns_path")) and spec.forward.params.get("output", "patterns") == "patterns"
 
 
+def _runs_numba_kernels(spec, registry) -> bool:
+    """A component of the scenario declares ``runs_numba_kernels`` (numba loads in the unit's process)."""
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        return False
+    parts = [("sample", spec.sample), ("forward_model", spec.forward), *(("noise_model", s) for s in spec.noise),
+             *(("reconstructor", r) for r in spec.reconstructors), *(("quantifier", q) for q in spec.quantifiers)]
+    for kind, comp in parts:
+        try:
+            if getattr(registry.get(kind, comp.name), "runs_numba_kernels", False):
+                return True
+        except Exception:  # noqa: BLE001 - validation reports unknown components
+            continue
+    return False
+
+
 def unit_estimate(spec, registry, s_fp: Footprint | None, f_fp: Footprint | None,
                   baseline: int | None = None) -> dict[str, Any] | None:
     """Peak resident memory of one (point, repeat) as the runner runs it, part by part; None if the data size is unknown.
@@ -220,7 +241,11 @@ def unit_estimate(spec, registry, s_fp: Footprint | None, f_fp: Footprint | None
     data = None if f_fp is None else f_fp.output_bytes
     if not data:
         return None
-    base = max(RUNTIME_BASE_BYTES, process_rss_bytes() or 0) if baseline is None else int(baseline)
+    if baseline is None:
+        numba = NUMBA_RUNTIME_BYTES if _runs_numba_kernels(spec, registry) else 0
+        base = max(RUNTIME_BASE_BYTES + numba, process_rss_bytes() or 0)
+    else:
+        base = int(baseline)
     sample = int(getattr(s_fp, "peak_bytes", None) or 0)
     on_disk = forward_on_disk = _forward_on_disk(spec, f_fp)
     forward = int(f_fp.peak_bytes or 0)

@@ -23,6 +23,7 @@ class RiCOMReconstructor(Reconstructor):
     """riCOM (eq 3.4): the COM shift field cross-correlated with an n×n kernel (a/2π)(r_p − r)/|r_p − r|²,
     optionally with a built-in band-pass (eqs 3.8–3.9). Output: a high-passed |P|² ⋆ φ in rad on the scan
     grid (the kernel suppresses frequencies below ≈ 1/(n·step), eq 3.7; kernel → ∞ gives iCOM)."""
+    runs_numba_kernels = True  # numba kernels from the first call (preflight counts numba's memory)
 
     name = "ricom"
     accepts = ACCEPTS

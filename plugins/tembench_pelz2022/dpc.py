@@ -524,6 +524,7 @@ class ICOM(Reconstructor):
     COM from dense data or directly from electron events (O(C)); rotation given or estimated
     by minimum curl. Output: |P|² ⋆ φ in rad on the scan grid.
     """
+    runs_numba_kernels = True  # numba kernels from the first call (preflight counts numba's memory)
 
     name = "icom"
     accepts = ACCEPTS
@@ -545,6 +546,7 @@ class DPC(Reconstructor):
     φ ← φ + μ F⁻¹[−i q·F{M⊙(g − ∇φ)} / (λ1 + q² + λ2 q⁴)] on a padded grid; COM from dense data
     or electron events; rotation given or estimated by minimum curl. Output: phase in rad.
     """
+    runs_numba_kernels = True  # numba kernels from the first call (preflight counts numba's memory)
 
     name = "dpc"
     accepts = ACCEPTS

@@ -466,6 +466,7 @@ class SSB(Reconstructor):
     DPC/iCOM's COM estimate, refined by the lune signal); bad detector pixels are repaired. Measured
     side by side with py4DSTEM 0.14.18 in ``benchmarks/peers/pelz2022_ssb_quality.py``.
     """
+    runs_numba_kernels = True  # numba kernels from the first call (preflight counts numba's memory)
 
     name = "ssb"
     accepts = ACCEPTS

@@ -72,6 +72,7 @@ class VirtualDetector(Reconstructor):
     phase quantifiers can correlate its contrast with σV (its values are not radians; use the
     affine-invariant NCC, not the RMSE).
     """
+    runs_numba_kernels = True  # numba kernels from the first call (preflight counts numba's memory)
 
     name = "virtual_detector"
     accepts = ACCEPTS

@@ -21,7 +21,6 @@ distance to C10. This removes the half-slab (2.5 Å at N_B = 10) depth bias of e
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -321,14 +320,12 @@ def _owner(a):
 
 
 def rotate_bin_apply(m, stored, axis: str, scale: float, xp):
-    """scale · (m applied to the storage-ordered volume) as C-contiguous (n_out, ny, nx) float32 slabs."""
+    """scale · (m applied to the storage-ordered volume) as C-contiguous (n_out, ny, nx) float32 slabs.
+
+    Each output is Σ_j m[r, j]·x[j, t] summed in the order of row r's stored entries from 0, then scaled (scipy's CSR
+    product, the order of the numba kernel this replaced: the same bits)."""
     nz, nb, nt = stored.shape
     n_out = m.shape[0] // nb
-    transposed = STORAGE[axis] != (0, 1, 2)
-    if _HAVE_NUMBA and xp is np:
-        out = np.empty((n_out, nt, nb) if transposed else (n_out, nb, nt), np.float32)
-        _csr_apply_nb(m.indptr, m.indices, m.data, stored.reshape(nz * nb, nt), transposed, np.float32(scale), out)
-        return out
     w = xp.ascontiguousarray((m @ stored.reshape(nz * nb, nt)).reshape(n_out, nb, nt).transpose(STORAGE[axis]),
                              dtype=xp.float32)
     w *= np.float32(scale)
@@ -336,71 +333,26 @@ def rotate_bin_apply(m, stored, axis: str, scale: float, xp):
 
 
 def rotate_bin_adjoint_add(m, g_zyx, stored, axis: str, scale: float, xp):
-    """stored += scale · mᵀ g for slabs g (n_out, ny, nx) (any float dtype) and a C-contiguous stored volume."""
+    """stored += scale · mᵀ g for slabs g (n_out, ny, nx) (any float dtype) and a C-contiguous stored volume.
+
+    On the CPU the products are added into ``stored`` in place, row r of m after row r − 1 and each row's entries in
+    stored order (scipy's ``csc_matvecs`` on m's CSR arrays, read as mᵀ in CSC form: no temporary volume, and the
+    order, so the bits, of the numba kernel this replaced). Elsewhere mᵀ g is formed and then added."""
     nz, nb, nt = stored.shape
     n_out = m.shape[0] // nb
-    transposed = STORAGE[axis] != (0, 1, 2)
-    if _HAVE_NUMBA and xp is np:
-        g = np.ascontiguousarray(g_zyx, dtype=np.float32)
-        _csr_t_apply_add_nb(m.indptr, m.indices, m.data, g, transposed, np.float32(scale),
-                            stored.reshape(nz * nb, nt))
-        return
     g = (xp.ascontiguousarray(g_zyx.transpose(STORAGE[axis]), dtype=xp.float32) * np.float32(scale))  # a new array
     g = g.reshape(n_out * nb, nt)
+    if (xp is np and _csc_matvecs is not None and stored.flags.c_contiguous
+            and m.dtype == np.float32 and stored.dtype == np.float32):
+        _csc_matvecs(m.shape[1], m.shape[0], nt, m.indptr, m.indices, m.data, g.reshape(-1), stored.reshape(-1))
+        return
     stored.reshape(nz * nb, nt)[...] += m.T @ g
 
 
-try:  # optional: rotate-and-bin kernels that write (z, y, x) slabs and accumulate the adjoint into the volume
-    if os.environ.get("TEMBENCH_NO_NUMBA", "") not in ("", "0"):
-        raise ImportError("disabled by TEMBENCH_NO_NUMBA")
-    import numba as _nb  # type: ignore[import-not-found]
-except Exception:  # pragma: no cover - depends on the environment
-    _nb = None
-_HAVE_NUMBA = _nb is not None
-
-if _HAVE_NUMBA:
-    @_nb.njit(cache=True, nogil=True)
-    def _csr_apply_nb(indptr, indices, data, x, transposed, scale, out):  # pragma: no cover - compiled
-        # out[o, b, t] (or out[o, t, b] if transposed) = scale · Σ_j m[o·nb + b, j] x[j, t]
-        nt = x.shape[1]
-        nb = out.shape[1] if not transposed else out.shape[2]
-        acc = np.empty(nt, np.float32)
-        for r in range(indptr.size - 1):
-            acc[:] = 0
-            for jj in range(indptr[r], indptr[r + 1]):
-                c = indices[jj]
-                a = data[jj]
-                for t in range(nt):
-                    acc[t] += a * x[c, t]
-            o = r // nb
-            b = r - o * nb
-            if transposed:
-                for t in range(nt):
-                    out[o, t, b] = acc[t] * scale
-            else:
-                for t in range(nt):
-                    out[o, b, t] = acc[t] * scale
-
-    @_nb.njit(cache=True, nogil=True)
-    def _csr_t_apply_add_nb(indptr, indices, data, g, transposed, scale, out):  # pragma: no cover - compiled
-        # out[j, t] += scale · Σ_r m[r, j] g[r], r = o·nb + b, g[o, t, b] (transposed) or g[o, b, t]
-        nt = out.shape[1]
-        nb = g.shape[1] if not transposed else g.shape[2]
-        row = np.empty(nt, np.float32)
-        for r in range(indptr.size - 1):
-            o = r // nb
-            b = r - o * nb
-            if transposed:
-                for t in range(nt):
-                    row[t] = g[o, t, b] * scale
-            else:
-                for t in range(nt):
-                    row[t] = g[o, b, t] * scale
-            for jj in range(indptr[r], indptr[r + 1]):
-                c = indices[jj]
-                a = data[jj]
-                for t in range(nt):
-                    out[c, t] += a * row[t]
+try:  # scipy's own kernel of mᵀ·g accumulated into its output (private, stable since scipy 0.14): in-place adjoint
+    from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
+except ImportError:  # pragma: no cover - a future scipy: form mᵀ g, then add
+    _csc_matvecs = None
 
 
 def _image_waves(exit_wave, p: TiltSeriesProblem, xp):

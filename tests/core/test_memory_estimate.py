@@ -11,17 +11,19 @@ pages of data streamed to disk). Both are printed on failure.
 The shrunk shipped scenarios hold under 5 MB of data: their peak is the runner's fixed overhead
 (interpreter, numpy/scipy/pandas/pyarrow, the plugins, FFT plans, tracemalloc), which the estimate
 counts as its baseline. The ``data_*`` cases hold 118 MB of 4D data (in RAM, with half sets, and
-streamed to disk), where the stage terms carry the estimate. Measured (load 18, CPython 3.11):
+streamed to disk), where the stage terms carry the estimate. The baseline counts numba's memory only when a
+component declares ``runs_numba_kernels`` (Ren's bitwise twins defer numba, tembench._jit). Measured (session 11,
+load ≈ 2, CPython 3.11):
 
     case                      peak RSS   estimate
-    quick                      267 MiB    292 MiB   +9 %
-    pelz2022_dose              341 MiB    359 MiB   +5 %
-    ren2020_quick              343 MiB    318 MiB   -7 %
-    you2025_msp_quick          337 MiB    357 MiB   +6 %
-    friedrich2023_crlb_quick   295 MiB    300 MiB   +2 %
-    data_in_ram                501 MiB    609 MiB  +22 %
-    data_half_sets             645 MiB    750 MiB  +16 %
-    data_on_disk               389 MiB    416 MiB   +7 %
+    quick                      200 MiB    217 MiB   +8 %
+    pelz2022_dose              347 MiB    409 MiB  +18 %
+    ren2020_quick              216 MiB    243 MiB  +13 %   (343 MiB in session 10, numba loaded)
+    you2025_msp_quick          346 MiB    407 MiB  +17 %
+    friedrich2023_crlb_quick   224 MiB    225 MiB   +0 %
+    data_in_ram                546 MiB    659 MiB  +21 %
+    data_half_sets             686 MiB    800 MiB  +17 %
+    data_on_disk               318 MiB    341 MiB   +8 %
 """
 
 from __future__ import annotations
@@ -155,3 +157,22 @@ def test_unit_estimate_within_25_percent_of_the_measured_peak(case, tmp_path):
     print(f"\n{case}: measured {peak / 2**20:.0f} MiB, estimate {est['total'] / 2**20:.0f} MiB "
           f"({(est['total'] - peak) / peak:+.0%}); parts in MiB {parts}")
     assert abs(est["total"] - peak) / peak <= TOLERANCE, (case, round(peak / 2**20), parts)
+
+
+def test_the_baseline_counts_numba_only_for_components_that_run_its_kernels(monkeypatch):
+    """A scenario whose reconstructors declare ``runs_numba_kernels`` (SSB, DPC, …) gets numba's resident memory in
+    its baseline; Ren's AET (bitwise twins, numba deferred) does not. Fails with either term dropped."""
+    from tembench import _jit, preflight
+    from tembench.registry import get_registry
+    from tembench.scenario import parse_scenario
+
+    monkeypatch.setattr(preflight, "process_rss_bytes", lambda: 0)
+    registry = get_registry()
+    base = {}
+    for name in ("pelz2022_dose", "ren2020_quick"):
+        spec = parse_scenario((ROOT / "scenarios" / f"{name}.yaml").read_text()).spec
+        est = preflight.unit_estimate(spec, registry, None, preflight.Footprint(output_bytes=1, peak_bytes=0))
+        base[name] = est["baseline"]
+    numba = preflight.NUMBA_RUNTIME_BYTES if _jit.numba_enabled() else 0
+    assert base == {"pelz2022_dose": preflight.RUNTIME_BASE_BYTES + numba,
+                    "ren2020_quick": preflight.RUNTIME_BASE_BYTES}

@@ -42,6 +42,30 @@ def test_warm_imports_follows_deferred_modules(deferred_pair):
     assert sys.modules[a].B.VALUE == 7  # the stand-in now reads the real module
 
 
+
+def test_warm_imports_keeps_a_stand_ins_deferred_submodules(tmp_path, monkeypatch):
+    """Warming a module that holds ``lazy_import(pkg, defer_submodules=(pkg.heavy,))`` imports pkg as the stand-in
+    would, with pkg.heavy still deferred (pyFFTW's ``interfaces``: 0.42 s that every warmed pool worker paid before
+    its first task, for a module no unit imports). Fails if warming imports the package plainly."""
+    pkg = tmp_path / "warmtest_pkg2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import heavy\nCORE = 1\n")
+    (pkg / "heavy.py").write_text("VALUE = 5\n")
+    (tmp_path / "tembench_warmtest_c.py").write_text(
+        "from tembench._lazy import lazy_import\nP = lazy_import('warmtest_pkg2', defer_submodules=('warmtest_pkg2.heavy',))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("warmtest_pkg2", "warmtest_pkg2.heavy", "tembench_warmtest_c")
+    for n in names:
+        sys.modules.pop(n, None)
+    try:
+        done = warm_imports(["tembench_warmtest_c"])
+        assert set(done) == {"tembench_warmtest_c", "warmtest_pkg2"}
+        assert "warmtest_pkg2" in sys.modules and "warmtest_pkg2.heavy" not in sys.modules
+        assert sys.modules["warmtest_pkg2"].heavy.VALUE == 5            # still there on first use
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
 def test_deferred_submodule_imports_only_on_first_use(tmp_path, monkeypatch):
     """lazy_import(pkg, defer_submodules=...): the package's own ``from . import heavy`` binds a stand-in
     (pyFFTW's ``interfaces``, 0.38 s, is never used by us); the real submodule still imports on first

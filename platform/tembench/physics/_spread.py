@@ -16,19 +16,15 @@ numpy twin (the tests check they agree).
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import numpy as np
 
-try:  # numba is a core dependency; the numpy twins serve TEMBENCH_NO_NUMBA=1 and odd installs
-    if os.environ.get("TEMBENCH_NO_NUMBA", "") not in ("", "0"):
-        raise ImportError("disabled by TEMBENCH_NO_NUMBA")
-    import numba as _nb  # type: ignore[import-not-found]
-except Exception:  # pragma: no cover - depends on the environment
-    _nb = None
+from tembench import _jit
 
-HAVE_NUMBA = _nb is not None
+# numba is a core dependency; the numpy twins serve TEMBENCH_NO_NUMBA=1 and odd installs. The kernels live in
+# _spread_nb, imported when first used.
+HAVE_NUMBA = _jit.numba_enabled()
 
 # Kernel design: σ = 1.25 keeps the extra FFT work small (M = 320 for n = 256); w = 8 points per axis
 # and β = 0.97·π·(1 − 1/(2σ))·w (FINUFFT's choice) give ≈ 1e-5 relative L2 error on Si potentials at
@@ -160,105 +156,6 @@ def split_pairs_numpy(res, out, dest):
     return out
 
 
-if HAVE_NUMBA:
-    # serial on purpose: deterministic sums (atoms are added in input order) and no thread contention
-    # with the FFTs; ≈ 2 ns per deposit
-    @_nb.njit(cache=True, nogil=True)
-    def _spread_nb(uy, ux, slot, grid, coef):  # pragma: no cover - compiled
-        # grid: float32 view (p, M_y, 2 M_x) of the complex planes
-        nb_, my, mx2 = grid.shape
-        mx = mx2 // 2
-        nd, width = coef.shape
-        hw = 0.5 * width
-        wy = np.empty(width, np.float64)
-        wx = np.empty(width, np.float64)
-        wyf = np.empty(width, np.float32)
-        wxf = np.empty(width, np.float32)
-        iy = np.empty(width, np.int64)
-        ix = np.empty(width, np.int64)
-        for j in range(uy.size):
-            sy = uy[j] - hw
-            sx = ux[j] - hw
-            y0 = math.ceil(sy)
-            x0 = math.ceil(sx)
-            ty = 2.0 * (y0 - sy) - 1.0
-            tx = 2.0 * (x0 - sx) - 1.0
-            for a in range(width):
-                wy[a] = coef[0, a]
-                wx[a] = coef[0, a]
-            for d in range(1, nd):
-                for a in range(width):
-                    wy[a] = wy[a] * ty + coef[d, a]
-                    wx[a] = wx[a] * tx + coef[d, a]
-            for a in range(width):
-                wyf[a] = wy[a]
-                wxf[a] = wx[a]
-            g = grid[slot[j] >> 1]
-            part = slot[j] & 1
-            y0i = int(y0)
-            x0i = int(x0)
-            if y0i >= 0 and y0i + width <= my and x0i >= 0 and x0i + width <= mx:
-                for a in range(width):
-                    va = wyf[a]
-                    row = g[y0i + a]
-                    c0 = 2 * x0i + part
-                    for b in range(width):
-                        row[c0 + 2 * b] += va * wxf[b]
-            else:  # the footprint wraps around the periodic cell
-                for a in range(width):
-                    iy[a] = (y0i + a) % my
-                    ix[a] = 2 * ((x0i + a) % mx) + part
-                for a in range(width):
-                    va = wyf[a]
-                    row = g[iy[a]]
-                    for b in range(width):
-                        row[ix[b]] += va * wxf[b]
-        return grid
-
-    @_nb.njit(cache=True, nogil=True)
-    def _accumulate_nb(z, mult, out, src_y, src_x, first):  # pragma: no cover - compiled
-        # zeroing z here, row by row while it is in cache, saves a separate pass over the grid
-        nb_, ny, nx = out.shape
-        my = z.shape[1]
-        used = np.zeros(my, np.bool_)
-        for r in range(ny):
-            used[src_y[r]] = True
-        for s in range(nb_):
-            for r in range(ny):
-                zs = z[s, src_y[r]]
-                ms = mult[r]
-                o = out[s, r]
-                if first:
-                    for c in range(nx):
-                        o[c] = zs[src_x[c]] * ms[c]
-                else:
-                    for c in range(nx):
-                        o[c] += zs[src_x[c]] * ms[c]
-                zs[:] = 0
-            for r in range(my):
-                if not used[r]:
-                    z[s, r, :] = 0
-        return out
-
-    @_nb.njit(cache=True, nogil=True)
-    def _split_pairs_nb(res, out, dest):  # pragma: no cover - compiled
-        ny, nx = res.shape[1], res.shape[2]
-        for i in range(dest.size):
-            part = i & 1
-            plane = res[i >> 1]
-            o = out[dest[i]]
-            for r in range(ny):
-                src = plane[r]
-                dst = o[r]
-                if part == 0:
-                    for c in range(nx):
-                        dst[c] = src[c].real
-                else:
-                    for c in range(nx):
-                        dst[c] = src[c].imag
-        return out
-
-
 def spread(uy, ux, slot, grid, width: int, beta: float, use_numba: bool | None = None):
     """Deposit atoms on the complex planes ``grid`` (p, M_y, M_x) complex64 in place; see :func:`spread_numpy`.
 
@@ -272,6 +169,8 @@ def spread(uy, ux, slot, grid, width: int, beta: float, use_numba: bool | None =
     slot = np.ascontiguousarray(slot, dtype=np.int64)
     if (HAVE_NUMBA if use_numba is None else use_numba and HAVE_NUMBA):
         view = grid.view(np.float32)
+        from tembench.physics._spread_nb import _spread_nb
+
         _spread_nb(uy, ux, slot, view, kernel_polynomials(int(width), float(beta)))
         return grid
     return spread_numpy(uy, ux, slot, grid, width, beta)
@@ -281,6 +180,8 @@ def split_pairs(res, out, dest, use_numba: bool | None = None):
     """Real parts of the complex planes ``res`` to ``out[dest[0::2]]``, imaginary parts to ``out[dest[1::2]]``."""
     if (HAVE_NUMBA if use_numba is None else use_numba and HAVE_NUMBA) and isinstance(out, np.ndarray) \
             and out.dtype == np.float32 and out.flags.c_contiguous:
+        from tembench.physics._spread_nb import _split_pairs_nb
+
         return _split_pairs_nb(res, out, np.ascontiguousarray(dest, dtype=np.int64))
     return split_pairs_numpy(res, out, dest)
 
@@ -292,6 +193,8 @@ def accumulate(z, mult, out, first: bool, use_numba: bool | None = None, src=Non
         if src is None:
             ny, nx = out.shape[-2:]
             src = (source_index(ny, z.shape[-2]), source_index(nx, z.shape[-1]))
+        from tembench.physics._spread_nb import _accumulate_nb
+
         return _accumulate_nb(z, mult, out, src[0], src[1], bool(first))
     return accumulate_numpy(z, mult, out, first)
 
