@@ -513,7 +513,7 @@ def _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz, refine_idx,
             lab = p.joint_angle_frame == "lab" and len(set(refine_idx)) == 3
             _, d_tau, d_e, loss, _ = _joint_gauss_newton(vol, tgt, euler, tau, sc, refine_idx, p.refine_translations,
                                                           p.joint_cg_iterations, xp, p.power_iterations,
-                                                          p.joint_damping, **({"lab": True} if lab else {}))
+                                                          p.joint_damping, lab=lab)
             d_tau = np.clip(d_tau, -p.max_translation_step_A, p.max_translation_step_A)
             d_e = np.clip(d_e, -p.max_euler_step_deg, p.max_euler_step_deg)
             tau = tau + d_tau
