@@ -526,7 +526,9 @@ def test_joint_damping_reaches_the_joint_step(monkeypatch):
     """joint_linear_tomography hands ``joint_damping`` to the joint Gauss–Newton step (default 0)."""
     seen = []
 
-    def spy(vol, target, euler, tau, sc, refine_idx, refine_tau, n_cg, xp, power_iterations=12, damping=0.0):
+    def spy(vol, target, euler, tau, sc, refine_idx, refine_tau, n_cg, xp, power_iterations=12, damping=0.0,
+            lab=False):
+        assert lab is False                     # joint_angle_frame defaults to 'euler'
         seen.append(damping)
         return None, np.zeros((len(euler), 2)), np.zeros((len(euler), len(refine_idx))), 1.0, 0.5
 
