@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tembench import _jit
 from tembench._lazy import _Deferred, lazy_import
 from tembench.errors import DeviceError
 
@@ -390,11 +391,7 @@ def fft_identity(device: str = "cpu") -> dict[str, str]:
         planner = fftw_effort()
         if planner == "wisdom":
             wisdom = _WisdomFile(fftw_wisdom_path()).ensure()["id"]
-    numba_on = os.environ.get("TEMBENCH_NO_NUMBA", "") in ("", "0")
-    if numba_on:
-        import importlib.util
-
-        numba_on = importlib.util.find_spec("numba") is not None
+    numba_on = _jit.numba_enabled()
     return {
         "library": lib,
         "pyfftw": _pyfftw_version(),

@@ -196,9 +196,9 @@ def _forward_on_disk(spec, f_fp: Footprint | None) -> bool:
 
 def _runs_numba_kernels(spec, registry) -> bool:
     """A component of the scenario declares ``runs_numba_kernels`` (numba loads in the unit's process)."""
-    import importlib.util
+    from tembench import _jit
 
-    if importlib.util.find_spec("numba") is None:
+    if not _jit.numba_enabled():
         return False
     parts = [("sample", spec.sample), ("forward_model", spec.forward), *(("noise_model", s) for s in spec.noise),
              *(("reconstructor", r) for r in spec.reconstructors), *(("quantifier", q) for q in spec.quantifiers)]

@@ -33,10 +33,12 @@ def _primal_plane_nb(x, q, i, positivity, out):  # pragma: no cover - compiled
                 s = zero
             out[j, k] = s
 
+
 @_nb.njit(cache=True, nogil=True)
 def _primal_nb(x, q, positivity, out):  # pragma: no cover - compiled
     for i in range(x.shape[0]):
         _primal_plane_nb(x, q, i, positivity, out[i])
+
 
 @_nb.njit(cache=True, nogil=True)
 def _fgp_step_nb(x, q, p, step, inv_lam, gamma, positivity, planes):  # pragma: no cover - compiled

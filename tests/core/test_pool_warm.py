@@ -42,7 +42,6 @@ def test_warm_imports_follows_deferred_modules(deferred_pair):
     assert sys.modules[a].B.VALUE == 7  # the stand-in now reads the real module
 
 
-
 def test_warm_imports_keeps_a_stand_ins_deferred_submodules(tmp_path, monkeypatch):
     """Warming a module that holds ``lazy_import(pkg, defer_submodules=(pkg.heavy,))`` imports pkg as the stand-in
     would, with pkg.heavy still deferred (pyFFTW's ``interfaces``: 0.42 s that every warmed pool worker paid before
@@ -65,6 +64,7 @@ def test_warm_imports_keeps_a_stand_ins_deferred_submodules(tmp_path, monkeypatc
     finally:
         for n in names:
             sys.modules.pop(n, None)
+
 
 def test_deferred_submodule_imports_only_on_first_use(tmp_path, monkeypatch):
     """lazy_import(pkg, defer_submodules=...): the package's own ``from . import heavy`` binds a stand-in

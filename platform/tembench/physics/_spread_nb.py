@@ -63,6 +63,7 @@ def _spread_nb(uy, ux, slot, grid, coef):  # pragma: no cover - compiled
                     row[ix[b]] += va * wxf[b]
     return grid
 
+
 @_nb.njit(cache=True, nogil=True)
 def _accumulate_nb(z, mult, out, src_y, src_x, first):  # pragma: no cover - compiled
     # zeroing z here, row by row while it is in cache, saves a separate pass over the grid
@@ -87,6 +88,7 @@ def _accumulate_nb(z, mult, out, src_y, src_x, first):  # pragma: no cover - com
             if not used[r]:
                 z[s, r, :] = 0
     return out
+
 
 @_nb.njit(cache=True, nogil=True)
 def _split_pairs_nb(res, out, dest):  # pragma: no cover - compiled
