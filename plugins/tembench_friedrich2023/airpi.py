@@ -561,12 +561,15 @@ class AIRPIReconstructor(Reconstructor):
         if measurement.kind != "4dstem":
             raise TembenchError(f"airpi reconstructs dense 4D-STEM data (kind 4dstem), got {measurement.kind!r}; "
                                 "electron events: bin them into frames first")
+        step = scan_step(measurement.geometry, self.name)
+        if params.symmetrise and params.mode == "network" and abs(step[0] - step[1]) > 1e-9 * max(step):
+            raise TembenchError(f"airpi: symmetrise maps the scan's y and x axes onto each other, which needs a square "
+                                f"step; scan_step_A is {step[0]:g} × {step[1]:g} Å (set symmetrise: false)")
         if params.mode == "network":
             require_jax()
         x, grid = load_4d(measurement, self.name)
         g = measurement.geometry
         opt = probe_optics(g, self.name)
-        step = scan_step(g, self.name)
         reach = min(abs(v) for v in grid.axes_mrad()[0][[0, -1]].tolist() + grid.axes_mrad()[1][[0, -1]].tolist())
         out = reconstruct_airpi(np.asarray(x), grid, step, opt.energy_keV, opt.semiangle_mrad, opt.aberrations,
                                 params.mode, params.weights, params.chunk, params.symmetrise)

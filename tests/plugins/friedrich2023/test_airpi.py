@@ -394,6 +394,10 @@ def test_bad_input_is_refused():
         rec.reconstruct(_measurement(), rec.Params(weights="nope"), np)
     with pytest.raises(TembenchError, match="semiangle"):
         A.frame_pixel_A(300.0, 0.0)
+    oblong = _measurement()
+    oblong = oblong.replace(geometry=oblong.geometry.replace(scan_step_A=(0.2, 0.3)))
+    with pytest.raises(TembenchError, match="square step"):     # the 8 symmetries swap the scan axes
+        rec.reconstruct(oblong, rec.Params(symmetrise=True), np)
 
 
 def test_without_jax_names_the_extra(monkeypatch):
