@@ -35,7 +35,7 @@ HASHED_SUFFIXES = (".py", ".json", ".npz", ".npy", ".txt", ".csv", ".yaml", ".ym
 PRESENTATION_ONLY = frozenset({"cli.py", "report.py", "metrics.py", "emd.py"})
 #: libraries whose version can change a number (distribution names)
 NUMERIC_LIBRARIES = ("numpy", "scipy", "pyfftw", "numba", "llvmlite", "cupy", "cupy-cuda12x", "cupy-cuda11x",
-                     "scikit-image", "scikit-learn", "ase", "pandas", "jax", "jaxlib")
+                     "scikit-image", "ase", "pandas", "jax", "jaxlib")
 #: environment variables that select numeric kernels (BLAS core type, FFT and thread settings)
 NUMERIC_ENV = ("OPENBLAS_CORETYPE", "NUMBA_NUM_THREADS", "NUMBA_OPT", "NUMBA_FASTMATH", "TEMBENCH_FFT",
                "TEMBENCH_FFTW_EFFORT", "TEMBENCH_FFTW_WISDOM", "TEMBENCH_FFT_WORKERS", "TEMBENCH_NO_NUMBA",

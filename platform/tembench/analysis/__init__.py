@@ -5,8 +5,8 @@
 - :mod:`tembench.analysis.fsc`: Fourier shell / ring correlation on physical shells (1/Å),
   van Heel & Schatz one-bit / half-bit thresholds, resolution at the first crossing.
 
-The names below are imported on first use (PEP 562): the tracer pulls in scipy.ndimage,
-scipy.optimize and scikit-learn, which ``tembench list`` / ``validate`` must not pay for.
+The names below are imported on first use (PEP 562): the tracer pulls in scipy.ndimage and
+scipy.optimize, which ``tembench list`` / ``validate`` must not pay for.
 """
 
 _ATOM_TRACING = ["TraceResult", "classify_species", "dog_filter", "match_sites", "render_sites", "trace_atoms"]
