@@ -191,7 +191,7 @@ def test_fourier_joint_solver_recovers_angles_from_analytic_projections(draw):
     rot, tilt and psi, shifts of 1–3 Å — from the nominal angles, τ = 0 and the default start (centres of mass after
     the 0.1 threshold), reconstructed with ``rotation='fourier'`` (test_linear_tomo's joint schedule: 10 outer × 40
     volume steps, joint steps from the 4th). Measured (docs/you2025_alignment_angles.md, session 12): rotation error
-    median / max 0.010 / 0.029° (draw 5), 0.108 / 0.172° (draw 9); τ ≤ 0.003 Å; 43–46 s CPU each. Draws 6–8 gave
+    median / max 0.010 / 0.029° (draw 5), 0.108 / 0.172° (draw 9); τ ≤ 0.003 Å; 43–46 s CPU each (63–68 s wall here, shared machine). Draws 6–8 gave
     0.036 / 0.040 / 0.031° max. With the default ``rotation='bilinear'`` the same data end at 0.39° (draw 5) and 0.67°
     (draw 9; its +24° tilt in the rot ↔ psi mirror trap) — the mutation this test fails on."""
     from tembench_you2025.tomo_scores import alignment_errors
