@@ -137,7 +137,8 @@ wide, 11 tilts ±60°, errors 0.5–1.5° on all three angles, default start; do
 12), max rotation error on draws 5–9: on data made by the Fourier operator 0.035 / 0.053 / 0.029 / 0.036 / 0.2015°
 (bilinear on its own data: 0.41 / 0.24 / 0.22 / 0.29 / 0.72°); on analytic projections of the atoms (made by no
 operator) 0.029 / 0.036 / 0.040 / 0.031 / 0.172° against 0.39 / 0.38 / 0.36 / 0.47 / 0.67° with the bilinear
-default; translations ≤ 0.003 Å; 3–4× the CPU (43–58 s against 13–22 s per run). Not measured on msp projections, so
+default; at 21 tilts ≤ 0.074° on both kinds of data (bilinear on the analytic data: 0.47–0.82°); translations
+≤ 0.003 Å; 2–4× the CPU (43–58 s against 13–22 s per run at 11 tilts). Not measured on msp projections, so
 not the default. The shears live here, not in :mod:`tembench.physics.rotation`, while they are this plugin's option.
 """
 
