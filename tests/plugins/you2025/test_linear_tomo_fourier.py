@@ -184,7 +184,7 @@ def _atom_positions(n_atoms=20, r_lo=2.0, r_hi=8.5, min_d=2.5, seed=1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draw", [5, 9])
+@pytest.mark.parametrize("draw", [9])  # the hardest of draws 5–9 (the others 0.029–0.040° max); one run of ≈ 65 s
 def test_fourier_joint_solver_recovers_angles_from_analytic_projections(draw):
     """Issue 15's 0.2° on data no operator made: analytic projections (2D Gaussians, line integral sqrt(2π)·w·s) of
     20 atoms one voxel wide, turned by the true Euler matrices — 11 tilts ±60°, errors of 0.5–1.5° (random sign) on
