@@ -338,19 +338,14 @@ def test_joint_solver_recovers_known_euler_angles_and_shifts_same_operator():
     the ±60° tilts is the weak part (docs/you2025_alignment_angles.md). Fails with the angle update removed."""
     from tembench_you2025.tomo_scores import alignment_errors
 
+    from you_sim import ISSUE15_JOINT_SCHEDULE, issue15_alignment_draw
+
     n, s = 24, 0.5
     v = _atoms_volume(n)
-    rng = np.random.default_rng(5)
-    tilts = np.linspace(-60.0, 60.0, 11)
-    nominal = np.stack([0 * tilts, tilts, 0 * tilts], 1)
-    truth = nominal + rng.uniform(0.5, 1.5, nominal.shape) * rng.choice([-1.0, 1.0], nominal.shape)
-    mag, phase = rng.uniform(1.0, 3.0, len(tilts)), rng.uniform(0, 2 * np.pi, len(tilts))
-    tau = np.stack([mag * np.sin(phase), mag * np.cos(phase)], 1)
+    tilts, nominal, truth, tau = issue15_alignment_draw(5)
     y = LT.project(v, truth, tau, s)
     res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
-                                     dict(refine_euler=LT.EULER_NAMES, downsample=1, n_outer=0, n_outer_full=10,
-                                          start_euler_outer=3, n_volume_steps=40, threshold_fraction=0.0,
-                                          n_final_steps=1, com_threshold_fraction=0.3))
+                                     dict(ISSUE15_JOINT_SCHEDULE, com_threshold_fraction=0.3))
     # com_threshold_fraction 0.3: the start of docs/you2025_alignment_angles.md (the default until linear_tomo v2);
     # from the 0.1 default's centres of mass the same draw ends at 0.15 / 0.41° (the angles depend on the start)
     start = alignment_errors(np.zeros_like(tau), nominal, tau, truth)

@@ -195,21 +195,15 @@ def test_fourier_joint_solver_recovers_angles_from_analytic_projections(draw):
     0.036 / 0.040 / 0.031° max. With the default ``rotation='bilinear'`` the same data end at 0.39° (draw 5) and 0.67°
     (draw 9; its +24° tilt in the rot ↔ psi mirror trap) — the mutation this test fails on."""
     from tembench_you2025.tomo_scores import alignment_errors
+    from you_sim import ISSUE15_JOINT_SCHEDULE, issue15_alignment_draw
 
     n, s, width = 24, 0.5, 1.0
     pts = _atom_positions()
-    rng = np.random.default_rng(draw)
-    tilts = np.linspace(-60.0, 60.0, 11)
-    nominal = np.stack([0 * tilts, tilts, 0 * tilts], 1)
-    truth = nominal + rng.uniform(0.5, 1.5, nominal.shape) * rng.choice([-1.0, 1.0], nominal.shape)
-    mag, phase = rng.uniform(1.0, 3.0, len(tilts)), rng.uniform(0, 2 * np.pi, len(tilts))
-    tau = np.stack([mag * np.sin(phase), mag * np.cos(phase)], 1)
+    tilts, nominal, truth, tau = issue15_alignment_draw(draw)
     y = np.stack([LT._shift(_analytic_projection(truth[k], pts, width, n, s).astype(np.float32), tau[k], s, np)
                   for k in range(len(tilts))])
     res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
-                                     dict(refine_euler=LT.EULER_NAMES, downsample=1, n_outer=0, n_outer_full=10,
-                                          start_euler_outer=3, n_volume_steps=40, threshold_fraction=0.0,
-                                          n_final_steps=1, rotation="fourier"))
+                                     dict(ISSUE15_JOINT_SCHEDULE, rotation="fourier"))
     start = alignment_errors(np.zeros_like(tau), nominal, tau, truth)
     got = alignment_errors(res.translations_A, res.euler_deg, tau, truth)
     print({k: round(got[k], 4) for k in ("translation_error_max_A", "rotation_error_median_deg",

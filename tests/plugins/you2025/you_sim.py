@@ -64,3 +64,21 @@ def simulate(obj, positions_A, n_modes=1):
     return res.patterns, geo
 
 
+
+
+# --- the issue-15 alignment draws (test_linear_tomo, test_linear_tomo_fourier) ------------------------------
+#: the joint schedule of the issue-15 angle tests: 10 outer × 40 volume steps at full resolution, joint steps from
+#: the 4th, no background threshold (noise-free data)
+ISSUE15_JOINT_SCHEDULE = dict(refine_euler=("rot", "tilt", "psi"), downsample=1, n_outer=0, n_outer_full=10,
+                              start_euler_outer=3, n_volume_steps=40, threshold_fraction=0.0, n_final_steps=1)
+
+
+def issue15_alignment_draw(seed: int, n_tilts: int = 11):
+    """One draw of docs/you2025_alignment_angles.md: tilts over ±60°, the nominal Euler triples (0, tilt, 0), the
+    truth with errors of 0.5–1.5° (random sign) on all three angles, and translations of 1–3 Å (Å, (y, x))."""
+    rng = np.random.default_rng(seed)
+    tilts = np.linspace(-60.0, 60.0, n_tilts)
+    nominal = np.stack([0 * tilts, tilts, 0 * tilts], 1)
+    truth = nominal + rng.uniform(0.5, 1.5, nominal.shape) * rng.choice([-1.0, 1.0], nominal.shape)
+    mag, phase = rng.uniform(1.0, 3.0, n_tilts), rng.uniform(0, 2 * np.pi, n_tilts)
+    return tilts, nominal, truth, np.stack([mag * np.sin(phase), mag * np.cos(phase)], 1)
