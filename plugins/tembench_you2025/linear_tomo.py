@@ -138,7 +138,7 @@ wide, 11 tilts ±60°, errors 0.5–1.5° on all three angles, default start; do
 (bilinear on its own data: 0.41 / 0.24 / 0.22 / 0.29 / 0.72°); on analytic projections of the atoms (made by no
 operator) 0.029 / 0.036 / 0.040 / 0.031 / 0.172° against 0.39 / 0.38 / 0.36 / 0.47 / 0.67° with the bilinear
 default; at 21 tilts ≤ 0.074° on both kinds of data (bilinear on the analytic data: 0.47–0.82°); translations
-≤ 0.003 Å; 2–4× the CPU (43–58 s against 13–22 s per run at 11 tilts). Not measured on msp projections, so
+≤ 0.003 Å; 3.2–3.5× the CPU of bilinear on the same data at 11 tilts (43–46 s against 12.7–13.4 s), 1.8–2.8× at 21. Not measured on msp projections, so
 not the default. The shears live here, not in :mod:`tembench.physics.rotation`, while they are this plugin's option.
 """
 
@@ -607,7 +607,7 @@ class LinearTomoParams(Params):
                                                      "blur kink at angle 0). Measured on the issue-15 set-up "
                                                      "(docs/you2025_alignment_angles.md, session 12): max rotation "
                                                      "error < 0.2° on 5 of 5 draws of analytic projections (bilinear: "
-                                                     "0 of 5), at 3–4× the CPU; not measured on msp projections")
+                                                     "0 of 5), at 1.8–3.5× the CPU; not measured on msp projections")
     joint_cg_iterations: int = Field(150, ge=1, le=10000, description="CGLS iterations of each joint Gauss–Newton "
                                      "step (each costs one projection and one back-projection of all tilts)")
     translation_gauge: Literal["3d", "mean", "none"] = Field("3d", description="'3d': remove the (R_k d)_yx part of τ − τ⁰ (a common 3D "
@@ -720,10 +720,9 @@ def _alignment_phase(tgt, factor, n_phase, tau, euler, outer, s, nz, refine_idx,
             # warm-started volume (a nearly converged V is needed for unbiased angle steps: module doc);
             # only τ and Θ take the step, the next volume steps refit V
             lab = p.joint_angle_frame == "lab" and len(set(refine_idx)) == 3
-            rot_kw = {"rotation": p.rotation} if p.rotation != "bilinear" else {}   # the default call unchanged
             _, d_tau, d_e, loss, _ = _joint_gauss_newton(vol, tgt, euler, tau, sc, refine_idx, p.refine_translations,
                                                           p.joint_cg_iterations, xp, p.power_iterations,
-                                                          p.joint_damping, lab=lab, **rot_kw)
+                                                          p.joint_damping, lab=lab, rotation=p.rotation)
             d_tau = np.clip(d_tau, -p.max_translation_step_A, p.max_translation_step_A)
             d_e = np.clip(d_e, -p.max_euler_step_deg, p.max_euler_step_deg)
             tau = tau + d_tau

@@ -527,8 +527,9 @@ def test_joint_damping_reaches_the_joint_step(monkeypatch):
     seen = []
 
     def spy(vol, target, euler, tau, sc, refine_idx, refine_tau, n_cg, xp, power_iterations=12, damping=0.0,
-            lab=False):
+            lab=False, rotation="bilinear"):
         assert lab is False                     # joint_angle_frame defaults to 'euler'
+        assert rotation == "bilinear"           # and rotation to 'bilinear'
         seen.append(damping)
         return None, np.zeros((len(euler), 2)), np.zeros((len(euler), len(refine_idx))), 1.0, 0.5
 
