@@ -313,12 +313,9 @@ def test_recovers_angles_same_operator_many_tilts():
 
 def _atoms_volume(n=24, n_atoms=20, r_lo=2.0, r_hi=8.5, width=1.0, min_d=2.5, seed=1):
     """Gaussian "atoms" (voxel units, width 1 voxel) at least ``min_d`` apart, r_lo..r_hi from the box centre n/2."""
-    rng = np.random.default_rng(seed)
-    pts = []
-    while len(pts) < n_atoms:
-        q = rng.uniform(-r_hi, r_hi, 3)
-        if r_lo < np.linalg.norm(q) < r_hi and all(np.linalg.norm(q - r) > min_d for r in pts):
-            pts.append(q)
+    from you_sim import atom_offsets
+
+    pts = atom_offsets(n_atoms, r_lo, r_hi, min_d, seed)
     z, y, x = np.meshgrid(*(np.arange(n) - n / 2,) * 3, indexing="ij")
     v = np.zeros((n, n, n))
     for c in pts:
@@ -336,9 +333,7 @@ def test_joint_solver_recovers_known_euler_angles_and_shifts_same_operator():
     Measured: rotation error median / max 0.04 / 0.16° (start 1.47 / 2.21°), τ 0.003 Å; the alternating steps on the
     same schedule 0.40 / 0.72°; on two other draws the joint steps give 0.05 / 0.27° and 0.09 / 0.18° — the max at
     the ±60° tilts is the weak part (docs/you2025_alignment_angles.md). Fails with the angle update removed."""
-    from tembench_you2025.tomo_scores import alignment_errors
-
-    from you_sim import ISSUE15_JOINT_SCHEDULE, issue15_alignment_draw
+    from you_sim import ISSUE15_JOINT_SCHEDULE, issue15_alignment_draw, issue15_scores
 
     n, s = 24, 0.5
     v = _atoms_volume(n)
@@ -348,10 +343,7 @@ def test_joint_solver_recovers_known_euler_angles_and_shifts_same_operator():
                                      dict(ISSUE15_JOINT_SCHEDULE, com_threshold_fraction=0.3))
     # com_threshold_fraction 0.3: the start of docs/you2025_alignment_angles.md (the default until linear_tomo v2);
     # from the 0.1 default's centres of mass the same draw ends at 0.15 / 0.41° (the angles depend on the start)
-    start = alignment_errors(np.zeros_like(tau), nominal, tau, truth)
-    got = alignment_errors(res.translations_A, res.euler_deg, tau, truth)
-    print({k: round(got[k], 3) for k in ("translation_error_max_A", "rotation_error_median_deg",
-                                          "rotation_error_max_deg")}, "start", start["rotation_error_median_deg"])
+    start, got = issue15_scores(res, nominal, tau, truth)
     assert start["rotation_error_median_deg"] > 1.0
     assert got["translation_error_max_A"] < 0.5 * s
     assert got["rotation_error_median_deg"] < 0.1

@@ -172,17 +172,6 @@ def test_joint_linear_tomography_uses_the_fourier_option_everywhere(monkeypatch)
                                                     "_lipschitz")}
 
 
-def _atom_positions(n_atoms=20, r_lo=2.0, r_hi=8.5, min_d=2.5, seed=1):
-    """(z, y, x) voxel offsets from the box centre of the 20 atoms of test_linear_tomo._atoms_volume (same draws)."""
-    rng = np.random.default_rng(seed)
-    pts = []
-    while len(pts) < n_atoms:
-        q = rng.uniform(-r_hi, r_hi, 3)
-        if r_lo < np.linalg.norm(q) < r_hi and all(np.linalg.norm(q - r) > min_d for r in pts):
-            pts.append(q)
-    return np.array(pts)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("draw", [9])  # the hardest of draws 5–9 (the others 0.029–0.040° max); one run of ≈ 65 s
 def test_fourier_joint_solver_recovers_angles_from_analytic_projections(draw):
@@ -194,20 +183,16 @@ def test_fourier_joint_solver_recovers_angles_from_analytic_projections(draw):
     median / max 0.010 / 0.029° (draw 5), 0.108 / 0.172° (draw 9); τ ≤ 0.003 Å; 43–46 s CPU each (63–68 s wall here, shared machine). Draws 6–8 gave
     0.036 / 0.040 / 0.031° max. With the default ``rotation='bilinear'`` the same data end at 0.39° (draw 5) and 0.67°
     (draw 9; its +24° tilt in the rot ↔ psi mirror trap) — the mutation this test fails on."""
-    from tembench_you2025.tomo_scores import alignment_errors
-    from you_sim import ISSUE15_JOINT_SCHEDULE, issue15_alignment_draw
+    from you_sim import ISSUE15_JOINT_SCHEDULE, atom_offsets, issue15_alignment_draw, issue15_scores
 
     n, s, width = 24, 0.5, 1.0
-    pts = _atom_positions()
+    pts = atom_offsets()
     tilts, nominal, truth, tau = issue15_alignment_draw(draw)
     y = np.stack([LT._shift(_analytic_projection(truth[k], pts, width, n, s).astype(np.float32), tau[k], s, np)
                   for k in range(len(tilts))])
     res = LT.joint_linear_tomography(y, s, nominal, np.zeros_like(tau),
                                      dict(ISSUE15_JOINT_SCHEDULE, rotation="fourier"))
-    start = alignment_errors(np.zeros_like(tau), nominal, tau, truth)
-    got = alignment_errors(res.translations_A, res.euler_deg, tau, truth)
-    print({k: round(got[k], 4) for k in ("translation_error_max_A", "rotation_error_median_deg",
-                                          "rotation_error_max_deg")}, "start", start["rotation_error_max_deg"])
+    start, got = issue15_scores(res, nominal, tau, truth)
     assert start["rotation_error_max_deg"] > 1.5
     assert got["translation_error_max_A"] < 0.5 * s
     assert got["rotation_error_median_deg"] < 0.15

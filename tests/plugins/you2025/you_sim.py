@@ -73,6 +73,18 @@ ISSUE15_JOINT_SCHEDULE = dict(refine_euler=("rot", "tilt", "psi"), downsample=1,
                               start_euler_outer=3, n_volume_steps=40, threshold_fraction=0.0, n_final_steps=1)
 
 
+def atom_offsets(n_atoms=20, r_lo=2.0, r_hi=8.5, min_d=2.5, seed=1):
+    """(z, y, x) voxel offsets from the box centre of ``n_atoms`` points at least ``min_d`` apart, ``r_lo``..``r_hi``
+    from the centre: the Gaussian "atoms" of the issue-15 angle tests."""
+    rng = np.random.default_rng(seed)
+    pts = []
+    while len(pts) < n_atoms:
+        q = rng.uniform(-r_hi, r_hi, 3)
+        if r_lo < np.linalg.norm(q) < r_hi and all(np.linalg.norm(q - r) > min_d for r in pts):
+            pts.append(q)
+    return np.array(pts)
+
+
 def issue15_alignment_draw(seed: int, n_tilts: int = 11):
     """One draw of docs/you2025_alignment_angles.md: tilts over ±60°, the nominal Euler triples (0, tilt, 0), the
     truth with errors of 0.5–1.5° (random sign) on all three angles, and translations of 1–3 Å (Å, (y, x))."""
@@ -82,3 +94,15 @@ def issue15_alignment_draw(seed: int, n_tilts: int = 11):
     truth = nominal + rng.uniform(0.5, 1.5, nominal.shape) * rng.choice([-1.0, 1.0], nominal.shape)
     mag, phase = rng.uniform(1.0, 3.0, n_tilts), rng.uniform(0, 2 * np.pi, n_tilts)
     return tilts, nominal, truth, np.stack([mag * np.sin(phase), mag * np.cos(phase)], 1)
+
+
+def issue15_scores(result, nominal, tau, truth):
+    """(start, got): :func:`tomo_scores.alignment_errors` of the nominal start and of ``result``'s alignment (printed)."""
+    from tembench_you2025.tomo_scores import alignment_errors
+
+    start = alignment_errors(np.zeros_like(tau), nominal, tau, truth)
+    got = alignment_errors(result.translations_A, result.euler_deg, tau, truth)
+    print({k: round(got[k], 4) for k in ("translation_error_max_A", "rotation_error_median_deg",
+                                          "rotation_error_max_deg")},
+          "start", round(start["rotation_error_median_deg"], 3), round(start["rotation_error_max_deg"], 3))
+    return start, got
